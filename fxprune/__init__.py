@@ -1,0 +1,1 @@
+"""fxprune: structured pruning for PyTorch as a torch.fx compiler."""

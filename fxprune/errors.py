@@ -1,0 +1,25 @@
+"""The exceptions fxprune raises. Each message names the problem and the fix."""
+
+
+class FxpruneError(Exception):
+    """Base class of every error fxprune raises on purpose."""
+
+
+class TraceError(FxpruneError):
+    """The model could not be captured as a torch.fx graph."""
+
+
+class AnalysisError(FxpruneError):
+    """Channel analysis could not run (bad example inputs, unsupported graph outputs...)."""
+
+
+class PlanError(FxpruneError):
+    """A pruning plan is invalid (unknown group, out-of-range or frozen channels...)."""
+
+
+class VerificationError(FxpruneError):
+    """A rewritten graph failed to re-propagate shapes; nothing is emitted."""
+
+
+class SpecError(FxpruneError):
+    """A compression spec is invalid; the message names the field."""
