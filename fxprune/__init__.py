@@ -1,1 +1,21 @@
-"""fxprune: structured pruning for PyTorch as a torch.fx compiler."""
+"""fxprune: structured pruning for PyTorch as a torch.fx compiler.
+
+>>> import torch, fxprune
+>>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3))
+>>> graph = fxprune.analyze(net, torch.randn(1, 3, 32, 32))
+>>> small = fxprune.prune(graph, {1: range(8)})
+>>> small(torch.randn(1, 3, 32, 32)).shape
+torch.Size([1, 8, 28, 28])
+"""
+from .capture import trace
+from .channels import DependencyGraph, Group, analyze, register_rule
+from .channels.feasible import feasible_plan
+from .errors import AnalysisError, FxpruneError, PlanError, SpecError, TraceError, VerificationError
+from .passes.prune import prune
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "analyze", "prune", "feasible_plan", "trace", "register_rule", "DependencyGraph", "Group",
+    "FxpruneError", "TraceError", "AnalysisError", "PlanError", "VerificationError", "SpecError",
+]

@@ -1,0 +1,146 @@
+"""Capture: turn a model into a ``torch.fx.GraphModule`` with shapes on every node.
+
+The default front end is ``torch.fx.symbolic_trace`` (fast, module-level, readable).
+A ``GraphModule`` the user traced some other way is accepted as it is. The caller's
+model is never touched: tracing works on a deep copy, so nothing that runs during
+shape propagation (a BatchNorm in training mode updating its running stats, say) can
+change it.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import traceback
+from typing import Iterable, Sequence
+
+import torch
+import torch.fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import AnalysisError, TraceError
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(__file__)
+
+
+class _Tracer(torch.fx.Tracer):
+    """symbolic_trace's tracer plus user leaf modules and a record of where it is."""
+
+    def __init__(self, leaf_modules: Sequence = ()):
+        super().__init__()
+        self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+        self.fx_module_path: list[tuple[str, str]] = []
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if isinstance(m, self.leaf_types) or qualname in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.fx_module_path.append((self.path_of_module(m), type(m).__name__))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.fx_module_path.pop()
+
+
+def as_input_tuple(example_inputs) -> tuple:
+    """Normalise example inputs to a tuple; a single tensor is wrapped."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise AnalysisError(
+        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}; "
+        "pass e.g. (torch.randn(1, 3, 224, 224),)"
+    )
+
+
+def _user_frame(tb) -> traceback.FrameSummary | None:
+    """The innermost frame of the traceback that is the user's code, not torch's or ours."""
+    frames = [f for f in traceback.extract_tb(tb)
+              if not f.filename.startswith(_TORCH_DIR) and not f.filename.startswith(_OWN_DIR)]
+    return frames[-1] if frames else None
+
+
+def trace(model: torch.nn.Module, *, leaf_modules: Iterable = (), concrete_args: dict | None = None
+          ) -> torch.fx.GraphModule:
+    """Trace a deep copy of ``model`` with ``torch.fx``; raise :class:`TraceError` if it can't.
+
+    ``leaf_modules``: module classes or qualified names to keep as single calls (give
+    them a rule with :func:`fxprune.register_rule`). ``concrete_args``: values to bake
+    in for arguments that control flow depends on.
+
+    >>> import torch, fxprune.capture as capture
+    >>> gm = capture.trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+    >>> [n.op for n in gm.graph.nodes]
+    ['placeholder', 'call_module', 'call_module', 'output']
+    """
+    if isinstance(model, torch.fx.GraphModule):
+        return copy.deepcopy(model)
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    owned = copy.deepcopy(model)
+    tracer = _Tracer(tuple(leaf_modules))
+    try:
+        graph = tracer.trace(owned, concrete_args=concrete_args)
+    except Exception as exc:  # torch.fx raises many types; all mean "cannot trace"
+        raise _trace_error(model, tracer, exc) from exc
+    gm = torch.fx.GraphModule(owned, graph, owned.__class__.__name__)
+    gm.training = owned.training
+    return gm
+
+
+def _trace_error(model, tracer: _Tracer, exc: Exception) -> TraceError:
+    where = tracer.fx_module_path[-1] if tracer.fx_module_path else ("", type(model).__name__)
+    path = where[0] or "<root>"
+    frame = _user_frame(exc.__traceback__)
+    line = f"{frame.filename}:{frame.lineno}: {frame.line}" if frame else "(no user source line found)"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return TraceError(
+        f"cannot trace {type(model).__name__} with torch.fx: {first}\n"
+        f"  in module '{path}' ({where[1]})\n"
+        f"  at {line}\n"
+        "  fix: mark that module a leaf (leaf_modules=[...]) and register a channel rule for it, "
+        "or pass concrete_args={...} for the argument the control flow depends on"
+    )
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs) -> tuple:
+    """Run ``ShapeProp`` so every node carries ``meta['tensor_meta']``; clear errors.
+
+    Returns the example inputs as a tuple.
+    """
+    inputs = as_input_tuple(example_inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [n for n in placeholders if not n.args]  # args hold a default value
+    if not len(required) <= len(inputs) <= len(placeholders):
+        raise AnalysisError(
+            f"the model takes {len(placeholders)} input(s) ({', '.join(n.name for n in placeholders)}) "
+            f"but {len(inputs)} example input(s) were given"
+        )
+    prop = _NamedShapeProp(gm)
+    try:
+        with torch.no_grad():
+            prop.propagate(*inputs)
+    except Exception as exc:
+        shapes = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else repr(t) for t in inputs)
+        node = prop.current
+        raise AnalysisError(
+            f"example inputs of shape {shapes} do not fit the model: node '{node.name if node else '?'}' "
+            f"({node.format_node() if node else ''}) failed with {type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}\n"
+            "  fix: pass example_inputs with the shapes and dtypes the model's forward expects"
+        ) from exc
+    return inputs
+
+
+class _NamedShapeProp(ShapeProp):
+    """ShapeProp that remembers which node it was running when something failed."""
+
+    current: torch.fx.Node | None = None
+
+    def run_node(self, n):
+        self.current = n
+        return super().run_node(n)

@@ -1,0 +1,69 @@
+"""Run the op rules over a captured graph and collect the channel groups."""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import numpy as np
+import torch.fx
+
+from ..capture import propagate_shapes, trace
+from . import rules  # noqa: F401  (registers the built-in rules)
+from .context import AnalysisState, RuleContext
+from .graph import DependencyGraph, build_groups
+from .registry import lookup_rule
+from .rules.basic import get_attr_rule, input_rule, is_size_only, output_rule, size_arithmetic_rule, unknown_rule
+from .values import TensorChannels
+
+
+def run_rules(gm: torch.fx.GraphModule) -> AnalysisState:
+    """Propagate channel maps through every node (shapes must already be on the nodes)."""
+    state = AnalysisState(gm)
+    strict = os.environ.get("FXPRUNE_STRICT_RULES") == "1"
+    for node in gm.graph.nodes:
+        ctx = RuleContext(state, node)
+        if node.op == "placeholder":
+            rule = input_rule
+        elif node.op == "get_attr":
+            rule = get_attr_rule
+        elif node.op == "output":
+            rule = output_rule
+        else:
+            rule = lookup_rule(node, gm)
+            if rule is None:
+                rule = size_arithmetic_rule if is_size_only(ctx) else unknown_rule
+        try:
+            value = rule(ctx)
+        except Exception as exc:
+            if strict:
+                raise
+            # A rule that cannot handle this use of its op must not guess: freeze.
+            ctx.freeze_value(ctx.inputs(), f"the rule for {ctx.where()} could not handle it ({exc})")
+            value = ctx.out() if ctx.out_shape() is not None else None
+        if isinstance(value, TensorChannels) and ctx.out_shape() is not None and value.shape != ctx.out_shape():
+            value = TensorChannels(ctx.out_shape(), value.dims)
+        state.env[node] = value
+    return state
+
+
+def analyze(model, example_inputs, *, leaf_modules: Iterable = (), concrete_args: dict | None = None
+            ) -> DependencyGraph:
+    """Trace ``model`` and find its channel dependency groups.
+
+    ``example_inputs``: a tensor or tuple of tensors with the shapes ``forward`` takes.
+    ``leaf_modules``: module classes or names to keep as single calls (they need a
+    rule, see :func:`fxprune.register_rule`, or their channels are frozen).
+
+    >>> import torch, fxprune
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    >>> graph = fxprune.analyze(net, torch.randn(1, 3, 16, 16))
+    >>> [(g.size, g.prunable) for g in graph.groups]
+    [(3, False), (8, True), (4, False)]
+    """
+    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    inputs = propagate_shapes(gm, example_inputs)
+    state = run_rules(gm)
+    return build_groups(state, inputs)
+
+
+__all__ = ["analyze", "run_rules", "np"]

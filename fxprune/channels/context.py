@@ -1,0 +1,227 @@
+"""Analysis state and the context a rule sees.
+
+A rule receives a :class:`RuleContext` for one node. Through it the rule reads its
+inputs' channel maps, opens new channel spaces, unifies channels that must be pruned
+together, binds parameter slices to channels, freezes what it cannot handle (with a
+reason) and registers rewrites that the prune pass runs on the new graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.fx
+
+from .registry import describe_target
+from .unionfind import ChannelUnion
+from .values import FIXED, DimMap, SizeValue, TensorChannels, flatten_values
+
+ROLES = ("out", "in", "buffer")
+
+
+@dataclass
+class Space:
+    """A run of consecutive channel ids opened by one producer (a layer's output dim)."""
+
+    start: int
+    size: int
+    origin: str  # e.g. "layer1.0.conv1.weight[0]" or "input 'x' dim 1"
+    node: str
+
+
+@dataclass
+class Binding:
+    """Parameter ``key`` along ``dim`` is indexed by channel ids ``ids``."""
+
+    key: str
+    dim: int
+    ids: np.ndarray
+    role: str
+
+
+@dataclass
+class AnalysisState:
+    gm: torch.fx.GraphModule
+    uf: ChannelUnion = field(default_factory=ChannelUnion)
+    spaces: list[Space] = field(default_factory=list)
+    bindings: dict[tuple[str, int], Binding] = field(default_factory=dict)
+    frozen: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    zi_breaks: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    rewrites: list[tuple[str, Callable]] = field(default_factory=list)
+    nonempty: list[tuple[np.ndarray, str]] = field(default_factory=list)  # must keep >= 1 channel
+    env: dict[torch.fx.Node, object] = field(default_factory=dict)
+    canonical: dict[str, str] = field(default_factory=dict)  # state_dict key -> first alias
+    aliases: dict[str, list[str]] = field(default_factory=dict)  # canonical -> all keys
+
+    def __post_init__(self) -> None:
+        # Tied weights share one tensor under several state_dict keys; bind them once.
+        seen: dict[int, str] = {}
+        named = list(self.gm.named_parameters(remove_duplicate=False)) + list(
+            self.gm.named_buffers(remove_duplicate=False)
+        )
+        for key, tensor in named:
+            first = seen.setdefault(id(tensor), key)
+            self.canonical[key] = first
+            self.aliases.setdefault(first, []).append(key)
+
+    def new_space(self, size: int, origin: str, node: str) -> np.ndarray:
+        ids = self.uf.new(size)
+        self.nonempty.append((ids, origin))
+        self.spaces.append(Space(int(ids[0]) if size else len(self.uf), size, origin, node))
+        return ids
+
+
+class RuleContext:
+    """What a rule sees of one node. See :func:`fxprune.register_rule`."""
+
+    def __init__(self, state: AnalysisState, node: torch.fx.Node):
+        self.state = state
+        self.node = node
+        self.gm = state.gm
+
+    # ---- reading the node -------------------------------------------------------
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.gm.get_submodule(self.node.target)
+
+    @property
+    def target_name(self) -> str:
+        return describe_target(self.node, self.gm)
+
+    def where(self) -> str:
+        """'node `name` (target)' — used in every reason a rule records."""
+        return f"node '{self.node.name}' ({self.target_name})"
+
+    def arg(self, index: int, name: str | None = None, default=None):
+        """The raw argument (a Node or a constant) by position or keyword."""
+        if index is not None and index < len(self.node.args):
+            return self.node.args[index]
+        if name is not None and name in self.node.kwargs:
+            return self.node.kwargs[name]
+        return default
+
+    def value(self, raw):
+        """The analysis value of a raw argument (containers are mapped element-wise)."""
+        if isinstance(raw, torch.fx.Node):
+            return self.state.env.get(raw)
+        if isinstance(raw, (tuple, list)):
+            return type(raw)(self.value(r) for r in raw)
+        if isinstance(raw, dict):
+            return {k: self.value(v) for k, v in raw.items()}
+        return raw
+
+    def tensor(self, index: int = 0, name: str | None = None) -> TensorChannels | None:
+        v = self.value(self.arg(index, name))
+        return v if isinstance(v, TensorChannels) else None
+
+    def inputs(self) -> list:
+        """Every analysis value among the node's args and kwargs (flattened)."""
+        return flatten_values(self.value(list(self.node.args))) + flatten_values(
+            self.value(dict(self.node.kwargs))
+        )
+
+    def out_shape(self) -> tuple[int, ...] | None:
+        meta = self.node.meta.get("tensor_meta")
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def out(self, dims: dict[int, DimMap] | None = None) -> TensorChannels:
+        """A TensorChannels for this node's (tensor) output with the given maps."""
+        shape = self.out_shape()
+        if shape is None:
+            raise RuntimeError(f"{self.where()}: output is not a tensor")
+        return TensorChannels(shape, {d: m for d, m in (dims or {}).items() if m is not None})
+
+    # ---- channel bookkeeping --------------------------------------------------------
+    def new_space(self, size: int, origin: str) -> np.ndarray:
+        return self.state.new_space(size, origin, self.node.name)
+
+    def freeze(self, ids, reason: str) -> None:
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        ids = ids[ids >= 0]
+        if ids.size:
+            self.state.frozen.append((ids, reason))
+
+    def freeze_value(self, value, reason: str) -> None:
+        for leaf in flatten_values(value):
+            self.freeze(leaf.all_ids() if isinstance(leaf, TensorChannels) else leaf.ids, reason)
+
+    def break_zi(self, dim_map: DimMap | None, reason: str, only_non_zi: bool = True) -> None:
+        """Record that pruning these channels changes the function (not zero-invariant)."""
+        if dim_map is None:
+            return
+        ids = dim_map.ids[~dim_map.zi] if only_non_zi else dim_map.ids
+        ids = ids[ids >= 0]
+        if ids.size:
+            self.state.zi_breaks.append((ids, f"{reason} at {self.where()}"))
+
+    def unify(self, a: DimMap | None, b: DimMap | None, why: str = "") -> DimMap | None:
+        """Tie a[i] to b[i]. A tracked entry facing an untracked one is frozen."""
+        if a is None and b is None:
+            return None
+        if a is None or b is None:
+            tracked = a if a is not None else b
+            self.freeze(tracked.ids, f"meets a dim that carries no channels{why} at {self.where()}")
+            return tracked
+        if len(a) != len(b):
+            raise RuntimeError(f"{self.where()}: cannot align dims of sizes {len(a)} and {len(b)}")
+        both = (a.ids >= 0) & (b.ids >= 0)
+        self.state.uf.union(a.ids[both], b.ids[both])
+        lone = (a.ids >= 0) ^ (b.ids >= 0)
+        if lone.any():
+            self.freeze(np.where(a.ids >= 0, a.ids, b.ids)[lone], f"channels meet fixed positions at {self.where()}")
+        return DimMap(np.where(a.ids >= 0, a.ids, b.ids), a.zi & b.zi)
+
+    def tie_blocks(self, dim_map: DimMap, blocks: int, across: bool) -> DimMap:
+        """Split a map into ``blocks`` equal blocks and tie them.
+
+        ``across=True`` ties position p of every block (a shuffle or a split into
+        (blocks, k)); the result is the k-long map of block 0. ``across=False`` ties
+        every position inside a block (a grouped conv drops whole groups); the result
+        is the ``blocks``-long map of each block's first entry.
+        """
+        grid = dim_map.ids.reshape(blocks, -1)
+        zi = dim_map.zi.reshape(blocks, -1)
+        if not across:
+            grid, zi = grid.T, zi.T
+        rows = grid.shape[0]
+        if rows > 1:
+            self.unify(DimMap.of(np.tile(grid[0], rows - 1)), DimMap.of(grid[1:].ravel()))
+        return DimMap(grid[0].copy(), zi.all(axis=0))
+
+    def param_key(self, name: str) -> str:
+        prefix = f"{self.node.target}." if self.node.op == "call_module" and self.node.target else ""
+        return prefix + name
+
+    def bind(self, key: str, dim: int, dim_map: DimMap | np.ndarray | None, role: str) -> None:
+        """Parameter/buffer ``key`` (a state_dict key) is indexed along ``dim`` by channels."""
+        if dim_map is None:
+            return
+        ids = dim_map.ids if isinstance(dim_map, DimMap) else np.asarray(dim_map, dtype=np.int64)
+        key = self.state.canonical.get(key, key)
+        slot = (key, dim)
+        existing = self.state.bindings.get(slot)
+        if existing is None:
+            self.state.bindings[slot] = Binding(key, dim, ids.copy(), role)
+            return
+        # The same tensor bound twice (module called twice, tied weights): one channel.
+        self.unify(DimMap.of(existing.ids), DimMap.of(ids), " (shared parameter)")
+        if role == "out":
+            existing.role = "out"
+
+    def require_nonempty(self, dim_map: DimMap | None, what: str) -> None:
+        """PyTorch layers cannot have zero width: a plan must leave one of these channels."""
+        if dim_map is not None and (dim_map.ids >= 0).any() and not (dim_map.ids < 0).any():
+            self.state.nonempty.append((dim_map.ids, f"{what} at {self.where()}"))
+
+    def on_prune(self, rewrite: Callable) -> None:
+        """Run ``rewrite(pctx, node)`` on the pruned graph (module attrs, constants)."""
+        self.state.rewrites.append((self.node.name, rewrite))
+
+
+def fixed_map(size: int) -> DimMap:
+    return DimMap.of(np.full(size, FIXED, dtype=np.int64))
+
+
+__all__ = ["AnalysisState", "RuleContext", "Space", "Binding", "SizeValue", "ROLES", "fixed_map"]

@@ -1,0 +1,54 @@
+"""Build plans that PyTorch can run: no layer may be left with zero channels.
+
+A group's units can be spread over several layers (a concat feeds one consumer from
+several producers; a split gives each piece to another layer). Removing every unit a
+single layer holds would leave it zero channels wide, which PyTorch layers do not
+support, so a plan must keep at least one unit of every layer. This module picks
+units greedily in the caller's order and skips any whose removal would empty a layer.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from .graph import DependencyGraph
+
+
+def feasible_plan(graph: DependencyGraph, candidates: Iterable[tuple[int, int]],
+                  limit: Mapping[int, int] | None = None) -> dict[int, list[int]]:
+    """Take ``(group id, unit)`` candidates in order while every layer keeps a channel.
+
+    ``limit[gid]``: at most this many units of group ``gid`` (always at most size-1).
+
+    >>> import torch, fxprune
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    >>> graph = fxprune.analyze(net, torch.randn(2, 4))
+    >>> fxprune.feasible_plan(graph, [(1, u) for u in range(6)])
+    {1: [0, 1, 2, 3, 4]}
+    """
+    roots = graph.roots
+    alive: list[int] = []
+    holders: dict[int, list[int]] = defaultdict(list)  # class root -> layers holding it
+    for index, (ids, _) in enumerate(graph.state.nonempty):
+        classes = np.unique(roots[ids[ids >= 0]])
+        alive.append(len(classes))
+        for c in classes.tolist():
+            holders[c].append(index)
+    plan: dict[int, list[int]] = defaultdict(list)
+    for gid, unit in candidates:
+        group = graph.group(gid)
+        if not group.prunable:
+            continue
+        cap = min(group.size - 1, (limit or {}).get(gid, group.size - 1))
+        if len(plan[gid]) >= cap:
+            continue
+        root = int(group.classes[unit])
+        layers = holders.get(root, ())
+        if any(alive[i] <= 1 for i in layers):
+            continue
+        for i in layers:
+            alive[i] -= 1
+        plan[gid].append(int(unit))
+    return {gid: sorted(units) for gid, units in plan.items() if units}

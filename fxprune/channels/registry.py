@@ -1,0 +1,65 @@
+"""The op rule registry: how each graph node moves and couples channels.
+
+Rules are keyed by the node's target: a module class for ``call_module`` (exact type,
+never a guess from a parent class), a function object for ``call_function``, a method
+name for ``call_method``. Built-in rules register themselves the same way a third
+party does, with :func:`register_rule`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.fx
+
+Rule = Callable[["RuleContext"], object]  # noqa: F821 (context.RuleContext)
+
+_RULES: dict[object, Rule] = {}
+
+
+def register_rule(*targets) -> Callable[[Rule], Rule]:
+    """Register ``rule(ctx)`` for module classes, functions or method names.
+
+    The rule reads its inputs' channel maps from ``ctx`` and returns the output's
+    (see :mod:`fxprune.channels.context`). A later registration for the same target
+    replaces the earlier one, so users can override built-in rules.
+
+    >>> import fxprune, torch
+    >>> class Scale(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         return 2 * x
+    >>> @fxprune.register_rule(Scale)
+    ... def scale_rule(ctx):
+    ...     return ctx.tensor(0)      # channels pass through unchanged
+    """
+    if not targets:
+        raise TypeError("register_rule needs at least one module class, function or method name")
+
+    def decorate(rule: Rule) -> Rule:
+        for target in targets:
+            _RULES[target] = rule
+        return rule
+
+    return decorate
+
+
+def rule_key(node: torch.fx.Node, gm: torch.fx.GraphModule) -> object:
+    """The registry key of a node: module class, function, or method name."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target))
+    return node.target
+
+
+def lookup_rule(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Rule | None:
+    return _RULES.get(rule_key(node, gm))
+
+
+def describe_target(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
+    """A readable name for what a node calls (for reasons and error messages)."""
+    key = rule_key(node, gm)
+    if node.op == "call_module":
+        return f"module '{node.target}' ({key.__module__}.{key.__qualname__})"
+    if node.op == "call_method":
+        return f"method Tensor.{node.target}"
+    module = getattr(key, "__module__", None) or ""
+    name = getattr(key, "__qualname__", None) or getattr(key, "__name__", None) or str(key)
+    return f"function {module + '.' if module else ''}{name}"

@@ -1,0 +1,159 @@
+"""Matrix products and attention.
+
+``matmul``/``bmm``/``einsum`` tie the contracted dims of their operands and carry the
+free dims to the output; batch dims are aligned like an element-wise op. A product is
+zero where either factor is, so zero-invariance survives when either side has it.
+``nn.MultiheadAttention`` needs its inner width to equal ``embed_dim``, so the spaces
+it touches are frozen: fxprune cannot shrink it without changing the module type.
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..registry import register_rule
+from ..values import DimMap, TensorChannels
+
+
+def _letters(n: int, start: int) -> str:
+    return "".join(chr(ord("a") + start + i) for i in range(n))
+
+
+def einsum_maps(ctx, equation: str, operands: list[TensorChannels]):
+    """Channel maps of an einsum: same letter, same channels; products keep zeros."""
+    lhs, rhs = equation.replace(" ", "").split("->")
+    specs = lhs.split(",")
+    letter_maps: dict[str, DimMap] = {}
+    for spec, op in zip(specs, operands):
+        if "." in spec:
+            raise NotImplementedError("ellipsis in einsum")
+        for d, letter in enumerate(spec):
+            if op.shape[d] == 1:
+                continue  # broadcast
+            m = op.get(d)
+            if letter in letter_maps:
+                prev = letter_maps[letter]
+                if prev is None and m is None:
+                    continue
+                merged = ctx.unify(prev, m, " (einsum operands)")
+                zi = (prev.zi if prev is not None else False) | (m.zi if m is not None else False)
+                letter_maps[letter] = DimMap.of(merged.ids, zi)
+            else:
+                letter_maps[letter] = m
+    for letter, m in letter_maps.items():
+        if letter not in rhs and m is not None:
+            ctx.break_zi(m, "a contracted channel is non-zero on both sides")
+    return ctx.out({d: letter_maps[c] for d, c in enumerate(rhs) if letter_maps.get(c) is not None})
+
+
+@register_rule(torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm", "__matmul__")
+def matmul_rule(ctx):
+    a, b = ctx.tensor(0, "input"), ctx.tensor(1, "other")
+    if a is None or b is None or a.ndim < 1 or b.ndim < 1:
+        from .basic import unknown_rule
+
+        return unknown_rule(ctx)
+    out_nd = len(ctx.out_shape())
+    if a.ndim == 1 or b.ndim == 1:
+        # vector products: promote to matrices the way torch.matmul does
+        a2 = a if a.ndim > 1 else TensorChannels((1,) + a.shape, {d + 1: m for d, m in a.dims.items()})
+        b2 = b if b.ndim > 1 else TensorChannels(b.shape + (1,), dict(b.dims))
+        batch = max(a2.ndim, b2.ndim) - 2
+        eq = _matmul_equation(a2.ndim, b2.ndim, batch)
+        full = einsum_maps_with_shape(ctx, eq, [a2, b2])
+        drop = [batch] if a.ndim == 1 else []
+        drop += [batch + 1] if b.ndim == 1 else []
+        dims, shift = {}, 0
+        for d in range(batch + 2):
+            if d in drop:
+                shift += 1
+            elif d in full.dims:
+                dims[d - shift] = full.dims[d]
+        return ctx.out(dims)
+    batch = out_nd - 2
+    return einsum_maps(ctx, _matmul_equation(a.ndim, b.ndim, batch), [a, b])
+
+
+def einsum_maps_with_shape(ctx, eq, operands):
+    lhs, rhs = eq.split("->")
+    shape = []
+    for letter in rhs:
+        for spec, op in zip(lhs.split(","), operands):
+            if letter in spec:
+                shape.append(op.shape[spec.index(letter)])
+                break
+    saved = ctx.out_shape
+    ctx.out_shape = lambda: tuple(shape)
+    try:
+        return einsum_maps(ctx, eq, operands)
+    finally:
+        ctx.out_shape = saved
+
+
+def _matmul_equation(a_nd: int, b_nd: int, batch: int) -> str:
+    batch_letters = _letters(batch, 0)
+    i, k, j = "x", "y", "z"
+    a_spec = batch_letters[batch - (a_nd - 2):] + i + k
+    b_spec = batch_letters[batch - (b_nd - 2):] + k + j
+    return f"{a_spec},{b_spec}->{batch_letters}{i}{j}"
+
+
+@register_rule(torch.einsum, torch.functional.einsum)
+def einsum_rule(ctx):
+    equation = ctx.arg(0)
+    raw = ctx.node.args[1:]
+    if len(raw) == 1 and isinstance(raw[0], (tuple, list)):
+        raw = raw[0]
+    operands = [ctx.value(r) for r in raw]
+    if not isinstance(equation, str) or "->" not in equation or "." in equation or not all(
+        isinstance(o, TensorChannels) for o in operands
+    ):
+        from .basic import unknown_rule
+
+        return unknown_rule(ctx)
+    return einsum_maps(ctx, equation, operands)
+
+
+@register_rule(F.scaled_dot_product_attention)
+def sdpa_rule(ctx):
+    """softmax(q k^T * scale) v: q and k contract their last dim; v's last dim is the output's.
+
+    The default scale reads the head dim, which pruning changes: q/k channels are then
+    prunable but not zero-invariant.
+    """
+    q, k, v = (ctx.tensor(i, n) for i, n in enumerate(("query", "key", "value")))
+    qk = ctx.unify(q.get(q.ndim - 1), k.get(k.ndim - 1), " (attention query/key)")
+    if ctx.arg(6, "scale") is None:
+        ctx.break_zi(qk, "attention scale is computed from the head dim", only_non_zi=False)
+    for t in (q, k, v):  # sequence dims are mixed by the softmax
+        ctx.break_zi(t.get(t.ndim - 2), "attention mixes positions", only_non_zi=False)
+    dims = {}
+    for d in range(q.ndim - 2):  # batch and head dims align like an element-wise op
+        maps = [t.get(d) for t in (q, k, v) if t.shape[d] > 1]
+        if any(m is not None for m in maps):
+            merged = next(m for m in maps if m is not None)
+            for m in maps:
+                if m is not merged:
+                    merged = ctx.unify(merged, m, " (attention batch dims)")
+            dims[d] = merged
+    if q.get(q.ndim - 2) is not None:
+        dims[q.ndim - 2] = q.get(q.ndim - 2).with_zi(False)
+    if v.get(v.ndim - 1) is not None:
+        dims[v.ndim - 1] = v.get(v.ndim - 1)
+    return ctx.out(dims)
+
+
+@register_rule(nn.MultiheadAttention)
+def multihead_attention_rule(ctx):
+    reason = (
+        f"nn.MultiheadAttention '{ctx.node.target}' needs its inner width equal to embed_dim, "
+        "so its embedding channels cannot shrink"
+    )
+    ctx.freeze_value(ctx.inputs(), reason)
+    meta = ctx.node.meta.get("tensor_meta")
+    shapes = [tuple(m.shape) if m is not None and hasattr(m, "shape") else None for m in meta]
+    return tuple(TensorChannels(s, {}) if s is not None else None for s in shapes)

@@ -1,0 +1,190 @@
+"""Graph inputs, parameters, outputs, pass-through ops and the numbers read off shapes."""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..registry import register_rule
+from ..values import DimMap, SizeValue, TensorChannels, flatten_values
+
+
+def input_rule(ctx):
+    """A graph input carries no channels: whatever meets it keeps its size (frozen)."""
+    return ctx.out() if ctx.out_shape() is not None else None
+
+
+def get_attr_rule(ctx):
+    """A parameter or buffer used directly (class token, layer scale, position embedding).
+
+    Each dim of size > 1 opens its own space, bound to that dim; the ops that use the
+    tensor then tie it to the channels it meets. Entries are zero-invariant: they are
+    the channel's own values and are zeroed with it.
+    """
+    shape = ctx.out_shape()
+    if shape is None:
+        return None
+    key = ctx.node.target
+    dims = {}
+    for d, size in enumerate(shape):
+        if size > 1:
+            ids = ctx.new_space(size, f"{key}[{d}]")
+            ctx.bind(key, d, ids, "out")
+            dims[d] = DimMap.of(ids)
+    return ctx.out(dims)
+
+
+def output_rule(ctx):
+    """Everything that reaches the graph output is frozen: the interface never changes."""
+    ctx.freeze_value(ctx.value(ctx.node.args[0]), "reaches the graph output")
+    return None
+
+
+def unknown_rule(ctx):
+    """An op without a rule freezes every channel it touches — never a guess."""
+    reason = (
+        f"{ctx.where()} has no channel rule "
+        "(register one with fxprune.register_rule, or mark the module a leaf with a rule)"
+    )
+    ctx.freeze_value(ctx.inputs(), reason)
+    shape = ctx.out_shape()
+    return ctx.out() if shape is not None else None
+
+
+def size_arithmetic_rule(ctx):
+    """Numbers computed from numbers: carry along which channel counts they depend on."""
+    return SizeValue.merge(ctx.inputs())
+
+
+# ---- pass-through ops: the output has the input's channels, index for index -------
+ZERO_PRESERVING_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU,
+    nn.CELU, nn.Mish, nn.Hardtanh, nn.Softshrink, nn.Hardshrink, nn.Tanhshrink,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+)
+ZERO_PRESERVING_FUNCTIONS = (
+    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.tanh, F.leaky_relu, F.elu, F.selu, F.celu,
+    F.mish, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.relu, torch.tanh,
+    torch.relu_, F.relu_, torch.clone, torch.dropout, operator.neg, torch.neg, torch.abs,
+)
+ZERO_PRESERVING_METHODS = (
+    "relu", "relu_", "tanh", "contiguous", "clone", "detach", "float", "half", "double",
+    "bfloat16", "to", "type_as", "neg", "abs", "cpu", "cuda", "requires_grad_",
+)
+# f(0) != 0: a zeroed channel comes out non-zero, so pruning it is not invariant.
+NONZERO_AT_ZERO = (
+    nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid, torch.sigmoid, F.sigmoid,
+    F.hardsigmoid, F.softplus, F.logsigmoid, torch.exp, torch.cos, torch.cosh, "sigmoid",
+    "exp", "cos",
+)
+
+
+@register_rule(*ZERO_PRESERVING_MODULES, *ZERO_PRESERVING_FUNCTIONS, *ZERO_PRESERVING_METHODS)
+def passthrough_rule(ctx):
+    x = ctx.tensor(0, "input")
+    return x if x is not None else size_arithmetic_rule(ctx)
+
+
+@register_rule(*NONZERO_AT_ZERO)
+def nonzero_at_zero_rule(ctx):
+    x = ctx.tensor(0, "input")
+    return x.map_zi(False) if x is not None else unknown_rule(ctx)
+
+
+def _stochastic_depth_targets():
+    try:
+        from torchvision.ops import stochastic_depth
+    except Exception:  # torchvision is optional
+        return ()
+    return (stochastic_depth,)
+
+
+@register_rule(*_stochastic_depth_targets())
+def stochastic_depth_rule(ctx):
+    """Drops whole samples at random in training (a per-sample scale): channels pass."""
+    return ctx.tensor(0, "input")
+
+
+@register_rule(nn.PReLU)
+def prelu_rule(ctx):
+    x = ctx.tensor(0, "input")
+    if ctx.module.num_parameters > 1 and x is not None and x.ndim > 1:
+        ch = x.get(1)
+        if ch is None:
+            ctx.freeze(ctx.new_space(ctx.module.num_parameters, f"{ctx.param_key('weight')}[0]"),
+                       f"per-channel PReLU on a dim that carries no channels at {ctx.where()}")
+        else:
+            ctx.bind(ctx.param_key("weight"), 0, ch, "out")
+            ctx.on_prune(lambda p, node: setattr(p.module(node.target), "num_parameters",
+                                                 p.module(node.target).weight.shape[0]))
+    return x
+
+
+# ---- shapes read as numbers -----------------------------------------------------
+def _dim_size_value(x: TensorChannels, dim: int):
+    m = x.get(dim)
+    return SizeValue(m.tracked) if m is not None and m.tracked.size else x.shape[dim]
+
+
+@register_rule("size")
+def size_rule(ctx):
+    x = ctx.tensor(0)
+    dim = ctx.arg(1, "dim")
+    if dim is not None:
+        return _dim_size_value(x, dim)
+    return tuple(_dim_size_value(x, d) for d in range(x.ndim))
+
+
+@register_rule(getattr)
+def getattr_rule(ctx):
+    x = ctx.tensor(0)
+    attr = ctx.arg(1)
+    if x is not None and attr == "shape":
+        return tuple(_dim_size_value(x, d) for d in range(x.ndim))
+    if x is not None and attr in ("dtype", "device", "ndim", "is_cuda"):
+        return None
+    return unknown_rule(ctx)
+
+
+@register_rule("dim", "numel_is_static")
+def dim_rule(ctx):
+    return None
+
+
+@register_rule(operator.getitem)
+def getitem_dispatch(ctx):
+    from .index import tensor_getitem_rule
+
+    container = ctx.value(ctx.arg(0))
+    if isinstance(container, TensorChannels):
+        return tensor_getitem_rule(ctx)
+    index = ctx.arg(1)
+    if isinstance(container, (tuple, list)) and isinstance(index, int):
+        return container[index]
+    if isinstance(container, (tuple, list)) and isinstance(index, slice):
+        return container[index]
+    if isinstance(container, dict):
+        return container.get(index)
+    return size_arithmetic_rule(ctx)
+
+
+@register_rule(torch._assert, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge)
+def size_check_rule(ctx):
+    """Assertions and comparisons on shapes would break if a channel count changed."""
+    for leaf in flatten_values(ctx.inputs()):
+        ids = leaf.ids if isinstance(leaf, SizeValue) else leaf.all_ids()
+        ctx.freeze(ids, f"a channel count is checked by {ctx.where()}")
+    return ctx.out() if ctx.out_shape() is not None else None
+
+
+
+def is_size_only(ctx) -> bool:
+    """True when no input of the node is a tensor: the op computes with numbers."""
+    return not any(isinstance(v, TensorChannels) for v in ctx.inputs()) and ctx.out_shape() is None
+
+
+__all__ = ["input_rule", "get_attr_rule", "output_rule", "unknown_rule", "size_arithmetic_rule",
+           "passthrough_rule", "is_size_only", "np"]

@@ -1,0 +1,109 @@
+"""Element-wise ops: aligned dims (broadcasting from the right) share channels.
+
+A residual add ties the channels of its two producers; a squeeze-excitation multiply
+(``[B,C,H,W] * [B,C,1,1]``) ties the excitation's channels to the features. A scalar
+operand changes no channels but may end zero-invariance (``x + 1`` is not zero where
+x is).
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+
+from ..registry import register_rule
+from ..values import DimMap, TensorChannels
+from .basic import size_arithmetic_rule, unknown_rule
+
+ADDITIVE = (operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub,
+            torch.subtract, "add", "add_", "sub", "sub_", "__add__", "__radd__", "__sub__", "__rsub__")
+MULTIPLICATIVE = (operator.mul, operator.imul, torch.mul, torch.multiply, "mul", "mul_",
+                  "__mul__", "__rmul__")
+DIVISION = (operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_",
+            "__truediv__")
+
+
+def broadcast_combine(ctx, operands: list, zero_rule: str) -> TensorChannels | None:
+    """Unify the aligned channel dims of ``operands`` and combine zero-invariance.
+
+    ``zero_rule``: "all" (a sum is zero only if every term is), "any" (a product is
+    zero if any factor is), "first" (a quotient is zero if its numerator is).
+    """
+    shape = ctx.out_shape()
+    if shape is None:
+        return None
+    ndim = len(shape)
+    dims: dict[int, DimMap] = {}
+    for d in range(ndim):
+        maps, zis = [], []
+        for op in operands:
+            if not isinstance(op, TensorChannels):
+                zis.append(False if op is not None else None)  # a constant term
+                continue
+            od = d - (ndim - op.ndim)
+            if od < 0 or op.shape[od] == 1:
+                zis.append(False)  # broadcast: the same value for every channel
+                continue
+            m = op.get(od)
+            maps.append(m)
+            zis.append(m.zi if m is not None else False)
+        if not any(m is not None for m in maps):
+            continue
+        merged = next(m for m in maps if m is not None)
+        for m in maps:
+            if m is not merged:
+                merged = ctx.unify(merged, m, " (element-wise)")
+        dims[d] = DimMap.of(merged.ids, _combine_zi(zis, zero_rule, len(merged)))
+    return ctx.out(dims)
+
+
+def _combine_zi(zis: list, rule: str, size: int) -> np.ndarray:
+    """Zero-invariance of the result from each operand's (array, False or None)."""
+    if rule == "first":
+        first = zis[0]
+        return np.array(first, bool) if first is not None and first is not False else np.zeros(size, bool)
+    arrays = [np.asarray(z, bool) for z in zis if z is not None and z is not False]
+    if rule == "all":
+        if any(z is False for z in zis):
+            return np.zeros(size, bool)
+        return np.logical_and.reduce(arrays) if arrays else np.zeros(size, bool)
+    return np.logical_or.reduce(arrays) if arrays else np.zeros(size, bool)  # "any"
+
+
+def _operands(ctx):
+    a = ctx.value(ctx.arg(0, "input"))
+    b = ctx.value(ctx.arg(1, "other"))
+    return [a, b]
+
+
+@register_rule(*ADDITIVE)
+def additive_rule(ctx):
+    operands = _operands(ctx)
+    if not any(isinstance(o, TensorChannels) for o in operands):
+        return size_arithmetic_rule(ctx)
+    if not isinstance(ctx.arg(2, "alpha", 1), (int, float)):
+        return unknown_rule(ctx)
+    return broadcast_combine(ctx, operands, "all")
+
+
+@register_rule(*MULTIPLICATIVE)
+def multiplicative_rule(ctx):
+    operands = _operands(ctx)
+    if not any(isinstance(o, TensorChannels) for o in operands):
+        return size_arithmetic_rule(ctx)
+    return broadcast_combine(ctx, operands, "any")
+
+
+@register_rule(*DIVISION)
+def division_rule(ctx):
+    operands = _operands(ctx)
+    if not any(isinstance(o, TensorChannels) for o in operands):
+        return size_arithmetic_rule(ctx)
+    return broadcast_combine(ctx, operands, "first")
+
+
+@register_rule(torch.where)
+def where_rule(ctx):
+    cond, a, b = (ctx.value(ctx.arg(i)) for i in range(3))
+    return broadcast_combine(ctx, [cond, a, b], "all")

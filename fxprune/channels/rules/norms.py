@@ -1,0 +1,144 @@
+"""Normalisation layers: their affine parameters join the space of the dim they scale.
+
+BatchNorm and InstanceNorm normalise each channel on its own, so a zeroed channel
+(with its affine zeroed) stays zero: zero-invariant. LayerNorm's statistics span the
+channels, so removing one changes the others: structurally prunable, not invariant.
+GroupNorm keeps groups of equal size: fxprune removes whole groups, which leaves the
+other groups' statistics untouched.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..registry import register_rule
+from ..values import DimMap
+
+
+_INSTANCE_NORMS = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
+
+
+def _channel_dim(module, x) -> int:
+    """Dim 1, except for an unbatched input to an instance norm ([C, ...])."""
+    batched_ndim = _INSTANCE_NORMS.get(type(module))
+    return 0 if batched_ndim is not None and x.ndim == batched_ndim - 1 else 1
+
+
+@register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+               nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+def batchnorm_rule(ctx):
+    bn = ctx.module
+    x = ctx.tensor(0, "input")
+    cdim = _channel_dim(bn, x)
+    ch = x.get(cdim)
+    if ch is None:
+        ids = ctx.new_space(bn.num_features, f"{ctx.param_key('weight')}[0]")
+        ctx.freeze(ids, f"normalised dim carries no channels at {ctx.where()}")
+        ch = DimMap.of(ids)
+    if bn.affine:
+        ctx.bind(ctx.param_key("weight"), 0, ch, "out")
+        ctx.bind(ctx.param_key("bias"), 0, ch, "out")
+        out = ch
+    elif type(bn) in _INSTANCE_NORMS:
+        out = ch  # per-sample statistics of a zero channel are zero: it stays zero
+    else:
+        out = ch.with_zi(False)  # (0 - running_mean) / std is not zero
+    if getattr(bn, "running_mean", None) is not None:
+        ctx.bind(ctx.param_key("running_mean"), 0, ch, "buffer")
+        ctx.bind(ctx.param_key("running_var"), 0, ch, "buffer")
+
+    def fix(p, node):
+        m = p.module(node.target)
+        ref = m.weight if m.affine else m.running_mean
+        if ref is not None:
+            m.num_features = ref.shape[0]
+
+    ctx.on_prune(fix)
+    return x.with_dims({**x.dims, cdim: out})
+
+
+def _layer_norm(ctx, x, normalized_ndim: int, weight_maps: list, bias_maps: list, where_fix):
+    """Shared by nn.LayerNorm and F.layer_norm: tie the normalised dims to the params."""
+    dims = dict(x.dims)
+    for j in range(normalized_ndim):
+        d = x.ndim - normalized_ndim + j
+        m = x.get(d)
+        for pm in (weight_maps[j], bias_maps[j]):
+            if pm is not None:
+                m = ctx.unify(m, pm)
+        if m is not None:
+            ctx.break_zi(m, "layer-norm statistics span the channels", only_non_zi=False)
+            dims[d] = m
+    ctx.on_prune(where_fix)
+    return x.with_dims(dims)
+
+
+@register_rule(nn.LayerNorm)
+def layernorm_rule(ctx):
+    ln = ctx.module
+    x = ctx.tensor(0, "input")
+    k = len(ln.normalized_shape)
+    wmaps, bmaps = [None] * k, [None] * k
+    for j in range(k):
+        d = x.ndim - k + j
+        m = x.get(d)
+        if m is None:
+            continue
+        if ln.weight is not None:
+            ctx.bind(ctx.param_key("weight"), j, m, "out")
+        if ln.bias is not None:
+            ctx.bind(ctx.param_key("bias"), j, m, "out")
+
+    def fix(p, node):
+        m = p.module(node.target)
+        shape_src = m.weight if m.weight is not None else None
+        if shape_src is not None:
+            m.normalized_shape = tuple(shape_src.shape)
+        else:
+            m.normalized_shape = tuple(p.new_shape(node.args[0])[-k:])
+
+    return _layer_norm(ctx, x, k, wmaps, bmaps, fix)
+
+
+@register_rule(F.layer_norm)
+def functional_layer_norm_rule(ctx):
+    x = ctx.tensor(0, "input")
+    shape_arg = ctx.arg(1, "normalized_shape")
+    k = len(shape_arg) if isinstance(shape_arg, (tuple, list)) else 1
+    w, b = ctx.tensor(2, "weight"), ctx.tensor(3, "bias")
+    wmaps = [w.get(j) if w is not None else None for j in range(k)]
+    bmaps = [b.get(j) if b is not None else None for j in range(k)]
+
+    def fix(p, node):
+        new = tuple(p.new_shape(node.args[0])[-k:])
+        if len(node.args) > 1:
+            node.args = (node.args[0], new, *node.args[2:])
+        else:
+            node.kwargs = {**node.kwargs, "normalized_shape": new}
+
+    return _layer_norm(ctx, x, k, wmaps, bmaps, fix)
+
+
+@register_rule(nn.GroupNorm)
+def groupnorm_rule(ctx):
+    gn = ctx.module
+    x = ctx.tensor(0, "input")
+    ch = x.get(1)
+    if ch is None:
+        ch = DimMap.of(ctx.new_space(gn.num_channels, f"{ctx.param_key('weight')}[0]"))
+        ctx.freeze(ch.ids, f"normalised dim carries no channels at {ctx.where()}")
+    ctx.tie_blocks(ch, gn.num_groups, across=False)  # whole groups go
+    if gn.affine:
+        ctx.bind(ctx.param_key("weight"), 0, ch, "out")
+        ctx.bind(ctx.param_key("bias"), 0, ch, "out")
+    else:
+        ch = ch.with_zi(False)
+
+    def fix(p, node):
+        m = p.module(node.target)
+        new_channels = p.new_shape(node.args[0])[1]
+        m.num_groups = m.num_groups * new_channels // m.num_channels
+        m.num_channels = new_channels
+
+    ctx.on_prune(fix)
+    return x.with_dims({**x.dims, 1: ch})

@@ -1,0 +1,96 @@
+"""Pooling, reductions and softmax.
+
+Pooling works per channel: the map passes through (spatial dims change size, so they
+must not carry channels). A reduction over a channel dim removes it: a sum of a zeroed
+channel adds nothing, but a mean divides by the channel count, which pruning changes.
+Softmax over a channel dim couples all channels; over another dim it turns a zeroed
+channel into a uniform one (not zero).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..registry import register_rule
+from ..values import DimMap
+
+POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d,
+)
+POOL_FUNCTIONS = (
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch._C._nn.avg_pool2d, torch._C._nn.avg_pool3d,
+    torch.max_pool1d, torch.max_pool2d, torch.max_pool3d, torch.avg_pool1d,
+    torch._C._nn.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool3d,
+)
+_POOL_NDIM = {"1d": 1, "2d": 2, "3d": 3}
+
+
+def _pool_spatial_dims(ctx, x) -> int:
+    name = type(ctx.module).__name__ if ctx.node.op == "call_module" else ctx.node.target.__name__
+    return next((n for suffix, n in _POOL_NDIM.items() if name.endswith(suffix)), 2)
+
+
+@register_rule(*POOL_MODULES, *POOL_FUNCTIONS)
+def pool_rule(ctx):
+    x = ctx.tensor(0, "input")
+    spatial = _pool_spatial_dims(ctx, x)
+    out_shape = ctx.out_shape()
+    if out_shape is None:  # return_indices=True gives a tuple; indices depend on values only
+        from .basic import unknown_rule
+
+        return unknown_rule(ctx)
+    dims = {}
+    for d, m in x.dims.items():
+        if d >= x.ndim - spatial:
+            ctx.freeze(m.ids, f"pooling runs over a channel dim at {ctx.where()}")
+        else:
+            dims[d] = m
+    return ctx.out(dims)
+
+
+def _reduced_dims(ctx, x):
+    dim = ctx.arg(1, "dim")
+    if dim is None:
+        return list(range(x.ndim))
+    dims = dim if isinstance(dim, (tuple, list)) else [dim]
+    return [d % x.ndim for d in dims]
+
+
+@register_rule(torch.mean, "mean", torch.sum, "sum", torch.amax, "amax", torch.amin, "amin",
+               torch.nansum, "nansum", torch.logsumexp, "logsumexp", torch.std, "std", torch.var, "var")
+def reduction_rule(ctx):
+    x = ctx.tensor(0, "input")
+    reduced = _reduced_dims(ctx, x)
+    keepdim = bool(ctx.arg(2, "keepdim", False))
+    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    dims = {}
+    for d, m in x.dims.items():
+        if d in reduced:
+            if name in ("sum", "nansum"):
+                ctx.break_zi(m, f"{name} over channels of a non-zero-invariant value")
+            else:
+                ctx.break_zi(m, f"{name} over channels depends on their count", only_non_zi=False)
+            continue
+        new_d = d if keepdim else d - sum(1 for r in reduced if r < d)
+        zero_kept = name in ("sum", "nansum", "mean", "amax", "amin")
+        dims[new_d] = m if zero_kept else m.with_zi(False)
+    return ctx.out(dims)
+
+
+@register_rule(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
+               "softmax", "log_softmax")
+def softmax_rule(ctx):
+    x = ctx.tensor(0, "input")
+    dim = ctx.module.dim if ctx.node.op == "call_module" else ctx.arg(1, "dim")
+    dim = (dim if dim is not None else -1) % x.ndim
+    if x.get(dim) is not None:
+        ctx.break_zi(x.get(dim), "softmax over channels couples them", only_non_zi=False)
+    return x.with_dims({d: m.with_zi(False) for d, m in x.dims.items()})
+
+
+__all__ = ["pool_rule", "reduction_rule", "softmax_rule", "DimMap"]

@@ -1,0 +1,261 @@
+"""Ops that move dims around: reshape/view/flatten, permute/transpose, expand, shuffles.
+
+A reshape is read as groups of dims whose sizes multiply to the same number:
+- one dim to one dim: the map is carried over;
+- several dims merged into one (flatten before a linear): each channel becomes a
+  contiguous block of the merged dim;
+- one dim split into several (``[B, N, 3*C] -> [B, N, 3, H, C/H]``, or a channel
+  shuffle's ``[B, C] -> [B, g, C/g]``): the innermost factor carries the channels and
+  position p is tied across every outer block, so every block keeps the same
+  positions and the reshape stays valid after pruning;
+- anything else mixes dims: the channels involved are frozen.
+Hard-coded sizes of channel dims in ``view``/``reshape``/``expand`` are rewritten by
+the prune pass to the new channel counts.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..registry import register_rule
+from ..values import DimMap, SizeValue, TensorChannels
+from .shuffle import find_shuffle_ending_at, match_shuffle, permuted, rewrite_as_index_select
+
+
+def match_dims(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Pair runs of dims of shape ``a`` and ``b`` whose sizes have the same product."""
+    groups, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        if i < len(a) and a[i] == 1:
+            groups.append(([i], []))
+            i += 1
+            continue
+        if j < len(b) and b[j] == 1:
+            groups.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(a) or j >= len(b):
+            groups.append((list(range(i, len(a))), list(range(j, len(b)))))
+            break
+        gi, gj, pa, pb = [i], [j], a[i], b[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                gi.append(i)
+                pa *= a[i]
+                i += 1
+            elif j < len(b):
+                gj.append(j)
+                pb *= b[j]
+                j += 1
+            else:
+                break
+        groups.append((gi, gj))
+    return groups
+
+
+def reshape_maps(ctx, x: TensorChannels, out_shape: tuple[int, ...]) -> dict[int, DimMap]:
+    dims: dict[int, DimMap] = {}
+    for gi, gj in match_dims(x.shape, tuple(out_shape)):
+        tracked = [d for d in gi if x.get(d) is not None]
+        if not tracked:
+            continue
+        if len(gi) == 1 and len(gj) == 1:
+            dims[gj[0]] = x.get(gi[0])
+        elif len(gj) == 1 and len(tracked) == 1:
+            d = tracked[0]
+            sizes = [x.shape[k] for k in gi]
+            axis = gi.index(d)
+            view = [1] * len(gi)
+            view[axis] = sizes[axis]
+            m = x.get(d)
+            ids = np.broadcast_to(m.ids.reshape(view), sizes).ravel()
+            zi = np.broadcast_to(m.zi.reshape(view), sizes).ravel()
+            dims[gj[0]] = DimMap(ids.copy(), zi.copy())
+        elif len(gi) == 1 and len(gj) > 1:
+            inner = max(k for k in gj if out_shape[k] > 1)
+            blocks = x.shape[gi[0]] // out_shape[inner]
+            dims[inner] = ctx.tie_blocks(x.get(gi[0]), blocks, across=True)
+        else:
+            for d in tracked:
+                ctx.freeze(x.get(d).ids, f"reshape mixes a channel dim with other dims at {ctx.where()}")
+    return dims
+
+
+def _shape_args(ctx, first: int):
+    """The requested shape of view/reshape/expand: varargs or one sequence argument."""
+    args = ctx.node.args[first:]
+    if not args:
+        args = (ctx.node.kwargs.get("shape", ctx.node.kwargs.get("size", ())),)
+    if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
+        return list(args[0]), True
+    return list(args), False
+
+
+def _check_size_args(ctx, out: TensorChannels, sizes: list) -> None:
+    """A size computed from channel counts may only stand where the prune pass rewrites it."""
+    for pos, raw in enumerate(sizes):
+        v = ctx.value(raw)
+        if isinstance(v, SizeValue) and out.get(pos) is None:
+            ctx.freeze(v.ids, f"a channel count is used as the size of another dim at {ctx.where()}")
+
+
+def rewrite_sizes(first: int):
+    """Prune-time rewrite: sizes at channel dims become the new channel counts."""
+
+    def rewrite(p, node):
+        args = list(node.args[first:])
+        packed = len(args) == 1 and isinstance(args[0], (tuple, list))
+        sizes = list(args[0]) if packed else args
+        if not args:
+            key = "shape" if "shape" in node.kwargs else "size"
+            sizes = list(node.kwargs[key])
+        new_shape = p.new_shape(node)
+        offset = len(new_shape) - len(sizes)
+        for pos in range(len(sizes)):
+            if p.is_channel_dim(node, pos + offset) and sizes[pos] != -1:
+                sizes[pos] = new_shape[pos + offset]
+        if not args:
+            node.kwargs = {**node.kwargs, key: tuple(sizes)}
+        elif packed:
+            node.args = (*node.args[:first], type(args[0])(sizes))
+        else:
+            node.args = (*node.args[:first], *sizes)
+
+    return rewrite
+
+
+@register_rule("view", "reshape", torch.reshape)
+def reshape_rule(ctx):
+    x = ctx.tensor(0, "input")
+    if x is None:
+        from .basic import unknown_rule
+
+        return unknown_rule(ctx)
+    if match_shuffle(ctx.node) is not None:  # the start of a channel shuffle
+        d = match_shuffle(ctx.node).dim
+        return ctx.out({(k if k < d else k + 1): m for k, m in x.dims.items() if k != d})
+    shuffle = find_shuffle_ending_at(ctx.node)
+    if shuffle is not None:  # the end of one: a permutation of the shuffle's input
+        source = ctx.value(shuffle.source)
+        src_map = source.get(shuffle.dim)
+        if src_map is not None:
+            ctx.on_prune(rewrite_as_index_select(shuffle.source.name, shuffle.dim, shuffle.perm, src_map))
+        return permuted(source, shuffle.dim, shuffle.perm)
+    out = ctx.out(reshape_maps(ctx, x, ctx.out_shape()))
+    sizes, _ = _shape_args(ctx, 1)
+    _check_size_args(ctx, out, sizes)
+    ctx.on_prune(rewrite_sizes(1))
+    return out
+
+
+@register_rule(torch.flatten, "flatten", nn.Flatten, torch.ravel, "ravel", nn.Unflatten, "unflatten",
+               torch.unflatten, torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze")
+def flatten_rule(ctx):
+    """Reshapes whose arguments name dims, not sizes: nothing to rewrite but unflatten."""
+    x = ctx.tensor(0, "input")
+    out = ctx.out(reshape_maps(ctx, x, ctx.out_shape()))
+    if ctx.node.target in ("unflatten", torch.unflatten):
+        _check_size_args(ctx, out, list(ctx.arg(2, "sizes")))
+    if ctx.node.op == "call_module" and isinstance(ctx.module, nn.Unflatten):
+        def fix(p, node):
+            m = p.module(node.target)
+            start = m.dim % len(p.new_shape(node))
+            m.unflattened_size = tuple(p.new_shape(node)[start:start + len(m.unflattened_size)])
+
+        ctx.on_prune(fix)
+    return out
+
+
+@register_rule("expand")
+def expand_rule(ctx):
+    x = ctx.tensor(0)
+    shape = ctx.out_shape()
+    lead = len(shape) - x.ndim
+    out = ctx.out({d + lead: m for d, m in x.dims.items() if x.shape[d] == shape[d + lead]})
+    sizes, _ = _shape_args(ctx, 1)
+    _check_size_args(ctx, out, sizes)
+    ctx.on_prune(rewrite_sizes(1))
+    return out
+
+
+@register_rule("repeat")
+def repeat_rule(ctx):
+    x = ctx.tensor(0)
+    reps, _ = _shape_args(ctx, 1)
+    lead = len(reps) - x.ndim
+    dims = {}
+    for d, m in x.dims.items():
+        r = reps[d + lead]
+        if not isinstance(r, int):
+            ctx.freeze(m.ids, f"repeat count is not a constant at {ctx.where()}")
+            continue
+        dims[d + lead] = DimMap(np.tile(m.ids, r), np.tile(m.zi, r))
+    return ctx.out(dims)
+
+
+def _permuted(x: TensorChannels, order: list[int], shape) -> TensorChannels:
+    order = [d % x.ndim for d in order]
+    return TensorChannels(tuple(shape), {i: x.dims[d] for i, d in enumerate(order) if d in x.dims})
+
+
+@register_rule(torch.permute, "permute")
+def permute_rule(ctx):
+    x = ctx.tensor(0, "input")
+    order = ctx.node.args[1:] if ctx.node.op == "call_method" else ctx.arg(1, "dims")
+    if len(order) == 1 and isinstance(order[0], (tuple, list)):
+        order = order[0]
+    return _permuted(x, list(order), ctx.out_shape())
+
+
+@register_rule(torch.transpose, "transpose", torch.swapaxes, "swapaxes", torch.swapdims, "swapdims")
+def transpose_rule(ctx):
+    x = ctx.tensor(0, "input")
+    d0, d1 = ctx.arg(1, "dim0"), ctx.arg(2, "dim1")
+    order = list(range(x.ndim))
+    order[d0 % x.ndim], order[d1 % x.ndim] = order[d1 % x.ndim], order[d0 % x.ndim]
+    return _permuted(x, order, ctx.out_shape())
+
+
+@register_rule("t", torch.t)
+def t_rule(ctx):
+    x = ctx.tensor(0)
+    return _permuted(x, list(reversed(range(x.ndim))), ctx.out_shape())
+
+
+@register_rule(nn.PixelShuffle, torch.pixel_shuffle)
+def pixel_shuffle_rule(ctx):
+    """[.., C*r*r, H, W] -> [.., C, H*r, W*r]: each output channel owns r*r inputs."""
+    x = ctx.tensor(0, "input")
+    r = ctx.module.upscale_factor if ctx.node.op == "call_module" else ctx.arg(1, "upscale_factor")
+    cdim = x.ndim - 3
+    for d in (x.ndim - 2, x.ndim - 1):
+        if x.get(d) is not None:
+            ctx.freeze(x.get(d).ids, f"pixel shuffle mixes a channel dim into space at {ctx.where()}")
+    m = x.get(cdim)
+    out = ctx.tie_blocks(m, m.ids.size // (r * r), across=False) if m is not None else None
+    return ctx.out({d: v for d, v in x.dims.items() if d < cdim} | ({cdim: out} if out else {}))
+
+
+@register_rule(nn.PixelUnshuffle, torch.pixel_unshuffle)
+def pixel_unshuffle_rule(ctx):
+    x = ctx.tensor(0, "input")
+    r = ctx.module.downscale_factor if ctx.node.op == "call_module" else ctx.arg(1, "downscale_factor")
+    cdim = x.ndim - 3
+    m = x.get(cdim)
+    out = DimMap(np.repeat(m.ids, r * r), np.repeat(m.zi, r * r)) if m is not None else None
+    return ctx.out({d: v for d, v in x.dims.items() if d < cdim} | ({cdim: out} if out else {}))
+
+
+@register_rule(nn.ChannelShuffle, torch.channel_shuffle, torch.native_channel_shuffle)
+def channel_shuffle_rule(ctx):
+    """A permutation that interleaves g blocks; rewritten to an index_select when pruned."""
+    x = ctx.tensor(0, "input")
+    g = ctx.module.groups if ctx.node.op == "call_module" else ctx.arg(1, "groups")
+    m = x.get(1)
+    if m is None:
+        return x
+    perm = np.arange(len(m)).reshape(g, -1).T.ravel()
+    ctx.on_prune(rewrite_as_index_select(ctx.node.args[0].name, 1, perm, m))
+    return permuted(x, 1, perm)

@@ -1,0 +1,315 @@
+"""What a model costs: FLOPs, parameters, bytes on disk and latency.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``, which counts **2 FLOPs
+per multiply-accumulate** (a ``Linear(10, 20)`` on a batch of 3 is 2*3*10*20 = 1200
+FLOPs). Latency is measured in one process with the models timed alternately, so that
+clock and thermal drift hit every model the same way; it works on CPU and on CUDA.
+
+Nothing here mutates the caller's models: training flags are restored after a forward
+and a model is only moved to another device as a copy.
+
+The rendering of these numbers lives in :mod:`fxprune.report`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from fxprune.errors import SpecError
+
+FLOPS_CONVENTION = (
+    "FLOPs counted by torch.utils.flop_counter.FlopCounterMode: "
+    "2 FLOPs per multiply-accumulate"
+)
+
+_DEVICES = ("cpu", "cuda")
+
+
+def _as_tuple(example_inputs) -> tuple:
+    """A single tensor is accepted where a tuple of inputs is expected."""
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode and put every submodule's training flag back after.
+
+    A forward in training mode would update BatchNorm running stats, i.e. mutate the
+    caller's model, and dropout would make the measurement random.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def count_flops(model: nn.Module, example_inputs) -> int:
+    """FLOPs of one forward pass of ``model`` on ``example_inputs``.
+
+    Counted by ``torch.utils.flop_counter.FlopCounterMode`` under ``torch.no_grad()``
+    with the model in eval mode (its training flags are restored afterwards). The
+    convention is **2 FLOPs per multiply-accumulate**; ops the counter has no formula
+    for (elementwise, norms, pooling) count 0.
+
+    ``example_inputs`` is a tuple of positional inputs or a single tensor.
+
+    Example::
+
+        >>> count_flops(nn.Linear(10, 20), torch.randn(3, 10))  # 2 * 3 * 10 * 20
+        1200
+    """
+    inputs = _as_tuple(example_inputs)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), _eval_mode(model), counter:
+        model(*inputs)
+    return int(counter.get_total_flops())
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements, each tensor counted once.
+
+    Tied weights (one ``Parameter`` registered under several names, e.g. an embedding
+    shared with the output projection) count once.
+
+    Example::
+
+        >>> count_params(nn.Linear(10, 20))  # 10 * 20 weights + 20 biases
+        220
+    """
+    seen: set[int] = set()
+    total = 0
+    for _, param in model.named_parameters(remove_duplicate=False):
+        if id(param) not in seen:
+            seen.add(id(param))
+            total += param.numel()
+    return total
+
+
+def size_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())``: the size of the checkpoint on disk.
+
+    Example::
+
+        >>> size_bytes(nn.Linear(1000, 1000)) > 4 * 1000 * 1000
+        True
+    """
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """How latency is measured.
+
+    Fields:
+        device: ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``.
+        batch_size: ``None`` times the example inputs as given; an integer repeats or
+            cuts the batch dimension (dim 0) of every tensor input to that size.
+        threads: CPU threads (``torch.set_num_threads``) while timing; restored after.
+        warmup: untimed runs per model before timing.
+        repeats: timed runs per model; the median is reported.
+        compile: also time each model under ``torch.compile``.
+        compile_backend: backend given to ``torch.compile`` (``"inductor"`` default).
+
+    Every field is validated on construction; a bad value raises ``SpecError`` naming
+    the field (``latency.repeats``...).
+
+    Example::
+
+        >>> LatencySettings(threads=4, repeats=50).device
+        'cpu'
+    """
+
+    device: str = "cpu"
+    batch_size: int | None = None
+    threads: int = 2
+    warmup: int = 5
+    repeats: int = 20
+    compile: bool = False
+    compile_backend: str = "inductor"
+
+    def __post_init__(self) -> None:
+        device_type, colon, index = (self.device.partition(":") if isinstance(self.device, str)
+                                     else (None, "", ""))
+        indexed_cuda = device_type == "cuda" and index.isdigit()
+        if device_type not in _DEVICES or (colon and not indexed_cuda):
+            raise SpecError(
+                f"latency.device must be one of 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+            )
+        if self.batch_size is not None:
+            _check_int("batch_size", self.batch_size, minimum=1, extra=" or None")
+        _check_int("threads", self.threads, minimum=1)
+        _check_int("warmup", self.warmup, minimum=0)
+        _check_int("repeats", self.repeats, minimum=1)
+        if not isinstance(self.compile, bool):
+            raise SpecError(f"latency.compile must be true or false, got {self.compile!r}")
+        if not isinstance(self.compile_backend, str) or not self.compile_backend:
+            raise SpecError(
+                f"latency.compile_backend must be a torch.compile backend name, "
+                f"got {self.compile_backend!r}"
+            )
+
+
+def _check_int(name: str, value, *, minimum: int, extra: str = "") -> None:
+    # bool is an int subclass; `repeats=True` is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SpecError(f"latency.{name} must be an integer >= {minimum}{extra}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """Median milliseconds per forward, one entry per model, in the order given.
+
+    ``compiled_ms`` is ``None`` unless the settings asked for ``compile=True``.
+
+    Example::
+
+        >>> result = measure_latency([small, big], x)
+        >>> speedup = result.eager_ms[1] / result.eager_ms[0]
+    """
+
+    eager_ms: list[float]
+    compiled_ms: list[float] | None
+    settings: LatencySettings
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form."""
+        return {
+            "eager_ms": list(self.eager_ms),
+            "compiled_ms": None if self.compiled_ms is None else list(self.compiled_ms),
+            "settings": vars(self.settings).copy(),
+        }
+
+
+def _check_device_available(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(
+            f"latency.device={device!r} but torch.cuda.is_available() is False; use device='cpu'"
+        )
+
+
+def _resize_batch(inputs: tuple, batch_size: int | None) -> tuple:
+    """Repeat or cut dim 0 of every tensor input to ``batch_size``."""
+    if batch_size is None:
+        return inputs
+    resized = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] > 0:
+            copies = -(-batch_size // x.shape[0])  # ceil division
+            x = x.repeat(copies, *([1] * (x.dim() - 1)))[:batch_size]
+        resized.append(x)
+    return tuple(resized)
+
+
+def _on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` itself when it already lives on ``device``, else a copy moved there."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device == device for t in tensors):
+        return model
+    return copy.deepcopy(model).to(device)
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """A function that runs a thunk once and returns its wall time in milliseconds."""
+    if device.type == "cuda":
+        def time_cuda(run: Callable[[], object]) -> float:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end)
+        return time_cuda
+
+    def time_cpu(run: Callable[[], object]) -> float:
+        begin = time.perf_counter()
+        run()
+        return (time.perf_counter() - begin) * 1e3
+    return time_cpu
+
+
+def _round_robin(runners: Sequence[Callable[[], object]], settings: LatencySettings,
+                 timer: Callable[[Callable[[], object]], float]) -> list[float]:
+    """Median ms of each runner; every repeat runs each runner once, in a fixed order."""
+    for _ in range(settings.warmup):
+        for run in runners:
+            run()
+    samples: list[list[float]] = [[] for _ in runners]
+    for _ in range(settings.repeats):
+        for run, times in zip(runners, samples):
+            times.append(timer(run))
+    return [statistics.median(times) for times in samples]
+
+
+def measure_latency(models: Sequence[nn.Module], example_inputs,
+                    settings: LatencySettings | None = None) -> LatencyResult:
+    """Median forward latency (ms) of each model, measured alternately in one process.
+
+    Each repeat runs every model once in a fixed order (round-robin), so that drift in
+    clock speed or background load affects all models equally. Forwards run under
+    ``torch.inference_mode()`` in eval mode (training flags are restored afterwards);
+    a model on another device is copied, never moved. On CUDA the time of each forward
+    is taken with ``torch.cuda.Event`` between two synchronizations; on CPU with
+    ``time.perf_counter``. With ``settings.compile`` each model is also compiled with
+    ``torch.compile`` and timed in the same rotation; compilation happens in warmup
+    and is not timed (``warmup`` must then be at least 1).
+
+    Example::
+
+        >>> result = measure_latency([original, pruned], torch.randn(1, 3, 224, 224),
+        ...                          LatencySettings(threads=2, repeats=20))
+        >>> result.eager_ms          # [ms of original, ms of pruned]
+    """
+    settings = settings if settings is not None else LatencySettings()
+    if isinstance(models, nn.Module):
+        models = [models]
+    if not models:
+        raise SpecError("measure_latency needs at least one model, got an empty sequence")
+    if settings.compile and settings.warmup < 1:
+        raise SpecError("latency.warmup must be >= 1 when latency.compile is true "
+                        "(the first call compiles and must not be timed)")
+    _check_device_available(settings.device)
+    device = torch.device(settings.device)
+    inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x
+                   for x in _resize_batch(_as_tuple(example_inputs), settings.batch_size))
+
+    placed = [_on_device(m, device) for m in models]
+    callables: list[Callable] = list(placed)
+    if settings.compile:
+        callables += [torch.compile(m, backend=settings.compile_backend) for m in placed]
+    runners = [lambda f=f: f(*inputs) for f in callables]
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        with contextlib.ExitStack() as stack:
+            for model in placed:
+                stack.enter_context(_eval_mode(model))
+            stack.enter_context(torch.inference_mode())
+            medians = _round_robin(runners, settings, _timer(device))
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    eager = medians[:len(placed)]
+    compiled = medians[len(placed):] if settings.compile else None
+    return LatencyResult(eager_ms=eager, compiled_ms=compiled, settings=settings)

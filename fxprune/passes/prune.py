@@ -1,0 +1,171 @@
+"""The prune pass: physically remove channels and rewrite the graph around them.
+
+Works on a deep copy of the analysed GraphModule: every parameter and buffer bound to
+a removed channel is sliced, module attributes (``out_channels``, ``groups``,
+``num_features``...) and graph constants (reshape sizes, split sizes, slice bounds)
+are rewritten by the hooks the op rules registered, and the result is verified by
+propagating shapes again: every node must have exactly the shape the analysis
+predicts, and the outputs the original shapes.
+"""
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..channels.graph import DependencyGraph, _check_units
+from ..channels.values import DimMap, TensorChannels
+from ..errors import PlanError, VerificationError
+
+
+class PruneContext:
+    """What a rule's rewrite hook sees: the new graph and which channel ids survive."""
+
+    def __init__(self, graph: DependencyGraph, gm: torch.fx.GraphModule, keep: np.ndarray):
+        self.graph = graph
+        self.gm = gm
+        self.keep = keep
+        self.renamed: dict[str, str] = {}  # new node name -> the analysed node it replaces
+        self._old_nodes = {n.name: n for n in graph.gm.graph.nodes}
+
+    def module(self, target: str) -> torch.nn.Module:
+        return self.gm.get_submodule(target)
+
+    def kept(self, ids: np.ndarray) -> np.ndarray:
+        """Mask of surviving positions; fixed positions (id -1) always survive."""
+        return np.where(ids >= 0, self.keep[np.clip(ids, 0, None)], True)
+
+    def count(self, dim_map: DimMap) -> int:
+        return int(self.kept(dim_map.ids).sum())
+
+    def _value(self, node_or_name) -> TensorChannels:
+        name = node_or_name.name if isinstance(node_or_name, torch.fx.Node) else node_or_name
+        name = self.renamed.get(name, name)
+        value = self.graph.state.env.get(self._old_nodes[name])
+        if not isinstance(value, TensorChannels):
+            raise VerificationError(f"node '{name}' has no tensor channel map")
+        return value
+
+    def new_shape(self, node_or_name) -> tuple[int, ...]:
+        """The shape a node's output has after pruning, as the analysis predicts it."""
+        value = self._value(node_or_name)
+        return tuple(self.count(value.dims[d]) if d in value.dims else s for d, s in enumerate(value.shape))
+
+    def is_channel_dim(self, node_or_name, dim: int) -> bool:
+        m = self._value(node_or_name).dims.get(dim)
+        return m is not None and bool((m.ids >= 0).any())
+
+    def old_ndim(self, node_or_name) -> int:
+        return len(self._value(node_or_name).shape)
+
+
+def resolve_plan(graph: DependencyGraph, plan: Mapping[int, object]) -> np.ndarray:
+    """Validate ``{group id: channels to remove}``; return the removed class roots."""
+    if not isinstance(plan, Mapping):
+        raise PlanError(f"a plan is a dict {{group id: [channels to remove]}}, got {type(plan).__name__}")
+    removed = []
+    for gid, channels in plan.items():
+        group = graph.group(gid)
+        units = _check_units(group, channels)
+        if not units.size:
+            continue
+        if not group.prunable:
+            raise PlanError(f"group {gid} is frozen and cannot be pruned: {group.reason}")
+        if units.size >= group.size:
+            raise PlanError(
+                f"the plan removes all {group.size} channels of group {gid}; keep at least one")
+        removed.append(group.classes[units])
+    removed = np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64)
+    keep = ~np.isin(graph.roots, removed)
+    for ids, what in graph.state.nonempty:
+        if not keep[ids].any():
+            gid = graph.group_of_id(int(ids[0]))
+            raise PlanError(
+                f"the plan removes every channel of {what} (group {gid}); PyTorch layers cannot have "
+                "zero width, so keep at least one of them (fxprune.feasible_plan builds plans that do)")
+    return removed
+
+
+def prune(graph: DependencyGraph, plan: Mapping[int, object]) -> torch.fx.GraphModule:
+    """Return a new GraphModule with the planned channels removed.
+
+    ``plan`` maps group ids to the channel units to remove (see ``Group.slices``).
+    The analysed graph and the original model are not modified.
+
+    >>> import torch, fxprune
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    >>> graph = fxprune.analyze(net, torch.randn(2, 4))
+    >>> small = fxprune.prune(graph, {1: [0, 1, 2]})
+    >>> small.get_submodule("0").weight.shape
+    torch.Size([3, 4])
+    """
+    removed = resolve_plan(graph, plan)
+    keep = ~np.isin(graph.roots, removed)
+    gm = copy.deepcopy(graph.gm)
+    ctx = PruneContext(graph, gm, keep)
+    _slice_tensors(graph, gm, ctx)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, rewrite in graph.state.rewrites:
+        rewrite(ctx, nodes[name])
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    verify_shapes(graph, gm, ctx)
+    return gm
+
+
+def _slice_tensors(graph: DependencyGraph, gm: torch.fx.GraphModule, ctx: PruneContext) -> None:
+    by_key: dict[str, list] = defaultdict(list)
+    for b in graph.state.bindings.values():
+        mask = ctx.kept(b.ids)
+        if not mask.all():
+            by_key[b.key].append((b.dim, np.flatnonzero(mask)))
+    for key, cuts in by_key.items():
+        owner_path, _, name = key.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        tensor = getattr(owner, name)
+        new = tensor.detach()
+        for dim, index in sorted(cuts):
+            new = new.index_select(dim, torch.as_tensor(index, device=new.device))
+        new = new.clone()
+        if isinstance(tensor, torch.nn.Parameter):
+            new = torch.nn.Parameter(new, requires_grad=tensor.requires_grad)
+        for alias in graph.state.aliases.get(key, [key]):
+            path, _, attr = alias.rpartition(".")
+            module = gm.get_submodule(path)
+            if attr in module._parameters:
+                module._parameters[attr] = new
+            elif attr in module._buffers:
+                module._buffers[attr] = new
+            else:
+                setattr(module, attr, new)
+
+
+def verify_shapes(graph: DependencyGraph, gm: torch.fx.GraphModule, ctx: PruneContext) -> None:
+    """Re-propagate shapes; every node must match the analysis' prediction."""
+    inputs = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in graph.example_inputs)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:
+        raise VerificationError(
+            f"the pruned graph does not run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            "This is a bug in a channel rule; please report it with the model."
+        ) from exc
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if node.op == "output" or not hasattr(meta, "shape"):
+            continue
+        value = graph.state.env.get(ctx._old_nodes.get(ctx.renamed.get(node.name, node.name)))
+        if isinstance(value, TensorChannels):
+            want = ctx.new_shape(node.name)
+            if tuple(meta.shape) != want:
+                raise VerificationError(
+                    f"node '{node.name}' has shape {tuple(meta.shape)} after pruning, the analysis "
+                    f"predicted {want}. This is a bug in a channel rule; please report it with the model.")
