@@ -3,7 +3,8 @@
 >>> import torch, fxprune
 >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3))
 >>> graph = fxprune.analyze(net, torch.randn(1, 3, 32, 32))
->>> small = fxprune.prune(graph, {1: range(8)})
+>>> g = graph.prunable_groups[0]            # conv 1's 16 output channels
+>>> small = fxprune.prune(graph, {g.id: range(8)})
 >>> small(torch.randn(1, 3, 32, 32)).shape
 torch.Size([1, 8, 28, 28])
 """

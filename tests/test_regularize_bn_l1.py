@@ -43,31 +43,48 @@ def test_prox_soft_thresholds_to_exact_zeros():
     assert torch.equal(bn.bias.detach(), torch.zeros(4))  # bias untouched
 
 
-@pytest.mark.parametrize("make_opt", [
+OPTIMIZERS = [
     lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
     lambda ps: torch.optim.Adam(ps, lr=1e-2),
-], ids=["sgd", "adam"])
-def test_training_with_either_form(make_opt):
+]
+
+
+def fit(model, opt, steps, penalty=None, after=None):
     torch.manual_seed(1)
     x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 3, (16,))
-    results = []
-    for use_prox in (False, True):
-        model = net()
-        opt = make_opt(model.parameters())
-        slim = BNScaleL1(model, lam=0.05, optimizer=opt)
-        start = sum(w.detach().abs().sum() for w in slim.scales)
-        for _ in range(40):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            if not use_prox:
-                loss = loss + slim.penalty()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if use_prox:
-                slim.prox_()
-        assert all(torch.isfinite(p).all() for p in model.parameters())
-        results.append(sum(w.detach().abs().sum() for w in slim.scales) < start)
-    assert all(results)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        if penalty is not None:
+            loss = loss + penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if after is not None:
+            after()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("make_opt", OPTIMIZERS, ids=["sgd", "adam"])
+def test_penalty_in_the_loss_shrinks_the_scales(make_opt):
+    model = net()
+    opt = make_opt(model.parameters())
+    slim = BNScaleL1(model, lam=0.2)
+    start = sum(w.detach().abs().sum() for w in slim.scales)
+    fit(model, opt, 30, penalty=slim.penalty)
+    assert sum(w.detach().abs().sum() for w in slim.scales) < start
+
+
+@pytest.mark.parametrize("make_opt", OPTIMIZERS, ids=["sgd", "adam"])
+def test_prox_after_the_step_zeroes_weak_scales(make_opt):
+    model = net()
+    with torch.no_grad():
+        model[1].weight[2:] = 0.01  # two weak channels
+    opt = make_opt(model.parameters())
+    slim = BNScaleL1(model, lam=0.5, optimizer=opt)
+    fit(model, opt, 30, after=slim.prox_)
+    gamma = model[1].weight.detach()
+    assert torch.equal(gamma[2:], torch.zeros(2))
+    assert (gamma[:2] != 0).all()
 
 
 def test_constructor_does_not_mutate_the_model():

@@ -204,3 +204,12 @@ def test_tied_and_foreign_parameters_are_refused():
     lin = torch.nn.Linear(2, 2)
     with pytest.raises(SpecError, match="init"):
         factorize(lin, channels=[ChannelSlices([(lin.weight, 0, [0])])], init="random")
+
+
+def test_factorizing_twice_is_refused():
+    lin = torch.nn.Linear(3, 3)
+    factorize(lin, depth=2)
+    with pytest.raises(SpecError, match="already parametrized"):
+        factorize(lin, depth=2)
+    collapse(lin)
+    factorize(lin, depth=2)  # fine again after collapse

@@ -58,7 +58,7 @@ def analyze(model, example_inputs, *, leaf_modules: Iterable = (), concrete_args
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
     >>> graph = fxprune.analyze(net, torch.randn(1, 3, 16, 16))
     >>> [(g.size, g.prunable) for g in graph.groups]
-    [(3, False), (8, True), (4, False)]
+    [(8, True), (3, False), (4, False)]
     """
     gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
     inputs = propagate_shapes(gm, example_inputs)

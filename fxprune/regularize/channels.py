@@ -18,7 +18,12 @@ from fxprune.errors import SpecError
 
 
 class ParamSlice(NamedTuple):
-    """Entries ``index`` along dimension ``dim`` of ``param``."""
+    """Entries ``index`` along dimension ``dim`` of ``param``.
+
+    Example:
+        >>> ChannelSlices([(torch.zeros(4, 3), 0, [1])]).slices[0].index
+        tensor([1])
+    """
 
     param: torch.Tensor
     dim: int
@@ -49,7 +54,8 @@ class ChannelSlices:
                 raise SpecError(f"channels: expected (param, dim, indices) triples, got {item!r}")
             param, dim, index = item
             if not isinstance(param, torch.Tensor):
-                raise SpecError(f"channels: expected a parameter tensor, got {type(param).__name__}")
+                raise SpecError("channels: expected a parameter tensor, got "
+                                f"{type(param).__name__}")
             dim = int(dim)
             if not -param.dim() <= dim < max(param.dim(), 1):
                 raise SpecError(f"channels: dim {dim} out of range for a parameter of shape "

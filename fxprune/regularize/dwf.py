@@ -39,75 +39,8 @@ from torch.nn.utils import parametrize
 
 from fxprune.errors import SpecError
 from fxprune.regularize._common import check_lam
+from fxprune.regularize._factors import ChannelScales, ChannelScaling, ElementwiseFactors
 from fxprune.regularize.channels import ChannelSlices, ChannelTable
-
-
-class ElementwiseFactors(torch.nn.Module):
-    """Parametrization ``w = u_1 * ... * u_D`` (element-wise) with a balanced inverse.
-
-    Example:
-        >>> lin = torch.nn.Linear(4, 2)
-        >>> parametrize.register_parametrization(lin, "weight", ElementwiseFactors(3))
-        ...                                      # doctest: +ELLIPSIS
-        ParametrizedLinear(...)
-    """
-
-    def __init__(self, depth: int, min_magnitude: float = 1e-3):
-        super().__init__()
-        self.depth = depth
-        self.min_magnitude = min_magnitude
-
-    def forward(self, *factors: torch.Tensor) -> torch.Tensor:
-        return functools.reduce(torch.mul, factors)
-
-    def right_inverse(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        others = w.abs().pow(1.0 / self.depth).clamp_min(self.min_magnitude)
-        first = w / others.pow(self.depth - 1)
-        return (first,) + tuple(others.clone() for _ in range(self.depth - 1))
-
-
-class ChannelScales(torch.nn.Module):
-    """The D-1 per-channel scalar factors shared by all the slices of each channel."""
-
-    def __init__(self, init: torch.Tensor, count: int):
-        super().__init__()
-        self.factors = torch.nn.ParameterList(
-            [torch.nn.Parameter(init.clone()) for _ in range(count)])
-
-    def forward(self) -> torch.Tensor:
-        return functools.reduce(torch.mul, list(self.factors))
-
-
-class ChannelScaling(torch.nn.Module):
-    """Parametrization ``w = v * s[channel]`` for the channel slices of one parameter."""
-
-    def __init__(self, scales: ChannelScales, slices: list[tuple[int, torch.Tensor, torch.Tensor]]):
-        super().__init__()
-        self.scales = scales
-        self.dims = [dim for dim, _, _ in slices]
-        for i, (_, index, channel) in enumerate(slices):
-            self.register_buffer(f"index{i}", index, persistent=False)
-            self.register_buffer(f"channel{i}", channel, persistent=False)
-
-    def scale_like(self, w: torch.Tensor) -> torch.Tensor:
-        s = self.scales()
-        out = torch.ones((), dtype=w.dtype, device=w.device)
-        for i, dim in enumerate(self.dims):
-            index, channel = getattr(self, f"index{i}"), getattr(self, f"channel{i}")
-            vec = torch.ones(w.shape[dim], dtype=w.dtype, device=w.device)
-            vec = vec.index_copy(0, index, s[channel].to(w.dtype))
-            shape = [1] * w.dim()
-            shape[dim] = -1
-            out = out * vec.view(shape)
-        return out
-
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return v * self.scale_like(v)
-
-    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            s = self.scale_like(w).expand_as(w)
-            return torch.where(s != 0, w / torch.where(s != 0, s, torch.ones_like(s)), w)
 
 
 _OURS = (ElementwiseFactors, ChannelScaling)
@@ -117,7 +50,7 @@ class DeepFactorization:
     """Handle returned by ``factorize``: the factors, their L2 penalty, collapse.
 
     Example:
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
         >>> dwf = factorize(model, depth=2, lam=1e-3)
         >>> loss = model(torch.randn(5, 4)).square().mean() + dwf.l2_penalty()
         >>> dwf.collapse()                                   # doctest: +ELLIPSIS
@@ -181,7 +114,12 @@ class DeepFactorization:
             return 0.5 * self.lam * d * total
 
     def collapse(self) -> torch.nn.Module:
-        """Same as ``collapse(self.model)``."""
+        """Same as ``collapse(self.model)``.
+
+        Example:
+            >>> factorize(torch.nn.Linear(2, 2), depth=2).collapse()
+            Linear(in_features=2, out_features=2, bias=True)
+        """
         return collapse(self.model)
 
 
@@ -196,6 +134,9 @@ def _owners(model: torch.nn.Module) -> dict[int, list[tuple[torch.nn.Module, str
 
 def _owner(owners, p: torch.Tensor, what: str) -> tuple[torch.nn.Module, str]:
     found = owners.get(id(p), [])
+    if any(isinstance(m, parametrize.ParametrizationList) for m, _ in found):
+        raise SpecError(f"{what}: a parameter of shape {tuple(p.shape)} is already "
+                        "parametrized; collapse() first")
     if len(found) != 1:
         problem = "is not a plain parameter of the model" if not found else \
             "is shared by several modules (tied); untie it first"
@@ -249,9 +190,10 @@ def factorize(model: torch.nn.Module, depth: int = 3, *, lam: float = 0.0, param
             targets.append(named[p] if isinstance(p, str) else p)
     if not targets:
         raise SpecError("params: nothing to factorize")
+    unique = list({id(p): p for p in targets}.values())
+    located = [(p, *_owner(owners, p, "params")) for p in unique]  # check all, then change
     factors = []
-    for p in list({id(p): p for p in targets}.values()):
-        module, name = _owner(owners, p, "params")
+    for p, module, name in located:
         std = float(p.detach().float().std()) if sigma is None and p.numel() > 1 else sigma
         parametrize.register_parametrization(module, name, ElementwiseFactors(depth, min_magnitude))
         plist = module.parametrizations[name]
@@ -280,8 +222,9 @@ def _factorize_channels(model, depth, lam, channels, min_magnitude, owners):
     per_param: dict[int, list] = {}
     for k in table.keys:
         per_param.setdefault(id(k.param), [k.param, []])[1].append((k.dim, k.index, k.channel))
-    for param, slices in per_param.values():
-        module, name = _owner(owners, param, "channels")
+    located = [(param, *_owner(owners, param, "channels"), slices)
+               for param, slices in per_param.values()]  # check all, then change
+    for param, module, name, slices in located:
         parametrize.register_parametrization(module, name, ChannelScaling(scales, slices))
         if module.parametrizations[name].original is not param:  # identity is relied on
             raise SpecError("channels: torch replaced the parameter object on parametrization")

@@ -48,7 +48,13 @@ class GroupLasso:
 
     @property
     def channels(self) -> list[ChannelSlices]:
-        """The regularised channels, in order (index ``c`` of every per-channel tensor)."""
+        """The regularised channels, in order (index ``c`` of every per-channel tensor).
+
+        Example:
+            >>> w = torch.nn.Parameter(torch.ones(2, 2))
+            >>> len(GroupLasso([ChannelSlices([(w, 0, [0])])], lam=0.1).channels)
+            1
+        """
         return self.table.channels
 
     def penalty(self) -> torch.Tensor:

@@ -75,7 +75,12 @@ class LpDecay:
 
     @property
     def grouped(self) -> bool:
-        """True for the group (per-channel) form."""
+        """True for the group (per-channel) form.
+
+        Example:
+            >>> LpDecay([torch.nn.Parameter(torch.ones(2))], p=0.5, lam=0.1).grouped
+            False
+        """
         return self.table is not None
 
     def _power(self, magnitude: torch.Tensor) -> torch.Tensor:
@@ -118,15 +123,17 @@ class LpDecay:
             return
         for w, a, lr_w in zip(self.params, old, lrs):
             strength = self.p * lr_w * self.lam
-            if strength != 0:
-                w.copy_(w * self._factor(a, torch.tensor(strength, dtype=a.dtype)))
+            if strength != 0:  # 0/0 at w_old = 0 otherwise
+                w.copy_(w * self._factor(a, strength))
 
-    def _factor(self, a: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    def _factor(self, a: torch.Tensor, strength) -> torch.Tensor:
         if self.p <= 2:
             factor = a / (a + strength)
         else:
             factor = 1 / (1 + strength * a)
-        return torch.where(strength == 0, torch.ones_like(factor), factor)
+        if isinstance(strength, torch.Tensor):  # per channel; lr or lam may be 0
+            factor = torch.where(strength == 0, torch.ones_like(factor), factor)
+        return factor
 
     @contextlib.contextmanager
     def step(self, lr: float | None = None) -> Iterator[None]:

@@ -1,0 +1,84 @@
+"""The zero-invariance oracle: pruning a channel must equal zeroing its producers.
+
+For a zero-invariant group, zeroing the ``role="out"`` slices of the chosen channels in
+a copy of the original model makes those channels identically zero everywhere, so
+removing them must not change the output. This needs no knowledge of the
+architecture, which makes it the universal correctness check of a plan.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Mapping
+
+import torch
+
+from ..channels.graph import DependencyGraph
+from ..errors import PlanError, VerificationError
+
+
+def zeroed_copy(model: torch.nn.Module, graph: DependencyGraph, plan: Mapping[int, object]) -> torch.nn.Module:
+    """A deep copy of ``model`` with the ``role="out"`` slices of the plan's channels zeroed."""
+    ref = copy.deepcopy(model)
+    state = ref.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for gid, channels in plan.items():
+            for key, cuts in graph.group(gid).slices(channels, "out").items():
+                for dim, index in cuts:
+                    state[key].index_fill_(dim, torch.as_tensor(index, device=state[key].device), 0)
+    return ref
+
+
+def output_error(a, b) -> float:
+    """Largest absolute difference over all output tensors, relative to the largest output."""
+    flat_a, flat_b = _leaves(a), _leaves(b)
+    if len(flat_a) != len(flat_b) or any(x.shape != y.shape for x, y in zip(flat_a, flat_b)):
+        raise VerificationError(
+            f"output structure differs: {[tuple(x.shape) for x in flat_a]} vs {[tuple(y.shape) for y in flat_b]}")
+    scale = max(max((x.abs().max().item() for x in flat_a if x.numel()), default=0.0), 1e-12)
+    return max((x - y).abs().max().item() / scale for x, y in zip(flat_a, flat_b) if x.numel())
+
+
+def _leaves(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _leaves(v)]
+    if isinstance(value, dict):
+        return [t for k in sorted(value) for t in _leaves(value[k])]
+    return []
+
+
+def check_zero_invariance(model: torch.nn.Module, graph: DependencyGraph, plan: Mapping[int, object],
+                          pruned: torch.nn.Module | None = None, *, tolerance: float = 1e-4) -> float:
+    """Prune (or take ``pruned``), compare with the zeroed original; return the relative error.
+
+    Raises :class:`VerificationError` when the error exceeds ``tolerance`` and
+    :class:`PlanError` when the plan touches a group that is not zero-invariant.
+
+    >>> import torch, fxprune
+    >>> from fxprune.passes.verify import check_zero_invariance
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2)).eval()
+    >>> graph = fxprune.analyze(net, torch.randn(2, 4))
+    >>> check_zero_invariance(net, graph, {1: [0, 3]}) < 1e-6
+    True
+    """
+    for gid in plan:
+        group = graph.group(gid)
+        if not group.zero_invariant:
+            raise PlanError(f"group {gid} is not zero-invariant ({group.zero_invariance_reason}); "
+                            "the oracle does not apply to it")
+    from .prune import prune
+
+    small = pruned if pruned is not None else prune(graph, plan)
+    ref = zeroed_copy(model, graph, plan).eval()
+    was_training = small.training
+    small.eval()
+    try:
+        with torch.no_grad():
+            error = output_error(ref(*graph.example_inputs), small(*graph.example_inputs))
+    finally:
+        small.train(was_training)
+    if error > tolerance:
+        raise VerificationError(f"pruned model differs from the zeroed original by {error:.3g} (relative) "
+                                f"> {tolerance:g}: a channel rule is wrong for this model")
+    return error

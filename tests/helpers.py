@@ -1,0 +1,81 @@
+"""Shared test helpers: non-trivial random weights and half-of-every-group plans."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.passes.verify import check_zero_invariance, output_error
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Make every parameter matter: zero-initialised heads, 1e-6 layer scales and default
+    BatchNorm statistics would let a wrong rule pass the oracle unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.numel() and (p.abs().max() < 1e-3 or (p.ndim == 1 and "bias" not in name)):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif p.numel() and "bias" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def half_plan(graph, groups=None) -> dict[int, list[int]]:
+    """About half of every given group (every other unit first), never emptying a layer."""
+    groups = graph.prunable_groups if groups is None else groups
+    order = [(g.id, u) for g in groups for u in range(0, g.size, 2)]
+    order += [(g.id, u) for g in groups for u in range(1, g.size, 2)]
+    return fxprune.feasible_plan(graph, order, {g.id: g.size // 2 for g in groups})
+
+
+def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_unchanged(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    now = model.state_dict()
+    assert now.keys() == snapshot.keys()
+    for k, v in snapshot.items():
+        assert now[k].shape == v.shape and torch.equal(now[k], v), f"{k} was mutated"
+
+
+def prune_and_check(model: nn.Module, inputs, *, expect_prunable: int = 1) -> tuple:
+    """The standard proof on one model: analyze, prune half of every prunable group (the
+    output shape holds), and half of every zero-invariant group (the oracle holds).
+    Returns (graph, pruned model, oracle error)."""
+    model = model.eval()
+    before = state_snapshot(model)
+    graph = fxprune.analyze(model, inputs)
+    prunable = graph.prunable_groups
+    assert len(prunable) >= expect_prunable, str(graph)
+    inputs = graph.example_inputs
+    with torch.no_grad():
+        reference = model(*inputs)
+        small_all = fxprune.prune(graph, half_plan(graph)).eval()
+        output_error(reference, small_all(*inputs))  # raises if the output structure/shape differs
+    zi_groups = [g for g in prunable if g.zero_invariant]
+    error = 0.0
+    small = small_all
+    if zi_groups:
+        plan = half_plan(graph, zi_groups)
+        assert plan, "no unit of a zero-invariant group could be removed"
+        small = fxprune.prune(graph, plan)
+        error = check_zero_invariance(model, graph, plan, small)
+        assert error < 1e-4
+    assert_state_unchanged(model, before)
+    return graph, small, error
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["randomize", "half_plan", "prune_and_check", "state_snapshot", "assert_state_unchanged",
+           "count_params", "copy"]

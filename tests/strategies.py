@@ -1,0 +1,310 @@
+"""Hypothesis strategies for random CNN DAGs that torch.fx can trace.
+
+An :class:`Arch` is a plain description (a seed, a list of :class:`Step`, a head);
+:func:`build` turns it into a :class:`RandomNet`. Keeping the description separate
+from the module makes hypothesis shrink to readable counterexamples, and
+:func:`to_source` prints a standalone script that rebuilds the failing model.
+
+The network keeps a *pool* of live tensors (all ``N x C x 8 x 8``). Every step reads
+pool entries and appends its outputs; the structure is fixed at construction, so
+``forward`` is a Python loop over a constant list and traces to a straight-line graph.
+At the end every tensor no step consumed is concatenated (so no branch is dead) and
+fed to the head, which outputs ``N x 5``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+from torch import nn
+
+INPUT_SHAPE = (2, 3, 8, 8)
+OUT_FEATURES = 5
+MAX_CHANNELS = 24  # no single tensor grows past this (concat is skipped instead)
+
+ACTIVATIONS = ("relu_module", "relu_function", "relu_method", "silu_module", "silu_function")
+ADD_VARIANTS = ("operator", "torch_add")
+SHUFFLE_VARIANTS = ("const_channels", "size_channels")
+SE_VARIANTS = ("x_times_s", "s_times_x", "torch_mul")
+GAP_VARIANTS = ("adaptive_flatten", "mean", "module_flatten")
+FLATTEN_VARIANTS = ("torch_flatten", "method_flatten", "view", "reshape")
+SMALL_POOLS = ("adaptive2", "avg4", "max4", "adaptive1")
+
+
+@dataclass(frozen=True)
+class Step:
+    op: str
+    inputs: tuple[int, ...]
+    params: tuple = ()
+
+    def __repr__(self) -> str:
+        return f"Step({self.op!r}, {self.inputs}, {self.params})"
+
+
+@dataclass(frozen=True)
+class Arch:
+    seed: int
+    steps: tuple[Step, ...]
+    head: tuple  # ("gap", variant) or ("flat", pool, flatten variant)
+    channels: tuple[int, ...] = field(default=(), compare=False)  # pool channel counts (info only)
+
+    def __repr__(self) -> str:
+        steps = ",\n    ".join(repr(s) for s in self.steps)
+        return f"Arch(seed={self.seed}, head={self.head},\n  steps=(\n    {steps},\n  ))"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(2, n + 1) if n % d == 0]
+
+
+@st.composite
+def _step(draw, pool: list[int]) -> tuple[Step, list[int]] | None:
+    """One step on a pool with channel counts ``pool``; returns it and its output channels."""
+    pick = lambda: len(pool) - 1 - draw(st.integers(0, len(pool) - 1))  # shrinks to the newest
+    op = draw(st.sampled_from(
+        ("conv", "conv_bn", "act", "add", "cat", "split", "gconv", "dwconv", "shuffle", "se")))
+    i = pick()
+    c = pool[i]
+    if op == "conv":
+        out, k, bias = draw(st.integers(2, 12)), draw(st.sampled_from((1, 3))), draw(st.booleans())
+        return Step(op, (i,), (out, k, bias)), [out]
+    if op == "conv_bn":
+        out, k = draw(st.integers(2, 12)), draw(st.sampled_from((1, 3)))
+        return Step(op, (i,), (out, k)), [out]
+    if op == "act":
+        return Step(op, (i,), (draw(st.sampled_from(ACTIVATIONS)),)), [c]
+    if op == "add":
+        partners = [j for j, cj in enumerate(pool) if cj == c and j != i]
+        if not partners:
+            return None
+        j = draw(st.sampled_from(partners))
+        return Step(op, (i, j), (draw(st.sampled_from(ADD_VARIANTS)),)), [c]
+    if op == "cat":
+        n = draw(st.integers(2, 3))
+        ids = (i,) + tuple(pick() for _ in range(n - 1))  # repeats allowed
+        total = sum(pool[j] for j in ids)
+        if total > MAX_CHANNELS:
+            return None
+        return Step(op, ids), [total]
+    if op == "split":
+        if c < 2:
+            return None
+        if c % 2 == 0 and draw(st.booleans()):
+            return Step(op, (i,), ("chunk", 2)), [c // 2, c // 2]
+        parts = draw(st.integers(2, min(3, c)))
+        cuts = sorted(draw(st.lists(st.integers(1, c - 1), min_size=parts - 1, max_size=parts - 1,
+                                    unique=True)))
+        sizes = tuple(b - a for a, b in zip([0] + cuts, cuts + [c]))
+        return Step(op, (i,), ("split", sizes)), list(sizes)
+    if op == "gconv":
+        divs = _divisors(c)
+        if not divs:
+            return None
+        g = draw(st.sampled_from(divs))
+        out = g * draw(st.integers(1, max(1, 12 // g)))
+        return Step(op, (i,), (out, draw(st.sampled_from((1, 3))), g)), [out]
+    if op == "dwconv":
+        mult = draw(st.sampled_from((1, 2))) if 2 * c <= MAX_CHANNELS else 1
+        return Step(op, (i,), (mult, draw(st.sampled_from((3, 1))))), [c * mult]
+    if op == "shuffle":
+        if c % 2:
+            return None
+        return Step(op, (i,), (2, draw(st.sampled_from(SHUFFLE_VARIANTS)))), [c]
+    if op == "se":
+        hidden = draw(st.integers(1, 4))
+        return Step(op, (i,), (hidden, draw(st.sampled_from(SE_VARIANTS)))), [c]
+    raise AssertionError(op)
+
+
+@st.composite
+def architectures(draw, min_steps: int = 3, max_steps: int = 8) -> Arch:
+    """Random DAG descriptions: ``min_steps..max_steps`` steps (some may be skipped)."""
+    seed = draw(st.integers(0, 2**16))
+    pool = [INPUT_SHAPE[1]]
+    steps = []
+    for _ in range(draw(st.integers(min_steps, max_steps))):
+        drawn = draw(_step(pool))
+        if drawn is None:
+            continue
+        step, outs = drawn
+        steps.append(step)
+        pool.extend(outs)
+    if draw(st.booleans()):
+        head = ("gap", draw(st.sampled_from(GAP_VARIANTS)))
+    else:
+        head = ("flat", draw(st.sampled_from(SMALL_POOLS)), draw(st.sampled_from(FLATTEN_VARIANTS)))
+    return Arch(seed, tuple(steps), head, tuple(pool))
+
+
+def _randomize_batchnorm(bn: nn.BatchNorm2d) -> None:
+    n = bn.num_features
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.rand(n) * 2 - 1)
+        bn.running_var.copy_(torch.rand(n) * 1.5 + 0.5)
+        bn.weight.copy_(torch.rand(n) + 0.5)
+        bn.bias.copy_(torch.rand(n) - 0.5)
+
+
+def _pooled_size(pool: str) -> int:
+    return {"adaptive2": 4, "avg4": 4, "max4": 4, "adaptive1": 1}[pool]
+
+
+class RandomNet(nn.Module):
+    """A fixed random DAG; ``forward`` unrolls ``self.arch.steps`` (fx-traceable)."""
+
+    def __init__(self, arch: Arch):
+        super().__init__()
+        self.arch = arch
+        self.layers = nn.ModuleDict()
+        pool = [INPUT_SHAPE[1]]
+        consumed: set[int] = set()
+        for n, step in enumerate(arch.steps):
+            consumed.update(step.inputs)
+            pool.extend(self._make(f"s{n}", step, pool))
+        self.leaves = [j for j in range(len(pool)) if j not in consumed]
+        width = sum(pool[j] for j in self.leaves)
+        if arch.head[0] == "gap":
+            if arch.head[1] == "module_flatten":
+                self.layers["gap"] = nn.AdaptiveAvgPool2d(1)
+            self.layers["fc"] = nn.Linear(width, OUT_FEATURES)
+        else:
+            self.layers["fc"] = nn.Linear(width * _pooled_size(arch.head[1]), OUT_FEATURES)
+
+    def _make(self, name: str, step: Step, pool: list[int]) -> list[int]:
+        c = pool[step.inputs[0]]
+        p = step.params
+        if step.op == "conv":
+            out, k, bias = p
+            self.layers[name] = nn.Conv2d(c, out, k, padding=k // 2, bias=bias)
+            return [out]
+        if step.op == "conv_bn":
+            out, k = p
+            self.layers[name] = nn.Conv2d(c, out, k, padding=k // 2, bias=False)
+            bn = self.layers[name + "_bn"] = nn.BatchNorm2d(out)
+            _randomize_batchnorm(bn)
+            return [out]
+        if step.op == "act":
+            if p[0] == "relu_module":
+                self.layers[name] = nn.ReLU()
+            elif p[0] == "silu_module":
+                self.layers[name] = nn.SiLU()
+            return [c]
+        if step.op == "add":
+            return [c]
+        if step.op == "cat":
+            return [sum(pool[j] for j in step.inputs)]
+        if step.op == "split":
+            return [c // 2, c // 2] if p[0] == "chunk" else list(p[1])
+        if step.op == "gconv":
+            out, k, g = p
+            self.layers[name] = nn.Conv2d(c, out, k, padding=k // 2, groups=g)
+            return [out]
+        if step.op == "dwconv":
+            mult, k = p
+            self.layers[name] = nn.Conv2d(c, c * mult, k, padding=k // 2, groups=c)
+            return [c * mult]
+        if step.op == "shuffle":
+            return [c]
+        if step.op == "se":
+            hidden = p[0]
+            self.layers[name + "_reduce"] = nn.Conv2d(c, hidden, 1)
+            self.layers[name + "_expand"] = nn.Conv2d(hidden, c, 1)
+            return [c]
+        raise AssertionError(step.op)
+
+    def forward(self, x):
+        pool = [x]
+        for n, step in enumerate(self.arch.steps):
+            pool.extend(self._run(f"s{n}", step, pool))
+        leaves = [pool[j] for j in self.leaves]
+        y = leaves[0] if len(leaves) == 1 else torch.cat(leaves, dim=1)
+        return self._head(y)
+
+    def _run(self, name: str, step: Step, pool: list):
+        x = pool[step.inputs[0]]
+        p = step.params
+        op = step.op
+        if op == "conv" or op == "gconv" or op == "dwconv":
+            return [self.layers[name](x)]
+        if op == "conv_bn":
+            return [self.layers[name + "_bn"](self.layers[name](x))]
+        if op == "act":
+            kind = p[0]
+            if kind.endswith("_module"):
+                return [self.layers[name](x)]
+            if kind == "relu_function":
+                return [F.relu(x)]
+            if kind == "relu_method":
+                return [x.relu()]
+            return [F.silu(x)]
+        if op == "add":
+            y = pool[step.inputs[1]]
+            return [x + y if p[0] == "operator" else torch.add(x, y)]
+        if op == "cat":
+            return [torch.cat([pool[j] for j in step.inputs], dim=1)]
+        if op == "split":
+            parts = x.chunk(p[1], dim=1) if p[0] == "chunk" else torch.split(x, list(p[1]), dim=1)
+            return [parts[j] for j in range(p[1] if p[0] == "chunk" else len(p[1]))]
+        if op == "shuffle":
+            g = p[0]
+            if p[1] == "const_channels":
+                c = self._channels_of(step)
+                y = x.view(x.size(0), g, c // g, x.size(2), x.size(3))
+                return [torch.transpose(y, 1, 2).contiguous().view(x.size(0), c, x.size(2), x.size(3))]
+            b, c, h, w = x.size(0), x.size(1), x.size(2), x.size(3)
+            y = x.view(b, g, c // g, h, w).transpose(1, 2).contiguous()
+            return [y.view(b, -1, h, w)]
+        if op == "se":
+            s = F.adaptive_avg_pool2d(x, 1)
+            s = torch.sigmoid(self.layers[name + "_expand"](F.relu(self.layers[name + "_reduce"](s))))
+            if p[1] == "x_times_s":
+                return [x * s]
+            if p[1] == "s_times_x":
+                return [s * x]
+            return [torch.mul(x, s)]
+        raise AssertionError(op)
+
+    def _channels_of(self, step: Step) -> int:
+        return self.arch.channels[step.inputs[0]]
+
+    def _head(self, y):
+        head = self.arch.head
+        if head[0] == "gap":
+            if head[1] == "adaptive_flatten":
+                y = F.adaptive_avg_pool2d(y, 1).flatten(1)
+            elif head[1] == "mean":
+                y = y.mean((2, 3))
+            else:
+                y = torch.flatten(self.layers["gap"](y), 1)
+            return self.layers["fc"](y)
+        pool, flat = head[1], head[2]
+        if pool == "adaptive2":
+            y = F.adaptive_avg_pool2d(y, 2)
+        elif pool == "avg4":
+            y = F.avg_pool2d(y, 4)
+        elif pool == "max4":
+            y = F.max_pool2d(y, 4)
+        else:
+            y = F.adaptive_avg_pool2d(y, 1)
+        if flat == "torch_flatten":
+            y = torch.flatten(y, 1)
+        elif flat == "method_flatten":
+            y = y.flatten(1)
+        elif flat == "view":
+            y = y.view(y.size(0), -1)
+        else:
+            y = y.reshape(y.shape[0], -1)
+        return self.layers["fc"](y)
+
+
+def build(arch: Arch) -> RandomNet:
+    """The module an :class:`Arch` describes, with weights from ``arch.seed``; in eval mode."""
+    torch.manual_seed(arch.seed)
+    return RandomNet(arch).eval()
+
+
+def example_input(seed: int = 0, batch: int = INPUT_SHAPE[0]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((batch,) + INPUT_SHAPE[1:], generator=g)

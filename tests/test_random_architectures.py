@@ -1,0 +1,165 @@
+"""Property tests on random CNN DAGs (see tests/strategies.py).
+
+The zero-invariance oracle (DESIGN.md, invariant 3) needs no knowledge of the
+architecture: zeroing the producer slices of the pruned channels in the original model
+must give the pruned model's output. The other properties: output shape kept, same
+plan -> same pruned weights, the caller's model untouched.
+
+``FXPRUNE_HYPOTHESIS_EXAMPLES`` sets the number of examples per test (default 200).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import torch
+from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import strategies as st
+
+import fxprune
+
+sys.path.insert(0, os.path.dirname(__file__))
+from strategies import architectures, build, example_input  # noqa: E402
+
+EXAMPLES = int(os.environ.get("FXPRUNE_HYPOTHESIS_EXAMPLES", "200"))
+RELATIVE_TOLERANCE = 1e-4
+
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+def draw_candidates(data, groups) -> list[tuple[int, int]]:
+    """A hypothesis-drawn ordered subset of the ``(group id, unit)`` pairs of ``groups``."""
+    pairs = [(g.id, u) for g in groups for u in range(g.size)]
+    if not pairs:
+        return []
+    return data.draw(st.lists(st.sampled_from(pairs), unique=True, max_size=len(pairs)), label="candidates")
+
+
+def zero_out_slices(model: torch.nn.Module, graph, plan: dict[int, list[int]]) -> torch.nn.Module:
+    """A copy of ``model`` with every ``role="out"`` slice of the planned channels zeroed."""
+    zeroed = copy.deepcopy(model)
+    state = zeroed.state_dict()
+    with torch.no_grad():
+        for gid, units in plan.items():
+            for key, entries in graph.group(gid).slices(units, role="out").items():
+                assert key in state, f"group {gid}: slice key {key!r} is not in the model's state_dict"
+                for dim, indices in entries:
+                    state[key].index_fill_(dim, torch.as_tensor(indices, dtype=torch.long), 0)
+    return zeroed
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-6))
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], what: str) -> None:
+    assert list(before) == list(after), f"{what}: state_dict keys differ"
+    for key in before:
+        assert before[key].shape == after[key].shape, f"{what}: {key} shape {before[key].shape} -> {after[key].shape}"
+        assert before[key].dtype == after[key].dtype, f"{what}: {key} dtype differs"
+        assert torch.equal(before[key], after[key]), f"{what}: {key} values differ"
+
+
+@SETTINGS
+@given(arch=architectures(), data=st.data())
+def test_zero_invariance_oracle(arch, data):
+    model = build(arch)
+    x = example_input(arch.seed)
+    graph = fxprune.analyze(model, x)
+    assert graph.groups, "analysis found no groups at all"
+    zero_invariant = [g for g in graph.groups if g.prunable and g.zero_invariant]
+    plan = fxprune.feasible_plan(graph, draw_candidates(data, zero_invariant))
+    note(f"groups: {[(g.id, g.size, g.prunable, g.zero_invariant) for g in graph.groups]}")
+    note(f"plan: {plan}")
+    small = fxprune.prune(graph, plan)
+    zeroed = zero_out_slices(model, graph, plan).eval()
+    small.eval()
+    with torch.no_grad():
+        expected = zeroed(x)
+        actual = small(x)
+    assert actual.shape == expected.shape == (x.shape[0], 5)
+    error = relative_error(actual, expected)
+    assert error < RELATIVE_TOLERANCE, f"pruned output differs from the zeroed model: relative error {error:.3g}"
+
+
+@SETTINGS
+@given(arch=architectures(), data=st.data())
+def test_pruning_all_groups_keeps_output_shape(arch, data):
+    model = build(arch)
+    x = example_input(arch.seed)
+    graph = fxprune.analyze(model, x)
+    prunable = graph.prunable_groups
+    if not prunable:  # nothing to prune: analysis still worked and prune({}) is a copy
+        assert all(g.reason for g in graph.groups)
+    plan = fxprune.feasible_plan(graph, draw_candidates(data, prunable))
+    note(f"plan: {plan}")
+    for gid, units in plan.items():
+        assert 0 < len(units) < graph.group(gid).size
+    small = fxprune.prune(graph, plan).eval()
+    with torch.no_grad():
+        reference = model(x)
+        out = small(x)
+        assert out.shape == reference.shape
+        assert torch.isfinite(out).all()
+        # The pruned model takes other batch sizes too, like the original.
+        other = example_input(arch.seed + 1, batch=3)
+        assert small(other).shape == model(other).shape
+    removed = sum(len(u) for u in plan.values())
+    if removed:
+        n_before = sum(p.numel() for p in model.parameters())
+        n_after = sum(p.numel() for p in small.parameters())
+        assert n_after < n_before, "channels were removed but no parameter shrank"
+
+
+@SETTINGS
+@given(arch=architectures(), data=st.data())
+def test_same_model_same_plan_same_result(arch, data):
+    model = build(arch)
+    x = example_input(arch.seed)
+    first, second = fxprune.analyze(model, x), fxprune.analyze(model, x)
+    describe = lambda graph: [(g.id, g.size, g.prunable, g.zero_invariant, g.reason) for g in graph.groups]
+    assert describe(first) == describe(second)
+    candidates = draw_candidates(data, first.prunable_groups)
+    plan = fxprune.feasible_plan(first, candidates)
+    assert fxprune.feasible_plan(second, candidates) == plan
+    for group in first.groups:
+        units = range(group.size)
+        assert group.slices(units, role="all") == second.group(group.id).slices(units, role="all")
+    results = [fxprune.prune(first, plan), fxprune.prune(second, plan), fxprune.prune(first, plan)]
+    states = [snapshot(r) for r in results]
+    assert_same_state(states[0], states[1], "two analyses of the same model")
+    assert_same_state(states[0], states[2], "pruning the same graph twice")
+    with torch.no_grad():
+        outputs = [r.eval()(x) for r in results]
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
+@SETTINGS
+@given(arch=architectures(), data=st.data(), training=st.booleans())
+def test_input_model_is_not_mutated(arch, data, training):
+    model = build(arch).train(training)
+    x = example_input(arch.seed)
+    before = snapshot(model)
+    modes = {name: m.training for name, m in model.named_modules()}
+    with torch.no_grad():
+        reference = copy.deepcopy(model).eval()(x)
+    graph = fxprune.analyze(model, x)
+    assert_same_state(before, snapshot(model), "analyze")
+    plan = fxprune.feasible_plan(graph, draw_candidates(data, graph.prunable_groups))
+    small = fxprune.prune(graph, plan)
+    assert_same_state(before, snapshot(model), "prune")
+    assert {name: m.training for name, m in model.named_modules()} == modes, "module training flags changed"
+    # The pruned model shares no storage with the caller's: changing it in place leaves the original alone.
+    with torch.no_grad():
+        for tensor in list(small.parameters()) + list(small.buffers()):
+            if tensor.is_floating_point():
+                tensor.add_(1.0)
+    assert_same_state(before, snapshot(model), "in-place edit of the pruned model")
+    with torch.no_grad():
+        assert torch.equal(copy.deepcopy(model).eval()(x), reference)
