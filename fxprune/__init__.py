@@ -12,11 +12,14 @@ from .capture import trace
 from .channels import DependencyGraph, Group, analyze, register_rule
 from .channels.feasible import feasible_plan
 from .errors import AnalysisError, FxpruneError, PlanError, SpecError, TraceError, VerificationError
+from .compress import Result, compress
 from .passes.prune import prune
+from .passes.verify import check_zero_invariance
+from .spec import LatencySpec, Spec
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "analyze", "prune", "feasible_plan", "trace", "register_rule", "DependencyGraph", "Group",
+    "analyze", "prune", "compress", "feasible_plan", "check_zero_invariance", "Spec", "LatencySpec", "Result", "trace", "register_rule", "DependencyGraph", "Group",
     "FxpruneError", "TraceError", "AnalysisError", "PlanError", "VerificationError", "SpecError",
 ]

@@ -31,6 +31,7 @@ class _Tracer(torch.fx.Tracer):
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.fx_module_path: list[tuple[str, str]] = []
+        self.failed_in: tuple[str, str] | None = None  # the innermost module that raised
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if isinstance(m, self.leaf_types) or qualname in self.leaf_names:
@@ -41,6 +42,10 @@ class _Tracer(torch.fx.Tracer):
         self.fx_module_path.append((self.path_of_module(m), type(m).__name__))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.fx_module_path[-1]
+            raise
         finally:
             self.fx_module_path.pop()
 
@@ -93,7 +98,7 @@ def trace(model: torch.nn.Module, *, leaf_modules: Iterable = (), concrete_args:
 
 
 def _trace_error(model, tracer: _Tracer, exc: Exception) -> TraceError:
-    where = tracer.fx_module_path[-1] if tracer.fx_module_path else ("", type(model).__name__)
+    where = tracer.failed_in or ("", type(model).__name__)
     path = where[0] or "<root>"
     frame = _user_frame(exc.__traceback__)
     line = f"{frame.filename}:{frame.lineno}: {frame.line}" if frame else "(no user source line found)"

@@ -24,7 +24,9 @@ INPUT_SHAPE = (2, 3, 8, 8)
 OUT_FEATURES = 5
 MAX_CHANNELS = 24  # no single tensor grows past this (concat is skipped instead)
 
-ACTIVATIONS = ("relu_module", "relu_function", "relu_method", "silu_module", "silu_function")
+# sigmoid (f(0) != 0) ends zero-invariance: the oracle must then skip the group, and
+# fxprune must say so.
+ACTIVATIONS = ("relu_module", "relu_function", "sigmoid", "relu_method", "silu_module", "silu_function")
 ADD_VARIANTS = ("operator", "torch_add")
 SHUFFLE_VARIANTS = ("const_channels", "size_channels")
 SE_VARIANTS = ("x_times_s", "s_times_x", "torch_mul")
@@ -59,13 +61,30 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(2, n + 1) if n % d == 0]
 
 
+def _newest_first(draw, indices: list[int]) -> int:
+    """One of ``indices`` (ascending), usually the newest; shrinks to the newest."""
+    k = draw(st.one_of(st.just(0), st.integers(0, len(indices) - 1)))
+    return indices[len(indices) - 1 - k]
+
+
+# The pool entries each op can read (an op with none is skipped).
+ELIGIBLE = {
+    "add": lambda pool, j: pool.count(pool[j]) > 1,
+    "split": lambda pool, j: pool[j] >= 2,
+    "gconv": lambda pool, j: pool[j] >= 2,
+    "shuffle": lambda pool, j: pool[j] % 2 == 0,
+}
+
+
 @st.composite
 def _step(draw, pool: list[int]) -> tuple[Step, list[int]] | None:
     """One step on a pool with channel counts ``pool``; returns it and its output channels."""
-    pick = lambda: len(pool) - 1 - draw(st.integers(0, len(pool) - 1))  # shrinks to the newest
     op = draw(st.sampled_from(
         ("conv", "conv_bn", "act", "add", "cat", "split", "gconv", "dwconv", "shuffle", "se")))
-    i = pick()
+    eligible = [j for j in range(len(pool)) if ELIGIBLE.get(op, lambda p, j: True)(pool, j)]
+    if not eligible:
+        return None
+    i = _newest_first(draw, eligible)
     c = pool[i]
     if op == "conv":
         out, k, bias = draw(st.integers(2, 12)), draw(st.sampled_from((1, 3))), draw(st.booleans())
@@ -76,21 +95,16 @@ def _step(draw, pool: list[int]) -> tuple[Step, list[int]] | None:
     if op == "act":
         return Step(op, (i,), (draw(st.sampled_from(ACTIVATIONS)),)), [c]
     if op == "add":
-        partners = [j for j, cj in enumerate(pool) if cj == c and j != i]
-        if not partners:
-            return None
-        j = draw(st.sampled_from(partners))
+        j = _newest_first(draw, [j for j, cj in enumerate(pool) if cj == c and j != i])
         return Step(op, (i, j), (draw(st.sampled_from(ADD_VARIANTS)),)), [c]
     if op == "cat":
         n = draw(st.integers(2, 3))
-        ids = (i,) + tuple(pick() for _ in range(n - 1))  # repeats allowed
+        ids = (i,) + tuple(_newest_first(draw, list(range(len(pool)))) for _ in range(n - 1))  # repeats allowed
         total = sum(pool[j] for j in ids)
         if total > MAX_CHANNELS:
             return None
         return Step(op, ids), [total]
     if op == "split":
-        if c < 2:
-            return None
         if c % 2 == 0 and draw(st.booleans()):
             return Step(op, (i,), ("chunk", 2)), [c // 2, c // 2]
         parts = draw(st.integers(2, min(3, c)))
@@ -99,18 +113,13 @@ def _step(draw, pool: list[int]) -> tuple[Step, list[int]] | None:
         sizes = tuple(b - a for a, b in zip([0] + cuts, cuts + [c]))
         return Step(op, (i,), ("split", sizes)), list(sizes)
     if op == "gconv":
-        divs = _divisors(c)
-        if not divs:
-            return None
-        g = draw(st.sampled_from(divs))
+        g = draw(st.sampled_from(_divisors(c)))
         out = g * draw(st.integers(1, max(1, 12 // g)))
         return Step(op, (i,), (out, draw(st.sampled_from((1, 3))), g)), [out]
     if op == "dwconv":
         mult = draw(st.sampled_from((1, 2))) if 2 * c <= MAX_CHANNELS else 1
         return Step(op, (i,), (mult, draw(st.sampled_from((3, 1))))), [c * mult]
     if op == "shuffle":
-        if c % 2:
-            return None
         return Step(op, (i,), (2, draw(st.sampled_from(SHUFFLE_VARIANTS)))), [c]
     if op == "se":
         hidden = draw(st.integers(1, 4))
@@ -238,6 +247,8 @@ class RandomNet(nn.Module):
                 return [F.relu(x)]
             if kind == "relu_method":
                 return [x.relu()]
+            if kind == "sigmoid":
+                return [torch.sigmoid(x)]
             return [F.silu(x)]
         if op == "add":
             y = pool[step.inputs[1]]

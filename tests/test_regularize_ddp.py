@@ -1,5 +1,6 @@
 """Regularisers applied after a DDP-synchronised step keep replicas identical."""
 
+import datetime
 import os
 import socket
 
@@ -23,7 +24,8 @@ def free_port() -> int:
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world)
+                            rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # fail, never hang
     try:
         torch.manual_seed(0)  # same init on every rank (DDP also broadcasts it)
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),

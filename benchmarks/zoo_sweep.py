@@ -1,0 +1,54 @@
+"""The whole torchvision classification zoo through fxprune: one row per model.
+
+For every model of ``torchvision.models.list_models(module=torchvision.models)``
+(random weights, eval mode): analyze, prune ~50% of every prunable group (the output
+shape must hold), prune ~50% of every zero-invariant group and compare with the
+zeroed original (the oracle). Prints groups, frozen groups and why, the oracle error
+and the time taken; ``--json FILE`` writes the same rows.
+
+    python benchmarks/zoo_sweep.py                    # all 80 models (about an hour on 2 cores)
+    python benchmarks/zoo_sweep.py --models resnet18,vit_b_16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+import torch
+from tabulate import tabulate
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from zoo import ALL_MODELS, check_model  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", help="comma-separated names (default: all 80)")
+    parser.add_argument("--json", help="write the rows to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    names = args.models.split(",") if args.models else sorted(ALL_MODELS)
+    rows = []
+    for name in names:
+        try:
+            row = check_model(name)
+            row["status"] = "pass"
+        except Exception as exc:  # a failure is a row, not the end of the sweep
+            row = {"model": name, "status": f"FAIL {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+            traceback.print_exc()
+        rows.append(row)
+        print(f"{name}: {row['status']} ({row.get('seconds', '-')} s)", flush=True)
+        if args.json:  # rewrite as it goes so a long sweep leaves partial results
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+    print(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".1e"))
+    passed = sum(r["status"] == "pass" for r in rows)
+    print(f"\n{passed}/{len(rows)} models pass")
+    return 0 if passed == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""``compress``: the whole pipeline in one verb.
+
+    spec -> example inputs -> analyze -> score -> select -> prune -> nm -> fuse -> report
+
+Latency rule: latency is measured (both models timed alternately, see
+``fxprune.measure.measure_latency``) only when asked for, because timing costs seconds
+and is noisy: pass ``measure_latency=True``, or give a ``latency`` section in the spec
+(a dict/file with a ``latency`` key, or a Spec whose ``latency`` differs from the
+defaults). ``target={"latency": ...}`` is not supported yet and raises SpecError.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from fxprune.channels import analyze
+from fxprune.channels.graph import DependencyGraph
+from fxprune.errors import SpecError
+from fxprune.measure import LatencySettings
+from fxprune.passes.fuse import fuse
+from fxprune.passes.nm import apply_nm, finalize
+from fxprune.passes.prune import prune
+from fxprune.passes.score import score_groups
+from fxprune.passes.select import select_and_prune
+from fxprune.report import Report, build_report, group_row
+from fxprune.spec import LatencySpec, Spec
+
+
+@dataclass
+class Result:
+    """What ``compress`` returns: the new model, its report, the plan and the analysis."""
+
+    model: torch.nn.Module
+    report: Report
+    plan: dict[int, list[int]]
+    graph: DependencyGraph
+    notes: list[str] = field(default_factory=list)
+
+
+def _wants_latency(source, spec: Spec, explicit: bool | None) -> bool:
+    if explicit is not None:
+        return explicit
+    if isinstance(source, Mapping):
+        return "latency" in source
+    return spec.latency != LatencySpec()
+
+
+def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = None, **overrides) -> Result:
+    """Prune ``model`` as ``spec`` says (a Spec, dict or TOML/JSON path); the input is not mutated.
+
+    ``overrides`` are Spec fields a file cannot hold (``example_inputs``, ``calib_inputs``,
+    ``loss_fn``). With ``spec.fuse`` (default) the returned model has BatchNorms folded
+    and is in eval mode: it is for inference.
+
+    Example:
+        >>> import torchvision
+        >>> result = compress(torchvision.models.resnet18(weights=None),
+        ...                   {"input_shape": [1, 3, 224, 224], "target": {"flops": 0.5}})
+        >>> print(result.report)
+    """
+    loaded = Spec.load(spec, **overrides)
+    if loaded.target is not None and "latency" in loaded.target:
+        raise SpecError("spec.target.latency: latency targets are not supported yet; "
+                        "use target={'flops': ...} or {'params': ...}")
+    inputs = loaded.make_example_inputs()
+    notes: list[str] = []
+    graph = analyze(model, inputs)  # captures a copy: ``model`` itself is never touched
+    scores = score_groups(graph, loaded.score, calib_inputs=loaded.calib_inputs,
+                          loss_fn=loaded.loss_fn, notes=notes)
+    plan, small = select_and_prune(graph, scores, loaded, notes=notes)
+    if small is None or small is graph.gm:
+        small = prune(graph, plan) if plan else copy.deepcopy(graph.gm)
+    if loaded.nm_pair is not None:
+        n, m = loaded.nm_pair
+        nm = apply_nm(small, n, m, ignore=loaded.ignore)
+        finalize(small)
+        notes.append(f"nm: {n}:{m} masks on {sum(r.status == 'masked' for r in nm.rows)} layer(s)")
+    if loaded.fuse:
+        fused = fuse(small, inputs)
+        small = fused.gm
+        notes.extend(fused.notes)
+        notes.append(f"fuse: folded {len(fused.folded)} batchnorm(s); the model is in eval mode")
+    latency = None
+    if _wants_latency(spec, loaded, measure_latency):
+        ls = loaded.latency
+        latency = LatencySettings(device=ls.device, batch_size=ls.batch_size, threads=ls.threads,
+                                  warmup=ls.warmup, repeats=ls.repeats, compile=ls.compile)
+    rows = [group_row(g.id, g.size, g.size - len(plan.get(g.id, ())), reason=g.reason or None)
+            for g in graph.groups]
+    report = build_report(model, small, inputs, latency=latency, group_rows=rows, notes=notes)
+    return Result(model=small, report=report, plan=plan, graph=graph, notes=notes)

@@ -1,0 +1,176 @@
+"""Score pass: one importance number per pruning unit (channel) of every group.
+
+A unit of a group owns entries in many tensors (producer rows, norm affine, consumer
+columns, ...). Every score aggregates over *all* of them, so a residual group's channel
+is judged by every layer it lives in, not just its first producer.
+
+Methods (``SCORE_METHODS``, a registry name -> function; add one with ``register_score``):
+
+- ``magnitude``: mean |w| over every parameter entry the unit owns (producers and
+  consumers; buffers such as BN running stats are excluded).
+- ``group_lasso``: L2 norm of every parameter entry the unit owns (producers + consumers).
+- ``bn_scale``: mean |gamma| of the BatchNorm weights among the group's producers
+  (network slimming). A group with no BatchNorm gets ``magnitude`` scores instead;
+  this is *not* silent: a line is appended to ``notes`` naming the group.
+- ``taylor``: |sum over owned parameter entries of w * dL/dw| after one backward pass of
+  ``loss_fn(model(*calib_inputs))`` on a copy of ``graph.gm`` put in eval mode (batch
+  statistics of tiny calibration batches would be meaningless; eval mode is deterministic).
+- ``l0``: needs trained L0 gates; raises SpecError until gates are wired in.
+
+Lower score = less important = pruned first.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from fxprune.channels.graph import DependencyGraph, Group
+from fxprune.errors import SpecError
+
+ScoreFn = Callable[..., dict[int, np.ndarray]]
+SCORE_METHODS: dict[str, ScoreFn] = {}
+
+
+def register_score(name: str) -> Callable[[ScoreFn], ScoreFn]:
+    """Decorator: make ``fn(graph, *, calib_inputs, loss_fn, notes)`` available as ``name``.
+
+    Example:
+        >>> @register_score("ones")
+        ... def ones(graph, **_):
+        ...     return {g.id: np.ones(g.size) for g in graph.prunable_groups}
+    """
+    def deco(fn: ScoreFn) -> ScoreFn:
+        SCORE_METHODS[name] = fn
+        return fn
+    return deco
+
+
+def score_groups(graph: DependencyGraph, method: str, *, calib_inputs=None, loss_fn=None,
+                 notes: list[str] | None = None) -> dict[int, np.ndarray]:
+    """``{group id: float array of size group.size}`` for every prunable group.
+
+    ``notes``, if given, receives one line per fallback or caveat (e.g. bn_scale on a
+    group without BatchNorm).
+
+    Example:
+        >>> import fxprune
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+        >>> graph = fxprune.analyze(net, torch.randn(1, 3, 16, 16))
+        >>> {gid: s.shape for gid, s in score_groups(graph, "magnitude").items()}
+        {0: (8,)}
+    """
+    if method not in SCORE_METHODS:
+        raise SpecError(f"spec.score: unknown score {method!r}; known: {', '.join(SCORE_METHODS)}")
+    notes = [] if notes is None else notes
+    return SCORE_METHODS[method](graph, calib_inputs=calib_inputs, loss_fn=loss_fn, notes=notes)
+
+
+def _param_keys(gm: torch.nn.Module) -> set[str]:
+    return {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+
+
+def unit_entries(group: Group, roles: tuple[str, ...]) -> Iterator[tuple[str, int, np.ndarray, np.ndarray]]:
+    """``(state_dict key, dim, indices along dim, unit of each index)`` for the group's bindings."""
+    seen: set[tuple[str, int]] = set()
+    for b in group.bindings:
+        if b.role not in roles:
+            continue
+        key = group._aliases.get(b.key, [b.key])[0]
+        if (key, b.dim) in seen:  # a tied tensor is counted once
+            continue
+        seen.add((key, b.dim))
+        valid = b.ids >= 0
+        roots = np.where(valid, group._roots[np.clip(b.ids, 0, None)], -1)
+        pos = np.searchsorted(group.classes, roots)
+        pos = np.clip(pos, 0, group.size - 1)
+        mine = valid & (group.classes[pos] == roots)
+        idx = np.flatnonzero(mine)
+        if idx.size:
+            yield key, b.dim, idx, pos[idx]
+
+
+def _per_unit(group: Group, tensors: dict[str, torch.Tensor], roles: tuple[str, ...],
+              reduce: Callable[[torch.Tensor], torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of ``reduce(entries)`` over the unit's entries, and the entry count, per unit."""
+    total = np.zeros(group.size)
+    count = np.zeros(group.size)
+    for key, dim, idx, units in unit_entries(group, roles):
+        if key not in tensors:
+            continue
+        t = tensors[key].detach().float()
+        rows = t.index_select(dim, torch.as_tensor(idx)).movedim(dim, 0).reshape(len(idx), -1)
+        np.add.at(total, units, reduce(rows).sum(1).double().numpy())
+        np.add.at(count, units, rows.shape[1])
+    return total, count
+
+
+def _params(graph: DependencyGraph) -> dict[str, torch.Tensor]:
+    keys = _param_keys(graph.gm)
+    return {k: v for k, v in graph.gm.state_dict(keep_vars=False).items() if k in keys}
+
+
+@register_score("magnitude")
+def magnitude(graph: DependencyGraph, **_) -> dict[int, np.ndarray]:
+    """Mean |w| over every parameter entry a unit owns (buffers excluded)."""
+    params = _params(graph)
+    out = {}
+    for g in graph.prunable_groups:
+        total, count = _per_unit(g, params, ("out", "in"), torch.abs)
+        out[g.id] = total / np.maximum(count, 1)
+    return out
+
+
+@register_score("group_lasso")
+def group_lasso(graph: DependencyGraph, **_) -> dict[int, np.ndarray]:
+    """L2 norm of every parameter entry a unit owns (producers and consumers)."""
+    params = _params(graph)
+    return {g.id: np.sqrt(_per_unit(g, params, ("out", "in"), torch.square)[0])
+            for g in graph.prunable_groups}
+
+
+@register_score("bn_scale")
+def bn_scale(graph: DependencyGraph, *, notes: list[str], **kw) -> dict[int, np.ndarray]:
+    """Mean |gamma| of the group's BatchNorm producers; magnitude (noted) where there is none."""
+    bn_weights = {f"{name}.weight": m.weight for name, m in graph.gm.named_modules()
+                  if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None}
+    fallback = None
+    out = {}
+    for g in graph.prunable_groups:
+        total, count = _per_unit(g, bn_weights, ("out",), torch.abs)
+        if count.min() > 0:
+            out[g.id] = total / count
+            continue
+        fallback = fallback if fallback is not None else magnitude(graph)
+        out[g.id] = fallback[g.id]
+        notes.append(f"score: group {g.id} ({', '.join(g.producers[:2])}) has no BatchNorm "
+                     "scale for every channel; scored by magnitude instead of bn_scale")
+    return out
+
+
+@register_score("taylor")
+def taylor(graph: DependencyGraph, *, calib_inputs=None, loss_fn=None, notes: list[str], **_) -> dict[int, np.ndarray]:
+    """|sum of w * dL/dw| over the unit's parameter entries, one backward pass on a copy."""
+    missing = [f"spec.{n}" for n, v in (("calib_inputs", calib_inputs), ("loss_fn", loss_fn)) if v is None]
+    if missing:
+        raise SpecError(f"{', '.join(missing)}: score='taylor' needs a calibration batch "
+                        "(calib_inputs: tuple of tensors) and loss_fn (model output -> scalar tensor)")
+    model = copy.deepcopy(graph.gm).eval()
+    model.zero_grad(set_to_none=True)
+    inputs = calib_inputs if isinstance(calib_inputs, (tuple, list)) else (calib_inputs,)
+    loss = loss_fn(model(*inputs))
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise SpecError(f"spec.loss_fn: must return a scalar tensor, got {type(loss).__name__}")
+    loss.backward()
+    products = {name: (p * p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+                for name, p in model.named_parameters(remove_duplicate=False)}
+    notes.append("score: taylor gradients taken in eval mode on one calibration batch")
+    return {g.id: np.abs(_per_unit(g, products, ("out", "in"), lambda x: x)[0])
+            for g in graph.prunable_groups}
+
+
+@register_score("l0")
+def l0(graph: DependencyGraph, **_) -> dict[int, np.ndarray]:
+    raise SpecError("spec.score: score='l0' needs L0 gates: train with fxprune.regularize L0 gates first")

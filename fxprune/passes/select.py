@@ -1,0 +1,281 @@
+"""Select pass: turn per-unit scores into a pruning plan ``{group id: [units]}``.
+
+Two modes, from the Spec:
+
+- **ratio**: remove ``ratio * size`` lowest-scoring units of every group
+  (``scope="local"``, or always when ``ratio`` is a dict), or the same total number
+  ranked across groups by scores normalised per group (divided by the group's mean;
+  ``scope="global"``).
+- **target** (``{"flops"|"params": fraction to keep}``): every unit gets a cost, the
+  FLOPs (or parameters) it carries, estimated from the tensor entries it owns (FLOPs per
+  weight entry of each conv/linear are measured once with forward hooks). Units are
+  ranked by normalised score / cost and taken greedily until the estimate meets the
+  target; the plan is then **verified** by pruning and counting on the real model, and
+  the number of units taken along the same ranking is corrected (secant steps inside a
+  bisection bracket) until the measured fraction is within ``TOLERANCE`` of the target.
+
+Always: frozen groups and groups whose producer module matches ``spec.ignore`` are
+skipped, no group loses more than ``floor(max_ratio * size)`` units, kept counts are
+rounded up to a multiple of ``round_to`` where the group allows, and
+``fxprune.feasible_plan`` makes sure no layer is emptied.
+"""
+from __future__ import annotations
+
+import math
+from fnmatch import fnmatch
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fxprune.channels.feasible import feasible_plan
+from fxprune.channels.graph import DependencyGraph, Group
+from fxprune.errors import SpecError
+from fxprune.measure import count_flops, count_params
+from fxprune.passes.prune import prune
+from fxprune.passes.score import unit_entries
+
+TOLERANCE = 0.01  # relative to the target; the public promise is 2 %
+MAX_TRIES = 10    # real prunes spent correcting the estimate
+
+Plan = dict[int, list[int]]
+
+
+def select(graph: DependencyGraph, scores: dict[int, np.ndarray], spec, *,
+           notes: list[str] | None = None) -> Plan:
+    """A plan meeting ``spec.ratio`` or ``spec.target`` (see the module docstring).
+
+    Example:
+        >>> graph = fxprune.analyze(model, (x,))
+        >>> plan = select(graph, score_groups(graph, "magnitude"), Spec(example_inputs=(x,), ratio=0.5))
+        >>> small = fxprune.prune(graph, plan)
+    """
+    return select_and_prune(graph, scores, spec, notes=notes)[0]
+
+
+def select_and_prune(graph: DependencyGraph, scores: dict[int, np.ndarray], spec, *,
+                     notes: list[str] | None = None) -> tuple[Plan, torch.nn.Module | None]:
+    """``select``, plus the pruned model when target mode already built it (else None)."""
+    notes = [] if notes is None else notes
+    groups = _eligible(graph, scores, spec, notes)
+    limit = {g.id: min(g.size - 1, int(math.floor(spec.max_ratio * g.size + 1e-9))) for g in groups}
+    if spec.target is not None:
+        ((metric, target),) = spec.target.items()
+        if metric not in _METRICS:
+            raise SpecError(f"spec.target.{metric}: target {metric!r} is not supported yet; "
+                            f"use one of {', '.join(_METRICS)}")
+        return _by_target(graph, groups, scores, spec, limit, metric, target, notes)
+    return _by_ratio(graph, groups, scores, spec, limit), None
+
+
+def _module_names(group: Group) -> list[str]:
+    # producers read "conv1.weight[0]": the module is everything before the last dot
+    return [p.split("[")[0].rsplit(".", 1)[0] for p in group.producers]
+
+
+def _eligible(graph: DependencyGraph, scores, spec, notes: list[str]) -> list[Group]:
+    out = []
+    for g in graph.prunable_groups:
+        hit = [n for n in _module_names(g) if any(fnmatch(n, p) for p in spec.ignore)]
+        if hit:
+            notes.append(f"select: group {g.id} skipped, {hit[0]} matches spec.ignore")
+        elif g.id in scores:
+            out.append(g)
+    return out
+
+
+def _rounded_count(size: int, remove: int, round_to: int, cap: int) -> int:
+    """Units to remove so that the kept count is a multiple of ``round_to`` (kept rounds up)."""
+    remove = max(0, min(remove, cap))
+    if round_to > 1:
+        kept = min(size, int(math.ceil((size - remove) / round_to)) * round_to)
+        remove = size - kept
+    return remove
+
+
+def _finish(graph: DependencyGraph, ranking: list[tuple[int, int]], k: int, limit: dict[int, int],
+            sizes: dict[int, int], round_to: int) -> Plan:
+    """Feasible plan from the first ``k`` ranked candidates, with kept counts rounded."""
+    chosen = feasible_plan(graph, ranking[:k], limit)
+    if round_to <= 1:
+        return chosen
+    order = {c: i for i, c in enumerate(ranking[:k])}
+    plan = {}
+    for gid, units in chosen.items():
+        units = sorted(units, key=lambda u: order[(gid, u)])
+        n = _rounded_count(sizes[gid], len(units), round_to, limit[gid])
+        if n:
+            plan[gid] = sorted(units[:n])
+    return plan
+
+
+def _normalised(scores: dict[int, np.ndarray], groups: list[Group]) -> dict[int, np.ndarray]:
+    out = {}
+    for g in groups:
+        s = np.asarray(scores[g.id], dtype=np.float64)
+        mean = s.mean()
+        out[g.id] = s / mean if mean > 0 else np.ones_like(s)
+    return out
+
+
+def _rank(keys: dict[int, np.ndarray]) -> list[tuple[int, int]]:
+    """All (group, unit) pairs, lowest key first; ties broken by group then unit (deterministic)."""
+    pairs = [(gid, u) for gid in sorted(keys) for u in range(len(keys[gid]))]
+    flat = np.concatenate([keys[gid] for gid in sorted(keys)]) if pairs else np.zeros(0)
+    return [pairs[i] for i in np.argsort(flat, kind="stable")]
+
+
+def _group_ratio(spec, group: Group) -> float:
+    if not isinstance(spec.ratio, dict):
+        return spec.ratio
+    names = _module_names(group)
+    for key, value in spec.ratio.items():
+        if key == str(group.id) or any(fnmatch(n, key) for n in names):
+            return value
+    return 0.0
+
+
+def _by_ratio(graph, groups, scores, spec, limit) -> Plan:
+    sizes = {g.id: g.size for g in groups}
+    if spec.scope == "local" or isinstance(spec.ratio, dict):
+        plan = {}
+        for g in groups:
+            n = _rounded_count(g.size, int(round(_group_ratio(spec, g) * g.size)), spec.round_to, limit[g.id])
+            order = np.argsort(np.asarray(scores[g.id]), kind="stable")[:n]
+            plan.update(feasible_plan(graph, [(g.id, int(u)) for u in order], {g.id: n}))
+        return plan
+    ranking = _rank(_normalised(scores, groups))
+    total = int(round(spec.ratio * sum(sizes.values())))
+    # walk the ranking until ``total`` units are really taken (some are skipped as infeasible)
+    lo, hi = total, len(ranking)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        taken = sum(map(len, _finish(graph, ranking, mid, limit, sizes, spec.round_to).values()))
+        lo, hi = (mid + 1, hi) if taken < total else (lo, mid)
+    return _finish(graph, ranking, lo, limit, sizes, spec.round_to)
+
+
+# --- target mode -------------------------------------------------------------------------
+
+def _flops_per_entry(graph: DependencyGraph) -> dict[str, float]:
+    """FLOPs carried by one entry of each conv/linear weight, from one hooked forward pass."""
+    per_entry: dict[str, float] = {}
+    handles = []
+
+    def hook(name):
+        def fn(module, args, output):
+            w = module.weight
+            ref = args[0] if isinstance(module, torch.nn.modules.conv._ConvTransposeNd) else output
+            per_entry[f"{name}.weight"] = per_entry.get(f"{name}.weight", 0.0) + 2.0 * ref.numel() / w.shape[0]
+        return fn
+
+    for name, m in graph.gm.named_modules():
+        if isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear)):
+            handles.append(m.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            training = graph.gm.training
+            graph.gm.eval()
+            graph.gm(*graph.example_inputs)
+            graph.gm.train(training)
+    finally:
+        for h in handles:
+            h.remove()
+    return per_entry
+
+
+def _param_per_entry(graph: DependencyGraph) -> dict[str, float]:
+    return {name: 1.0 for name, _ in graph.gm.named_parameters(remove_duplicate=False)}
+
+
+_METRICS: dict[str, tuple[Callable, Callable]] = {
+    "flops": (_flops_per_entry, lambda model, inputs: count_flops(model, inputs)),
+    "params": (_param_per_entry, lambda model, inputs: count_params(model)),
+}
+
+
+def unit_costs(graph: DependencyGraph, groups: list[Group], metric: str) -> dict[int, np.ndarray]:
+    """Estimated FLOPs or parameters each unit carries (first order: overlaps counted twice)."""
+    weight = _METRICS[metric][0](graph)
+    shapes = {k: v.shape for k, v in graph.gm.state_dict().items()}
+    costs = {}
+    for g in groups:
+        c = np.zeros(g.size)
+        for key, dim, idx, units in unit_entries(g, ("out", "in")):
+            if key in weight:
+                shape = shapes[key]
+                np.add.at(c, units, weight[key] * math.prod(shape) / shape[dim])
+        costs[g.id] = c
+    return costs
+
+
+def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
+    measure = _METRICS[metric][1]
+    inputs = graph.example_inputs
+    base = measure(graph.gm, inputs)
+    sizes = {g.id: g.size for g in groups}
+    costs = unit_costs(graph, groups, metric)
+    normal = _normalised(scores, groups)
+    with np.errstate(divide="ignore"):
+        ranking = _rank({gid: np.where(costs[gid] > 0, normal[gid] / np.maximum(costs[gid], 1e-30), np.inf)
+                         for gid in normal})
+    n = len(ranking)
+    plans: dict[int, Plan] = {}
+
+    def plan_at(k: int) -> Plan:
+        if k not in plans:
+            plans[k] = _finish(graph, ranking, k, limit, sizes, spec.round_to)
+        return plans[k]
+
+    def estimate(k: int) -> float:
+        removed = sum(costs[gid][units].sum() for gid, units in plan_at(k).items())
+        return 1.0 - removed / base
+
+    def k_for(goal: float) -> int:
+        lo, hi = 0, n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if estimate(mid) > goal else (lo, mid)
+        return lo
+
+    tried: dict[int, tuple[float, torch.nn.Module | None]] = {0: (1.0, None)}
+
+    def actual(k: int) -> float:
+        if k not in tried:
+            model = prune(graph, plan_at(k)) if plan_at(k) else graph.gm
+            tried[k] = (measure(model, inputs) / base, model)
+        return tried[k][0]
+
+    def done(k: int) -> bool:
+        return abs(actual(k) - target) <= TOLERANCE * target
+
+    goal, k = target, k_for(target)
+    for _ in range(MAX_TRIES):
+        if done(k):
+            break
+        below = [j for j in tried if tried[j][0] < target]
+        above = [j for j in tried if tried[j][0] > target]
+        lo, hi = max(above), (min(below) if below else None)
+        if hi is None and lo == n:
+            raise SpecError(
+                f"spec.target.{metric}: {target} is impossible: removing every prunable channel "
+                f"allowed (max_ratio={spec.max_ratio}, frozen and ignored groups kept) leaves "
+                f"{actual(n):.3f} of the {metric}; the minimum reachable fraction is {actual(n):.3f}")
+        goal += target - actual(k)          # the estimate's error near k, assumed constant
+        nxt = k_for(goal)
+        upper = hi if hi is not None else n + 1
+        if not lo < nxt < upper:
+            nxt = (lo + upper) // 2 if hi is not None else n
+        if nxt in tried or not lo < nxt < upper:
+            break
+        k = nxt
+    best = min(tried, key=lambda j: (abs(tried[j][0] - target), j))
+    frac, model = tried[best]
+    if best == 0 and target < 1:
+        model = None
+    notes.append(f"select: target {metric}={target}: kept {frac:.3f} of the {metric} after "
+                 f"{len(tried) - 1} verified prune(s)")
+    if abs(frac - target) > 2 * TOLERANCE * target:
+        notes.append(f"select: could not land within 2% of target {metric}={target} "
+                     f"(channel granularity); closest is {frac:.3f}")
+    return plan_at(best), model

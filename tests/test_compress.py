@@ -1,0 +1,134 @@
+"""End-to-end tests of fxprune.compress, the score and select passes."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import fxprune
+from fxprune.compress import compress
+from fxprune.errors import SpecError
+from fxprune.measure import count_flops
+from fxprune.passes.score import SCORE_METHODS, score_groups
+from fxprune.passes.select import select
+from fxprune.spec import Spec
+
+X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None).eval()
+
+
+@pytest.fixture(scope="module")
+def resnet_graph(resnet):
+    return fxprune.analyze(resnet, (X,))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large"])
+def test_flops_target_within_2_percent_and_input_untouched(name):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    before = _state(model)
+    result = compress(model, {"example_inputs": (X,), "target": {"flops": 0.5}, "fuse": False})
+    frac = count_flops(result.model, (X,)) / count_flops(model, (X,))
+    assert abs(frac - 0.5) <= 0.02 * 0.5, frac
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert result.model(X).shape == model(X).shape
+    assert "FLOPs" in str(result.report)
+
+
+def test_ratio_local_keeps_half_of_every_group(resnet, resnet_graph):
+    scores = score_groups(resnet_graph, "magnitude")
+    plan = select(resnet_graph, scores, Spec(example_inputs=(X,), ratio=0.5, scope="local"))
+    for g in resnet_graph.prunable_groups:
+        assert len(plan[g.id]) == g.size // 2
+    small = fxprune.prune(resnet_graph, plan)
+    assert small(X).shape == (1, 1000)
+
+
+def test_ratio_global_removes_half_overall_and_respects_round_to(resnet_graph):
+    scores = score_groups(resnet_graph, "magnitude")
+    spec = Spec(example_inputs=(X,), ratio=0.5, scope="global", round_to=8)
+    plan = select(resnet_graph, scores, spec)
+    total = sum(g.size for g in resnet_graph.prunable_groups)
+    removed = sum(map(len, plan.values()))
+    assert abs(removed - total / 2) <= 8 * len(resnet_graph.prunable_groups)
+    for g in resnet_graph.prunable_groups:
+        kept = g.size - len(plan.get(g.id, ()))
+        assert kept % 8 == 0 and kept >= g.size * 0.1
+
+
+def test_ignore_skips_groups(resnet_graph):
+    scores = score_groups(resnet_graph, "magnitude")
+    plan = select(resnet_graph, scores, Spec(example_inputs=(X,), ratio=0.5, scope="local", ignore=["conv1"]))
+    assert 0 not in plan  # group 0 is produced by conv1 (with the layer1 residual)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "group_lasso", "bn_scale", "taylor"])
+def test_every_score_method_runs(resnet_graph, method):
+    kwargs = {}
+    if method == "taylor":
+        target = torch.tensor([3])
+        kwargs = dict(calib_inputs=(X,), loss_fn=lambda out: torch.nn.functional.cross_entropy(out, target))
+    notes = []
+    scores = score_groups(resnet_graph, method, notes=notes, **kwargs)
+    assert set(scores) == {g.id for g in resnet_graph.prunable_groups}
+    for g in resnet_graph.prunable_groups:
+        s = scores[g.id]
+        assert s.shape == (g.size,) and np.isfinite(s).all() and (s >= 0).all()
+        assert s.max() > 0
+    assert set(SCORE_METHODS) >= {"magnitude", "group_lasso", "bn_scale", "taylor", "l0"}
+
+
+def test_bn_scale_falls_back_with_a_note():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    graph = fxprune.analyze(net, (torch.randn(2, 4),))
+    notes = []
+    scores = score_groups(graph, "bn_scale", notes=notes)
+    assert scores and any("magnitude" in n for n in notes)
+
+
+def test_errors_name_the_field(resnet):
+    with pytest.raises(SpecError, match=r"target.*minimum reachable"):
+        compress(resnet, {"example_inputs": (X,), "target": {"flops": 0.01}, "max_ratio": 0.5})
+    with pytest.raises(SpecError, match="l0"):
+        compress(resnet, {"example_inputs": (X,), "ratio": 0.5, "score": "l0"})
+    with pytest.raises(SpecError, match="loss_fn"):
+        compress(resnet, {"example_inputs": (X,), "ratio": 0.5, "score": "taylor"})
+    graph = fxprune.analyze(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)), (torch.randn(2, 4),))
+    with pytest.raises(SpecError, match="calib_inputs"):
+        score_groups(graph, "taylor")
+    with pytest.raises(SpecError, match="latency"):
+        compress(resnet, {"example_inputs": (X,), "target": {"latency": 0.5}})
+
+
+def test_fused_equals_unfused_and_save_load(resnet, tmp_path):
+    spec = {"example_inputs": (X,), "ratio": 0.3, "scope": "local"}
+    fused = compress(resnet, {**spec, "fuse": True})
+    plain = compress(resnet, {**spec, "fuse": False})
+    assert fused.plan == plain.plan  # deterministic
+    with torch.no_grad():
+        a, b = fused.model(X), plain.model.eval()(X)
+    assert torch.allclose(a, b, atol=1e-4 * b.abs().max().item())
+    path = tmp_path / "model.pt"
+    torch.save(fused.model, path)
+    loaded = torch.load(path, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(X), a)
+
+
+def test_params_target(resnet):
+    result = compress(resnet, {"example_inputs": (X,), "target": {"params": 0.6}, "fuse": False})
+    from fxprune.measure import count_params
+    frac = count_params(result.model) / count_params(resnet)
+    assert abs(frac - 0.6) <= 0.02 * 0.6

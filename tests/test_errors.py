@@ -1,0 +1,213 @@
+"""Bad input gets a clear fxprune error that names the problem and the fix."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from helpers import randomize
+
+
+class DataDependentIf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Conv2d(3, 4, 1), Branchy())
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class Branchy(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # the line the error must point at
+            return x * 2
+        return x
+
+
+def test_untraceable_forward_names_module_line_and_fix():
+    with pytest.raises(fxprune.TraceError) as info:
+        fxprune.analyze(DataDependentIf(), torch.randn(1, 3, 4, 4))
+    msg = str(info.value)
+    assert "in module 'inner.1' (Branchy)" in msg
+    assert "test_errors.py" in msg and "if x.sum() > 0" in msg
+    assert "leaf_modules" in msg and "concrete_args" in msg
+
+
+def test_concrete_args_fix_a_python_flag():
+    class Flag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x, double: bool = False):
+            y = self.a(x)
+            if double:
+                y = y * 2
+            return self.b(y)
+
+    with pytest.raises(fxprune.TraceError):
+        fxprune.analyze(Flag(), torch.randn(2, 4))
+    graph = fxprune.analyze(Flag(), torch.randn(2, 4), concrete_args={"double": False})
+    assert [g.size for g in graph.prunable_groups] == [6]
+
+
+def test_wrong_input_shape_names_the_node_and_shapes():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    with pytest.raises(fxprune.AnalysisError) as info:
+        fxprune.analyze(net, torch.randn(1, 4, 8, 8))
+    msg = str(info.value)
+    assert "(1, 4, 8, 8)" in msg and "node '_0'" in msg and "fix:" in msg
+
+
+def test_wrong_number_of_inputs():
+    with pytest.raises(fxprune.AnalysisError, match="takes 1 input"):
+        fxprune.analyze(nn.Linear(2, 2), (torch.randn(1, 2), torch.randn(1, 2)))
+    with pytest.raises(fxprune.AnalysisError, match="tuple of tensors"):
+        fxprune.analyze(nn.Linear(2, 2), [[1.0, 2.0]][0][0])
+
+
+class Mystery(nn.Module):
+    """A custom leaf module fxprune has no rule for."""
+
+    def forward(self, x):
+        return torch.roll(x, 1, dims=1)
+
+
+def test_unknown_op_freezes_with_reason_and_plans_on_it_fail_clearly():
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), Mystery(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    graph = fxprune.analyze(randomize(net), torch.randn(1, 3, 4, 4), leaf_modules=[Mystery])
+    frozen = next(g for g in graph.groups if "0.weight[0]" in g.producers)
+    assert not frozen.prunable
+    assert "module '1'" in frozen.reason and "Mystery" in frozen.reason and "register_rule" in frozen.reason
+    with pytest.raises(fxprune.PlanError, match="frozen.*Mystery"):
+        fxprune.prune(graph, {frozen.id: [0]})
+    # the rest of the model is still prunable
+    assert any("2.weight[0]" in g.producers for g in graph.prunable_groups)
+
+
+def test_register_rule_makes_a_custom_module_prunable():
+    class Scale(nn.Module):
+        def forward(self, x):
+            return x * 3
+
+    @fxprune.register_rule(Scale)
+    def scale_rule(ctx):
+        return ctx.tensor(0)
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), Scale(), nn.Conv2d(8, 2, 1))
+    graph = fxprune.analyze(net, torch.randn(1, 3, 4, 4), leaf_modules=[Scale])
+    assert [g.size for g in graph.prunable_groups] == [8]
+
+
+@pytest.fixture
+def simple_graph():
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    return fxprune.analyze(net, torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("plan, match", [
+    ({"P": [6]}, r"channels 0..5; \[6\] are out of range"),
+    ({"P": [-1]}, "out of range"),
+    ({"P": range(6)}, "removes all 6 channels of group P; keep at least one"),
+    ({99: [0]}, "no group 99"),
+    ({"0": [0]}, "no group '0'"),
+    ({"P": ["a"]}, "channels must be integers"),
+    ([0, 1], "a plan is a dict"),
+    ({"F": [0]}, "frozen and cannot be pruned: reaches the graph output"),
+])
+def test_bad_plans(simple_graph, plan, match):
+    prunable = simple_graph.prunable_groups[0].id
+    frozen = next(g.id for g in simple_graph.groups if "2.weight[0]" in g.producers)
+    if isinstance(plan, dict):
+        plan = {({"P": prunable, "F": frozen}.get(k, k) if k in ("P", "F") else k): v for k, v in plan.items()}
+    with pytest.raises(fxprune.PlanError, match=match.replace("group P", f"group {prunable}")):
+        fxprune.prune(simple_graph, plan)
+
+
+def test_plan_that_empties_one_layer_of_a_group_is_refused():
+    class Concat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(3, 2), nn.Linear(3, 2), nn.Linear(3, 4)
+            self.out = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.out(torch.cat([self.a(x), self.b(x)], 1) + self.c(x))
+
+    graph = fxprune.analyze(Concat(), torch.randn(2, 3))
+    g = graph.prunable_groups[0]
+    assert g.size == 4
+    with pytest.raises(fxprune.PlanError, match="zero width"):
+        fxprune.prune(graph, {g.id: [0, 1]})  # both of a's channels
+    assert fxprune.feasible_plan(graph, [(g.id, u) for u in range(4)]) == {g.id: [0, 2]}
+
+
+def test_not_a_module():
+    with pytest.raises(fxprune.TraceError, match="expected a torch.nn.Module"):
+        fxprune.analyze(lambda x: x, torch.randn(1))
+
+
+def test_pruned_model_saves_and_loads_without_the_original_class(tmp_path):
+    class Private(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+            self.b = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.b(self.a(x)).flatten(1)
+
+    model = randomize(Private()).eval()
+    x = torch.randn(1, 3, 6, 6)
+    graph = fxprune.analyze(model, x)
+    small = fxprune.prune(graph, {graph.prunable_groups[0].id: [0, 1, 2]})
+    torch.save(small, tmp_path / "small.pt")
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(small(x).detach(), tmp_path / "y.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        m = torch.load(r"{tmp_path / 'small.pt'}", weights_only=False)
+        x, y = torch.load(r"{tmp_path / 'x.pt'}"), torch.load(r"{tmp_path / 'y.pt'}")
+        assert torch.allclose(m(x), y), "outputs differ after reload"
+        print(type(m).__name__, m.a[0].out_channels if hasattr(m.a, '__getitem__') else m.get_submodule('a.0').out_channels)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["GraphModule", "5"]
+
+
+def test_analysis_is_deterministic():
+    from test_channel_rules import DenseConcat, ResidualStack
+
+    for make in (ResidualStack, DenseConcat):
+        model = randomize(make()).eval()
+        a = fxprune.analyze(model, torch.randn(2, 3, 8, 8))
+        b = fxprune.analyze(model, torch.randn(2, 3, 8, 8))
+        assert [(g.size, g.prunable, g.producers) for g in a.groups] == [(g.size, g.prunable, g.producers) for g in b.groups]
+        plan = {g.id: list(range(0, g.size - 1, 3)) for g in a.prunable_groups}
+        sa, sb = fxprune.prune(a, plan).state_dict(), fxprune.prune(b, plan).state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_training_mode_model_is_not_mutated():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1)).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    graph = fxprune.analyze(net, torch.randn(4, 3, 6, 6))
+    fxprune.prune(graph, {graph.prunable_groups[0].id: [0]})
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_graph_renders_as_table_and_networkx(simple_graph):
+    text = str(simple_graph)
+    assert text.startswith("3 channel groups, 1 prunable, 2 frozen")
+    assert "0.weight[0]" in text and "reaches the graph output" in text
+    nxg = simple_graph.to_networkx()
+    hidden = f"group:{simple_graph.prunable_groups[0].id}"
+    assert nxg.nodes[hidden]["channels"] == 6
+    assert {(v, d["dim"], d["role"]) for u, v, d in nxg.edges(data=True) if u == hidden} == {
+        ("0.weight", 0, "out"), ("0.bias", 0, "out"), ("2.weight", 1, "in")}
