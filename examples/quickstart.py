@@ -5,7 +5,7 @@
 import torchvision
 
 import fxprune
-from fxprune.compress import compress
+from fxprune import compress
 
 model = torchvision.models.resnet18(weights=None)  # random weights: no download
 result = compress(model, {"input_shape": [1, 3, 224, 224], "target": {"flops": 0.5}})

@@ -26,7 +26,8 @@ MAX_CHANNELS = 24  # no single tensor grows past this (concat is skipped instead
 
 # sigmoid (f(0) != 0) ends zero-invariance: the oracle must then skip the group, and
 # fxprune must say so.
-ACTIVATIONS = ("relu_module", "relu_function", "sigmoid", "relu_method", "silu_module", "silu_function")
+ACTIVATIONS = ("relu", "silu", "sigmoid")
+ACTIVATION_FORMS = ("module", "function", "method")
 ADD_VARIANTS = ("operator", "torch_add")
 SHUFFLE_VARIANTS = ("const_channels", "size_channels")
 SE_VARIANTS = ("x_times_s", "s_times_x", "torch_mul")
@@ -93,7 +94,7 @@ def _step(draw, pool: list[int]) -> tuple[Step, list[int]] | None:
         out, k = draw(st.integers(2, 12)), draw(st.sampled_from((1, 3)))
         return Step(op, (i,), (out, k)), [out]
     if op == "act":
-        return Step(op, (i,), (draw(st.sampled_from(ACTIVATIONS)),)), [c]
+        return Step(op, (i,), (draw(st.sampled_from(ACTIVATIONS)), draw(st.sampled_from(ACTIVATION_FORMS)))), [c]
     if op == "add":
         j = _newest_first(draw, [j for j, cj in enumerate(pool) if cj == c and j != i])
         return Step(op, (i, j), (draw(st.sampled_from(ADD_VARIANTS)),)), [c]
@@ -195,10 +196,8 @@ class RandomNet(nn.Module):
             _randomize_batchnorm(bn)
             return [out]
         if step.op == "act":
-            if p[0] == "relu_module":
-                self.layers[name] = nn.ReLU()
-            elif p[0] == "silu_module":
-                self.layers[name] = nn.SiLU()
+            if p[1] == "module":
+                self.layers[name] = {"relu": nn.ReLU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid}[p[0]]()
             return [c]
         if step.op == "add":
             return [c]
@@ -240,16 +239,12 @@ class RandomNet(nn.Module):
         if op == "conv_bn":
             return [self.layers[name + "_bn"](self.layers[name](x))]
         if op == "act":
-            kind = p[0]
-            if kind.endswith("_module"):
+            kind, form = p
+            if form == "module":
                 return [self.layers[name](x)]
-            if kind == "relu_function":
-                return [F.relu(x)]
-            if kind == "relu_method":
-                return [x.relu()]
-            if kind == "sigmoid":
-                return [torch.sigmoid(x)]
-            return [F.silu(x)]
+            if form == "method" and kind != "silu":  # there is no Tensor.silu
+                return [x.relu() if kind == "relu" else x.sigmoid()]
+            return [{"relu": F.relu, "silu": F.silu, "sigmoid": torch.sigmoid}[kind](x)]
         if op == "add":
             y = pool[step.inputs[1]]
             return [x + y if p[0] == "operator" else torch.add(x, y)]
