@@ -129,8 +129,10 @@ def main(argv=None):
                     help="repeats for small models (1,600+ blocks and torchvision models run once)")
     ap.add_argument("--skip-tp", action="store_true", help="do not run Torch-Pruning")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch intra-op threads (on a busy machine 1 avoids OpenMP contention)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     cases = [(lambda b=int(b): mlp_case(b)) for b in args.blocks.split(",") if b.strip()]
@@ -179,7 +181,7 @@ def main(argv=None):
         for key, label in (("tp_build_s", "Torch-Pruning build"), ("fxprune_analyze_s", "fxprune analyze")):
             k = math.log(r2[key] / r1[key]) / math.log(n2 / n1)
             print(f"  {label} growth exponent {r1['model']} -> {r2['model']}: t ~ n^{k:.2f}")
-    print(f"\nTotal run time: {time.perf_counter() - start:.1f} s")
+    print(f"\nTotal run time: {time.perf_counter() - start:.1f} s ({args.threads} torch threads)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

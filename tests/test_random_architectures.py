@@ -13,6 +13,7 @@ import copy
 import os
 import sys
 
+import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
@@ -27,6 +28,16 @@ RELATIVE_TOLERANCE = 1e-4
 
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: with several intra-op threads on a busy machine a 2x12x8x8 conv takes
+    ~20 ms instead of ~0.3 ms (thread hand-off dominates), so run this module on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def draw_candidates(data, groups) -> list[tuple[int, int]]:

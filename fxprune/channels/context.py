@@ -39,6 +39,7 @@ class Binding:
     dim: int
     ids: np.ndarray
     role: str
+    node: str = ""  # the graph node whose rule bound it (the first one, for shared tensors)
 
 
 @dataclass
@@ -173,6 +174,17 @@ class RuleContext:
             self.freeze(np.where(a.ids >= 0, a.ids, b.ids)[lone], f"channels meet fixed positions at {self.where()}")
         return DimMap(np.where(a.ids >= 0, a.ids, b.ids), a.zi & b.zi)
 
+    def unify_all(self, maps: list[DimMap | None], why: str = "") -> DimMap | None:
+        """Tie several aligned maps (element-wise operands, concat inputs, batch dims)."""
+        tracked = [m for m in maps if m is not None]
+        if not tracked:
+            return None
+        merged = tracked[0]
+        for m in maps:
+            if m is not tracked[0]:
+                merged = self.unify(merged, m, why)
+        return merged
+
     def tie_blocks(self, dim_map: DimMap, blocks: int, across: bool) -> DimMap:
         """Split a map into ``blocks`` equal blocks and tie them.
 
@@ -203,7 +215,7 @@ class RuleContext:
         slot = (key, dim)
         existing = self.state.bindings.get(slot)
         if existing is None:
-            self.state.bindings[slot] = Binding(key, dim, ids.copy(), role)
+            self.state.bindings[slot] = Binding(key, dim, ids.copy(), role, self.node.name)
             return
         # The same tensor bound twice (module called twice, tied weights): one channel.
         self.unify(DimMap.of(existing.ids), DimMap.of(ids), " (shared parameter)")

@@ -133,12 +133,8 @@ def sdpa_rule(ctx):
         ctx.break_zi(t.get(t.ndim - 2), "attention mixes positions", only_non_zi=False)
     dims = {}
     for d in range(q.ndim - 2):  # batch and head dims align like an element-wise op
-        maps = [t.get(d) for t in (q, k, v) if t.shape[d] > 1]
-        if any(m is not None for m in maps):
-            merged = next(m for m in maps if m is not None)
-            for m in maps:
-                if m is not merged:
-                    merged = ctx.unify(merged, m, " (attention batch dims)")
+        merged = ctx.unify_all([t.get(d) for t in (q, k, v) if t.shape[d] > 1], " (attention batch dims)")
+        if merged is not None:
             dims[d] = merged
     if q.get(q.ndim - 2) is not None:
         dims[q.ndim - 2] = q.get(q.ndim - 2).with_zi(False)

@@ -48,12 +48,9 @@ def broadcast_combine(ctx, operands: list, zero_rule: str) -> TensorChannels | N
             m = op.get(od)
             maps.append(m)
             zis.append(m.zi if m is not None else False)
-        if not any(m is not None for m in maps):
+        merged = ctx.unify_all(maps, " (element-wise)")
+        if merged is None:
             continue
-        merged = next(m for m in maps if m is not None)
-        for m in maps:
-            if m is not merged:
-                merged = ctx.unify(merged, m, " (element-wise)")
         dims[d] = DimMap.of(merged.ids, _combine_zi(zis, zero_rule, len(merged)))
     return ctx.out(dims)
 

@@ -32,11 +32,8 @@ def cat_rule(ctx):
         if d == dim:
             continue
         maps = [t.get(d) for t in parts]
-        if any(m is not None for m in maps):
-            merged = next(m for m in maps if m is not None)
-            for m in maps:
-                if m is not merged:
-                    merged = ctx.unify(merged, m, " (concatenated tensors)")
+        merged = ctx.unify_all(maps, " (concatenated tensors)")
+        if merged is not None:
             dims[d] = DimMap(merged.ids, np.logical_and.reduce([m.zi for m in maps if m is not None]))
     return ctx.out(dims)
 
