@@ -132,3 +132,19 @@ def test_params_target(resnet):
     from fxprune.measure import count_params
     frac = count_params(result.model) / count_params(resnet)
     assert abs(frac - 0.6) <= 0.02 * 0.6
+
+
+def test_vit_b_16_flops_target_within_2_percent():
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(weights=None).eval()
+    x = torch.randn(1, 3, 224, 224)
+    result = compress(model, {"example_inputs": (x,), "target": {"flops": 0.5}})
+    frac = count_flops(result.model, (x,)) / count_flops(model, (x,))
+    assert abs(frac - 0.5) <= 0.02 * 0.5, frac
+
+
+def test_compressed_resnet18_exports_with_torch_export(resnet):
+    result = compress(resnet, {"example_inputs": (X,), "target": {"flops": 0.5}})
+    exported = torch.export.export(result.model, (X,))
+    with torch.no_grad():
+        assert torch.allclose(exported.module()(X), result.model(X), atol=1e-5)

@@ -1,0 +1,49 @@
+"""Helpers for pytest users: keep a model inside its size budget.
+
+Example:
+    >>> import torch, torchvision
+    >>> from fxprune.testing import assert_within_budget
+    >>> model = torchvision.models.resnet18(weights=None)
+    >>> assert_within_budget(model, torch.randn(1, 3, 224, 224),
+    ...                      max_params="12M", max_flops="4G", max_size="50MB")
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fxprune.budget import Budget, BudgetResult, check_budget
+
+__all__ = ["assert_within_budget"]
+
+
+def assert_within_budget(model: torch.nn.Module, example_inputs=None, *, input_shape=None,
+                         max_params: Any = None, max_flops: Any = None, max_size: Any = None,
+                         max_latency_ms: Any = None, latency: dict | None = None) -> BudgetResult:
+    """Raise ``AssertionError`` with the limit/measured table when any limit is exceeded.
+
+    Limits take the units of ``[tool.fxprune.budget]``: ``max_params="5M"``,
+    ``max_flops="1.2G"``, ``max_size="20MB"``, ``max_latency_ms=15`` (numbers work too).
+    ``example_inputs`` (a tensor or a tuple) or ``input_shape`` is needed for FLOPs and
+    latency. ``latency={"device": "cpu", "threads": 2}`` says how latency is measured
+    (default: cpu, 2 threads). Returns the result when every limit holds.
+
+    Example:
+        >>> assert_within_budget(torch.nn.Linear(10, 20), torch.randn(1, 10), max_params=220)
+    """
+    data = {"max_params": max_params, "max_flops": max_flops, "max_size": max_size,
+            "max_latency_ms": max_latency_ms}
+    data = {k: v for k, v in data.items() if v is not None}
+    if max_latency_ms is not None:
+        data["latency"] = {"device": "cpu", "threads": 2, **(latency or {})}
+    budget = Budget.from_dict(data, source="assert_within_budget()")
+    if example_inputs is None and input_shape is not None:
+        shapes = input_shape if isinstance(input_shape[0], (list, tuple)) else [input_shape]
+        example_inputs = tuple(torch.randn(*s) for s in shapes)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    result = check_budget(model, example_inputs, budget)
+    if not result.ok:
+        raise AssertionError(f"{type(model).__name__} exceeds its budget:\n{result.table()}")
+    return result
