@@ -22,12 +22,12 @@ from fxprune.regularize import GroupLasso, channel_slices_from_graph
 
 
 class DigitsNet(nn.Module):
-    """conv 1->16 -> conv 16->32 -> residual block (32) -> pool -> linear 32->10, with BN."""
+    """conv 1->16 (8x8) -> conv 16->32 stride 2 (4x4) -> residual block (32) -> pool -> linear 32->10."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.conv = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.conv = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
         self.block = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
                                    nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32))
         self.pool = nn.AdaptiveAvgPool2d(1)

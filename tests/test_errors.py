@@ -211,3 +211,23 @@ def test_graph_renders_as_table_and_networkx(simple_graph):
     assert nxg.nodes[hidden]["channels"] == 6
     assert {(v, d["dim"], d["role"]) for u, v, d in nxg.edges(data=True) if u == hidden} == {
         ("0.weight", 0, "out"), ("0.bias", 0, "out"), ("2.weight", 1, "in")}
+
+
+def test_plugins_from_entry_points_are_loaded_once(monkeypatch):
+    import importlib.metadata as md
+
+    from fxprune.channels import registry
+
+    calls = []
+
+    class FakeEntryPoint:
+        name = "demo"
+
+        def load(self):
+            return lambda: calls.append("registered")
+
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(md, "entry_points", lambda group: [FakeEntryPoint()] if group == "fxprune.plugins" else [])
+    assert registry.load_plugins() == ["demo"]
+    assert registry.load_plugins() == []  # once per process
+    assert calls == ["registered"]

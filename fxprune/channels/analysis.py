@@ -11,7 +11,7 @@ from ..capture import propagate_shapes, trace
 from . import rules  # noqa: F401  (registers the built-in rules)
 from .context import AnalysisState, RuleContext
 from .graph import DependencyGraph, build_groups
-from .registry import lookup_rule
+from .registry import load_plugins, lookup_rule
 from .rules.basic import get_attr_rule, input_rule, is_size_only, output_rule, size_arithmetic_rule, unknown_rule
 from .values import TensorChannels
 
@@ -60,6 +60,7 @@ def analyze(model, example_inputs, *, leaf_modules: Iterable = (), concrete_args
     >>> [(g.size, g.prunable) for g in graph.groups]
     [(8, True), (3, False), (4, False)]
     """
+    load_plugins()
     gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
     inputs = propagate_shapes(gm, example_inputs)
     state = run_rules(gm)

@@ -42,6 +42,32 @@ def register_rule(*targets) -> Callable[[Rule], Rule]:
     return decorate
 
 
+PLUGIN_GROUP = "fxprune.plugins"
+_plugins_loaded = False
+
+
+def load_plugins() -> list[str]:
+    """Import every ``fxprune.plugins`` entry point once (they register their rules).
+
+    A package declares ``[project.entry-points."fxprune.plugins"] name = "pkg.rules"``;
+    the target is imported, and if it is callable it is called with no arguments.
+    Returns the names loaded by this call.
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return []
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for ep in entry_points(group=PLUGIN_GROUP):
+        target = ep.load()
+        if callable(target):
+            target()
+        loaded.append(ep.name)
+    return loaded
+
+
 def rule_key(node: torch.fx.Node, gm: torch.fx.GraphModule) -> object:
     """The registry key of a node: module class, function, or method name."""
     if node.op == "call_module":

@@ -15,7 +15,8 @@ Methods (``SCORE_METHODS``, a registry name -> function; add one with ``register
 - ``taylor``: |sum over owned parameter entries of w * dL/dw| after one backward pass of
   ``loss_fn(model(*calib_inputs))`` on a copy of ``graph.gm`` put in eval mode (batch
   statistics of tiny calibration batches would be meaningless; eval mode is deterministic).
-- ``l0``: needs trained L0 gates; raises SpecError until gates are wired in.
+- ``l0``: P(z != 0) of trained L0 gates, read from ``gm.meta["fxprune_l0"]`` that
+  ``fxprune.passes.gates.fold_gates`` writes; closed gates (deterministic z == 0) first.
 
 Lower score = less important = pruned first.
 """
@@ -172,5 +173,29 @@ def taylor(graph: DependencyGraph, *, calib_inputs=None, loss_fn=None, notes: li
 
 
 @register_score("l0")
-def l0(graph: DependencyGraph, **_) -> dict[int, np.ndarray]:
-    raise SpecError("spec.score: score='l0' needs L0 gates: train with fxprune.regularize L0 gates first")
+def l0(graph: DependencyGraph, *, notes: list[str], **_) -> dict[int, np.ndarray]:
+    """P(z != 0) of the unit's L0 gate, from ``fold_gates`` (``gm.meta["fxprune_l0"]``).
+
+    Units whose deterministic gate is exactly 0 score ``P - 1`` (< 0): they go first.
+    A group without gates gets ``magnitude`` scores, with a note.
+    """
+    meta = getattr(graph.gm, "meta", {}).get("fxprune_l0")
+    if not meta:
+        raise SpecError("spec.score: score='l0' needs a model from fxprune.passes.gates.fold_gates "
+                        "(insert_gates -> train -> fold_gates); this model carries no gate probabilities")
+    out, fallback = {}, None
+    for g in graph.prunable_groups:
+        prob, z = np.full(g.size, -np.inf), np.full(g.size, -np.inf)
+        for key, dim, idx, units in unit_entries(g, ("out",)):
+            entry = meta.get(key)
+            if entry is not None and entry["dim"] == dim:
+                np.maximum.at(prob, units, entry["prob"][idx])
+                np.maximum.at(z, units, entry["z"][idx])
+        if np.isfinite(prob).all():
+            out[g.id] = np.where(z <= 0.0, prob - 1.0, prob)
+            continue
+        fallback = fallback if fallback is not None else magnitude(graph)
+        out[g.id] = fallback[g.id]
+        notes.append(f"score: group {g.id} ({', '.join(g.producers[:2])}) has no L0 gate; "
+                     "scored by magnitude instead of l0")
+    return out

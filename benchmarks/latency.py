@@ -1,0 +1,113 @@
+"""Does measured latency follow FLOPs? fxprune against Torch-Pruning, in one run.
+
+For each model (random weights, batch 1, 224x224, CPU):
+1. Torch-Pruning prunes 50% of the channels (``GroupMagnitudeImportance``,
+   ``MetaPruner``), which gives its FLOPs fraction f.
+2. fxprune compresses the same model to the same FLOPs fraction f.
+3. The dense model and both pruned models are timed alternately in one process.
+
+Each tool is measured against its own dense baseline: Torch-Pruning's model is as its
+pruner leaves it (eager), and fxprune's is what ``compress`` emits (BatchNorm folded).
+Each is also compared with a dense model in the same form (``tp+fuse`` folds BN in
+Torch-Pruning's model too).
+
+The table gives the FLOPs reduction, the latency speedup and their quotient
+(speedup / FLOPs reduction; 1.0 means latency follows FLOPs). With ``--compile``, the
+speedups under ``torch.compile`` are added.
+
+    python benchmarks/latency.py                          # 8 models, about 15 min on 2 cores
+    python benchmarks/latency.py --models resnet50 --compile --json latency.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+
+import torch
+import torchvision
+from tabulate import tabulate
+
+import fxprune
+from fxprune.measure import LatencySettings, count_flops, measure_latency
+from fxprune.passes.fuse import fuse
+
+MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "convnext_tiny",
+          "regnet_x_400mf", "vit_b_16"]
+
+
+def torch_pruning_half(model: torch.nn.Module, x: torch.Tensor, round_to: int | None) -> torch.nn.Module:
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model)
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=0.5, ignored_layers=[head], round_to=round_to)
+    pruner.step()
+    return model
+
+
+def fused(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    return fuse(fxprune.trace(model), (x,)).gm
+
+
+def run(name: str, settings: LatencySettings, round_to: int | None) -> dict:
+    torch.manual_seed(0)
+    dense = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(1, 3, 224, 224)
+    flops = count_flops(dense, (x,))
+    row = {"model": name}
+    try:
+        tp_model = torch_pruning_half(dense, x, round_to).eval()
+        f_tp = count_flops(tp_model, (x,)) / flops
+    except Exception as exc:  # Torch-Pruning fails on some models: record it, keep going
+        tp_model, f_tp = None, 0.5
+        row["tp_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+    spec = {"example_inputs": (x,), "target": {"flops": f_tp}, "round_to": round_to or 1}
+    fx_model = fxprune.compress(dense, spec).model
+    f_fx = count_flops(fx_model, (x,)) / flops
+    dense_fused = fused(dense, x)
+    candidates = {"dense": dense, "dense+fuse": dense_fused, "fxprune": fx_model}
+    if tp_model is not None:
+        candidates.update({"tp": tp_model, "tp+fuse": fused(tp_model, x)})
+    times = measure_latency(list(candidates.values()), (x,), settings)
+    eager = dict(zip(candidates, times.eager_ms))
+    compiled = dict(zip(candidates, times.compiled_ms)) if times.compiled_ms else {}
+    row.update({"dense_ms": round(eager["dense"], 2), "dense+fuse_ms": round(eager["dense+fuse"], 2)})
+    for tool, base, frac in (("tp", "dense", f_tp), ("tp+fuse", "dense+fuse", f_tp), ("fxprune", "dense+fuse", f_fx)):
+        if tool not in eager:
+            continue
+        speedup = eager[base] / eager[tool]
+        row[f"{tool}_flops_x"] = round(1 / frac, 2)
+        row[f"{tool}_speedup"] = round(speedup, 2)
+        row[f"{tool}_quotient"] = round(speedup * frac, 2)
+        if compiled:
+            row[f"{tool}_compiled_quotient"] = round(compiled[base] / compiled[tool] * frac, 2)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--round-to", type=int, default=8, help="channel multiple for both tools (0: none)")
+    parser.add_argument("--compile", action="store_true", help="also time under torch.compile")
+    parser.add_argument("--json", help="write the rows to this JSON file")
+    args = parser.parse_args()
+    settings = LatencySettings(threads=args.threads, repeats=args.repeats, warmup=5, compile=args.compile)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.models.split(","):
+        rows.append(run(name, settings, args.round_to or None))
+        print(f"{name}: done", file=sys.stderr, flush=True)
+    print(tabulate(rows, headers="keys", tablefmt="github"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
