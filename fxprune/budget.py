@@ -304,6 +304,7 @@ def check_budget(model: torch.nn.Module, example_inputs, budget: Budget) -> Budg
         measured["max_latency_ms"] = measure_latency([model], example_inputs, settings).eager_ms[0]
     labels = {"max_params": "params", "max_flops": "FLOPs", "max_size": "size (state_dict)"}
     if settings is not None:
-        labels["max_latency_ms"] = f"latency ({settings.device}, {settings.threads} threads)"
+        threads = f"{settings.threads} thread{'s' if settings.threads != 1 else ''}"
+        labels["max_latency_ms"] = f"latency ({settings.device}, {threads})"
     rows = [CheckRow(k, float(v), float(measured[k]), measured[k] <= v, labels[k]) for k, v in limits.items()]
     return BudgetResult(rows=rows, latency=settings)

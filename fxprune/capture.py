@@ -2,9 +2,11 @@
 
 The default front end is ``torch.fx.symbolic_trace`` (fast, module-level, readable).
 A ``GraphModule`` the user traced some other way is accepted as it is. The caller's
-model is never touched: tracing works on a deep copy, so nothing that runs during
-shape propagation (a BatchNorm in training mode updating its running stats, say) can
-change it.
+model is never touched: the captured GraphModule shares its submodules (copying a large
+model would cost more than the whole analysis) but owns its graph, and shape
+propagation runs with every module in eval mode under ``no_grad``, so that nothing it
+runs can change the model (a BatchNorm in training mode would update its running stats).
+Passes that change weights work on copies.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import AnalysisError, TraceError
 
@@ -83,17 +86,18 @@ def trace(model: torch.nn.Module, *, leaf_modules: Iterable = (), concrete_args:
     ['placeholder', 'call_module', 'call_module', 'output']
     """
     if isinstance(model, torch.fx.GraphModule):
-        return copy.deepcopy(model)
+        gm = torch.fx.GraphModule(model, copy.deepcopy(model.graph), model.__class__.__name__)
+        gm.training = model.training
+        return gm
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    owned = copy.deepcopy(model)
     tracer = _Tracer(tuple(leaf_modules))
     try:
-        graph = tracer.trace(owned, concrete_args=concrete_args)
+        graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # torch.fx raises many types; all mean "cannot trace"
         raise _trace_error(model, tracer, exc) from exc
-    gm = torch.fx.GraphModule(owned, graph, owned.__class__.__name__)
-    gm.training = owned.training
+    gm = torch.fx.GraphModule(model, graph, model.__class__.__name__)
+    gm.training = model.training
     return gm
 
 
@@ -125,10 +129,12 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs) -> tuple:
             f"the model takes {len(placeholders)} input(s) ({', '.join(n.name for n in placeholders)}) "
             f"but {len(inputs)} example input(s) were given"
         )
-    prop = _NamedShapeProp(gm)
+    prop = ShapeRecorder(gm)
+    modes = {m: m.training for m in gm.modules()}
     try:
+        gm.eval()
         with torch.no_grad():
-            prop.propagate(*inputs)
+            prop.run(*inputs)
     except Exception as exc:
         shapes = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else repr(t) for t in inputs)
         node = prop.current
@@ -138,14 +144,33 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs) -> tuple:
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}\n"
             "  fix: pass example_inputs with the shapes and dtypes the model's forward expects"
         ) from exc
+    finally:
+        for m, training in modes.items():
+            m.training = training
     return inputs
 
 
-class _NamedShapeProp(ShapeProp):
-    """ShapeProp that remembers which node it was running when something failed."""
+def _tensor_meta(value):
+    if isinstance(value, torch.Tensor):
+        return TensorMetadata(tuple(value.shape), value.dtype, value.requires_grad, value.stride(),
+                              None, False, {})
+    return value
+
+
+class ShapeRecorder(torch.fx.Interpreter):
+    """Like ``ShapeProp``, but records only shape, dtype and strides (several times faster)
+    and remembers which node it was running when something failed."""
 
     current: torch.fx.Node | None = None
 
     def run_node(self, n):
         self.current = n
-        return super().run_node(n)
+        result = super().run_node(n)
+        found = []
+        meta = map_aggregate(result, lambda v: found.append(1) or _tensor_meta(v)
+                             if isinstance(v, torch.Tensor) else v)
+        if found:
+            n.meta["tensor_meta"] = meta
+        else:
+            n.meta.pop("tensor_meta", None)
+        return result

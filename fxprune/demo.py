@@ -1,5 +1,5 @@
-"""The first-run demo: train a small CNN on scikit-learn's digits with a group-lasso
-regulariser, compress it to a quarter of its FLOPs and print the before/after report.
+"""The first-run demo: train a small CNN on scikit-learn's digits with a sparsity
+regulariser (L1 on BatchNorm scales, network slimming), compress it to a quarter of its FLOPs and print the before/after report.
 
 No download (the digits ship with scikit-learn), no GPU; about a minute on 2 cores.
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import fxprune
-from fxprune.regularize import GroupLasso, channel_slices_from_graph
+from fxprune.regularize import BNScaleL1
 
 
 class DigitsNet(nn.Module):
@@ -58,24 +58,23 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (model(x).argmax(1) == y).float().mean().item()
 
 
-def _train(model, x, y, epochs, lr, seed, lasso_lam=0.0, graph=None):
+def _train(model, x, y, epochs, lr, seed, lam=0.0):
+    """Adam; with ``lam`` > 0 an L1 proximal step on BatchNorm scales (network slimming)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    lasso = None
-    if lasso_lam and graph is not None:
-        lasso = GroupLasso(channel_slices_from_graph(model, graph), lam=lasso_lam, optimizer=optimizer)
+    slim = BNScaleL1(model, lam=lam, optimizer=optimizer) if lam else None
     for _ in range(epochs):
         model.train()
         for idx in torch.randperm(len(x), generator=generator).split(64):
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             optimizer.step()
-            if lasso is not None:
-                lasso.prox_()
-    return lasso
+            if slim is not None:
+                slim.prox_()
+    return slim
 
 
-def run_demo(epochs: int = 20, flops: float = 0.25, finetune: int = 3, lam: float = 2e-3,
+def run_demo(epochs: int = 20, flops: float = 0.25, finetune: int = 3, lam: float = 0.3,
              threads: int = 2, seed: int = 0, print_fn: Callable[..., None] = print) -> dict:
     """Train, compress, fine-tune and report; returns the numbers it printed.
 
@@ -90,25 +89,24 @@ def run_demo(epochs: int = 20, flops: float = 0.25, finetune: int = 3, lam: floa
         x_train, y_train, x_test, y_test = digits_data(seed)
         model = DigitsNet()
         example = (x_test[:1],)
-        graph = fxprune.analyze(model, example)
         print_fn(f"[1/3] training DigitsNet on sklearn digits ({len(x_train)} images, 8x8) for "
-                 f"{epochs} epochs with Adam + group lasso (lam={lam:g}, proximal step) ...")
-        lasso = _train(model, x_train, y_train, epochs, 3e-3, seed, lam, graph)
+                 f"{epochs} epochs: Adam + L1 proximal step on BatchNorm scales (lam={lam:g}) ...")
+        slim = _train(model, x_train, y_train, epochs, 3e-3, seed, lam)
         acc_before = accuracy(model, x_test, y_test)
-        zeros = int((lasso.channel_norms() == 0).sum()) if lasso else 0
-        print_fn(f"      test accuracy {acc_before:.3f}; group lasso zeroed {zeros} of "
-                 f"{len(lasso.channels) if lasso else 0} channels ({time.perf_counter() - start:.1f} s)")
-        print_fn(f"[2/3] compressing to {flops:g} of the FLOPs (score=group_lasso) ...")
-        spec = {"input_shape": list(example[0].shape), "target": {"flops": flops},
-                "score": "group_lasso", "latency": {"threads": threads, "repeats": 50}}
-        result = fxprune.compress(model, spec, example_inputs=example, input_shape=None)
+        scales = torch.cat([w.detach().abs() for w in slim.scales]) if slim else torch.ones(1)
+        print_fn(f"      test accuracy {acc_before:.3f}; {int((scales < 1e-3).sum())} of {scales.numel()} "
+                 f"BatchNorm scales are ~0 ({time.perf_counter() - start:.1f} s)")
+        print_fn(f"[2/3] compressing to {flops:g} of the FLOPs (score=bn_scale) ...")
+        spec = {"target": {"flops": flops}, "score": "bn_scale",
+                "latency": {"threads": threads, "repeats": 50}}
+        result = fxprune.compress(model, spec, example_inputs=example)
         small = result.model
         acc_pruned = accuracy(small, x_test, y_test)
         print_fn(f"      test accuracy right after pruning {acc_pruned:.3f}")
         acc_after = acc_pruned
         if finetune:
             print_fn(f"[3/3] fine-tuning the compressed model for {finetune} epochs ...")
-            _train(small, x_train, y_train, finetune, 1e-3, seed + 1)
+            _train(small, x_train, y_train, finetune, 3e-3, seed + 1)
             acc_after = accuracy(small, x_test, y_test)
         else:
             print_fn("[3/3] fine-tuning skipped (--finetune 0)")

@@ -52,7 +52,7 @@ def parse_shape(text: str) -> list[int] | list[list[int]]:
     shapes = []
     for part in str(text).split(";"):
         try:
-            dims = [int(d) for d in part.replace("x", ",").split(",") if d.strip()]
+            dims = [int(d) for d in part.split(",")]
         except ValueError:
             dims = []
         if not dims or min(dims) < 1:

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 import fxprune
@@ -97,6 +97,15 @@ def test_zero_invariance_oracle(arch, data):
     assert actual.shape == expected.shape == (x.shape[0], 5)
     error = relative_error(actual, expected)
     assert error < RELATIVE_TOLERANCE, f"pruned output differs from the zeroed model: relative error {error:.3g}"
+    # Every producer slice the plan names is gone from the pruned model, and nothing more there.
+    removed: dict[tuple[str, int], set[int]] = {}
+    for gid, units in plan.items():
+        for key, entries in graph.group(gid).slices(units, role="out").items():
+            for dim, indices in entries:
+                removed.setdefault((key, dim), set()).update(indices)
+    original, pruned = model.state_dict(), small.state_dict()
+    for (key, dim), indices in removed.items():
+        assert pruned[key].shape[dim] == original[key].shape[dim] - len(indices), (key, dim)
 
 
 @SETTINGS

@@ -29,7 +29,7 @@ def run_rules(gm: torch.fx.GraphModule) -> AnalysisState:
         elif node.op == "output":
             rule = output_rule
         else:
-            rule = lookup_rule(node, gm)
+            rule = lookup_rule(node, state.modules)
             if rule is None:
                 rule = size_arithmetic_rule if is_size_only(ctx) else unknown_rule
         try:

@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.fx
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from .registry import describe_target
 from .unionfind import ChannelUnion
@@ -55,8 +56,10 @@ class AnalysisState:
     env: dict[torch.fx.Node, object] = field(default_factory=dict)
     canonical: dict[str, str] = field(default_factory=dict)  # state_dict key -> first alias
     aliases: dict[str, list[str]] = field(default_factory=dict)  # canonical -> all keys
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.modules = dict(self.gm.named_modules())
         # Tied weights share one tensor under several state_dict keys; bind them once.
         seen: dict[int, str] = {}
         named = list(self.gm.named_parameters(remove_duplicate=False)) + list(
@@ -85,11 +88,11 @@ class RuleContext:
     # ---- reading the node -------------------------------------------------------
     @property
     def module(self) -> torch.nn.Module:
-        return self.gm.get_submodule(self.node.target)
+        return self.state.modules[self.node.target]
 
     @property
     def target_name(self) -> str:
-        return describe_target(self.node, self.gm)
+        return describe_target(self.node, self.state.modules)
 
     def where(self) -> str:
         """'node `name` (target)' — used in every reason a rule records."""
@@ -125,7 +128,7 @@ class RuleContext:
 
     def out_shape(self) -> tuple[int, ...] | None:
         meta = self.node.meta.get("tensor_meta")
-        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+        return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
 
     def out(self, dims: dict[int, DimMap] | None = None) -> TensorChannels:
         """A TensorChannels for this node's (tensor) output with the given maps."""

@@ -153,53 +153,73 @@ def _short(text: str, limit: int = 70) -> str:
 
 
 def build_groups(state: AnalysisState, example_inputs: tuple) -> DependencyGraph:
-    """Connected components of spaces (linked by shared channels) become the groups."""
+    """Connected components of spaces (linked by shared channels) become the groups.
+
+    Every channel id belongs to exactly one space (spaces are consecutive id ranges),
+    so all of this is a handful of vectorised passes over the ids.
+    """
     roots = state.uf.roots()
-    n = len(roots)
-    # Spaces sharing any channel belong to one group: union each space's classes.
-    spaces_uf = ChannelUnion()
-    spaces_uf.new(n)
-    for s in state.spaces:
-        if s.size > 1:
-            r = roots[s.start:s.start + s.size]
-            spaces_uf.union(np.full(s.size, r[0]), r)
-    component = spaces_uf.roots()[roots] if n else roots
+    spaces = [s for s in state.spaces if s.size]
+    sizes = np.array([s.size for s in spaces], dtype=np.int64)
+    space_of = np.repeat(np.arange(len(spaces)), sizes)
+    # Spaces sharing a channel are one group: link each id's space to its root's space.
+    linked = ChannelUnion()
+    linked.new(len(spaces))
+    linked.union(space_of, space_of[roots])
+    comp_of_space = linked.roots() if len(spaces) else np.zeros(0, dtype=np.int64)
+    comp_of_id = comp_of_space[space_of]
 
-    frozen_reason = _first_reason_per_root(state.frozen, roots)
-    zi_reason = _first_reason_per_root(state.zi_breaks, roots)
-
-    by_component: dict[int, list[Space]] = {}
-    for s in state.spaces:
-        if s.size:
-            by_component.setdefault(int(component[s.start]), []).append(s)
-    bindings_by_component: dict[int, list[Binding]] = {}
-    for b in state.bindings.values():
-        tracked = b.ids[b.ids >= 0]
-        for c in np.unique(component[tracked]):
-            bindings_by_component.setdefault(int(c), []).append(b)
+    first_frozen = _first_record_per_root(state.frozen, roots)
+    first_broken = _first_record_per_root(state.zi_breaks, roots)
+    classes_by_comp = _split_by(comp_of_id, roots)
+    spaces_by_comp: dict[int, list[Space]] = {}
+    for index, space in enumerate(spaces):
+        spaces_by_comp.setdefault(int(comp_of_space[index]), []).append(space)
+    bindings = list(state.bindings.values())
+    binding_ids = [b.ids[b.ids >= 0] for b in bindings]
+    which = np.repeat(np.arange(len(bindings)), [len(t) for t in binding_ids])
+    pairs = _split_by(comp_of_id[np.concatenate(binding_ids)] if bindings else np.zeros(0, np.int64), which)
 
     groups: list[Group] = []
-    for comp in sorted(by_component):
-        member_ids = np.concatenate([np.arange(s.start, s.start + s.size) for s in by_component[comp]])
-        classes = np.unique(roots[member_ids])
-        frozen = [frozen_reason[c] for c in classes if c in frozen_reason]
-        broken = [zi_reason[c] for c in classes if c in zi_reason]
-        reason = min(frozen, key=lambda r: r[0])[1] if frozen else ""
-        if not frozen and classes.size < 2:
+    for comp in sorted(spaces_by_comp):
+        classes = classes_by_comp[comp]
+        reason = _earliest(first_frozen, classes, state.frozen)
+        if not reason and classes.size < 2:
             reason = "only one channel: a group keeps at least one"
+        broken = _earliest(first_broken, classes, state.zi_breaks)
         groups.append(Group(
             id=len(groups), size=int(classes.size), prunable=not reason, reason=reason,
-            zero_invariant=not broken, zero_invariance_reason=min(broken, key=lambda r: r[0])[1] if broken else "",
-            spaces=by_component[comp], classes=classes, bindings=bindings_by_component.get(comp, []),
+            zero_invariant=not broken, zero_invariance_reason=broken, spaces=spaces_by_comp[comp],
+            classes=classes, bindings=[bindings[i] for i in pairs.get(comp, ())],
             _roots=roots, _aliases=state.aliases,
         ))
     return DependencyGraph(state.gm, groups, state, roots, example_inputs)
 
 
-def _first_reason_per_root(records: list[tuple[np.ndarray, str]], roots: np.ndarray) -> dict[int, tuple[int, str]]:
-    """For every class root, the earliest recorded (order, reason) touching it."""
-    out: dict[int, tuple[int, str]] = {}
-    for order, (ids, reason) in enumerate(records):
-        for r in np.unique(roots[ids]).tolist():
-            out.setdefault(r, (order, reason))
-    return out
+_NEVER = np.iinfo(np.int64).max
+
+
+def _first_record_per_root(records: list[tuple[np.ndarray, str]], roots: np.ndarray) -> np.ndarray:
+    """For every class root, the index of the earliest record touching it (or _NEVER)."""
+    first = np.full(len(roots), _NEVER, dtype=np.int64)
+    if records:
+        ids = np.concatenate([ids for ids, _ in records])
+        order = np.repeat(np.arange(len(records)), [len(ids) for ids, _ in records])
+        np.minimum.at(first, roots[ids], order)
+    return first
+
+
+def _earliest(first: np.ndarray, classes: np.ndarray, records: list[tuple[np.ndarray, str]]) -> str:
+    index = first[classes].min() if classes.size else _NEVER
+    return records[index][1] if index != _NEVER else ""
+
+
+def _split_by(keys: np.ndarray, values: np.ndarray) -> dict[int, np.ndarray]:
+    """{key: sorted unique values paired with it}."""
+    if not len(keys):
+        return {}
+    span = int(values.max()) + 1  # one int64 key per pair: a 1-D unique is fast
+    combined = np.unique(keys.astype(np.int64) * span + values)
+    keys, values = combined // span, combined % span
+    cuts = np.flatnonzero(np.diff(keys)) + 1
+    return {int(k[0]): v for k, v in zip(np.split(keys, cuts), np.split(values, cuts))}

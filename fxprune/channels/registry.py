@@ -68,20 +68,20 @@ def load_plugins() -> list[str]:
     return loaded
 
 
-def rule_key(node: torch.fx.Node, gm: torch.fx.GraphModule) -> object:
+def rule_key(node: torch.fx.Node, modules: dict[str, torch.nn.Module]) -> object:
     """The registry key of a node: module class, function, or method name."""
     if node.op == "call_module":
-        return type(gm.get_submodule(node.target))
+        return type(modules[node.target])
     return node.target
 
 
-def lookup_rule(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Rule | None:
-    return _RULES.get(rule_key(node, gm))
+def lookup_rule(node: torch.fx.Node, modules: dict[str, torch.nn.Module]) -> Rule | None:
+    return _RULES.get(rule_key(node, modules))
 
 
-def describe_target(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
+def describe_target(node: torch.fx.Node, modules: dict[str, torch.nn.Module]) -> str:
     """A readable name for what a node calls (for reasons and error messages)."""
-    key = rule_key(node, gm)
+    key = rule_key(node, modules)
     if node.op == "call_module":
         return f"module '{node.target}' ({key.__module__}.{key.__qualname__})"
     if node.op == "call_method":

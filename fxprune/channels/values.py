@@ -28,8 +28,9 @@ class DimMap:
     @staticmethod
     def of(ids: np.ndarray, zi: bool | np.ndarray = True) -> "DimMap":
         ids = np.asarray(ids, dtype=np.int64)
-        zi_arr = np.broadcast_to(np.asarray(zi, dtype=bool), ids.shape).copy()
-        return DimMap(ids, zi_arr)
+        if isinstance(zi, (bool, np.bool_)):
+            return DimMap(ids, np.full(ids.shape, bool(zi)))
+        return DimMap(ids, np.broadcast_to(np.asarray(zi, dtype=bool), ids.shape).copy())
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -235,7 +235,7 @@ def fold_gates(gated: GatedModel) -> torch.fx.GraphModule:
     """An ordinary GraphModule: deterministic gates multiplied into each gate point's
     output parameters, gate nodes removed. Eval outputs equal the gated model's.
 
-    ``folded.meta["fxprune_l0"]`` holds ``{state_dict key: {"dim", "prob", "z"}}``
+    ``folded.meta["fxprune_l0"]`` (and the ``meta`` of each gate point's node) holds ``{state_dict key: {"dim", "prob", "z"}}``
     (per index along ``dim``) for ``compress(folded, {..., "score": "l0"})``.
 
     Example:
@@ -261,6 +261,9 @@ def fold_gates(gated: GatedModel) -> torch.fx.GraphModule:
                 entry["prob"][pos] = probs[p.group][units_t].double().numpy()
                 entry["z"][pos] = zs[p.group][units_t].double().numpy()
     fxg = model.graph
+    by_node = {n.name: n for n in fxg.nodes}
+    for p in model.gate_points:  # node meta survives re-capture (graphs are deep-copied)
+        by_node[p.node].meta[META_KEY] = {key: meta[key] for key, *_ in p.params}
     for node in list(fxg.nodes):
         if node.op == "call_function" and node.target is apply_gate:
             node.replace_all_uses_with(node.args[0])
@@ -274,3 +277,18 @@ def fold_gates(gated: GatedModel) -> torch.fx.GraphModule:
     folded.training = gated.training
     folded.meta[META_KEY] = meta
     return folded
+
+
+def gate_meta(gm: torch.fx.GraphModule) -> dict[str, dict]:
+    """The gate probabilities ``fold_gates`` left on ``gm`` (``{}`` if none).
+
+    Read from ``gm.meta`` or, when the module was re-captured (a new GraphModule over a
+    copy of the graph), from its nodes' ``meta``.
+
+    Example:
+        >>> sorted(gate_meta(fold_gates(gated)))[:2]   # e.g. ['b1.bias', 'b1.weight']
+    """
+    found = dict(getattr(gm, "meta", {}).get(META_KEY, {}))
+    for node in gm.graph.nodes:
+        found.update(node.meta.get(META_KEY, {}))
+    return found

@@ -16,8 +16,8 @@ from typing import Mapping
 import numpy as np
 import torch
 import torch.fx
-from torch.fx.passes.shape_prop import ShapeProp
 
+from ..capture import ShapeRecorder
 from ..channels.graph import DependencyGraph, _check_units
 from ..channels.values import DimMap, TensorChannels
 from ..errors import PlanError, VerificationError
@@ -106,7 +106,7 @@ def prune(graph: DependencyGraph, plan: Mapping[int, object]) -> torch.fx.GraphM
     """
     removed = resolve_plan(graph, plan)
     keep = ~np.isin(graph.roots, removed)
-    gm = copy.deepcopy(graph.gm)
+    gm = clone_graph_module(graph.gm)
     ctx = PruneContext(graph, gm, keep)
     _slice_tensors(graph, gm, ctx)
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -118,6 +118,27 @@ def prune(graph: DependencyGraph, plan: Mapping[int, object]) -> torch.fx.GraphM
     gm.delete_all_unused_submodules()
     verify_shapes(graph, gm, ctx)
     return gm
+
+
+def clone_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """An independent copy: its own graph and copies of the modules and tensors it uses.
+
+    Cheaper than ``copy.deepcopy(gm)`` (which also copies every intermediate container
+    module and recompiles twice); one memo keeps tied weights tied in the copy.
+    """
+    memo: dict[int, object] = {}
+    owned = {}
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target not in owned:
+            owned[node.target] = copy.deepcopy(_fetch(gm, node.target), memo)
+    new = torch.fx.GraphModule(owned, copy.deepcopy(gm.graph), gm.__class__.__name__)
+    new.training = gm.training
+    return new
+
+
+def _fetch(gm: torch.nn.Module, target: str):
+    path, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(path), attr)
 
 
 def _slice_tensors(graph: DependencyGraph, gm: torch.fx.GraphModule, ctx: PruneContext) -> None:
@@ -150,14 +171,19 @@ def _slice_tensors(graph: DependencyGraph, gm: torch.fx.GraphModule, ctx: PruneC
 def verify_shapes(graph: DependencyGraph, gm: torch.fx.GraphModule, ctx: PruneContext) -> None:
     """Re-propagate shapes; every node must match the analysis' prediction."""
     inputs = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in graph.example_inputs)
+    modes = {m: m.training for m in gm.modules()}
     try:
+        gm.eval()
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+            ShapeRecorder(gm).run(*inputs)
     except Exception as exc:
         raise VerificationError(
             f"the pruned graph does not run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
             "This is a bug in a channel rule; please report it with the model."
         ) from exc
+    finally:
+        for m, training in modes.items():
+            m.training = training
     for node in gm.graph.nodes:
         meta = node.meta.get("tensor_meta")
         if node.op == "output" or not hasattr(meta, "shape"):

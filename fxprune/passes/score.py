@@ -176,10 +176,11 @@ def taylor(graph: DependencyGraph, *, calib_inputs=None, loss_fn=None, notes: li
 def l0(graph: DependencyGraph, *, notes: list[str], **_) -> dict[int, np.ndarray]:
     """P(z != 0) of the unit's L0 gate, from ``fold_gates`` (``gm.meta["fxprune_l0"]``).
 
-    Units whose deterministic gate is exactly 0 score ``P - 1`` (< 0): they go first.
+    Units whose deterministic gate is exactly 0 score 0 (below every open unit): they go first.
     A group without gates gets ``magnitude`` scores, with a note.
     """
-    meta = getattr(graph.gm, "meta", {}).get("fxprune_l0")
+    from fxprune.passes.gates import gate_meta  # gates imports this module's neighbours
+    meta = gate_meta(graph.gm)
     if not meta:
         raise SpecError("spec.score: score='l0' needs a model from fxprune.passes.gates.fold_gates "
                         "(insert_gates -> train -> fold_gates); this model carries no gate probabilities")
@@ -192,7 +193,7 @@ def l0(graph: DependencyGraph, *, notes: list[str], **_) -> dict[int, np.ndarray
                 np.maximum.at(prob, units, entry["prob"][idx])
                 np.maximum.at(z, units, entry["z"][idx])
         if np.isfinite(prob).all():
-            out[g.id] = np.where(z <= 0.0, prob - 1.0, prob)
+            out[g.id] = np.where(z <= 0.0, 0.0, prob)
             continue
         fallback = fallback if fallback is not None else magnitude(graph)
         out[g.id] = fallback[g.id]

@@ -1,0 +1,157 @@
+"""The ``fxprune`` command: ``graph | compress | report | check | demo``.
+
+Every user error prints one line, ``fxprune: error: ...``, on stderr and exits 2;
+``check`` exits 1 when a limit is exceeded. Run ``fxprune COMMAND --help`` for examples.
+
+Example:
+    >>> main(["graph", "torchvision:resnet18", "--format", "json"])   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fxprune.cli.commands import (cmd_check, cmd_compress, cmd_demo, cmd_graph, cmd_report,
+                                  end_progress_line)
+from fxprune.errors import FxpruneError
+
+MODEL_HELP = ("model reference: torchvision:NAME, timm:NAME, package.module:factory, "
+              "path/to/file.py:factory, or a file saved by `fxprune compress -o` / torch.save")
+INPUT_HELP = ("input shape, e.g. 1,3,224,224 (several inputs: '1,8;1,4'); default: the "
+              "model's own (torchvision: 1,3,224,224; saved by fxprune: as compressed)")
+
+
+def _command(sub, name: str, help_text: str, examples: str, func):
+    parser = sub.add_parser(name, help=help_text, description=help_text,
+                            epilog="examples:\n" + examples,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _model_args(parser, optional: bool = False) -> None:
+    parser.add_argument("model", nargs="?" if optional else None, metavar="MODEL", help=MODEL_HELP)
+    parser.add_argument("--input", metavar="SHAPE", help=INPUT_HELP)
+
+
+def _latency_args(parser) -> None:
+    parser.add_argument("--device", default="cpu", help="latency device: cpu (default), cuda, cuda:N")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads while timing (default 2)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs; the median is shown (default 20)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fxprune", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Structured pruning for PyTorch on torch.fx: inspect channel groups, "
+                    "compress, report costs and check size budgets.",
+        epilog="examples:\n  fxprune demo\n  fxprune graph torchvision:resnet18\n"
+               "  fxprune compress torchvision:resnet18 --flops 0.5 -o small.pt\n"
+               "  fxprune report small.pt\n  fxprune check small.pt --budget budget.toml\n\n"
+               "Run `fxprune COMMAND --help` for each command's options.")
+    from fxprune import __version__
+    parser.add_argument("--version", action="version", version=f"fxprune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = _command(sub, "graph", "Show the channel dependency groups: id, channels, producers, "
+                 "consumers, prunable or frozen and why.",
+                 "  fxprune graph torchvision:resnet18\n"
+                 "  fxprune graph torchvision:resnet18 --input 1,3,64,64 --format json -o groups.json\n"
+                 "  fxprune graph mypkg.models:build_net --input 1,3,32,32 --format dot | dot -Tsvg > g.svg\n"
+                 "  fxprune graph small.pt --format mermaid", cmd_graph)
+    _model_args(p)
+    p.add_argument("--format", choices=("text", "json", "dot", "mermaid"), default="text",
+                   help="text (default, a terminal table), json (stable, for tools), dot "
+                        "(Graphviz), mermaid (flowchart for markdown)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+
+    p = _command(sub, "compress", "Prune a model as a spec (or the flags) say; save it and its report.",
+                 "  fxprune compress torchvision:resnet18 --flops 0.5 -o small.pt\n"
+                 "  fxprune compress torchvision:resnet18 --spec spec.toml -o small.pt --report report.json\n"
+                 "  fxprune compress mypkg.models:build_net --input 1,3,32,32 --ratio 0.3 --score bn_scale\n"
+                 "  fxprune compress torchvision:resnet50 --flops 0.6 --nm 2:4 --latency\n\n"
+                 "spec.toml holds Spec fields, e.g.:\n"
+                 "  input_shape = [1, 3, 224, 224]\n  score = \"magnitude\"\n  round_to = 8\n"
+                 "  [target]\n  flops = 0.5\n"
+                 "Flags override the spec's fields; --flops/--params/--ratio replace its goal.",
+                 cmd_compress)
+    _model_args(p)
+    p.add_argument("--spec", metavar="FILE", help="spec file: .toml, .json or pyproject.toml "
+                                                  "([tool.fxprune.compress])")
+    p.add_argument("-o", "--output", metavar="FILE", help="save the compressed model (torch.save; "
+                   "reload with torch.load(FILE, weights_only=False) or pass it to any fxprune command)")
+    p.add_argument("--report", metavar="FILE", help="write the report as JSON (with the plan)")
+    goal = p.add_mutually_exclusive_group()
+    goal.add_argument("--flops", type=float, metavar="F", help="keep this fraction of the FLOPs, in (0, 1]")
+    goal.add_argument("--params", type=float, metavar="F", help="keep this fraction of the parameters, in (0, 1]")
+    goal.add_argument("--ratio", type=float, metavar="R", help="remove this fraction of every prunable group, in (0, 1)")
+    p.add_argument("--score", help="channel importance: magnitude (default), bn_scale, group_lasso, l0")
+    p.add_argument("--nm", metavar="N:M", help="N:M semi-structured sparsity on top, e.g. 2:4")
+    p.add_argument("--round-to", type=int, metavar="K", help="kept channel counts are multiples of K")
+    p.add_argument("--latency", action="store_true", help="also measure latency before/after (cpu, 2 threads)")
+    p.add_argument("--markdown", action="store_true", help="print the report as GitHub markdown")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+
+    p = _command(sub, "report", "What a model costs: FLOPs, parameters, size, measured latency "
+                 "and a per-layer table.",
+                 "  fxprune report torchvision:resnet18\n"
+                 "  fxprune report small.pt --no-latency --json > cost.json\n"
+                 "  fxprune report torchvision:mobilenet_v3_small --threads 4 --repeats 50 --layers 0",
+                 cmd_report)
+    _model_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--layers", type=int, default=30, metavar="N",
+                   help="show the first N layers (default 30, 0: all)")
+    _latency_args(p)
+
+    p = _command(sub, "check", "Check size budgets from [tool.fxprune.budget] in pyproject.toml "
+                 "(or --budget FILE). Exit 0: all limits hold, 1: a limit is exceeded, 2: usage "
+                 "or load error.",
+                 "  fxprune check                      # ./pyproject.toml [tool.fxprune.budget]\n"
+                 "  fxprune check small.pt --budget budget.toml\n"
+                 "  fxprune check torchvision:resnet18 --max-params 12M --max-flops 4G\n\n"
+                 "[tool.fxprune.budget]\n  model = \"torchvision:resnet18\"\n  input = [1, 3, 224, 224]\n"
+                 "  max_params = \"12M\"      # k M G T = 10^3 ...\n  max_flops = \"4G\"\n"
+                 "  max_size = \"50MB\"       # B kB MB GB KiB MiB GiB\n  max_latency_ms = 40\n"
+                 "  [tool.fxprune.budget.latency]   # required with max_latency_ms\n"
+                 "  device = \"cpu\"\n  threads = 2", cmd_check)
+    _model_args(p, optional=True)
+    p.add_argument("--budget", metavar="FILE", help="TOML file with the budget (default: the "
+                   "nearest pyproject.toml)")
+    for name in ("params", "flops", "size", "latency-ms"):
+        p.add_argument(f"--max-{name}", metavar="LIMIT", help=f"override max_{name.replace('-', '_')}")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
+    p = _command(sub, "demo", "A first run with no download and no GPU: train a small CNN on "
+                 "scikit-learn's digits with L1 on BatchNorm scales, compress it to a quarter "
+                 "of its FLOPs, fine-tune, print accuracy and the before/after report.",
+                 "  fxprune demo\n  fxprune demo --epochs 5 --finetune 1 --flops 0.5", cmd_demo)
+    p.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    p.add_argument("--finetune", type=int, default=5, help="fine-tuning epochs after pruning (default 5)")
+    p.add_argument("--flops", type=float, default=0.25, help="fraction of FLOPs to keep (default 0.25)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fxprune`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FxpruneError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
+        end_progress_line()
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"fxprune: error: {message}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `fxprune ... | head`: the reader left, not an error of ours
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print("fxprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Renderings of a dependency graph (text, JSON, DOT, Mermaid) and of a model's layers."""
+from __future__ import annotations
+
+import json
+
+import torch
+from tabulate import tabulate
+from torch.utils.flop_counter import FlopCounterMode
+
+from fxprune.measure import count_flops, count_params, size_bytes
+
+GRAPH_SCHEMA = "fxprune.graph/1"
+REPORT_SCHEMA = "fxprune.model-report/1"
+
+
+def graph_json(graph, model_ref: str, input_shape) -> str:
+    """Stable JSON: schema, model, input shape, counts and one object per group."""
+    rows = graph.rows()
+    return json.dumps({
+        "schema": GRAPH_SCHEMA, "model": model_ref, "input_shape": input_shape,
+        "groups_total": len(rows), "groups_prunable": sum(r["prunable"] for r in rows),
+        "groups": [{"id": r["id"], "channels": r["channels"], "prunable": r["prunable"],
+                    "zero_invariant": r["zero_invariant"], "reason": r["reason"],
+                    "producers": r["producers"], "consumers": r["consumers"]} for r in rows],
+    }, indent=2)
+
+
+def _dot_quote(text: str) -> str:
+    return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def graph_dot(graph, model_ref: str) -> str:
+    """Graphviz DOT: producer tensors -> group box -> consumer tensors."""
+    lines = [f"digraph fxprune {{", f"  label={_dot_quote('fxprune groups of ' + model_ref)};",
+             "  rankdir=LR;", '  node [fontname="Helvetica", fontsize=10];']
+    tensors: dict[str, str] = {}
+
+    def tensor_node(name: str) -> str:
+        if name not in tensors:
+            tensors[name] = f"t{len(tensors)}"
+            lines.append(f"  {tensors[name]} [label={_dot_quote(name)}, shape=ellipse];")
+        return tensors[name]
+
+    for row in graph.rows():
+        state = "prunable" if row["prunable"] else "frozen"
+        label = f"group {row['id']}\n{row['channels']} channels\n{state}"
+        if row["reason"]:
+            label += "\n" + (row["reason"][:60] + ("..." if len(row["reason"]) > 60 else ""))
+        color = "palegreen" if row["prunable"] else "lightgrey"
+        lines.append(f"  g{row['id']} [label={_dot_quote(label)}, shape=box, style=filled, "
+                     f"fillcolor={color}];")
+        for producer in row["producers"]:
+            lines.append(f"  {tensor_node(producer)} -> g{row['id']};")
+        for consumer in row["consumers"]:
+            lines.append(f"  g{row['id']} -> {tensor_node(consumer)};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _mermaid_label(text: str) -> str:
+    return '"' + str(text).replace('"', "#quot;").replace("\n", "<br/>") + '"'
+
+
+def graph_mermaid(graph) -> str:
+    """A Mermaid flowchart (renders in GitHub markdown inside a ```mermaid block)."""
+    lines = ["flowchart LR"]
+    tensors: dict[str, str] = {}
+
+    def tensor_node(name: str) -> str:
+        if name not in tensors:
+            tensors[name] = f"t{len(tensors)}"
+            lines.append(f"  {tensors[name]}({_mermaid_label(name)})")
+        return tensors[name]
+
+    for row in graph.rows():
+        state = "prunable" if row["prunable"] else "frozen"
+        text = f"group {row['id']}: {row['channels']} channels, {state}"
+        lines.append(f"  g{row['id']}[{_mermaid_label(text)}]")
+        lines.append(f"  class g{row['id']} {state}")
+        for producer in row["producers"]:
+            lines.append(f"  {tensor_node(producer)} --> g{row['id']}")
+        for consumer in row["consumers"]:
+            lines.append(f"  g{row['id']} --> {tensor_node(consumer)}")
+    lines += ["  classDef prunable fill:#cfc,stroke:#393", "  classDef frozen fill:#ddd,stroke:#777"]
+    return "\n".join(lines) + "\n"
+
+
+def layer_rows(model: torch.nn.Module, inputs: tuple) -> list[dict]:
+    """One row per leaf module with parameters: name, type, output shape, params, FLOPs."""
+    shapes: dict[str, list] = {}
+    hooks = []
+    leaves = [(n, m) for n, m in model.named_modules()
+              if n and not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+    for name, module in leaves:
+        def hook(_m, _inp, out, name=name):
+            if isinstance(out, torch.Tensor):
+                shapes.setdefault(name, list(out.shape))
+        hooks.append(module.register_forward_hook(hook))
+    counter = FlopCounterMode(display=False)
+    training = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad(), counter:
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, flag in training:
+            m.training = flag
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    return [{"name": name, "type": type(module).__name__, "output_shape": shapes.get(name),
+             "params": sum(p.numel() for p in module.parameters(recurse=False)),
+             "flops": int(sum(counts.get(f"{root}.{name}", {}).values()))}
+            for name, module in leaves]
+
+
+def model_report(model, inputs, model_ref, input_shape, latency) -> dict:
+    """FLOPs, params, size, latency (a LatencyResult or None) and the per-layer rows."""
+    return {"schema": REPORT_SCHEMA, "model": model_ref, "input_shape": input_shape,
+            "flops": count_flops(model, inputs), "params": count_params(model),
+            "size_bytes": size_bytes(model),
+            "latency_ms": None if latency is None else latency.eager_ms[0],
+            "latency_settings": None if latency is None else vars(latency.settings).copy(),
+            "flops_convention": "2 FLOPs per multiply-accumulate (torch.utils.flop_counter)",
+            "layers": layer_rows(model, inputs)}
+
+
+def _si(value: float) -> str:
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f}{prefix}"
+    return f"{value:g}"
+
+
+def model_report_text(data: dict, max_layers: int | None = None) -> str:
+    s = data.get("latency_settings")
+    latency = (f"{data['latency_ms']:.3f} ms (median of {s['repeats']} runs, {s['device']}, "
+               f"{s['threads']} thread{'s' if s['threads'] != 1 else ''})" if s else "not measured (--no-latency)")
+    summary = tabulate([["FLOPs", f"{_si(data['flops'])} ({data['flops']:,})"],
+                        ["params", f"{_si(data['params'])} ({data['params']:,})"],
+                        ["size (state_dict)", f"{data['size_bytes'] / 1e6:.2f} MB ({data['size_bytes']:,} B)"],
+                        ["latency", latency]], tablefmt="plain", disable_numparse=True)
+    total = data["flops"] or 1
+    layers = data["layers"] if max_layers is None else data["layers"][:max_layers]
+    rows = [[r["name"], r["type"], "x".join(map(str, r["output_shape"] or [])) or "-",
+             f"{r['params']:,}", _si(r["flops"]), f"{r['flops'] / total:.1%}"] for r in layers]
+    table = tabulate(rows, headers=["layer", "type", "output", "params", "FLOPs", "% FLOPs"],
+                     colalign=("left", "left", "left", "right", "right", "right"), disable_numparse=True)
+    more = len(data["layers"]) - len(layers)
+    tail = f"\n... {more} more layers (--layers 0 shows all)" if more > 0 else ""
+    return (f"fxprune report: {data['model']}, input {data['input_shape']}\n\n{summary}\n\n"
+            f"FLOPs: {data['flops_convention']}.\n\n{table}{tail}")
+
+
+def graph_text(graph, model_ref: str) -> str:
+    """A table that fits a ~120-column terminal; ``--format json`` has every member."""
+    def short(text: str, limit: int) -> str:
+        return text if len(text) <= limit else text[:limit - 3] + "..."
+
+    rows = graph.rows()
+    table = [[r["id"], r["channels"], "prunable" if r["prunable"] else "frozen",
+              "yes" if r["zero_invariant"] else "no",
+              short(r["producers"][0], 34) + (f" +{len(r['producers']) - 1}" if len(r["producers"]) > 1 else "")
+              if r["producers"] else "-", len(r["consumers"]), short(r["reason"], 44)]
+             for r in rows]
+    prunable = sum(r["prunable"] for r in rows)
+    head = (f"{model_ref}: {len(rows)} channel groups, {prunable} prunable, {len(rows) - prunable} frozen")
+    body = tabulate(table, headers=["group", "channels", "state", "zero-inv", "producers",
+                                    "consumers", "reason"], disable_numparse=True,
+                    colalign=("right", "right", "left", "left", "left", "right", "left"))
+    return f"{head}\n{body}\nproducers: first tensor[dim] (+ how many more); all members: --format json"

@@ -1,0 +1,233 @@
+"""The `fxprune` console script, run as a subprocess exactly as a user would."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from fxprune.measure import count_flops, count_params
+
+TINY = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = torch.relu(x + self.block(x))
+            return self.head(x.mean((2, 3)))
+
+    def build():
+        torch.manual_seed(0)
+        return Tiny()
+''')
+SHAPE = "1,3,16,16"
+
+
+def fxprune(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the ``fxprune`` console script (or its entry point, if not installed) and capture it."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    script = Path(sys.executable).with_name("fxprune")
+    command = [str(script)] if script.is_file() else [
+        sys.executable, "-c", "import sys; from fxprune.cli import main; sys.exit(main())"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=timeout)
+
+
+def assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fxprune: error:")]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("tiny")
+    (folder / "tinynet.py").write_text(TINY)
+    return f"{folder / 'tinynet.py'}:build"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny):
+    import importlib.util
+    path = tiny.rsplit(":", 1)[0]
+    spec = importlib.util.spec_from_file_location("tinynet_for_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build().eval()
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("out")
+    out, report = folder / "small.pt", folder / "report.json"
+    proc = fxprune("compress", tiny, "--input", SHAPE, "--ratio", "0.5", "-o", str(out),
+                   "--report", str(report))
+    assert proc.returncode == 0, proc.stderr
+    return proc, out, report
+
+
+def test_help_on_every_command():
+    top = fxprune("--help")
+    assert top.returncode == 0 and "examples:" in top.stdout
+    for command in ("graph", "compress", "report", "check", "demo"):
+        proc = fxprune(command, "--help")
+        assert proc.returncode == 0, proc.stderr
+        assert "examples:" in proc.stdout and f"fxprune {command}" in proc.stdout
+
+
+def test_graph_text(tiny):
+    proc = fxprune("graph", tiny, "--input", SHAPE)
+    assert proc.returncode == 0, proc.stderr
+    assert "channel groups" in proc.stdout and "prunable" in proc.stdout and "frozen" in proc.stdout
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 130
+
+
+def test_graph_json_is_stable_and_complete(tiny, tiny_model):
+    import fxprune as fx
+    proc = fxprune("graph", tiny, "--input", SHAPE, "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["schema"] == "fxprune.graph/1" and data["input_shape"] == [1, 3, 16, 16]
+    expected = fx.analyze(tiny_model, torch.randn(1, 3, 16, 16)).rows()
+    assert [g["id"] for g in data["groups"]] == [r["id"] for r in expected]
+    for group, row in zip(data["groups"], expected):
+        assert set(group) == {"id", "channels", "prunable", "zero_invariant", "reason",
+                              "producers", "consumers"}
+        assert group["producers"] == row["producers"] and group["consumers"] == row["consumers"]
+        assert group["prunable"] or group["reason"]  # a frozen group says why
+
+
+def test_graph_dot(tiny, tmp_path):
+    out = tmp_path / "g.dot"
+    proc = fxprune("graph", tiny, "--input", SHAPE, "--format", "dot", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert text.startswith("digraph") and text.count("{") == text.count("}")
+    assert "->" in text
+    pytest.importorskip("pydot", reason="pydot not installed: DOT checked for syntax only, "
+                                        "not read back with networkx.nx_pydot")
+    import networkx as nx
+    graph = nx.nx_pydot.read_dot(str(out))
+    assert graph.number_of_edges() > 0
+
+
+def test_graph_mermaid(tiny):
+    proc = fxprune("graph", tiny, "--input", SHAPE, "--format", "mermaid")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("flowchart LR\n") and "-->" in proc.stdout
+
+
+def test_compress_saves_model_and_report(compressed, tiny_model):
+    proc, out, report = compressed
+    assert "fxprune report" in proc.stdout and "FLOPs" in proc.stdout
+    assert "[1/3]" in proc.stderr and "done" in proc.stderr  # progress on stderr
+    data = json.loads(report.read_text())
+    assert data["after"]["params"] < data["before"]["params"] and data["plan"]
+    small = torch.load(out, weights_only=False)
+    x = torch.randn(2, 3, 16, 16)
+    assert small(x).shape == tiny_model(x).shape
+    assert small.fxprune_input_shape == [1, 3, 16, 16]
+
+
+def test_compress_spec_file_and_flag_override(tiny, tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text('input_shape = [1, 3, 16, 16]\nscore = "magnitude"\n[target]\nparams = 0.9\n')
+    proc = fxprune("compress", tiny, "--spec", str(spec), "--flops", "0.5", "--nm", "2:4", "-q",
+                   "--markdown")
+    assert proc.returncode == 0, proc.stderr
+    assert "### fxprune report" in proc.stdout and "target flops=0.5" in proc.stdout
+    assert "nm: 2:4" in proc.stdout and proc.stderr == ""
+
+
+def test_report_text_and_json_on_saved_model(compressed):
+    _, out, _ = compressed
+    text = fxprune("report", str(out), "--repeats", "3", "--threads", "1")
+    assert text.returncode == 0, text.stderr
+    assert "latency" in text.stdout and "ms (median of 3 runs, cpu, 1 thread)" in text.stdout
+    assert "layer" in text.stdout and "Conv2d" in text.stdout
+    proc = fxprune("report", str(out), "--json", "--no-latency")
+    data = json.loads(proc.stdout)
+    assert data["input_shape"] == [1, 3, 16, 16] and data["latency_ms"] is None
+    small = torch.load(out, weights_only=False)
+    assert data["params"] == count_params(small)
+    assert data["flops"] == count_flops(small, torch.randn(1, 3, 16, 16))
+    assert sum(r["flops"] for r in data["layers"]) == data["flops"]
+
+
+def test_check_budget_boundary_in_pyproject(tiny, tiny_model, tmp_path):
+    params = count_params(tiny_model)
+    flops = count_flops(tiny_model, torch.randn(1, 3, 16, 16))
+
+    def check(max_params, max_flops):
+        (tmp_path / "pyproject.toml").write_text(
+            f'[project]\nname = "x"\n\n[tool.fxprune.budget]\nmodel = "{tiny}"\n'
+            f'input = "{SHAPE}"\nmax_params = {max_params}\nmax_flops = "{max_flops / 1000}k"\n'
+            'max_size = "1MB"\n')
+        return fxprune("check", cwd=tmp_path)
+
+    ok = check(params, flops)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "PASS" in ok.stdout and "limit" in ok.stdout and "measured" in ok.stdout
+    over = check(params - 1, flops)
+    assert over.returncode == 1 and "FAIL" in over.stdout and "max_params" in over.stdout
+    over = check(params, flops - 1000)
+    assert over.returncode == 1 and "max_flops" in over.stdout
+
+
+def test_check_latency_states_device_and_threads(tiny, tmp_path):
+    budget = tmp_path / "budget.toml"
+    budget.write_text(f'[tool.fxprune.budget]\nmodel = "{tiny}"\ninput = [1, 3, 16, 16]\n'
+                      'max_latency_ms = "10s"\n[tool.fxprune.budget.latency]\ndevice = "cpu"\n'
+                      'threads = 1\nrepeats = 3\n')
+    proc = fxprune("check", "--budget", str(budget), "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["ok"] and data["latency_settings"]["threads"] == 1
+    budget.write_text(f'[tool.fxprune.budget]\nmodel = "{tiny}"\nmax_latency_ms = 10\n')
+    assert_usage_error(fxprune("check", "--budget", str(budget)), "device and threads")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (("graph", "no_such_model"), ("cannot load model", "accepted forms")),
+    (("graph", "resnet18"), ("did you mean torchvision:resnet18",)),
+    (("report", "torchvision:resnet_nope"), ("torchvision has no model",)),
+    (("graph", "no_such_pkg.models:build"), ("cannot import",)),
+    (("compress", "torchvision:resnet18", "--input", "1,3,x,8", "--flops", "0.5"), ("input shape",)),
+    (("compress", "torchvision:resnet18", "--input", "1,3,32,32", "--flops", "1.5"), ("spec.target",)),
+    (("check", "torchvision:resnet18", "--max-params", "12 apples"), ("max_params", "cannot parse")),
+    (("check", "torchvision:resnet18", "--max-size", "20MX"), ("max_size",)),
+])
+def test_user_errors_are_one_line_exit_2(args, needles):
+    assert_usage_error(fxprune(*args), *needles)
+
+
+def test_missing_budget_table_and_unknown_flag(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n')
+    assert_usage_error(fxprune("check", "torchvision:resnet18", cwd=tmp_path),
+                       "no [tool.fxprune.budget] table")
+    assert_usage_error(fxprune("check", "--budget", str(tmp_path / "missing.toml")), "not found")
+    proc = fxprune("graph", "torchvision:resnet18", "--frobnicate")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "unrecognized arguments: --frobnicate" in proc.stderr
+
+
+def test_demo_runs_fast_with_few_epochs():
+    proc = fxprune("demo", "--epochs", "1", "--finetune", "0", "--flops", "0.5", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "fxprune report" in proc.stdout and "test accuracy" in proc.stdout
