@@ -408,3 +408,22 @@ def test_pruning_shrinks_parameters_and_keeps_interface():
     small = fxprune.prune(graph, half_plan(graph))
     assert count_params(small) < 0.5 * count_params(model)
     assert small(torch.randn(5, 3, 12, 12)).shape == (5, 4)  # other batch and image sizes still work
+
+
+def test_two_shuffles_in_a_row():
+    """Found by the random-architecture search: the second rewrite must find the first's output."""
+    class TwoShuffles(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv_bn(3, 8, 1)
+            self.fc = nn.Linear(8, 5)
+
+        def shuffle(self, x):
+            y = x.view(x.size(0), 2, 4, x.size(2), x.size(3))
+            return torch.transpose(y, 1, 2).contiguous().view(x.size(0), 8, x.size(2), x.size(3))
+
+        def forward(self, x):
+            return self.fc(self.shuffle(self.shuffle(self.conv(x))).mean((2, 3)))
+
+    graph, small, _ = prune_and_check(randomize(TwoShuffles()), torch.randn(2, 3, 4, 4))
+    assert small.code.count("torch.index_select(") == 2

@@ -29,26 +29,32 @@ def feasible_plan(graph: DependencyGraph, candidates: Iterable[tuple[int, int]],
     {1: [0, 1, 2, 3, 4]}
     """
     roots = graph.roots
+    # Only a layer that holds part of a group can be emptied while the group keeps a
+    # channel; layers holding all of it are protected by the size-1 cap. Track those.
     alive: list[int] = []
-    holders: dict[int, list[int]] = defaultdict(list)  # class root -> layers holding it
-    for index, (ids, _) in enumerate(graph.state.nonempty):
+    holders: dict[int, list[int]] = defaultdict(list)  # class root -> partial layers holding it
+    for ids, _ in graph.state.nonempty:
         classes = np.unique(roots[ids[ids >= 0]])
-        alive.append(len(classes))
-        for c in classes.tolist():
-            holders[c].append(index)
+        if classes.size and classes.size < graph.group(graph.group_of_id(int(classes[0]))).size:
+            for c in classes.tolist():
+                holders[c].append(len(alive))
+            alive.append(len(classes))
     plan: dict[int, list[int]] = defaultdict(list)
+    taken: dict[int, set[int]] = defaultdict(set)
+    caps: dict[int, int] = {}
     for gid, unit in candidates:
-        group = graph.group(gid)
-        if not group.prunable:
+        cap = caps.get(gid)
+        if cap is None:
+            group = graph.group(gid)
+            cap = caps[gid] = min(group.size - 1, (limit or {}).get(gid, group.size - 1)) if group.prunable else 0
+        if len(plan[gid]) >= cap or unit in taken[gid]:
             continue
-        cap = min(group.size - 1, (limit or {}).get(gid, group.size - 1))
-        if len(plan[gid]) >= cap:
-            continue
-        root = int(group.classes[unit])
-        layers = holders.get(root, ())
-        if any(alive[i] <= 1 for i in layers):
-            continue
-        for i in layers:
-            alive[i] -= 1
+        if holders:
+            layers = holders.get(int(graph.groups[gid].classes[unit]), ())
+            if any(alive[i] <= 1 for i in layers):
+                continue
+            for i in layers:
+                alive[i] -= 1
         plan[gid].append(int(unit))
+        taken[gid].add(int(unit))
     return {gid: sorted(units) for gid, units in plan.items() if units}

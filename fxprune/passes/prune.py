@@ -31,10 +31,29 @@ class PruneContext:
         self.gm = gm
         self.keep = keep
         self.renamed: dict[str, str] = {}  # new node name -> the analysed node it replaces
+        self.replacement: dict[str, torch.fx.Node] = {}  # analysed node name -> node now standing for it
         self._old_nodes = {n.name: n for n in graph.gm.graph.nodes}
 
     def module(self, target: str) -> torch.nn.Module:
         return self.gm.get_submodule(target)
+
+    def current(self, name: str) -> torch.fx.Node:
+        """The node of the new graph that computes what analysed node ``name`` did."""
+        if name in self.replacement:
+            return self.replacement[name]
+        for node in self.gm.graph.nodes:
+            if node.name == name:
+                return node
+        raise VerificationError(f"node '{name}' vanished from the pruned graph before its rewrite ran")
+
+    def replace(self, node: torch.fx.Node, new: torch.fx.Node) -> None:
+        """Swap ``node`` for ``new`` everywhere, keeping the analysis' view of it."""
+        old_name = self.renamed.get(node.name, node.name)
+        node.replace_all_uses_with(new)
+        new.meta = dict(node.meta)
+        node.graph.erase_node(node)
+        self.renamed[new.name] = old_name
+        self.replacement[old_name] = new
 
     def kept(self, ids: np.ndarray) -> np.ndarray:
         """Mask of surviving positions; fixed positions (id -1) always survive."""
@@ -130,9 +149,37 @@ def clone_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     owned = {}
     for node in gm.graph.nodes:
         if node.op in ("call_module", "get_attr") and node.target not in owned:
-            owned[node.target] = copy.deepcopy(_fetch(gm, node.target), memo)
+            owned[node.target] = _clone(_fetch(gm, node.target), memo)
     new = torch.fx.GraphModule(owned, copy.deepcopy(gm.graph), gm.__class__.__name__)
     new.training = gm.training
+    return new
+
+
+def _clone(obj, memo: dict[int, object]):
+    """Copy a module (own dicts, own tensors) without deepcopy's generic machinery."""
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if type(obj) in (torch.nn.Parameter, torch.Tensor):
+        new = obj.detach().clone()
+        new = torch.nn.Parameter(new, requires_grad=obj.requires_grad) if type(obj) is torch.nn.Parameter else new
+    elif isinstance(obj, torch.nn.Module):
+        new = obj.__class__.__new__(obj.__class__)
+        memo[id(obj)] = new
+        state = {}
+        for key, value in obj.__dict__.items():
+            if key in ("_parameters", "_buffers", "_modules"):
+                state[key] = {k: None if v is None else _clone(v, memo) for k, v in value.items()}
+            elif isinstance(value, (dict, list, set)):
+                state[key] = copy.copy(value)  # hooks and other containers: own copies
+            elif isinstance(value, torch.Tensor):
+                state[key] = _clone(value, memo)
+            else:
+                state[key] = value  # numbers, strings, tuples: immutable
+        new.__dict__ = state
+        return new
+    else:
+        new = copy.deepcopy(obj, memo)
+    memo[id(obj)] = new
     return new
 
 

@@ -91,13 +91,10 @@ def rewrite_as_index_select(source_name: str, dim: int, perm: np.ndarray, src_ma
         index = torch.as_tensor(new_pos[perm[kept[perm]]], dtype=torch.long)
         attr = f"_fxprune_perm_{node.name}"
         p.gm.register_buffer(attr, index)
-        source = next(n for n in node.graph.nodes if n.name == source_name)
+        source = p.current(source_name)
         with node.graph.inserting_before(node):
             idx_node = node.graph.get_attr(attr)
             new = node.graph.call_function(torch.index_select, (source, dim, idx_node))
-        node.replace_all_uses_with(new)
-        new.meta = dict(node.meta)
-        node.graph.erase_node(node)
-        p.renamed[new.name] = node.name
+        p.replace(node, new)
 
     return rewrite
