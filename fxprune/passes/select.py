@@ -31,7 +31,7 @@ import torch
 from fxprune.channels.feasible import feasible_plan
 from fxprune.channels.graph import DependencyGraph, Group
 from fxprune.errors import SpecError
-from fxprune.measure import count_flops, count_params
+from fxprune.measure import LatencySettings, count_flops, count_params, measure_latency
 from fxprune.passes.prune import prune
 from fxprune.passes.score import unit_entries
 
@@ -188,10 +188,22 @@ def _param_per_entry(graph: DependencyGraph) -> dict[str, float]:
     return {name: 1.0 for name, _ in graph.gm.named_parameters(remove_duplicate=False)}
 
 
+def _latency_ms(spec) -> Callable:
+    """Measured eager latency with the spec's latency settings (device, threads, repeats)."""
+    ls = spec.latency
+    settings = LatencySettings(device=ls.device, batch_size=ls.batch_size, threads=ls.threads,
+                               warmup=ls.warmup, repeats=ls.repeats)
+    return lambda model, inputs: measure_latency([model], inputs, settings).eager_ms[0]
+
+
+# metric -> (cost of one weight entry, used to rank units; how to measure a model).
+# Latency ranks by FLOPs (a cost model) and corrects by measuring the real thing.
 _METRICS: dict[str, tuple[Callable, Callable]] = {
-    "flops": (_flops_per_entry, lambda model, inputs: count_flops(model, inputs)),
-    "params": (_param_per_entry, lambda model, inputs: count_params(model)),
+    "flops": (_flops_per_entry, lambda spec: lambda model, inputs: count_flops(model, inputs)),
+    "params": (_param_per_entry, lambda spec: lambda model, inputs: count_params(model)),
+    "latency": (_flops_per_entry, _latency_ms),
 }
+_TOLERANCE = {"latency": 0.05}  # timings are noisy: 5 %
 
 
 def unit_costs(graph: DependencyGraph, groups: list[Group], metric: str) -> dict[int, np.ndarray]:
@@ -210,7 +222,8 @@ def unit_costs(graph: DependencyGraph, groups: list[Group], metric: str) -> dict
 
 
 def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
-    measure = _METRICS[metric][1]
+    measure = _METRICS[metric][1](spec)
+    tolerance = _TOLERANCE.get(metric, TOLERANCE)
     inputs = graph.example_inputs
     base = measure(graph.gm, inputs)
     sizes = {g.id: g.size for g in groups}
@@ -247,7 +260,7 @@ def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
         return tried[k][0]
 
     def done(k: int) -> bool:
-        return abs(actual(k) - target) <= TOLERANCE * target
+        return abs(actual(k) - target) <= tolerance * target
 
     goal, k = target, k_for(target)
     for _ in range(MAX_TRIES):
@@ -275,7 +288,7 @@ def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
         model = None
     notes.append(f"select: target {metric}={target}: kept {frac:.3f} of the {metric} after "
                  f"{len(tried) - 1} verified prune(s)")
-    if abs(frac - target) > 2 * TOLERANCE * target:
-        notes.append(f"select: could not land within 2% of target {metric}={target} "
+    if abs(frac - target) > 2 * tolerance * target:
+        notes.append(f"select: could not land within {200 * tolerance:.0f}% of target {metric}={target} "
                      f"(channel granularity); closest is {frac:.3f}")
     return plan_at(best), model
