@@ -74,8 +74,8 @@ def _train(model, x, y, epochs, lr, seed, lam=0.0):
     return slim
 
 
-def run_demo(epochs: int = 20, flops: float = 0.25, finetune: int = 3, lam: float = 0.3,
-             threads: int = 2, seed: int = 0, print_fn: Callable[..., None] = print) -> dict:
+def run_demo(epochs: int = 20, flops: float = 0.5, finetune: int = 5, lam: float = 0.3,
+             threads: int = 1, seed: int = 0, print_fn: Callable[..., None] = print) -> dict:
     """Train, compress, fine-tune and report; returns the numbers it printed.
 
     Example:

@@ -124,13 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
     p = _command(sub, "demo", "A first run with no download and no GPU: train a small CNN on "
-                 "scikit-learn's digits with L1 on BatchNorm scales, compress it to a quarter "
+                 "scikit-learn's digits with L1 on BatchNorm scales, compress it to half "
                  "of its FLOPs, fine-tune, print accuracy and the before/after report.",
-                 "  fxprune demo\n  fxprune demo --epochs 5 --finetune 1 --flops 0.5", cmd_demo)
+                 "  fxprune demo\n  fxprune demo --epochs 5 --finetune 1 --flops 0.25", cmd_demo)
     p.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
     p.add_argument("--finetune", type=int, default=5, help="fine-tuning epochs after pruning (default 5)")
-    p.add_argument("--flops", type=float, default=0.25, help="fraction of FLOPs to keep (default 0.25)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--flops", type=float, default=0.5, help="fraction of FLOPs to keep (default 0.5)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the demo's 8x8 images are too small to split)")
     return parser
 
 
