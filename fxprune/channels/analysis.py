@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-import numpy as np
 import torch.fx
 
 from ..capture import propagate_shapes, trace
@@ -67,4 +66,4 @@ def analyze(model, example_inputs, *, leaf_modules: Iterable = (), concrete_args
     return build_groups(state, inputs)
 
 
-__all__ = ["analyze", "run_rules", "np"]
+__all__ = ["analyze", "run_rules"]

@@ -17,7 +17,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .registry import describe_target
 from .unionfind import ChannelUnion
-from .values import FIXED, DimMap, SizeValue, TensorChannels, flatten_values
+from .values import FIXED, DimMap, TensorChannels, flatten_values
 
 ROLES = ("out", "in", "buffer")
 
@@ -239,4 +239,4 @@ def fixed_map(size: int) -> DimMap:
     return DimMap.of(np.full(size, FIXED, dtype=np.int64))
 
 
-__all__ = ["AnalysisState", "RuleContext", "Space", "Binding", "SizeValue", "ROLES", "fixed_map"]
+__all__ = ["AnalysisState", "RuleContext", "Space", "Binding", "ROLES", "fixed_map"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import operator
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -187,4 +186,4 @@ def is_size_only(ctx) -> bool:
 
 
 __all__ = ["input_rule", "get_attr_rule", "output_rule", "unknown_rule", "size_arithmetic_rule",
-           "passthrough_rule", "is_size_only", "np"]
+           "passthrough_rule", "is_size_only"]

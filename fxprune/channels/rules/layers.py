@@ -7,7 +7,6 @@ of input channels together with its block of output channels.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -136,4 +135,4 @@ def functional_embedding_rule(ctx):
     return ctx.out({len(shape) - 1: out} if out is not None else {})
 
 
-__all__ = ["conv_rule", "linear_rule", "embedding_rule", "torch"]
+__all__ = ["conv_rule", "linear_rule", "embedding_rule"]

@@ -13,7 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..registry import register_rule
-from ..values import DimMap
 
 POOL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -93,4 +92,4 @@ def softmax_rule(ctx):
     return x.with_dims({d: m.with_zi(False) for d, m in x.dims.items()})
 
 
-__all__ = ["pool_rule", "reduction_rule", "softmax_rule", "DimMap"]
+__all__ = ["pool_rule", "reduction_rule", "softmax_rule"]
