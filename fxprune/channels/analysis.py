@@ -6,7 +6,7 @@ from typing import Iterable
 
 import torch.fx
 
-from ..capture import propagate_shapes, trace
+from ..capture import gc_paused, propagate_shapes, trace
 from . import rules  # noqa: F401  (registers the built-in rules)
 from .context import AnalysisState, RuleContext
 from .graph import DependencyGraph, build_groups
@@ -60,10 +60,11 @@ def analyze(model, example_inputs, *, leaf_modules: Iterable = (), concrete_args
     [(8, True), (3, False), (4, False)]
     """
     load_plugins()
-    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    inputs = propagate_shapes(gm, example_inputs)
-    state = run_rules(gm)
-    return build_groups(state, inputs)
+    with gc_paused():
+        gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        inputs = propagate_shapes(gm, example_inputs)
+        state = run_rules(gm)
+        return build_groups(state, inputs)
 
 
 __all__ = ["analyze", "run_rules"]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from ..capture import ShapeRecorder
+from ..capture import ShapeRecorder, gc_paused
 from ..channels.graph import DependencyGraph, _check_units
 from ..channels.values import DimMap, TensorChannels
 from ..errors import PlanError, VerificationError
@@ -123,6 +123,11 @@ def prune(graph: DependencyGraph, plan: Mapping[int, object]) -> torch.fx.GraphM
     >>> small.get_submodule("0").weight.shape
     torch.Size([3, 4])
     """
+    with gc_paused():
+        return _prune(graph, plan)
+
+
+def _prune(graph: DependencyGraph, plan: Mapping[int, object]) -> torch.fx.GraphModule:
     removed = resolve_plan(graph, plan)
     keep = ~np.isin(graph.roots, removed)
     gm = clone_graph_module(graph.gm)
@@ -218,19 +223,13 @@ def _slice_tensors(graph: DependencyGraph, gm: torch.fx.GraphModule, ctx: PruneC
 def verify_shapes(graph: DependencyGraph, gm: torch.fx.GraphModule, ctx: PruneContext) -> None:
     """Re-propagate shapes; every node must match the analysis' prediction."""
     inputs = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in graph.example_inputs)
-    modes = {m: m.training for m in gm.modules()}
     try:
-        gm.eval()
-        with torch.no_grad():
-            ShapeRecorder(gm).run(*inputs)
+        ShapeRecorder(gm).record(*inputs)
     except Exception as exc:
         raise VerificationError(
             f"the pruned graph does not run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
             "This is a bug in a channel rule; please report it with the model."
         ) from exc
-    finally:
-        for m, training in modes.items():
-            m.training = training
     for node in gm.graph.nodes:
         meta = node.meta.get("tensor_meta")
         if node.op == "output" or not hasattr(meta, "shape"):
