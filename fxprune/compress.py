@@ -20,7 +20,6 @@ import torch
 
 from fxprune.channels import analyze
 from fxprune.channels.graph import DependencyGraph
-from fxprune.measure import LatencySettings
 from fxprune.passes.fuse import fuse
 from fxprune.passes.nm import apply_nm, finalize
 from fxprune.passes.prune import prune
@@ -85,9 +84,7 @@ def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = Non
         notes.append(f"fuse: folded {len(fused.folded)} batchnorm(s); the model is in eval mode")
     latency = None
     if _wants_latency(spec, loaded, measure_latency):
-        ls = loaded.latency
-        latency = LatencySettings(device=ls.device, batch_size=ls.batch_size, threads=ls.threads,
-                                  warmup=ls.warmup, repeats=ls.repeats, compile=ls.compile)
+        latency = loaded.latency.to_settings()
     rows = [group_row(g.id, g.size, g.size - len(plan.get(g.id, ())), reason=g.reason or None)
             for g in graph.groups]
     report = build_report(model, small, inputs, latency=latency, group_rows=rows, notes=notes)

@@ -146,6 +146,13 @@ class LatencySpec:
             _int(f"spec.latency.{name}", getattr(self, name), minimum)
         _bool("spec.latency.compile", self.compile)
 
+    def to_settings(self):
+        """The measurement settings (``fxprune.measure.LatencySettings``) this section asks for."""
+        from .measure import LatencySettings
+
+        return LatencySettings(device=self.device, batch_size=self.batch_size, threads=self.threads,
+                               warmup=self.warmup, repeats=self.repeats, compile=self.compile)
+
 
 @dataclass
 class Spec:

@@ -19,7 +19,7 @@ def make(**fields):
     return Spec(**base)
 
 
-def fails(path, *fragments, build=None, **fields):
+def assert_spec_error(path, *fragments, build=None, **fields):
     """Assert that building fails with a SpecError starting with ``path:`` and holding ``fragments``."""
     with pytest.raises(SpecError) as info:
         build() if build else make(**fields)
@@ -69,7 +69,7 @@ def test_example_inputs_tuple_list_and_single_tensor():
 
 @pytest.mark.parametrize("bad", [(), [1, 2], ("a",), 3, "x"])
 def test_example_inputs_invalid(bad):
-    fails("spec.example_inputs", "tuple of torch.Tensor", "input_shape", input_shape=None, example_inputs=bad)
+    assert_spec_error("spec.example_inputs", "tuple of torch.Tensor", "input_shape", input_shape=None, example_inputs=bad)
 
 
 @pytest.mark.parametrize("shape, shapes", [
@@ -102,12 +102,12 @@ def test_make_example_inputs_seeded():
     ([[1, 3], [1, -2]], "spec.input_shape[1][1]", ">= 1"),
 ])
 def test_input_shape_invalid(bad, path, fragment):
-    fails(path, fragment, input_shape=bad)
+    assert_spec_error(path, fragment, input_shape=bad)
 
 
 def test_inputs_neither_or_both():
-    fails("spec.example_inputs, spec.input_shape", "neither", input_shape=None)
-    fails("spec.example_inputs, spec.input_shape", "both", example_inputs=(torch.randn(1, 3, 8, 8),))
+    assert_spec_error("spec.example_inputs, spec.input_shape", "neither", input_shape=None)
+    assert_spec_error("spec.example_inputs, spec.input_shape", "both", example_inputs=(torch.randn(1, 3, 8, 8),))
 
 
 # ---------------------------------------------------------------- goal: ratio / target
@@ -128,20 +128,20 @@ def test_ratio_dict_keys_become_str():
     (0, "out of range"), (1, "out of range"), (-0.1, "(0, 1)"), (1.5, "(0, 1)"), (math.nan, "out of range"),
 ])
 def test_ratio_invalid(bad, fragment):
-    fails("spec.ratio", fragment, ratio=bad)
+    assert_spec_error("spec.ratio", fragment, ratio=bad)
 
 
 def test_ratio_dict_invalid():
-    fails("spec.ratio", "empty dict", ratio={})
-    fails("spec.ratio", "got tuple", ratio={("a",): 0.5})
-    fails("spec.ratio", "got bool", ratio={True: 0.5})
-    fails("spec.ratio['conv*']", "got str 'x'", ratio={"conv*": "x"})
-    fails("spec.ratio['fc']", "(0, 1)", ratio={"conv*": 0.5, "fc": 1.0})
+    assert_spec_error("spec.ratio", "empty dict", ratio={})
+    assert_spec_error("spec.ratio", "got tuple", ratio={("a",): 0.5})
+    assert_spec_error("spec.ratio", "got bool", ratio={True: 0.5})
+    assert_spec_error("spec.ratio['conv*']", "got str 'x'", ratio={"conv*": "x"})
+    assert_spec_error("spec.ratio['fc']", "(0, 1)", ratio={"conv*": 0.5, "fc": 1.0})
 
 
 def test_ratio_above_max_ratio():
-    fails("spec.ratio", "exceeds spec.max_ratio=0.9", ratio=0.95)
-    fails("spec.ratio['fc']", "raise max_ratio", ratio={"fc": 0.6}, max_ratio=0.5)
+    assert_spec_error("spec.ratio", "exceeds spec.max_ratio=0.9", ratio=0.95)
+    assert_spec_error("spec.ratio['fc']", "raise max_ratio", ratio={"fc": 0.6}, max_ratio=0.5)
     assert make(ratio=0.95, max_ratio=1.0).ratio == 0.95
 
 
@@ -153,10 +153,10 @@ def test_target_valid(metric, value):
 
 
 def test_target_impossible_message():
-    message = fails("spec.target.flops", ratio=None, target={"flops": 1.5})
+    message = assert_spec_error("spec.target.flops", ratio=None, target={"flops": 1.5})
     assert "target.flops=1.5 is impossible: it must be in (0, 1], the fraction of the original FLOPs to keep" in message
-    fails("spec.target.params", "parameters to keep", ratio=None, target={"params": 0})
-    fails("spec.target.latency", "latency to keep", ratio=None, target={"latency": -0.5})
+    assert_spec_error("spec.target.params", "parameters to keep", ratio=None, target={"params": 0})
+    assert_spec_error("spec.target.latency", "latency to keep", ratio=None, target={"latency": -0.5})
 
 
 @pytest.mark.parametrize("bad, path, fragment", [
@@ -169,12 +169,12 @@ def test_target_impossible_message():
     ({"flops": True}, "spec.target.flops", "got bool"),
 ])
 def test_target_invalid(bad, path, fragment):
-    fails(path, fragment, ratio=None, target=bad)
+    assert_spec_error(path, fragment, ratio=None, target=bad)
 
 
 def test_goal_neither_or_both():
-    fails("spec.ratio, spec.target", "neither", "ratio (", "target (", ratio=None)
-    fails("spec.ratio, spec.target", "both", target={"flops": 0.5})
+    assert_spec_error("spec.ratio, spec.target", "neither", "ratio (", "target (", ratio=None)
+    assert_spec_error("spec.ratio, spec.target", "both", target={"flops": 0.5})
 
 
 # ---------------------------------------------------------------- options
@@ -187,9 +187,9 @@ def test_score_valid(score):
 
 
 def test_score_invalid():
-    message = fails("spec.score", "got str 'magnitud'", "did you mean 'magnitude'?", score="magnitud")
+    message = assert_spec_error("spec.score", "got str 'magnitud'", "did you mean 'magnitude'?", score="magnitud")
     assert all(repr(s) in message for s in SCORES)
-    fails("spec.score", "got NoneType None", score=None)
+    assert_spec_error("spec.score", "got NoneType None", score=None)
 
 
 @pytest.mark.parametrize("scope", ["global", "local"])
@@ -199,7 +199,7 @@ def test_scope_valid(scope):
 
 @pytest.mark.parametrize("bad", ["globl", "layer", 1])
 def test_scope_invalid(bad):
-    fails("spec.scope", "'global', 'local'", scope=bad)
+    assert_spec_error("spec.scope", "'global', 'local'", scope=bad)
 
 
 @pytest.mark.parametrize("value", [1, 8, 64])
@@ -212,7 +212,7 @@ def test_round_to_valid(value):
     (True, "got bool True"), ("8", "got str '8'"),
 ])
 def test_round_to_invalid(bad, fragment):
-    fails("spec.round_to", fragment, round_to=bad)
+    assert_spec_error("spec.round_to", fragment, round_to=bad)
 
 
 @pytest.mark.parametrize("value", [1, 1.0, 0.5, 0.01])
@@ -225,7 +225,7 @@ def test_max_ratio_valid(value):
     (0, "(0, 1]"), (1.5, "out of range"), (-1, "(0, 1]"), ("0.9", "got str"), (True, "got bool"),
 ])
 def test_max_ratio_invalid(bad, fragment):
-    fails("spec.max_ratio", fragment, max_ratio=bad)
+    assert_spec_error("spec.max_ratio", fragment, max_ratio=bad)
 
 
 def test_ignore_valid():
@@ -236,7 +236,7 @@ def test_ignore_valid():
 
 @pytest.mark.parametrize("bad", ["layer1.*", ["fc", 1], None, {"fc": 1}])
 def test_ignore_invalid(bad):
-    fails("spec.ignore", "list of module-name patterns", ignore=bad)
+    assert_spec_error("spec.ignore", "list of module-name patterns", ignore=bad)
 
 
 def test_ignore_empty_tuple():
@@ -250,7 +250,7 @@ def test_fuse_valid(value):
 
 @pytest.mark.parametrize("bad", ["yes", 1, 0, None])
 def test_fuse_invalid(bad):
-    fails("spec.fuse", "expected a bool", fuse=bad)
+    assert_spec_error("spec.fuse", "expected a bool", fuse=bad)
 
 
 @pytest.mark.parametrize("value, normal, pair", [("2:4", "2:4", (2, 4)), (" 1 : 8 ", "1:8", (1, 8)), ("3:4", "3:4", (3, 4))])
@@ -262,7 +262,7 @@ def test_nm_valid(value, normal, pair):
 
 @pytest.mark.parametrize("bad", ["2-4", "4:2", "0:4", "2:2", "a:b", "2:4:8", "", 2, (2, 4), True])
 def test_nm_invalid(bad):
-    fails("spec.nm", "'N:M'", "0 < N < M", nm=bad)
+    assert_spec_error("spec.nm", "'N:M'", "0 < N < M", nm=bad)
 
 
 @pytest.mark.parametrize("value", [0, 1, 12345])
@@ -272,7 +272,7 @@ def test_seed_valid(value):
 
 @pytest.mark.parametrize("bad, fragment", [(-1, ">= 0"), (True, "got bool"), (1.5, "got float"), ("0", "got str")])
 def test_seed_invalid(bad, fragment):
-    fails("spec.seed", fragment, seed=bad)
+    assert_spec_error("spec.seed", fragment, seed=bad)
 
 
 # ---------------------------------------------------------------- latency
@@ -296,31 +296,31 @@ def test_latency_from_dict_and_object():
     ("compile", "no", "expected a bool"), ("compile", 1, "got int"),
 ])
 def test_latency_invalid(field, bad, fragment):
-    fails(f"spec.latency.{field}", fragment, latency={field: bad})
-    fails(f"spec.latency.{field}", fragment, build=lambda: LatencySpec(**{field: bad}))
+    assert_spec_error(f"spec.latency.{field}", fragment, latency={field: bad})
+    assert_spec_error(f"spec.latency.{field}", fragment, build=lambda: LatencySpec(**{field: bad}))
 
 
 def test_latency_unknown_field_and_type():
-    message = fails("spec.latency.repets", "unknown field 'repets'", "did you mean 'repeats'?", latency={"repets": 3})
+    message = assert_spec_error("spec.latency.repets", "unknown field 'repets'", "did you mean 'repeats'?", latency={"repets": 3})
     assert "device, batch_size, threads, warmup, repeats, compile" in message
-    fails("spec.latency", "got str 'cpu'", latency="cpu")
+    assert_spec_error("spec.latency", "got str 'cpu'", latency="cpu")
 
 
 # ---------------------------------------------------------------- taylor
 
 
 def test_taylor_needs_calib_inputs_and_loss_fn():
-    message = fails("spec.calib_inputs, spec.loss_fn", "score='taylor'", score="taylor")
+    message = assert_spec_error("spec.calib_inputs, spec.loss_fn", "score='taylor'", score="taylor")
     assert "calib_inputs=(x,)" in message and "loss_fn=fn" in message and "Spec.load(" in message
-    fails("spec.loss_fn", "score='taylor'", score="taylor", calib_inputs=(torch.randn(1, 3),))
-    fails("spec.calib_inputs", "score='taylor'", score="taylor", loss_fn=lambda out: out.sum())
+    assert_spec_error("spec.loss_fn", "score='taylor'", score="taylor", calib_inputs=(torch.randn(1, 3),))
+    assert_spec_error("spec.calib_inputs", "score='taylor'", score="taylor", loss_fn=lambda out: out.sum())
     spec = make(score="taylor", **taylor_kwargs())
     assert isinstance(spec.calib_inputs, tuple) and callable(spec.loss_fn)
 
 
 def test_taylor_fields_invalid():
-    fails("spec.calib_inputs", "tuple of torch.Tensor", calib_inputs=[1, 2])
-    fails("spec.loss_fn", "expected a callable", loss_fn="mse")
+    assert_spec_error("spec.calib_inputs", "tuple of torch.Tensor", calib_inputs=[1, 2])
+    assert_spec_error("spec.loss_fn", "expected a callable", loss_fn="mse")
     assert make(calib_inputs=torch.randn(1, 3)).calib_inputs[0].shape == (1, 3)  # wrapped
 
 
@@ -336,17 +336,17 @@ def test_from_dict_valid_and_overrides():
 
 
 def test_from_dict_unknown_field():
-    message = fails("spec.rato", "unknown field 'rato'", "did you mean 'ratio'?",
+    message = assert_spec_error("spec.rato", "unknown field 'rato'", "did you mean 'ratio'?",
                     build=lambda: Spec.from_dict({"input_shape": SHAPE, "rato": 0.5}))
     assert "input_shape, ratio, target" in message
-    fails("spec.zzz", "unknown field", build=lambda: Spec.from_dict({"input_shape": SHAPE, "ratio": 0.5}, zzz=1))
-    message = fails("spec.banana", "unknown field", build=lambda: Spec.from_dict({"banana": 1}))
+    assert_spec_error("spec.zzz", "unknown field", build=lambda: Spec.from_dict({"input_shape": SHAPE, "ratio": 0.5}, zzz=1))
+    message = assert_spec_error("spec.banana", "unknown field", build=lambda: Spec.from_dict({"banana": 1}))
     assert "did you mean" not in message
 
 
 @pytest.mark.parametrize("bad", [[("ratio", 0.5)], "ratio=0.5", None])
 def test_from_dict_not_a_mapping(bad):
-    fails("spec", "expected a table/dict", build=lambda: Spec.from_dict(bad))
+    assert_spec_error("spec", "expected a table/dict", build=lambda: Spec.from_dict(bad))
 
 
 def test_load_spec_and_dict():
@@ -354,14 +354,14 @@ def test_load_spec_and_dict():
     assert Spec.load(spec) is spec
     changed = Spec.load(spec, round_to=8)
     assert changed.round_to == 8 and spec.round_to == 1
-    fails("spec.round_too", "did you mean 'round_to'?", build=lambda: Spec.load(spec, round_too=8))
-    fails("spec.round_to", "got float", build=lambda: Spec.load(spec, round_to=8.0))
+    assert_spec_error("spec.round_too", "did you mean 'round_to'?", build=lambda: Spec.load(spec, round_too=8))
+    assert_spec_error("spec.round_to", "got float", build=lambda: Spec.load(spec, round_to=8.0))
     assert Spec.load({"input_shape": SHAPE, "ratio": 0.2}).ratio == 0.2
 
 
 @pytest.mark.parametrize("bad", [3, None, b"spec.toml"])
 def test_load_wrong_source_type(bad):
-    fails("spec", "expected a Spec, a dict or a .toml/.json path", build=lambda: Spec.load(bad))
+    assert_spec_error("spec", "expected a Spec, a dict or a .toml/.json path", build=lambda: Spec.load(bad))
 
 
 TOML = """
@@ -420,65 +420,65 @@ def test_load_pyproject(tmp_path):
 def test_load_pyproject_without_table(tmp_path, text):
     path = tmp_path / "pyproject.toml"
     path.write_text(text)
-    fails("spec", "no [tool.fxprune.compress] table", str(path), build=lambda: Spec.load(path))
+    assert_spec_error("spec", "no [tool.fxprune.compress] table", str(path), build=lambda: Spec.load(path))
 
 
 def test_load_taylor_from_file_with_overrides(tmp_path):
     path = tmp_path / "prune.toml"
     path.write_text('input_shape = [1, 3, 8, 8]\nratio = 0.5\nscore = "taylor"\n')
-    fails("spec.calib_inputs, spec.loss_fn", str(path), build=lambda: Spec.load(path))
+    assert_spec_error("spec.calib_inputs, spec.loss_fn", str(path), build=lambda: Spec.load(path))
     assert Spec.load(path, **taylor_kwargs()).score == "taylor"
 
 
 def test_load_missing_file(tmp_path):
     path = tmp_path / "nope.toml"
-    fails("spec", "not found", str(path), build=lambda: Spec.load(path))
-    fails("spec", "not found", build=lambda: Spec.load(tmp_path / "nope.json"))
+    assert_spec_error("spec", "not found", str(path), build=lambda: Spec.load(path))
+    assert_spec_error("spec", "not found", build=lambda: Spec.load(tmp_path / "nope.json"))
     (tmp_path / "dir.toml").mkdir()
-    fails("spec", "not found", build=lambda: Spec.load(tmp_path / "dir.toml"))
+    assert_spec_error("spec", "not found", build=lambda: Spec.load(tmp_path / "dir.toml"))
 
 
 def test_load_unparsable(tmp_path):
     toml_path = tmp_path / "bad.toml"
     toml_path.write_text("ratio = = 0.5\n")
-    message = fails("spec", "cannot parse", str(toml_path), build=lambda: Spec.load(toml_path))
+    message = assert_spec_error("spec", "cannot parse", str(toml_path), build=lambda: Spec.load(toml_path))
     assert "line 1" in message  # the parser's own message
     json_path = tmp_path / "bad.json"
     json_path.write_text('{"ratio": 0.5,}')
-    message = fails("spec", "cannot parse", str(json_path), build=lambda: Spec.load(json_path))
+    message = assert_spec_error("spec", "cannot parse", str(json_path), build=lambda: Spec.load(json_path))
     assert "line 1 column" in message
     bin_path = tmp_path / "bin.json"
     bin_path.write_bytes(b"\xff\xfe\x00")
-    fails("spec", "cannot parse", build=lambda: Spec.load(bin_path))
+    assert_spec_error("spec", "cannot parse", build=lambda: Spec.load(bin_path))
 
 
 def test_load_toml_without_tomllib(tmp_path, monkeypatch):
     monkeypatch.setattr(spec_module, "tomllib", None)  # Python 3.10 has no tomllib
     path = tmp_path / "prune.toml"
     path.write_text(TOML)
-    fails("spec", "Python >= 3.11", "use JSON", build=lambda: Spec.load(path))
+    assert_spec_error("spec", "Python >= 3.11", "use JSON", build=lambda: Spec.load(path))
 
 
 def test_load_unsupported_suffix(tmp_path):
     path = tmp_path / "prune.yaml"
     path.write_text("ratio: 0.5\n")
-    fails("spec", "expected a .toml or .json file", build=lambda: Spec.load(path))
+    assert_spec_error("spec", "expected a .toml or .json file", build=lambda: Spec.load(path))
 
 
 def test_load_json_not_an_object(tmp_path):
     path = tmp_path / "list.json"
     path.write_text("[1, 2]")
-    fails("spec", "expected a table/dict", build=lambda: Spec.load(path))
+    assert_spec_error("spec", "expected a table/dict", build=lambda: Spec.load(path))
 
 
 def test_load_invalid_value_names_field_and_file(tmp_path):
     path = tmp_path / "prune.toml"
     path.write_text("input_shape = [1, 8]\nratio = 0.5\nround_to = 2.5\n[latency]\nrepets = 1\n")
-    fails("spec.round_to", "got float 2.5", str(path), build=lambda: Spec.load(path))
+    assert_spec_error("spec.round_to", "got float 2.5", str(path), build=lambda: Spec.load(path))
     path.write_text("input_shape = [1, 8]\nratio = 0.5\n[latency]\nrepets = 1\n")
-    fails("spec.latency.repets", "did you mean 'repeats'?", str(path), build=lambda: Spec.load(path))
+    assert_spec_error("spec.latency.repets", "did you mean 'repeats'?", str(path), build=lambda: Spec.load(path))
     path.write_text("example_inputs = [[1.0, 2.0]]\nratio = 0.5\n")
-    fails("spec.example_inputs", "give spec.input_shape instead", build=lambda: Spec.load(path))
+    assert_spec_error("spec.example_inputs", "give spec.input_shape instead", build=lambda: Spec.load(path))
 
 
 # ---------------------------------------------------------------- to_dict round trip

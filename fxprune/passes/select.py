@@ -21,6 +21,7 @@ rounded up to a multiple of ``round_to`` where the group allows, and
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from fnmatch import fnmatch
 from typing import Callable
@@ -31,7 +32,7 @@ import torch
 from fxprune.channels.feasible import feasible_plan
 from fxprune.channels.graph import DependencyGraph, Group
 from fxprune.errors import SpecError
-from fxprune.measure import LatencySettings, count_flops, count_params, measure_latency
+from fxprune.measure import count_flops, count_params, measure_latency
 from fxprune.passes.prune import prune
 from fxprune.passes.score import unit_entries
 
@@ -190,9 +191,7 @@ def _param_per_entry(graph: DependencyGraph) -> dict[str, float]:
 
 def _latency_ms(spec) -> Callable:
     """Measured eager latency with the spec's latency settings (device, threads, repeats)."""
-    ls = spec.latency
-    settings = LatencySettings(device=ls.device, batch_size=ls.batch_size, threads=ls.threads,
-                               warmup=ls.warmup, repeats=ls.repeats)
+    settings = dataclasses.replace(spec.latency.to_settings(), compile=False)  # eager: what is ranked
     return lambda model, inputs: measure_latency([model], inputs, settings).eager_ms[0]
 
 
