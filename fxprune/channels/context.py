@@ -19,9 +19,6 @@ from .registry import describe_target
 from .unionfind import ChannelUnion
 from .values import FIXED, DimMap, TensorChannels, flatten_values
 
-ROLES = ("out", "in", "buffer")
-
-
 @dataclass
 class Space:
     """A run of consecutive channel ids opened by one producer (a layer's output dim)."""
@@ -239,4 +236,4 @@ def fixed_map(size: int) -> DimMap:
     return DimMap.of(np.full(size, FIXED, dtype=np.int64))
 
 
-__all__ = ["AnalysisState", "RuleContext", "Space", "Binding", "ROLES", "fixed_map"]
+__all__ = ["AnalysisState", "RuleContext", "Space", "Binding", "fixed_map"]

@@ -64,11 +64,6 @@ class TensorChannels:
     def get(self, dim: int) -> DimMap | None:
         return self.dims.get(dim % self.ndim if self.ndim else dim)
 
-    def normalize_dim(self, dim: int) -> int:
-        if not -self.ndim <= dim < max(self.ndim, 1):
-            raise IndexError(f"dim {dim} out of range for a {self.ndim}-d tensor")
-        return dim % self.ndim if self.ndim else 0
-
     def all_ids(self) -> np.ndarray:
         if not self.dims:
             return np.zeros(0, dtype=np.int64)

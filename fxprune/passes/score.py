@@ -132,22 +132,30 @@ def group_lasso(graph: DependencyGraph, **_) -> dict[int, np.ndarray]:
             for g in graph.prunable_groups}
 
 
+class _MagnitudeFallback:
+    """Magnitude scores for groups a method cannot score, computed once and noted."""
+
+    def __init__(self, graph: DependencyGraph, method: str, notes: list[str]):
+        self.graph, self.method, self.notes, self.scores = graph, method, notes, None
+
+    def __call__(self, group, why: str) -> np.ndarray:
+        if self.scores is None:
+            self.scores = magnitude(self.graph)
+        self.notes.append(f"score: group {group.id} ({', '.join(group.producers[:2])}) {why}; "
+                          f"scored by magnitude instead of {self.method}")
+        return self.scores[group.id]
+
+
 @register_score("bn_scale")
 def bn_scale(graph: DependencyGraph, *, notes: list[str], **kw) -> dict[int, np.ndarray]:
     """Mean |gamma| of the group's BatchNorm producers; magnitude (noted) where there is none."""
     bn_weights = {f"{name}.weight": m.weight for name, m in graph.gm.named_modules()
                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None}
-    fallback = None
+    fallback = _MagnitudeFallback(graph, "bn_scale", notes)
     out = {}
     for g in graph.prunable_groups:
         total, count = _per_unit(g, bn_weights, ("out",), torch.abs)
-        if count.min() > 0:
-            out[g.id] = total / count
-            continue
-        fallback = fallback if fallback is not None else magnitude(graph)
-        out[g.id] = fallback[g.id]
-        notes.append(f"score: group {g.id} ({', '.join(g.producers[:2])}) has no BatchNorm "
-                     "scale for every channel; scored by magnitude instead of bn_scale")
+        out[g.id] = total / count if count.min() > 0 else fallback(g, "has no BatchNorm scale for every channel")
     return out
 
 
@@ -184,7 +192,7 @@ def l0(graph: DependencyGraph, *, notes: list[str], **_) -> dict[int, np.ndarray
     if not meta:
         raise SpecError("spec.score: score='l0' needs a model from fxprune.passes.gates.fold_gates "
                         "(insert_gates -> train -> fold_gates); this model carries no gate probabilities")
-    out, fallback = {}, None
+    out, fallback = {}, _MagnitudeFallback(graph, "l0", notes)
     for g in graph.prunable_groups:
         prob, z = np.full(g.size, -np.inf), np.full(g.size, -np.inf)
         for key, dim, idx, units in unit_entries(g, ("out",)):
@@ -192,11 +200,5 @@ def l0(graph: DependencyGraph, *, notes: list[str], **_) -> dict[int, np.ndarray
             if entry is not None and entry["dim"] == dim:
                 np.maximum.at(prob, units, entry["prob"][idx])
                 np.maximum.at(z, units, entry["z"][idx])
-        if np.isfinite(prob).all():
-            out[g.id] = np.where(z <= 0.0, 0.0, prob)
-            continue
-        fallback = fallback if fallback is not None else magnitude(graph)
-        out[g.id] = fallback[g.id]
-        notes.append(f"score: group {g.id} ({', '.join(g.producers[:2])}) has no L0 gate; "
-                     "scored by magnitude instead of l0")
+        out[g.id] = np.where(z <= 0.0, 0.0, prob) if np.isfinite(prob).all() else fallback(g, "has no L0 gate")
     return out

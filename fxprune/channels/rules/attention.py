@@ -22,8 +22,11 @@ def _letters(n: int, start: int) -> str:
     return "".join(chr(ord("a") + start + i) for i in range(n))
 
 
-def einsum_maps(ctx, equation: str, operands: list[TensorChannels]):
-    """Channel maps of an einsum: same letter, same channels; products keep zeros."""
+def einsum_maps(ctx, equation: str, operands: list[TensorChannels], shape: tuple | None = None):
+    """Channel maps of an einsum: same letter, same channels; products keep zeros.
+
+    ``shape``: the result's shape when it is not the node's output (a vector matmul
+    is analysed as a matrix product first)."""
     lhs, rhs = equation.replace(" ", "").split("->")
     specs = lhs.split(",")
     letter_maps: dict[str, DimMap] = {}
@@ -46,7 +49,8 @@ def einsum_maps(ctx, equation: str, operands: list[TensorChannels]):
     for letter, m in letter_maps.items():
         if letter not in rhs and m is not None:
             ctx.break_zi(m, "a contracted channel is non-zero on both sides")
-    return ctx.out({d: letter_maps[c] for d, c in enumerate(rhs) if letter_maps.get(c) is not None})
+    dims = {d: letter_maps[c] for d, c in enumerate(rhs) if letter_maps.get(c) is not None}
+    return TensorChannels(tuple(shape), dims) if shape is not None else ctx.out(dims)
 
 
 @register_rule(torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm", "__matmul__")
@@ -63,7 +67,7 @@ def matmul_rule(ctx):
         b2 = b if b.ndim > 1 else TensorChannels(b.shape + (1,), dict(b.dims))
         batch = max(a2.ndim, b2.ndim) - 2
         eq = _matmul_equation(a2.ndim, b2.ndim, batch)
-        full = einsum_maps_with_shape(ctx, eq, [a2, b2])
+        full = einsum_maps(ctx, eq, [a2, b2], _einsum_shape(eq, [a2, b2]))
         drop = [batch] if a.ndim == 1 else []
         drop += [batch + 1] if b.ndim == 1 else []
         dims, shift = {}, 0
@@ -77,20 +81,14 @@ def matmul_rule(ctx):
     return einsum_maps(ctx, _matmul_equation(a.ndim, b.ndim, batch), [a, b])
 
 
-def einsum_maps_with_shape(ctx, eq, operands):
+def _einsum_shape(eq: str, operands: list[TensorChannels]) -> tuple:
+    """Output shape of an einsum from its operands (each letter's largest size: broadcast)."""
     lhs, rhs = eq.split("->")
-    shape = []
-    for letter in rhs:
-        for spec, op in zip(lhs.split(","), operands):
-            if letter in spec:
-                shape.append(op.shape[spec.index(letter)])
-                break
-    saved = ctx.out_shape
-    ctx.out_shape = lambda: tuple(shape)
-    try:
-        return einsum_maps(ctx, eq, operands)
-    finally:
-        ctx.out_shape = saved
+    size: dict[str, int] = {}
+    for spec, op in zip(lhs.split(","), operands):
+        for letter, n in zip(spec, op.shape):
+            size[letter] = max(size.get(letter, 1), n)
+    return tuple(size[letter] for letter in rhs)
 
 
 def _matmul_equation(a_nd: int, b_nd: int, batch: int) -> str:

@@ -57,19 +57,21 @@ def batchnorm_rule(ctx):
     return x.with_dims({**x.dims, cdim: out})
 
 
-def _layer_norm(ctx, x, normalized_ndim: int, weight_maps: list, bias_maps: list, where_fix):
-    """Shared by nn.LayerNorm and F.layer_norm: tie the normalised dims to the params."""
+def _layer_norm(ctx, x, normalized_ndim: int, fix, param_maps: tuple = ()):
+    """Shared by nn.LayerNorm and F.layer_norm: the normalised dims meet the affine
+    parameters (``param_maps[j]``: maps of weight/bias dim j, for get_attr parameters)
+    and stop being zero-invariant, since the statistics span them."""
     dims = dict(x.dims)
     for j in range(normalized_ndim):
         d = x.ndim - normalized_ndim + j
         m = x.get(d)
-        for pm in (weight_maps[j], bias_maps[j]):
+        for pm in param_maps[j] if param_maps else ():
             if pm is not None:
                 m = ctx.unify(m, pm)
         if m is not None:
             ctx.break_zi(m, "layer-norm statistics span the channels", only_non_zi=False)
             dims[d] = m
-    ctx.on_prune(where_fix)
+    ctx.on_prune(fix)
     return x.with_dims(dims)
 
 
@@ -78,7 +80,6 @@ def layernorm_rule(ctx):
     ln = ctx.module
     x = ctx.tensor(0, "input")
     k = len(ln.normalized_shape)
-    wmaps, bmaps = [None] * k, [None] * k
     for j in range(k):
         d = x.ndim - k + j
         m = x.get(d)
@@ -97,7 +98,7 @@ def layernorm_rule(ctx):
         else:
             m.normalized_shape = tuple(p.new_shape(node.args[0])[-k:])
 
-    return _layer_norm(ctx, x, k, wmaps, bmaps, fix)
+    return _layer_norm(ctx, x, k, fix)
 
 
 @register_rule(F.layer_norm)
@@ -106,8 +107,6 @@ def functional_layer_norm_rule(ctx):
     shape_arg = ctx.arg(1, "normalized_shape")
     k = len(shape_arg) if isinstance(shape_arg, (tuple, list)) else 1
     w, b = ctx.tensor(2, "weight"), ctx.tensor(3, "bias")
-    wmaps = [w.get(j) if w is not None else None for j in range(k)]
-    bmaps = [b.get(j) if b is not None else None for j in range(k)]
 
     def fix(p, node):
         new = tuple(p.new_shape(node.args[0])[-k:])
@@ -116,7 +115,8 @@ def functional_layer_norm_rule(ctx):
         else:
             node.kwargs = {**node.kwargs, "normalized_shape": new}
 
-    return _layer_norm(ctx, x, k, wmaps, bmaps, fix)
+    param_maps = tuple(tuple(p.get(j) if p is not None else None for p in (w, b)) for j in range(k))
+    return _layer_norm(ctx, x, k, fix, param_maps)
 
 
 @register_rule(nn.GroupNorm)

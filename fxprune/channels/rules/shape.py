@@ -83,14 +83,14 @@ def reshape_maps(ctx, x: TensorChannels, out_shape: tuple[int, ...]) -> dict[int
     return dims
 
 
-def _shape_args(ctx, first: int):
+def _shape_args(ctx, first: int) -> list:
     """The requested shape of view/reshape/expand: varargs or one sequence argument."""
     args = ctx.node.args[first:]
     if not args:
         args = (ctx.node.kwargs.get("shape", ctx.node.kwargs.get("size", ())),)
     if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
-        return list(args[0]), True
-    return list(args), False
+        return list(args[0])
+    return list(args)
 
 
 def _check_size_args(ctx, out: TensorChannels, sizes: list) -> None:
@@ -133,8 +133,9 @@ def reshape_rule(ctx):
         from .basic import unknown_rule
 
         return unknown_rule(ctx)
-    if match_shuffle(ctx.node) is not None:  # the start of a channel shuffle
-        d = match_shuffle(ctx.node).dim
+    starting = match_shuffle(ctx.node)
+    if starting is not None:  # the start of a channel shuffle: its input map moves to the end
+        d = starting.dim
         return ctx.out({(k if k < d else k + 1): m for k, m in x.dims.items() if k != d})
     shuffle = find_shuffle_ending_at(ctx.node)
     if shuffle is not None:  # the end of one: a permutation of the shuffle's input
@@ -144,7 +145,7 @@ def reshape_rule(ctx):
             ctx.on_prune(rewrite_as_index_select(shuffle.source.name, shuffle.dim, shuffle.perm, src_map))
         return permuted(source, shuffle.dim, shuffle.perm)
     out = ctx.out(reshape_maps(ctx, x, ctx.out_shape()))
-    sizes, _ = _shape_args(ctx, 1)
+    sizes = _shape_args(ctx, 1)
     _check_size_args(ctx, out, sizes)
     ctx.on_prune(rewrite_sizes(1))
     return out
@@ -174,7 +175,7 @@ def expand_rule(ctx):
     shape = ctx.out_shape()
     lead = len(shape) - x.ndim
     out = ctx.out({d + lead: m for d, m in x.dims.items() if x.shape[d] == shape[d + lead]})
-    sizes, _ = _shape_args(ctx, 1)
+    sizes = _shape_args(ctx, 1)
     _check_size_args(ctx, out, sizes)
     ctx.on_prune(rewrite_sizes(1))
     return out
@@ -183,7 +184,7 @@ def expand_rule(ctx):
 @register_rule("repeat")
 def repeat_rule(ctx):
     x = ctx.tensor(0)
-    reps, _ = _shape_args(ctx, 1)
+    reps = _shape_args(ctx, 1)
     lead = len(reps) - x.ndim
     dims = {}
     for d, m in x.dims.items():
