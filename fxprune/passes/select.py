@@ -189,18 +189,30 @@ def _param_per_entry(graph: DependencyGraph) -> dict[str, float]:
     return {name: 1.0 for name, _ in graph.gm.named_parameters(remove_duplicate=False)}
 
 
-def _latency_ms(spec) -> Callable:
-    """Measured eager latency with the spec's latency settings (device, threads, repeats)."""
+def _relative_latency(spec, graph: DependencyGraph) -> Callable:
+    """Eager latency relative to the original, with the spec's latency settings.
+
+    Each candidate is timed alternately with the original in one call, so drift and
+    background load hit both: a baseline timed once and compared with later runs let
+    noise pass a barely pruned model as fast enough.
+    """
     settings = dataclasses.replace(spec.latency.to_settings(), compile=False)  # eager: what is ranked
-    return lambda model, inputs: measure_latency([model], inputs, settings).eager_ms[0]
+
+    def measure(model, inputs) -> float:
+        if model is graph.gm:
+            return 1.0
+        original_ms, model_ms = measure_latency([graph.gm, model], inputs, settings).eager_ms
+        return model_ms / original_ms
+
+    return measure
 
 
 # metric -> (cost of one weight entry, used to rank units; how to measure a model).
 # Latency ranks by FLOPs (a cost model) and corrects by measuring the real thing.
 _METRICS: dict[str, tuple[Callable, Callable]] = {
-    "flops": (_flops_per_entry, lambda spec: lambda model, inputs: count_flops(model, inputs)),
-    "params": (_param_per_entry, lambda spec: lambda model, inputs: count_params(model)),
-    "latency": (_flops_per_entry, _latency_ms),
+    "flops": (_flops_per_entry, lambda spec, graph: lambda model, inputs: count_flops(model, inputs)),
+    "params": (_param_per_entry, lambda spec, graph: lambda model, inputs: count_params(model)),
+    "latency": (_flops_per_entry, _relative_latency),
 }
 _TOLERANCE = {"latency": 0.05}  # timings are noisy: 5 %
 
@@ -221,7 +233,7 @@ def unit_costs(graph: DependencyGraph, groups: list[Group], metric: str) -> dict
 
 
 def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
-    measure = _METRICS[metric][1](spec)
+    measure = _METRICS[metric][1](spec, graph)
     tolerance = _TOLERANCE.get(metric, TOLERANCE)
     inputs = graph.example_inputs
     base = measure(graph.gm, inputs)
