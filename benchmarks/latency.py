@@ -3,19 +3,22 @@
 For each model (random weights, batch 1, 224x224, CPU):
 1. Torch-Pruning prunes 50% of the channels (``GroupMagnitudeImportance``,
    ``MetaPruner``), which gives its FLOPs fraction f.
-2. fxprune compresses the same model to the same FLOPs fraction f.
+2. fxprune compresses the same model to the same FLOPs fraction f, once per selection
+   scope: ``fx-global`` ranks channels across groups by score per FLOP (thin cheap early
+   layers first), ``fx-local`` removes the same share of every group (uniform widths,
+   like Torch-Pruning's default).
 3. The dense model and both pruned models are timed alternately in one process.
 
 Each tool is measured against its own dense baseline: Torch-Pruning's model is as its
 pruner leaves it (eager), and fxprune's is what ``compress`` emits (BatchNorm folded).
-Each is also compared with a dense model in the same form (``tp+fuse`` folds BN in
-Torch-Pruning's model too).
+``tp+fuse`` folds BN in Torch-Pruning's model too and is compared with the folded dense
+model, like fxprune's.
 
 The table gives the FLOPs reduction, the latency speedup and their quotient
 (speedup / FLOPs reduction; 1.0 means latency follows FLOPs). With ``--compile``, the
 speedups under ``torch.compile`` are added.
 
-    python benchmarks/latency.py                          # 8 models, about 15 min on 2 cores
+    python benchmarks/latency.py                          # 8 models, about 20 min on 2 cores; 40 with --compile
     python benchmarks/latency.py --models resnet50 --compile --json latency.json
 """
 from __future__ import annotations
@@ -52,7 +55,7 @@ def fused(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
     return fuse(fxprune.trace(model), (x,)).gm
 
 
-def run(name: str, settings: LatencySettings, round_to: int | None) -> dict:
+def run(name: str, settings: LatencySettings, round_to: int | None, scopes: list[str]) -> dict:
     torch.manual_seed(0)
     dense = torchvision.models.get_model(name, weights=None).eval()
     x = torch.randn(1, 3, 224, 224)
@@ -64,20 +67,22 @@ def run(name: str, settings: LatencySettings, round_to: int | None) -> dict:
     except Exception as exc:  # Torch-Pruning fails on some models: record it, keep going
         tp_model, f_tp = None, 0.5
         row["tp_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-    spec = {"example_inputs": (x,), "target": {"flops": f_tp}, "round_to": round_to or 1}
-    fx_model = fxprune.compress(dense, spec).model
-    f_fx = count_flops(fx_model, (x,)) / flops
-    dense_fused = fused(dense, x)
-    candidates = {"dense": dense, "dense+fuse": dense_fused, "fxprune": fx_model}
+    candidates = {"dense": dense, "dense+fuse": fused(dense, x)}
+    fractions = {}
     if tp_model is not None:
         candidates.update({"tp": tp_model, "tp+fuse": fused(tp_model, x)})
+        fractions.update({"tp": f_tp, "tp+fuse": f_tp})
+    for scope in scopes:
+        spec = {"example_inputs": (x,), "target": {"flops": f_tp}, "round_to": round_to or 1, "scope": scope}
+        tool = f"fx-{scope}"
+        candidates[tool] = fxprune.compress(dense, spec).model
+        fractions[tool] = count_flops(candidates[tool], (x,)) / flops
     times = measure_latency(list(candidates.values()), (x,), settings)
     eager = dict(zip(candidates, times.eager_ms))
     compiled = dict(zip(candidates, times.compiled_ms)) if times.compiled_ms else {}
     row.update({"dense_ms": round(eager["dense"], 2), "dense+fuse_ms": round(eager["dense+fuse"], 2)})
-    for tool, base, frac in (("tp", "dense", f_tp), ("tp+fuse", "dense+fuse", f_tp), ("fxprune", "dense+fuse", f_fx)):
-        if tool not in eager:
-            continue
+    for tool, frac in fractions.items():
+        base = "dense" if tool == "tp" else "dense+fuse"  # each against a dense model in its own form
         speedup = eager[base] / eager[tool]
         row[f"{tool}_flops_x"] = round(1 / frac, 2)
         row[f"{tool}_speedup"] = round(speedup, 2)
@@ -94,13 +99,14 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--round-to", type=int, default=8, help="channel multiple for both tools (0: none)")
     parser.add_argument("--compile", action="store_true", help="also time under torch.compile")
+    parser.add_argument("--scopes", default="global,local", help="fxprune selection scopes to compare")
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args()
     settings = LatencySettings(threads=args.threads, repeats=args.repeats, warmup=5, compile=args.compile)
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models.split(","):
-        rows.append(run(name, settings, args.round_to or None))
+        rows.append(run(name, settings, args.round_to or None, args.scopes.split(",")))
         print(f"{name}: done", file=sys.stderr, flush=True)
     print(tabulate(rows, headers="keys", tablefmt="github"))
     if args.json:

@@ -10,54 +10,39 @@
 4. ``compress(folded, {..., "score": "l0"})`` prunes closed gates first, then the least
    probable ones, until the FLOPs target is met.
 """
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+from digits_common import EXAMPLE, accuracy, batches, compress_and_finetune, start
 
 import fxprune
-from fxprune.measure import count_flops
 from fxprune.passes.gates import fold_gates, insert_gates
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from digits import DigitsNet, accuracy, load_data, train  # noqa: E402
 
 
 def main(epochs: int = 10, lam: float = 1e-2):
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    data = load_data()
-    (x, y), _ = data
-    example = torch.zeros(1, 1, 8, 8)
-    gated = insert_gates(fxprune.analyze(DigitsNet(), example), drop_rate=0.2)
+    data, model = start()
+    gated = insert_gates(fxprune.analyze(model, EXAMPLE), drop_rate=0.2)
     gate_params = gated.gate_parameters()
     gate_ids = {id(p) for p in gate_params}
     opt = torch.optim.Adam([{"params": [p for p in gated.parameters() if id(p) not in gate_ids]},
                             {"params": gate_params, "lr": 5e-2}], lr=2e-3)
     for epoch in range(epochs):
         gated.train()
-        for idx in torch.randperm(len(y)).split(64):
+        for x, y in batches(data):
             opt.zero_grad()
-            loss = F.cross_entropy(gated(x[idx]), y[idx]) + lam * gated.expected_l0()
+            loss = F.cross_entropy(gated(x), y) + lam * gated.expected_l0()
             loss.backward()
             opt.step()
         closed = {gid: int((z == 0).sum()) for gid, z in gated.deterministic_gates().items()}
         print(f"epoch {epoch}: test acc {accuracy(gated, data):.1f}%, "
               f"E[L0] {gated.expected_l0().item():.1f}, closed gates per group {closed}")
     folded = fold_gates(gated)
-    assert torch.allclose(folded.eval()(x[:64]), gated.eval()(x[:64]), atol=1e-5)
+    x = data[1][0][:64]
+    assert torch.allclose(folded.eval()(x), gated.eval()(x), atol=1e-5)
     probs = gated.gate_probabilities()
     print("P(z != 0) quartiles per group:",
           {gid: np.round(np.quantile(p, [0.25, 0.5, 0.75]), 2).tolist() for gid, p in probs.items()})
-    result = fxprune.compress(folded, {"example_inputs": (example,), "target": {"flops": 1 / 8},
-                                       "score": "l0", "fuse": False})
-    small = result.model
-    train(small, data, epochs=5, lr=1e-3, seed=1)
-    print(result.report)
-    print(f"FLOPs {count_flops(folded, example)} -> {count_flops(small, example)}, "
-          f"test acc after fine-tune {accuracy(small, data):.1f}%")
+    compress_and_finetune(folded, data, score="l0")
 
 
 if __name__ == "__main__":

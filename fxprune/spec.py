@@ -169,7 +169,10 @@ class Spec:
             one key, value in (0, 1].
     Options:
         score: channel importance, one of ``SCORES`` (default "magnitude").
-        scope: "global" (default: channels compete across groups) or "local".
+        scope: "global" (default): channels compete across groups, ranked by score
+            normalised per group (divided by the FLOPs/params they carry under a target);
+            or "local": every group loses the same fraction, lowest scores first. Local
+            keeps widths uniform, which usually runs faster at equal FLOPs on CPU.
         round_to: kept channel counts are multiples of it (int >= 1, default 1).
         max_ratio: most a single group may lose, in (0, 1] (default 0.9).
         ignore: fnmatch patterns of module names never pruned (default empty).

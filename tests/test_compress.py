@@ -68,6 +68,29 @@ def test_ratio_global_removes_half_overall_and_respects_round_to(resnet_graph):
         assert kept % 8 == 0 and kept >= g.size * 0.1
 
 
+def test_flops_target_local_removes_the_same_share_of_every_group(resnet, resnet_graph):
+    scores = score_groups(resnet_graph, "magnitude")
+    spec = Spec(example_inputs=(X,), target={"flops": 0.5}, scope="local", round_to=8)
+    plan = select(resnet_graph, scores, spec)
+    small = fxprune.prune(resnet_graph, plan)
+    frac = count_flops(small, (X,)) / count_flops(resnet, (X,))
+    assert abs(frac - 0.5) <= 0.02 * 0.5, frac
+    kept = {g.id: (g.size - len(plan.get(g.id, ()))) / g.size for g in resnet_graph.prunable_groups}
+    # one share for all: rounding up to a multiple of 8 is the only spread (1/8 on 64 channels)
+    assert max(kept.values()) - min(kept.values()) <= 8 / 64 + 1e-9, kept
+    assert all(k < 1 for k in kept.values())
+    for gid, units in plan.items():  # and inside each group the lowest scores go first
+        order = np.argsort(np.asarray(scores[gid]), kind="stable")
+        assert sorted(units) == sorted(order[:len(units)].tolist())
+
+
+def test_flops_target_global_thins_cheap_groups_more(resnet, resnet_graph):
+    scores = score_groups(resnet_graph, "magnitude")
+    plan = select(resnet_graph, scores, Spec(example_inputs=(X,), target={"flops": 0.5}, scope="global"))
+    kept = [(g.size - len(plan.get(g.id, ()))) / g.size for g in resnet_graph.prunable_groups]
+    assert max(kept) - min(kept) > 0.25, kept  # ranked by score per FLOP, not uniform
+
+
 def test_ignore_skips_groups(resnet_graph):
     scores = score_groups(resnet_graph, "magnitude")
     plan = select(resnet_graph, scores, Spec(example_inputs=(X,), ratio=0.5, scope="local", ignore=["conv1"]))

@@ -6,13 +6,21 @@ Two modes, from the Spec:
   (``scope="local"``, or always when ``ratio`` is a dict), or the same total number
   ranked across groups by scores normalised per group (divided by the group's mean;
   ``scope="global"``).
-- **target** (``{"flops"|"params": fraction to keep}``): every unit gets a cost, the
-  FLOPs (or parameters) it carries, estimated from the tensor entries it owns (FLOPs per
-  weight entry of each conv/linear are measured once with forward hooks). Units are
-  ranked by normalised score / cost and taken greedily until the estimate meets the
-  target; the plan is then **verified** by pruning and counting on the real model, and
-  the number of units taken along the same ranking is corrected (secant steps inside a
-  bisection bracket) until the measured fraction is within ``TOLERANCE`` of the target.
+- **target** (``{"flops"|"params"|"latency": fraction to keep}``): every unit gets a
+  cost, the FLOPs (or parameters) it carries, estimated from the tensor entries it owns
+  (FLOPs per weight entry of each conv/linear are measured once with forward hooks).
+  Units are ranked and taken greedily until the estimate meets the target; the plan is
+  then **verified** by pruning and counting on the real model, and the number of units
+  taken along the same ranking is corrected (secant steps inside a bisection bracket)
+  until the measured fraction is within ``TOLERANCE`` of the target. The ranking:
+
+  - ``scope="global"``: normalised score / cost, so the cheapest-per-importance units go
+    first, wherever they are. This removes the most FLOPs per unit of importance, but it
+    happily thins cheap early layers (high resolution, few channels) down to
+    ``max_ratio``, and thin layers run far below their FLOPs on CPUs.
+  - ``scope="local"``: every group loses the same fraction (lowest scores first inside
+    each group); the target picks the fraction. Uniform widths keep latency close to
+    FLOPs (see ``benchmarks/latency.py``).
 
 Always: frozen groups and groups whose producer module matches ``spec.ignore`` are
 skipped, no group loses more than ``floor(max_ratio * size)`` units, kept counts are
@@ -232,6 +240,24 @@ def unit_costs(graph: DependencyGraph, groups: list[Group], metric: str) -> dict
     return costs
 
 
+def _cost_keys(normal: dict[int, np.ndarray], costs: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Normalised score per unit of cost; units that carry no cost are never worth taking."""
+    with np.errstate(divide="ignore"):
+        return {gid: np.where(costs[gid] > 0, normal[gid] / np.maximum(costs[gid], 1e-30), np.inf)
+                for gid in normal}
+
+
+def _local_keys(scores: dict[int, np.ndarray], groups: list[Group]) -> dict[int, np.ndarray]:
+    """The fraction of its group gone once a unit is taken: taking the ``k`` lowest keys
+    removes the same share of every group, each group's lowest scores first."""
+    keys = {}
+    for g in groups:
+        rank = np.empty(g.size)
+        rank[np.argsort(np.asarray(scores[g.id]), kind="stable")] = np.arange(1, g.size + 1)
+        keys[g.id] = rank / g.size
+    return keys
+
+
 def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
     measure = _METRICS[metric][1](spec, graph)
     tolerance = _TOLERANCE.get(metric, TOLERANCE)
@@ -239,10 +265,8 @@ def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
     base = measure(graph.gm, inputs)
     sizes = {g.id: g.size for g in groups}
     costs = unit_costs(graph, groups, metric)
-    normal = _normalised(scores, groups)
-    with np.errstate(divide="ignore"):
-        ranking = _rank({gid: np.where(costs[gid] > 0, normal[gid] / np.maximum(costs[gid], 1e-30), np.inf)
-                         for gid in normal})
+    ranking = _rank(_local_keys(scores, groups) if spec.scope == "local"
+                    else _cost_keys(_normalised(scores, groups), costs))
     n = len(ranking)
     plans: dict[int, Plan] = {}
 

@@ -1,0 +1,44 @@
+"""Every sparse-training example runs end to end (one epoch) and prunes what it promises."""
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fxprune.measure import count_flops
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(autouse=True)
+def examples_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # the examples pin one thread
+
+
+@pytest.mark.parametrize("name", ["train_group_lasso", "train_l0", "train_lp_decay", "train_dwf",
+                                  "train_bn_l1"])
+def test_example_trains_and_compresses(name, capsys):
+    module = importlib.import_module(name)
+    common = sys.modules["digits_common"]
+    seen = {}
+    original = common.compress_and_finetune
+
+    def spy(model, data, score, **kw):
+        seen["dense"] = count_flops(model, common.EXAMPLE)
+        small = original(model, data, score, epochs=1)
+        seen["small"] = count_flops(small, common.EXAMPLE)
+        return small
+
+    module.compress_and_finetune = spy
+    try:
+        module.main(epochs=1)
+    finally:
+        module.compress_and_finetune = original
+    out = capsys.readouterr().out
+    assert "epoch 0: test acc" in out and "after 1 fine-tuning epochs" in out
+    # the default target is 8x fewer FLOPs, within the promised 2 %
+    assert seen["small"] == pytest.approx(seen["dense"] / 8, rel=0.02)
