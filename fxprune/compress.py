@@ -21,7 +21,7 @@ import torch
 from fxprune.channels import analyze
 from fxprune.channels.graph import DependencyGraph
 from fxprune.passes.fuse import fuse
-from fxprune.passes.nm import apply_nm, finalize
+from fxprune.passes.nm import apply_nm, finalize, sparsity_rows
 from fxprune.passes.prune import prune
 from fxprune.passes.score import score_groups
 from fxprune.passes.select import select_and_prune
@@ -72,11 +72,18 @@ def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = Non
     plan, small = select_and_prune(graph, scores, loaded, notes=notes)
     if small is None or small is graph.gm:
         small = prune(graph, plan) if plan else copy.deepcopy(graph.gm)
+    nm = None
     if loaded.nm_pair is not None:
         n, m = loaded.nm_pair
         nm = apply_nm(small, n, m, ignore=loaded.ignore)
         finalize(small)
-        notes.append(f"nm: {n}:{m} masks on {sum(r.status == 'masked' for r in nm.rows)} layer(s)")
+        notes.append(f"nm: {n}:{m} masks on {sum(r.status == 'masked' for r in nm.rows)} layer(s); "
+                     "masks give speed only on CUDA sparse kernels "
+                     "(fxprune.passes.nm.to_semi_structured on a float16/bfloat16 CUDA model)")
+        narrow = sum("not a multiple of m" in r.reason for r in nm.rows)
+        if narrow and loaded.round_to % m:
+            notes.append(f"nm: {narrow} layer(s) skipped because their pruned input width is not a "
+                         f"multiple of {m}; set round_to={m} (or a multiple) to keep them eligible")
     if loaded.fuse:
         fused = fuse(small, inputs)
         small = fused.gm
@@ -87,5 +94,6 @@ def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = Non
         latency = loaded.latency.to_settings()
     rows = [group_row(g.id, g.size, g.size - len(plan.get(g.id, ())), reason=g.reason or None)
             for g in graph.groups]
-    report = build_report(model, small, inputs, latency=latency, group_rows=rows, notes=notes)
+    report = build_report(model, small, inputs, latency=latency, group_rows=rows, notes=notes,
+                          sparsity_rows=sparsity_rows(small, nm) if nm is not None else ())
     return Result(model=small, report=report, plan=plan, graph=graph, notes=notes)

@@ -35,6 +35,8 @@ __all__ = [
 ]
 
 GROUP_COLUMNS = ("group", "channels_before", "channels_after", "kept_ratio", "reason")
+# one row per Linear/Conv layer when N:M masks were applied (fxprune.passes.nm)
+SPARSITY_COLUMNS = ("layer", "pattern", "density", "kernel", "reason")
 
 _MISSING = "-"
 
@@ -150,6 +152,7 @@ class Report:
     groups: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     latency: LatencySettings | None = None
+    sparsity: list[dict] = field(default_factory=list)
 
     def ratios(self) -> dict[str, float | None]:
         """after/before for each metric (``None`` where unmeasured or zero)."""
@@ -196,6 +199,12 @@ class Report:
             parts += [f"{heading}groups",
                       tabulate(self._group_rows(), headers=list(GROUP_COLUMNS), tablefmt=tablefmt,
                                disable_numparse=True, colalign=("left",) + ("right",) * 3 + ("left",))]
+        if self.sparsity:
+            rows = [[row["layer"], row["pattern"], _fmt(row["density"], lambda v: f"{v:.3f}"),
+                     row["kernel"], row["reason"]] for row in self.sparsity]
+            parts += [f"{heading}sparsity (measured density = non-zero weights / all weights)",
+                      tabulate(rows, headers=list(SPARSITY_COLUMNS), tablefmt=tablefmt,
+                               disable_numparse=True)]
         if self.notes:
             parts += [f"{heading}notes", "\n".join(f"{bullet}{note}" for note in self.notes)]
         return "\n\n".join(parts)
@@ -227,6 +236,7 @@ class Report:
             "reduction": self.reductions(),
             "latency_settings": None if self.latency is None else dataclasses.asdict(self.latency),
             "groups": [dict(row) for row in self.groups],
+            "sparsity": [dict(row) for row in self.sparsity],
             "notes": list(self.notes),
         }
 
@@ -242,19 +252,21 @@ class Report:
         return cls(before=ModelStats(**data["before"]), after=ModelStats(**data["after"]),
                    groups=[dict(row) for row in data.get("groups", [])],
                    notes=list(data.get("notes", [])),
-                   latency=None if settings is None else LatencySettings(**settings))
+                   latency=None if settings is None else LatencySettings(**settings),
+                   sparsity=[dict(row) for row in data.get("sparsity", [])])
 
 
 def build_report(original: nn.Module, compressed: nn.Module, example_inputs, *,
                  latency: LatencySettings | None = None, group_rows: Iterable[Mapping] = (),
-                 notes: Iterable[str] = ()) -> Report:
+                 notes: Iterable[str] = (), sparsity_rows: Iterable[Mapping] = ()) -> Report:
     """Measure ``original`` and ``compressed`` on ``example_inputs`` and compare them.
 
     FLOPs, parameters and bytes are always measured; latency only when ``latency``
     settings are given, and then both models are timed alternately in one call (see
     :func:`fxprune.measure.measure_latency`). ``group_rows`` are dicts with ``group``
     (or ``id``), ``channels_before``, ``channels_after`` and optionally ``reason``
-    (see :func:`group_row`); ``notes`` are free-form lines such as the fuse pass's.
+    (see :func:`group_row`); ``notes`` are free-form lines such as the fuse pass's;
+    ``sparsity_rows`` are dicts with the keys of ``SPARSITY_COLUMNS``, one per layer.
 
     Example::
 
@@ -273,4 +285,4 @@ def build_report(original: nn.Module, compressed: nn.Module, example_inputs, *,
             before.latency_compiled_ms, after.latency_compiled_ms = timed.compiled_ms
     return Report(before=before, after=after,
                   groups=[_normalize_row(row) for row in group_rows],
-                  notes=list(notes), latency=latency)
+                  notes=list(notes), latency=latency, sparsity=[dict(r) for r in sparsity_rows])

@@ -398,3 +398,35 @@ def test_other_bad_inputs_raise_spec_error():
     for density in (0, 1.5, float("nan"), "half"):
         with pytest.raises(SpecError, match="density must be"):
             apply_block(nn.Linear(8, 8), 4, density)
+
+
+@pytest.mark.parametrize("round_to", [1, 4])
+def test_compress_reports_measured_density_and_kernel_of_every_layer(round_to):
+    import fxprune
+    from fxprune.report import Report
+
+    model = torchvision.models.resnet18(weights=None).eval()
+    result = fxprune.compress(model, {"input_shape": [1, 3, 64, 64], "ratio": 0.3, "nm": "2:4",
+                                      "round_to": round_to})
+    rows = {row["layer"]: row for row in result.report.sparsity}
+    convs = {n: m for n, m in result.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert set(rows) == set(convs)
+    for name, row in rows.items():
+        weight = convs[name].weight
+        # the density is measured on the emitted model, after BN folding
+        assert row["density"] == pytest.approx(float((weight != 0).float().mean()), abs=1e-6)
+        assert row["kernel"] == "dense" and row["reason"]  # CPU: never a sparse kernel
+        if row["pattern"] == "2:4":
+            assert check_nm(weight, 2, 4) and row["density"] == pytest.approx(0.5, abs=0.01)
+            assert "no sparse kernel" in row["reason"]
+        else:
+            assert "not a multiple of m=4" in row["reason"]
+    skipped_for_width = [r for r in rows.values() if "input channels (" in r["reason"] and r["layer"] != "conv1"]
+    hint = [n for n in result.report.notes if "set round_to=4" in n]
+    if round_to == 4:  # pruned widths stay multiples of 4: only the 3-channel stem is skipped
+        assert not skipped_for_width and not hint
+    else:
+        assert skipped_for_width and hint
+    text = str(result.report)
+    assert "sparsity (measured density" in text and "cpu: no sparse kernel" in text
+    assert Report.from_dict(result.report.to_dict()).sparsity == result.report.sparsity

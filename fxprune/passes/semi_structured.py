@@ -42,7 +42,7 @@ class KernelRow:
     shape: tuple[int, ...]
     dtype: str
     device: str
-    status: str  # "sparse" | "dense"
+    status: str  # "sparse" | "dense" | "eligible" (convert=False)
     reason: str = ""
 
 
@@ -110,7 +110,7 @@ def _dense_reason(module: nn.Module, weight: torch.Tensor, *, capability, backen
     return ""
 
 
-def to_semi_structured(model: nn.Module, *, backend: str | None = None) -> list[KernelRow]:
+def to_semi_structured(model: nn.Module, *, backend: str | None = None, convert: bool = True) -> list[KernelRow]:
     """Move eligible 2:4 nn.Linear weights to CUDA semi-structured sparse kernels, in place.
 
     A layer is converted when its weight is on CUDA (compute capability >= 8.0),
@@ -124,6 +124,8 @@ def to_semi_structured(model: nn.Module, *, backend: str | None = None) -> list[
     reason; on CPU that is every layer, and nothing changes.
 
     ``backend``: ``"cusparselt"`` or ``"cutlass"``; default: cuSPARSELt if available.
+    ``convert=False`` only reports: eligible layers get ``status="eligible"`` and the
+    model is left as it is (what ``compress`` puts in its report).
 
     Example:
         >>> from fxprune.passes.nm import apply_nm
@@ -146,7 +148,7 @@ def to_semi_structured(model: nn.Module, *, backend: str | None = None) -> list[
         weight = module.weight.detach()
         capability = torch.cuda.get_device_capability(weight.device) if weight.is_cuda else None
         reason = _dense_reason(module, weight, capability=capability, backend=backend, fused_by=fused.get(name, ""))
-        if not reason:
+        if not reason and convert:
             reason = _convert(module, backend)
         rows.append(
             KernelRow(
@@ -155,7 +157,7 @@ def to_semi_structured(model: nn.Module, *, backend: str | None = None) -> list[
                 shape=tuple(weight.shape),
                 dtype=str(weight.dtype).removeprefix("torch."),
                 device=str(weight.device),
-                status="dense" if reason else "sparse",
+                status="dense" if reason else ("sparse" if convert else "eligible"),
                 reason=reason,
             )
         )
