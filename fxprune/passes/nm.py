@@ -207,7 +207,6 @@ def apply_nm(
     return NMResult(n, m, sr_ste, mask_layers(model, patterns, plan))
 
 
-
 def sparsity_rows(model: nn.Module, result: NMResult) -> list[dict]:
     """The report's per-layer sparsity table for ``model`` after ``apply_nm`` (and fusion).
 

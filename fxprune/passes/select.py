@@ -11,8 +11,8 @@ Two modes, from the Spec:
   (FLOPs per weight entry of each conv/linear are measured once with forward hooks).
   Units are ranked and taken greedily until the estimate meets the target; the plan is
   then **verified** by pruning and counting on the real model, and the number of units
-  taken along the same ranking is corrected (secant steps inside a bisection bracket)
-  until the measured fraction is within ``TOLERANCE`` of the target. The ranking:
+  taken along the same ranking is corrected (the estimate's error until the target is
+  bracketed, then regula falsi alternating with bisection) until the measured fraction is within ``TOLERANCE`` of the target. The ranking:
 
   - ``scope="global"``: normalised score / cost, so the cheapest-per-importance units go
     first, wherever they are. This removes the most FLOPs per unit of importance, but it
@@ -45,7 +45,7 @@ from fxprune.passes.prune import prune
 from fxprune.passes.score import unit_entries
 
 TOLERANCE = 0.01  # relative to the target; the public promise is 2 %
-MAX_TRIES = 10    # real prunes spent correcting the estimate
+MAX_TRIES = 16    # real prunes spent correcting the estimate (bisection needs log2(units))
 
 Plan = dict[int, list[int]]
 
@@ -298,23 +298,30 @@ def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
         return abs(actual(k) - target) <= tolerance * target
 
     goal, k = target, k_for(target)
-    for _ in range(MAX_TRIES):
+    for step in range(MAX_TRIES):
         if done(k):
             break
-        below = [j for j in tried if tried[j][0] < target]
         above = [j for j in tried if tried[j][0] > target]
+        below = [j for j in tried if tried[j][0] <= target]
         lo, hi = max(above), (min(below) if below else None)
-        if hi is None and lo == n:
-            raise SpecError(
-                f"spec.target.{metric}: {target} is impossible: removing every prunable channel "
-                f"allowed (max_ratio={spec.max_ratio}, frozen and ignored groups kept) leaves "
-                f"{actual(n):.3f} of the {metric}; the minimum reachable fraction is {actual(n):.3f}")
-        goal += target - actual(k)          # the estimate's error near k, assumed constant
-        nxt = k_for(goal)
-        upper = hi if hi is not None else n + 1
-        if not lo < nxt < upper:
-            nxt = (lo + upper) // 2 if hi is not None else n
-        if nxt in tried or not lo < nxt < upper:
+        if hi is None:
+            if lo == n:
+                raise SpecError(
+                    f"spec.target.{metric}: {target} is impossible: removing every prunable channel "
+                    f"allowed (max_ratio={spec.max_ratio}, frozen and ignored groups kept) leaves "
+                    f"{actual(n):.3f} of the {metric}; the minimum reachable fraction is {actual(n):.3f}")
+            goal += target - actual(k)      # the estimate's error near k, assumed constant
+            nxt = k_for(goal)
+            nxt = nxt if lo < nxt <= n else n
+        elif hi - lo <= 1 or hi < lo:       # adjacent (channel granularity) or not monotone
+            break
+        else:
+            # regula falsi inside the bracket, alternating with bisection so it always shrinks
+            a_lo, a_hi = actual(lo), actual(hi)
+            nxt = lo + int(round((a_lo - target) / max(a_lo - a_hi, 1e-12) * (hi - lo)))
+            if step % 2 or not lo < nxt < hi:
+                nxt = (lo + hi) // 2
+        if nxt in tried:
             break
         k = nxt
     best = min(tried, key=lambda j: (abs(tried[j][0] - target), j))
