@@ -13,7 +13,7 @@ from digits_common import accuracy, batches, compress_and_finetune, start
 from fxprune.regularize import BNScaleL1
 
 
-def main(epochs: int = 10, lam: float = 2.0):
+def main(epochs: int = 10, lam: float = 1.0):
     data, model = start()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     slim = BNScaleL1(model, lam=lam, optimizer=opt)

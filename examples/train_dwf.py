@@ -16,7 +16,7 @@ import fxprune
 from fxprune.regularize import channel_slices_from_graph, collapse, factorize
 
 
-def main(epochs: int = 10, lam: float = 5e-3, depth: int = 3):
+def main(epochs: int = 10, lam: float = 5e-2, depth: int = 3):
     data, model = start()
     channels = channel_slices_from_graph(model, fxprune.analyze(model, EXAMPLE), role="out")
     dwf = factorize(model, depth=depth, lam=lam, channels=channels)

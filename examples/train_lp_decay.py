@@ -16,7 +16,7 @@ import fxprune
 from fxprune.regularize import LpDecay, channel_slices_from_graph
 
 
-def main(epochs: int = 10, lam: float = 20.0, p: float = 0.5):
+def main(epochs: int = 10, lam: float = 3.0, p: float = 0.5):
     data, model = start()
     channels = channel_slices_from_graph(model, fxprune.analyze(model, EXAMPLE), role="out")
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)   # weight_decay=0: the decay is ours
