@@ -34,9 +34,9 @@ global`` ranks channels across groups by score per FLOP instead, which thins the
 
 Torch-Pruning prunes by ratio with its default local scope (the same share of every
 group, like fxprune's ``scope="local"``; its global scope collapsed GroupNorm models to
-20% at 16x); the ratio that meets the FLOPs target is found by
-bisection on the real pruned model, and by a scan of ratios 0.30-0.98 where bisection
-misses (its FLOPs are not monotone in the ratio). "zero ch" is the share of prunable
+20% at 16x); the ratio that meets the FLOPs target is found by bisection on the real
+pruned model, and by a scan of ratios 0.30-0.98 where bisection misses (its FLOPs are
+not monotone in the ratio). "zero ch" is the share of prunable
 channels whose producer slices (conv rows, BN affine) are all exactly zero after sparse
 training, before pruning (for L0: the share of closed gates).
 
