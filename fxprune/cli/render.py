@@ -29,30 +29,43 @@ def _dot_quote(text: str) -> str:
     return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def graph_dot(graph, model_ref: str) -> str:
-    """Graphviz DOT: producer tensors -> group box -> consumer tensors."""
-    lines = [f"digraph fxprune {{", f"  label={_dot_quote('fxprune groups of ' + model_ref)};",
-             "  rankdir=LR;", '  node [fontname="Helvetica", fontsize=10];']
+def _group_flow(graph, lines: list[str], group_lines, tensor_line, edge) -> list[str]:
+    """Append a producers -> group box -> consumers diagram to ``lines``; each tensor node is
+    declared (``tensor_line(node id, name)``) just before its first edge."""
     tensors: dict[str, str] = {}
 
     def tensor_node(name: str) -> str:
         if name not in tensors:
             tensors[name] = f"t{len(tensors)}"
-            lines.append(f"  {tensors[name]} [label={_dot_quote(name)}, shape=ellipse];")
+            lines.append(tensor_line(tensors[name], name))
         return tensors[name]
 
     for row in graph.rows():
-        state = "prunable" if row["prunable"] else "frozen"
+        group = f"g{row['id']}"
+        lines.extend(group_lines(group, row, "prunable" if row["prunable"] else "frozen"))
+        for producer in row["producers"]:
+            lines.append(edge(tensor_node(producer), group))
+        for consumer in row["consumers"]:
+            lines.append(edge(group, tensor_node(consumer)))
+    return lines
+
+
+def graph_dot(graph, model_ref: str) -> str:
+    """Graphviz DOT: producer tensors -> group box -> consumer tensors."""
+    def group_lines(node: str, row: dict, state: str) -> list[str]:
         label = f"group {row['id']}\n{row['channels']} channels\n{state}"
         if row["reason"]:
             label += "\n" + (row["reason"][:60] + ("..." if len(row["reason"]) > 60 else ""))
         color = "palegreen" if row["prunable"] else "lightgrey"
-        lines.append(f"  g{row['id']} [label={_dot_quote(label)}, shape=box, style=filled, "
-                     f"fillcolor={color}];")
-        for producer in row["producers"]:
-            lines.append(f"  {tensor_node(producer)} -> g{row['id']};")
-        for consumer in row["consumers"]:
-            lines.append(f"  g{row['id']} -> {tensor_node(consumer)};")
+        return [f"  {node} [label={_dot_quote(label)}, shape=box, style=filled, fillcolor={color}];"]
+
+    lines = _group_flow(
+        graph,
+        [f"digraph fxprune {{", f"  label={_dot_quote('fxprune groups of ' + model_ref)};",
+         "  rankdir=LR;", '  node [fontname="Helvetica", fontsize=10];'],
+        group_lines,
+        lambda node, name: f"  {node} [label={_dot_quote(name)}, shape=ellipse];",
+        lambda a, b: f"  {a} -> {b};")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -63,24 +76,13 @@ def _mermaid_label(text: str) -> str:
 
 def graph_mermaid(graph) -> str:
     """A Mermaid flowchart (renders in GitHub markdown inside a ```mermaid block)."""
-    lines = ["flowchart LR"]
-    tensors: dict[str, str] = {}
-
-    def tensor_node(name: str) -> str:
-        if name not in tensors:
-            tensors[name] = f"t{len(tensors)}"
-            lines.append(f"  {tensors[name]}({_mermaid_label(name)})")
-        return tensors[name]
-
-    for row in graph.rows():
-        state = "prunable" if row["prunable"] else "frozen"
+    def group_lines(node: str, row: dict, state: str) -> list[str]:
         text = f"group {row['id']}: {row['channels']} channels, {state}"
-        lines.append(f"  g{row['id']}[{_mermaid_label(text)}]")
-        lines.append(f"  class g{row['id']} {state}")
-        for producer in row["producers"]:
-            lines.append(f"  {tensor_node(producer)} --> g{row['id']}")
-        for consumer in row["consumers"]:
-            lines.append(f"  g{row['id']} --> {tensor_node(consumer)}")
+        return [f"  {node}[{_mermaid_label(text)}]", f"  class {node} {state}"]
+
+    lines = _group_flow(graph, ["flowchart LR"], group_lines,
+                        lambda node, name: f"  {node}({_mermaid_label(name)})",
+                        lambda a, b: f"  {a} --> {b}")
     lines += ["  classDef prunable fill:#cfc,stroke:#393", "  classDef frozen fill:#ddd,stroke:#777"]
     return "\n".join(lines) + "\n"
 
