@@ -150,8 +150,7 @@ class LatencySpec:
         """The measurement settings (``fxprune.measure.LatencySettings``) this section asks for."""
         from .measure import LatencySettings
 
-        return LatencySettings(device=self.device, batch_size=self.batch_size, threads=self.threads,
-                               warmup=self.warmup, repeats=self.repeats, compile=self.compile)
+        return LatencySettings(**dataclasses.asdict(self))
 
 
 @dataclass
