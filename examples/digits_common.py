@@ -32,14 +32,20 @@ def batches(data, size: int = 64):
         yield x[idx], y[idx]
 
 
+def target_spec(speedup: int = 8) -> dict:
+    """The compress spec of these examples: ``1/speedup`` of the FLOPs, same share of
+    every group (``scope="local"``), BatchNorms kept (the model is fine-tuned after)."""
+    return {"example_inputs": (EXAMPLE,), "target": {"flops": 1 / speedup}, "scope": "local",
+            "fuse": False}
+
+
 def compress_and_finetune(model, data, score: str, speedup: int = 8, epochs: int = 5):
     """Prune ``model`` to ``1/speedup`` of its FLOPs ranked by ``score``, fine-tune, report.
 
     ``scope="local"``: every group keeps the same share of its channels, the lowest
     scores (the zeroed channels first) removed; it fine-tunes back better here than the
     global ranking (see the digits benchmark in the README)."""
-    result = fxprune.compress(model, {"example_inputs": (EXAMPLE,), "target": {"flops": 1 / speedup},
-                                      "score": score, "scope": "local", "fuse": False})
+    result = fxprune.compress(model, {**target_spec(speedup), "score": score})
     small = result.model
     before = accuracy(small, data)
     train(small, data, epochs=epochs, lr=1e-3, seed=1)

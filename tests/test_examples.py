@@ -20,7 +20,7 @@ def examples_on_path(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["train_group_lasso", "train_l0", "train_lp_decay", "train_dwf",
-                                  "train_bn_l1"])
+                                  "train_bn_l1", "train_targeted"])
 def test_example_trains_and_compresses(name, capsys):
     module = importlib.import_module(name)
     common = sys.modules["digits_common"]

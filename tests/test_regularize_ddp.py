@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fxprune.regularize import ChannelSlices, GroupLasso, LpDecay
+from fxprune.regularize import ChannelSlices, GroupLasso, LpDecay, TargetedGroupLasso
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -38,6 +38,10 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
         lasso = GroupLasso(chans, lam=0.5, optimizer=opt)
         decay = LpDecay([head.weight], p=0.5, lam=0.05, optimizer=opt)
+        # selection runs on each rank's own weights: it must choose the same channels
+        targeted = TargetedGroupLasso(model, {"example_inputs": (torch.randn(1, 3, 8, 8),),
+                                              "target": {"flops": 0.5}}, lam=0.5,
+                                      ramp_steps=4, update_every=2, optimizer=opt)
         torch.manual_seed(100 + rank)  # different data on every rank
         for _ in range(8):
             x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
@@ -47,13 +51,15 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
             with decay.step():
                 opt.step()
             lasso.prox_()
+            targeted.step()
         params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         gathered = [torch.empty_like(params) for _ in range(world)]
         dist.all_gather(gathered, params)
         if rank == 0:
             torch.save({"params": gathered,
                         "zero_channels": int(lasso.zero_channels().sum()),
-                        "zero_fraction": decay.zero_fraction()},
+                        "zero_fraction": decay.zero_fraction(),
+                        "chosen": targeted.chosen()},
                        os.path.join(out_dir, "result.pt"))
     finally:
         dist.destroy_process_group()
@@ -67,3 +73,4 @@ def test_two_ddp_replicas_stay_identical(tmp_path):
     assert torch.equal(a, b)
     # the regularisers did act (otherwise identical weights would prove nothing new)
     assert result["zero_channels"] > 0 or result["zero_fraction"] > 0
+    assert result["chosen"]

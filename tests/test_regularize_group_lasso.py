@@ -156,3 +156,24 @@ def test_negative_lr_raises_spec_error():
     w = torch.nn.Parameter(torch.ones(2, 2))
     with pytest.raises(SpecError, match="lr"):
         GroupLasso([ChannelSlices([(w, 0, [0])])], lam=1.0).prox_(lr=-0.1)
+
+
+def test_weights_scale_penalty_and_prox_per_channel():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.3, 0.4]]))
+    chans = [ChannelSlices([(w, 0, [c])]) for c in range(2)]
+    lasso = GroupLasso(chans, lam=1.0, weights=torch.tensor([0.0, 2.0]))
+    # only channel 1 counts, twice: 2 * sqrt(2) * 0.5
+    assert lasso.penalty().item() == pytest.approx(2 * math.sqrt(2) * 0.5, rel=1e-6)
+    factor = lasso.prox_(lr=0.1)  # channel 1: threshold 0.1 * 2 * sqrt(2) = 0.28 < 0.5
+    assert factor[0].item() == 1.0 and torch.equal(w[0].detach(), torch.tensor([3.0, 4.0]))
+    assert factor[1].item() == pytest.approx(1 - 0.2 * math.sqrt(2) / 0.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("weights, match", [(torch.ones(3), r"shape \(2,\)"),
+                                            (torch.tensor([1.0, -1.0]), ">= 0"),
+                                            (torch.tensor([1.0, float("nan")]), "finite")])
+def test_bad_weights_raise_spec_error(weights, match):
+    w = torch.nn.Parameter(torch.ones(2, 2))
+    chans = [ChannelSlices([(w, 0, [c])]) for c in range(2)]
+    with pytest.raises(SpecError, match=match):
+        GroupLasso(chans, lam=1.0, weights=weights)

@@ -3,7 +3,9 @@
 * ``GroupLasso``: channel group lasso, ``penalty()`` or proximal ``prox_()``;
 * ``LpDecay``: decoupled Lp weight decay for any p > 0 (element-wise or per channel);
 * ``factorize`` / ``collapse``: deep weight factorization (L2 on D factors = L_{2/D});
-* ``BNScaleL1``: network slimming, L1 on BatchNorm scales.
+* ``BNScaleL1``: network slimming, L1 on BatchNorm scales;
+* ``TargetedGroupLasso``: proximal group lasso on just the channels a compress spec's
+  budget removes, growing until they are zero (pruning them is then lossless).
 
 Channels are ``ChannelSlices`` (the parameter slices one channel owns), built by hand
 or from an analysis with ``channel_slices_from_graph(model, graph)``.
@@ -26,6 +28,7 @@ from fxprune.regularize.channels import (
 from fxprune.regularize.dwf import DeepFactorization, collapse, factorize
 from fxprune.regularize.group_lasso import GroupLasso
 from fxprune.regularize.lp_decay import LpDecay, lp_decay_params
+from fxprune.regularize.targeted import TargetedGroupLasso
 
 __all__ = [
     "BNScaleL1",
@@ -35,6 +38,7 @@ __all__ = [
     "GroupLasso",
     "LpDecay",
     "ParamSlice",
+    "TargetedGroupLasso",
     "channel_slices_from_graph",
     "collapse",
     "factorize",
