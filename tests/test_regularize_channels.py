@@ -1,10 +1,9 @@
 """ChannelSlices / ChannelTable / channel_slices_from_graph."""
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
+import fxprune
 from fxprune.errors import SpecError
 from fxprune.regularize import ChannelSlices, ChannelTable, channel_slices_from_graph
 
@@ -93,47 +92,68 @@ def test_channel_lr_requires_a_common_lr_per_channel():
         table.channel_lr({id(w): 0.1, id(b): 0.2})
 
 
-# A stand-in for the analysis' DependencyGraph, using only the documented API.
-@dataclass
-class FakeGroup:
-    id: int
-    size: int
-    prunable: bool
-    table: dict  # key -> dim (the channel's index is the same along that dim)
-
-    def slices(self, channels, role="out"):
-        assert role == "out"
-        return {key: [(dim, list(channels))] for key, dim in self.table.items()}
-
-
-@dataclass
-class FakeGraph:
-    groups: list
-
-
 def test_channel_slices_from_graph_maps_keys_to_parameters_and_skips_buffers():
     m = conv_bn()
-    out_slices = {"0.weight": 0, "0.bias": 0, "1.weight": 0, "1.bias": 0,
-                  "1.running_mean": 0, "1.running_var": 0}
-    graph = FakeGraph([FakeGroup(7, 4, True, out_slices),
-                       FakeGroup(8, 2, False, {"3.weight": 0, "3.bias": 0})])
+    graph = fxprune.analyze(m, torch.randn(1, 3, 8, 8))
     chans = channel_slices_from_graph(m, graph)
-    assert len(chans) == 4
-    assert [ch.label for ch in chans] == [(7, c) for c in range(4)]
-    params = {id(s.param) for ch in chans for s in ch}
+    (g,) = graph.prunable_groups
+    assert [ch.label for ch in chans] == [(g.id, c) for c in range(4)]
+    params = {id(s.param) for ch in chans for s in ch}  # no running stats
     assert params == {id(m[0].weight), id(m[0].bias), id(m[1].weight), id(m[1].bias)}
-    assert all(ch.numel() == 30 for ch in chans)
-    assert len(channel_slices_from_graph(m, graph, include_frozen=True)) == 6
+    assert all(ch.numel() == 3 * 9 + 3 for ch in chans)
+    consumers = channel_slices_from_graph(m, graph, role="in")
+    assert [[(s.param is m[3].weight, s.dim, s.index.tolist()) for s in ch] for ch in consumers] \
+        == [[(True, 1, [c])] for c in range(4)]
+    # frozen: the head's 2 output channels; the 3 input channels own no producer entries
+    assert len(channel_slices_from_graph(m, graph, include_frozen=True)) == 4 + 2
     ChannelTable(chans)  # disjoint
 
 
-def test_channel_slices_from_graph_merges_tied_keys():
-    emb = torch.nn.Embedding(5, 3)
-    head = torch.nn.Linear(3, 5, bias=False)
-    head.weight = emb.weight
-    model = torch.nn.ModuleDict({"emb": emb, "head": head})
-    graph = FakeGraph([FakeGroup(0, 3, True, {"emb.weight": 1, "head.weight": 1})])
+class Aliased(torch.nn.Module):
+    """One conv registered under two names: its weight has two state_dict keys."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3)
+        self.alias = self.conv
+        self.head = torch.nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.alias(x)))
+
+
+def test_channel_slices_from_graph_keeps_a_tied_parameter_once():
+    model = Aliased()
+    graph = fxprune.analyze(model, torch.randn(1, 3, 8, 8))
     chans = channel_slices_from_graph(model, graph)
-    assert [len(ch) for ch in chans] == [1, 1, 1]
-    assert chans[0].numel() == 5
+    assert len(chans) == 6 and all(len(ch) == 2 for ch in chans)  # weight rows + bias, once
+    assert {id(s.param) for ch in chans for s in ch} == {id(model.conv.weight), id(model.conv.bias)}
     ChannelTable(chans)
+
+
+def _reference(model, graph, role):
+    """What channel_slices_from_graph promises: g.slices([c], role), one channel at a time."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out = []
+    for g in graph.prunable_groups:
+        for c in range(g.size):
+            merged = {}
+            for key, pairs in g.slices([c], role).items():
+                if key in params:
+                    for dim, idx in pairs:
+                        merged.setdefault((id(params[key]), dim), set()).update(idx)
+            out.append(((g.id, c), {k: sorted(v) for k, v in merged.items()}))
+    return out
+
+
+@pytest.mark.parametrize("name", ["resnet18", "squeezenet1_0", "shufflenet_v2_x0_5"])  # add, concat, split
+@pytest.mark.parametrize("role", ["out", "in", "all"])
+def test_channel_slices_from_graph_equals_per_channel_slices(name, role):
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None)
+    graph = fxprune.analyze(model, torch.randn(1, 3, 64, 64))
+    fast = channel_slices_from_graph(model, graph, role=role)
+    got = [(ch.label, {(id(s.param), s.dim): s.index.tolist() for s in ch}) for ch in fast]
+    want = [item for item in _reference(model, graph, role) if item[1]]
+    assert got == want

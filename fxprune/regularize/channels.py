@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from fxprune.errors import SpecError
@@ -61,8 +62,14 @@ class ChannelSlices:
                 raise SpecError(f"channels: dim {dim} out of range for a parameter of shape "
                                 f"{tuple(param.shape)}")
             dim %= max(param.dim(), 1)
-            index = torch.as_tensor(index, dtype=torch.long, device=param.device).reshape(-1)
-            if index.numel() and (index.min() < 0 or index.max() >= param.shape[dim]):
+            if not isinstance(index, torch.Tensor):  # range-check in numpy: ~5x faster than
+                index = np.asarray(index, dtype=np.int64).reshape(-1)  # torch on tiny arrays
+                bad = index.size and (index.min() < 0 or index.max() >= param.shape[dim])
+                index = torch.from_numpy(index.copy()).to(param.device)  # not the caller's array
+            else:
+                index = index.to(dtype=torch.long, device=param.device).reshape(-1)
+                bad = index.numel() and (index.min() < 0 or index.max() >= param.shape[dim])
+            if bad:
                 raise SpecError(f"channels: index out of range for dim {dim} of a parameter "
                                 f"of shape {tuple(param.shape)}")
             out.append(ParamSlice(param, dim, index))
@@ -238,30 +245,41 @@ def channel_slices_from_graph(model: torch.nn.Module, graph, role: str = "out",
                               include_frozen: bool = False) -> list[ChannelSlices]:
     """Build one ChannelSlices per channel of the graph's prunable groups.
 
-    Uses ``graph.groups``, ``g.prunable``, ``g.size`` and ``g.slices([c], role)``;
-    state_dict keys are mapped to ``model``'s parameters (buffers such as BN
-    running stats are skipped). ``label`` is ``(g.id, c)``.
+    The same entries as ``g.slices([c], role)`` for every channel ``c`` of every group,
+    read in one pass over each group's bindings (resnet50's 11k channels one at a time
+    took 35 s); state_dict keys are mapped to ``model``'s parameters (buffers such as
+    BN running stats are skipped), and a tied parameter is kept once. ``label`` is
+    ``(g.id, c)``.
 
     Example:
         >>> graph = fxprune.analyze(model, (x,))            # doctest: +SKIP
         >>> lasso = GroupLasso(channel_slices_from_graph(model, graph), lam=1e-4)  # doctest: +SKIP
     """
+    from fxprune.passes.score import unit_entries  # the score pass reads units the same way
+
+    if role not in ("out", "in", "all"):
+        raise SpecError(f"role must be 'out', 'in' or 'all', got {role!r}")
     params = dict(model.named_parameters(remove_duplicate=False))
     out = []
     for gi, g in enumerate(graph.groups):
         if not (g.prunable or include_frozen):
             continue
         gid = getattr(g, "id", gi)
-        for c in range(int(g.size)):
-            merged: dict[tuple[int, int], tuple[torch.Tensor, int, set]] = {}
-            for key, pairs in g.slices([c], role).items():
-                if key not in params:  # a buffer (running stats...): not trained
-                    continue
-                for dim, idx in pairs:
-                    # tied weights appear under several keys: keep each entry once
-                    p = params[key]
-                    merged.setdefault((id(p), dim), (p, dim, set()))[2].update(int(i) for i in idx)
-            triples = [(p, dim, sorted(idx)) for p, dim, idx in merged.values()]
+        roles = tuple({b.role for b in g.bindings}) if role == "all" else (role,)
+        per_unit: list[dict[tuple[int, int], tuple[torch.Tensor, int, list]]] = \
+            [{} for _ in range(int(g.size))]
+        for key, dim, idx, units in unit_entries(g, roles):
+            if key not in params:  # a buffer (running stats...): not trained
+                continue
+            p = params[key]
+            order = np.argsort(units, kind="stable")
+            units, idx = units[order], idx[order]
+            starts = np.flatnonzero(np.r_[True, units[1:] != units[:-1]])
+            for u, chunk in zip(units[starts], np.split(idx, starts[1:])):
+                per_unit[u].setdefault((id(p), dim), (p, dim, []))[2].append(chunk)
+        for c, merged in enumerate(per_unit):
+            triples = [(p, dim, np.unique(np.concatenate(chunks)))
+                       for p, dim, chunks in merged.values()]
             if triples:
                 out.append(ChannelSlices(triples, label=(gid, c)))
     return out
