@@ -90,6 +90,17 @@ def test_strength_ramps_linearly_and_only_chosen_channels_shrink():
     assert 0 < int(shrunk.sum()) < len(shrunk)
 
 
+def test_step_takes_an_explicit_lr_without_an_optimizer():
+    model = ResidualNet()
+    reg = TargetedGroupLasso(model, spec(), lam=1.0, ramp_steps=1)
+    with pytest.raises(SpecError, match="lr"):
+        reg.step()
+    norms0 = reg.lasso.channel_norms()
+    reg.step(lr=10.0)  # threshold 10 * sqrt(n_c): every chosen channel goes to zero at once
+    assert sorted(reg.zero_channels()) == sorted(reg.chosen())
+    assert (reg.lasso.channel_norms()[reg.lasso.weights == 0] == norms0[reg.lasso.weights == 0]).all()
+
+
 def test_ratio_spec_chooses_that_share_of_every_group():
     model = ResidualNet()
     reg = TargetedGroupLasso(model, {"example_inputs": (X,), "ratio": 0.5, "scope": "local"},

@@ -55,7 +55,8 @@ class TargetedGroupLasso:
         lam: final strength, > 0 (the prox threshold is ``lr * lam_t * sqrt(n_c)``).
         ramp_steps: steps over which the strength grows linearly from 0 to ``lam``.
         update_every: re-run the selection every this many steps (each run prunes a
-            copy of the graph up to ``MAX_TRIES`` times to land the target).
+            copy of the graph up to ``MAX_TRIES`` times to land the target; a
+            ``latency`` target also times every try).
         optimizer: the optimizer whose per-parameter lr the prox step uses.
         overrides: Spec fields a file cannot hold (``example_inputs``).
 
@@ -112,8 +113,10 @@ class TargetedGroupLasso:
         return self.plan
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, lr: float | None = None) -> None:
         """Re-select when due, then shrink the chosen channels (call after ``optimizer.step()``).
+
+        ``lr`` defaults to each parameter's lr in the optimizer given at construction.
 
         Example:
             >>> opt.step(); reg.step()  # doctest: +SKIP
@@ -121,7 +124,7 @@ class TargetedGroupLasso:
         if self.steps and self.steps % self.update_every == 0:
             self.reselect()
         self.lasso.lam = self.strength
-        self.lasso.prox_()
+        self.lasso.prox_(lr)
         self.steps += 1
 
     def chosen(self) -> list[tuple[int, int]]:
