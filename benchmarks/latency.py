@@ -20,6 +20,11 @@ speedups under ``torch.compile`` are added.
 
     python benchmarks/latency.py                          # 8 models, about 20 min on 2 cores; 40 with --compile
     python benchmarks/latency.py --models resnet50 --compile --json latency.json
+    python benchmarks/latency.py --models resnet50,resnet18 --compile --scopes local --ignore 'conv1,layer1.*'
+
+``--ignore`` adds candidates compressed to the same FLOPs with those modules kept at
+full width, so the FLOPs come out of the other layers (for resnets: keep the stem and
+the 56x56 stage, whose thin convs run far below their FLOPs).
 """
 from __future__ import annotations
 
@@ -55,7 +60,8 @@ def fused(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
     return fuse(fxprune.trace(model), (x,)).gm
 
 
-def run(name: str, settings: LatencySettings, round_to: int | None, scopes: list[str]) -> dict:
+def run(name: str, settings: LatencySettings, round_to: int | None, scopes: list[str],
+        ignore: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     dense = torchvision.models.get_model(name, weights=None).eval()
     x = torch.randn(1, 3, 224, 224)
@@ -74,9 +80,12 @@ def run(name: str, settings: LatencySettings, round_to: int | None, scopes: list
         fractions.update({"tp": f_tp, "tp+fuse": f_tp})
     for scope in scopes:
         spec = {"example_inputs": (x,), "target": {"flops": f_tp}, "round_to": round_to or 1, "scope": scope}
-        tool = f"fx-{scope}"
-        candidates[tool] = fxprune.compress(dense, spec).model
-        fractions[tool] = count_flops(candidates[tool], (x,)) / flops
+        variants = {f"fx-{scope}": spec}
+        if ignore:  # the same FLOPs taken from the layers not ignored
+            variants[f"fx-{scope}+ignore"] = {**spec, "ignore": ignore}
+        for tool, variant in variants.items():
+            candidates[tool] = fxprune.compress(dense, variant).model
+            fractions[tool] = count_flops(candidates[tool], (x,)) / flops
     times = measure_latency(list(candidates.values()), (x,), settings)
     eager = dict(zip(candidates, times.eager_ms))
     compiled = dict(zip(candidates, times.compiled_ms)) if times.compiled_ms else {}
@@ -100,13 +109,17 @@ def main() -> int:
     parser.add_argument("--round-to", type=int, default=8, help="channel multiple for both tools (0: none)")
     parser.add_argument("--compile", action="store_true", help="also time under torch.compile")
     parser.add_argument("--scopes", default="global,local", help="fxprune selection scopes to compare")
+    parser.add_argument("--ignore", default="",
+                        help="also compress with these module patterns kept whole (comma list, "
+                             "e.g. 'conv1,layer1.*' for resnets): candidates fx-SCOPE+ignore")
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args()
     settings = LatencySettings(threads=args.threads, repeats=args.repeats, warmup=5, compile=args.compile)
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models.split(","):
-        rows.append(run(name, settings, args.round_to or None, args.scopes.split(",")))
+        rows.append(run(name, settings, args.round_to or None, args.scopes.split(","),
+                        [p for p in args.ignore.split(",") if p]))
         print(f"{name}: done", file=sys.stderr, flush=True)
     print(tabulate(rows, headers="keys", tablefmt="github"))
     if args.json:
