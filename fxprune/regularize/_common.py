@@ -43,6 +43,18 @@ def check_positive(value: float, name: str) -> float:
     return out
 
 
+def check_int(value, name: str, minimum: int) -> int:
+    """Return ``value``; raise SpecError unless it is an int (not a bool) >= ``minimum``.
+
+    Example:
+        >>> check_int(3, "depth", 2)
+        3
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SpecError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
 def lr_of(params: Iterable[torch.Tensor], lr: float | None,
           optimizer: torch.optim.Optimizer | None) -> list[float]:
     """The learning rate to use for each parameter, in order.

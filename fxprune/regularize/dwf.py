@@ -38,7 +38,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from fxprune.errors import SpecError
-from fxprune.regularize._common import check_lam
+from fxprune.regularize._common import check_int, check_lam
 from fxprune.regularize._factors import ChannelScales, ChannelScaling, ElementwiseFactors
 from fxprune.regularize.channels import ChannelSlices, ChannelTable
 
@@ -164,8 +164,7 @@ def factorize(model: torch.nn.Module, depth: int = 3, *, lam: float = 0.0, param
         >>> dwf = factorize(model, depth=3, lam=1e-4)
         >>> opt = torch.optim.Adam(model.parameters(), lr=1e-3)  # sees the factors
     """
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
-        raise SpecError(f"depth: expected an integer >= 2, got {depth!r}")
+    check_int(depth, "depth", 2)
     lam = check_lam(lam)
     if init not in ("weights", "random"):
         raise SpecError(f"init: expected 'weights' or 'random', got {init!r}")

@@ -38,7 +38,7 @@ import torch
 from fxprune.channels import analyze
 from fxprune.errors import SpecError
 from fxprune.passes.select import Plan, select
-from fxprune.regularize._common import check_lam
+from fxprune.regularize._common import check_int, check_lam
 from fxprune.regularize.channels import channel_slices_from_graph
 from fxprune.regularize.group_lasso import GroupLasso
 from fxprune.spec import Spec
@@ -74,8 +74,8 @@ class TargetedGroupLasso:
         self.lam = check_lam(lam)
         if self.lam == 0:
             raise SpecError("lam: expected a number > 0 (0 would never zero a channel)")
-        self.ramp_steps = _check_steps(ramp_steps, "ramp_steps")
-        self.update_every = _check_steps(update_every, "update_every")
+        self.ramp_steps = check_int(ramp_steps, "ramp_steps", 1)
+        self.update_every = check_int(update_every, "update_every", 1)
         self.graph = analyze(model, self.spec.make_example_inputs())
         channels = channel_slices_from_graph(model, self.graph, role="out")
         if not channels:
@@ -146,8 +146,3 @@ class TargetedGroupLasso:
         zero = self.lasso.zero_channels().tolist()
         return [label for label, z in zip(self._labels, zero) if z]
 
-
-def _check_steps(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SpecError(f"{name}: expected an integer >= 1, got {value!r}")
-    return value
