@@ -84,7 +84,11 @@ def run(name: str, settings: LatencySettings, round_to: int | None, scopes: list
         if ignore:  # the same FLOPs taken from the layers not ignored
             variants[f"fx-{scope}+ignore"] = {**spec, "ignore": ignore}
         for tool, variant in variants.items():
-            candidates[tool] = fxprune.compress(dense, variant).model
+            try:
+                candidates[tool] = fxprune.compress(dense, variant).model
+            except fxprune.SpecError as exc:  # e.g. a target round_to makes unreachable: say so
+                row[f"{tool}_error"] = str(exc).splitlines()[0][:160]
+                continue
             fractions[tool] = count_flops(candidates[tool], (x,)) / flops
     times = measure_latency(list(candidates.values()), (x,), settings)
     eager = dict(zip(candidates, times.eager_ms))
