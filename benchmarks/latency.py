@@ -105,7 +105,7 @@ def run(name: str, settings: LatencySettings, round_to: int | None, scopes: list
     return row
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--threads", type=int, default=2)
@@ -117,7 +117,7 @@ def main() -> int:
                         help="also compress with these module patterns kept whole (comma list, "
                              "e.g. 'conv1,layer1.*' for resnets): candidates fx-SCOPE+ignore")
     parser.add_argument("--json", help="write the rows to this JSON file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     settings = LatencySettings(threads=args.threads, repeats=args.repeats, warmup=5, compile=args.compile)
     torch.set_num_threads(args.threads)
     rows = []

@@ -1,0 +1,38 @@
+"""benchmarks/latency.py runs end to end on one model and writes the rows it prints."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def latency(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    threads = torch.get_num_threads()
+    import latency as module
+    yield module
+    torch.set_num_threads(threads)
+    sys.modules.pop("latency", None)
+
+
+def test_resnet18_row_compares_at_equal_flops_and_reports_an_impossible_ignore(latency, tmp_path, capsys):
+    out = tmp_path / "latency.json"
+    # keeping resnet18's stem and layer1 whole cannot reach Torch-Pruning's FLOPs:
+    # the candidate is reported with compress's error, the others still run
+    latency.main(["--models", "resnet18", "--repeats", "2", "--scopes", "local",
+                  "--ignore", "conv1,layer1.*", "--json", str(out)])
+    printed = capsys.readouterr().out
+    (row,) = json.loads(out.read_text())
+    assert row["model"] == "resnet18" and "tp_error" not in row
+    assert row["fx-local_flops_x"] == pytest.approx(row["tp_flops_x"], rel=0.02)
+    for tool in ("tp", "tp+fuse", "fx-local"):
+        assert row[f"{tool}_speedup"] > 0  # timed (how fast is the benchmark's business, not CI's)
+        assert row[f"{tool}_quotient"] == pytest.approx(row[f"{tool}_speedup"] / row[f"{tool}_flops_x"],
+                                                         abs=0.01)
+    assert "is impossible" in row["fx-local+ignore_error"]
+    assert "fx-local+ignore_quotient" not in row
+    assert str(row["fx-local_quotient"]) in printed
