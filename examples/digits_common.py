@@ -13,9 +13,8 @@ import fxprune
 from fxprune.measure import count_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from digits import DigitsNet, accuracy, load_data, train  # noqa: E402,F401  (re-exported)
-
-EXAMPLE = torch.zeros(1, 1, 8, 8)  # one 8x8 grey image: what the model is traced with
+import digits  # noqa: E402
+from digits import EXAMPLE, DigitsNet, accuracy, load_data, train  # noqa: E402,F401  (re-exported)
 
 
 def start(seed: int = 0):
@@ -35,8 +34,7 @@ def batches(data, size: int = 64):
 def target_spec(speedup: int = 8) -> dict:
     """The compress spec of these examples: ``1/speedup`` of the FLOPs, same share of
     every group (``scope="local"``), BatchNorms kept (the model is fine-tuned after)."""
-    return {"example_inputs": (EXAMPLE,), "target": {"flops": 1 / speedup}, "scope": "local",
-            "fuse": False}
+    return digits.target_spec(speedup, "local")
 
 
 def compress_and_finetune(model, data, score: str, speedup: int = 8, epochs: int = 5):

@@ -1,25 +1,11 @@
 """benchmarks/digits.py runs end to end on a tiny budget and writes the rows it prints."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
-import torch
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture
-def digits(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    threads = torch.get_num_threads()
-    import digits as module
-    yield module
-    torch.set_num_threads(threads)
-    sys.modules.pop("digits", None)
-
-
-def test_smoke_run_writes_every_method_and_target(digits, tmp_path, capsys):
+def test_smoke_run_writes_every_method_and_target(import_benchmark, tmp_path, capsys):
+    digits = import_benchmark("digits")
     out = tmp_path / "digits.json"
     digits.main(["--seeds", "1", "--methods", "tgl,tpmag", "--epochs", "1", "--finetune", "1",
                  "--speedups", "4", "--json", str(out)])

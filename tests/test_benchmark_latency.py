@@ -1,25 +1,12 @@
 """benchmarks/latency.py runs end to end on one model and writes the rows it prints."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
-import torch
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture
-def latency(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    threads = torch.get_num_threads()
-    import latency as module
-    yield module
-    torch.set_num_threads(threads)
-    sys.modules.pop("latency", None)
-
-
-def test_resnet18_row_compares_at_equal_flops_and_reports_an_impossible_ignore(latency, tmp_path, capsys):
+def test_resnet18_row_compares_at_equal_flops_and_reports_an_impossible_ignore(import_benchmark, tmp_path,
+                                                                                   capsys):
+    latency = import_benchmark("latency")
     out = tmp_path / "latency.json"
     # keeping resnet18's stem and layer1 whole cannot reach Torch-Pruning's FLOPs:
     # the candidate is reported with compress's error, the others still run

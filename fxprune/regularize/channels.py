@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fxprune.errors import SpecError
+from fxprune.passes.score import unit_entries
 
 
 class ParamSlice(NamedTuple):
@@ -255,7 +256,6 @@ def channel_slices_from_graph(model: torch.nn.Module, graph, role: str = "out",
         >>> graph = fxprune.analyze(model, (x,))            # doctest: +SKIP
         >>> lasso = GroupLasso(channel_slices_from_graph(model, graph), lam=1e-4)  # doctest: +SKIP
     """
-    from fxprune.passes.score import unit_entries  # the score pass reads units the same way
 
     if role not in ("out", "in", "all"):
         raise SpecError(f"role must be 'out', 'in' or 'all', got {role!r}")
