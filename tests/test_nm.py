@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 from fxprune.errors import SpecError
 from fxprune.passes.block import apply_block, block_mask, check_block
 from fxprune.passes.nm import apply_nm, check_nm, finalize, measure_density, nm_mask, to_semi_structured
-from fxprune.passes.semi_structured import _dense_reason, _fused_children
+from fxprune.passes.semi_structured import _dense_reason, _fused_children, default_backend
 
 MODELS = {
     "resnet18": lambda: torchvision.models.resnet18(weights=None),
@@ -321,7 +321,11 @@ def test_dense_reasons_name_the_blocking_constraint():
     w = nm_mask(torch.randn(40, 128), 2, 4).half()
     assert reason(nn.Linear(128, 40), w) == "shape 40x128 not a multiple of (16, 16) (cusparselt)"
     w = nm_mask(torch.randn(64, 96), 2, 4).half()
-    assert reason(nn.Linear(96, 64), w, backend="cutlass") == "shape 64x96 not a multiple of (32, 64) (cutlass)"
+    assert reason(nn.Linear(96, 64), w, capability=(8, 6), backend="cutlass") == \
+        "shape 64x96 not a multiple of (32, 64) (cutlass)"
+    assert reason(nn.Linear(128, 64), w24, capability=(8, 0), backend="cutlass") == ""
+    assert reason(nn.Linear(128, 64), w24, capability=(9, 0), backend="cutlass") == (
+        "compute capability (9, 0): torch's CUTLASS 2:4 kernels run on 8.x only; use backend='cusparselt'")
     assert "nn.Linear (2-D matmul) only" in reason(nn.Conv2d(128, 64, 1), w24)
     fused = _dense_reason(nn.Linear(128, 64), _FakeCuda(w24), capability=(9, 0), backend="cutlass",
                           fused_by="MultiheadAttention")
@@ -358,6 +362,37 @@ def test_cuda_to_semi_structured_converts_2_4_linears():
     assert isinstance(model[0].weight, torch.sparse.SparseSemiStructuredTensor)
     with torch.inference_mode():
         assert torch.allclose(model(x), expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for semi-structured sparse kernels")
+def test_cuda_example_inputs_search_an_algorithm_per_converted_layer():
+    if torch.cuda.get_device_capability() < (8, 0) or default_backend() != "cusparselt":
+        pytest.skip("needs cuSPARSELt and compute capability >= 8.0")
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256), nn.Linear(256, 100))
+    model = model.to("cuda", torch.bfloat16).eval()
+    apply_nm(model, 2, 4)
+    x = torch.randn(3, 700, 256, device="cuda", dtype=torch.bfloat16)  # 3-D: tokens are flattened
+    with torch.inference_mode():
+        expected = model(x)
+    rows = {r.name: r for r in to_semi_structured(model, example_inputs=x)}
+    for name in ("0", "2"):
+        assert rows[name].status == "sparse" and isinstance(rows[name].alg_id, int), rows[name]
+        assert model.get_submodule(name).weight.alg_id_cusparselt == rows[name].alg_id
+    assert rows["3"].status == "dense" and rows["3"].alg_id is None
+    with torch.inference_mode():
+        assert torch.allclose(model(x).float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_example_inputs_need_converted_cusparselt_layers():
+    model = nn.Sequential(nn.Linear(64, 64))
+    x = torch.randn(4, 64)
+    with pytest.raises(SpecError, match="backend='cutlass' has a single kernel; drop example_inputs"):
+        to_semi_structured(model, backend="cutlass", example_inputs=x)
+    with pytest.raises(SpecError, match="convert=False converts nothing; drop example_inputs"):
+        to_semi_structured(model, backend="cusparselt", convert=False, example_inputs=x)
+    # On CPU nothing converts, so nothing is tuned and the model does not even run.
+    rows = to_semi_structured(model, backend="cusparselt", example_inputs=torch.randn(4, 3))
+    assert [(r.status, r.alg_id) for r in rows] == [("dense", None)]
 
 
 # --- bad input --------------------------------------------------------------------------
