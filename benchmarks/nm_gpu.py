@@ -31,6 +31,7 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
+from fxprune.measure import cuda_graph
 from fxprune.passes.nm import apply_nm, finalize, to_semi_structured
 
 MODELS = ("vit_b_16", "mlp")
@@ -72,20 +73,6 @@ def build(name: str, size: int) -> tuple[nn.Module, torch.Tensor]:
         return torchvision.models.vit_b_16(weights=None), torch.randn(size, 3, 224, 224)
     mlp = nn.Sequential(nn.Linear(4096, 16384), nn.GELU(), nn.Linear(16384, 4096))
     return mlp, torch.randn(size, 4096)
-
-
-def cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` captured once into a CUDA graph; returns its replay (GPU work only, no CPU launch cost)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def time_variants(fns: dict[str, Callable[[], object]], warmup: int, iters: int) -> dict[str, float]:

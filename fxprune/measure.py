@@ -227,7 +227,7 @@ def _on_device(model: nn.Module, device: torch.device) -> nn.Module:
     return copy.deepcopy(model).to(device)
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+def device_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     """A function that runs a thunk once and returns its wall time in milliseconds."""
     if device.type == "cuda":
         def time_cuda(run: Callable[[], object]) -> float:
@@ -246,6 +246,26 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
         run()
         return (time.perf_counter() - begin) * 1e3
     return time_cpu
+
+
+def cuda_graph(fn: Callable[[], object], *, warmup: int = 3) -> Callable[[], None]:
+    """``fn`` captured once in a CUDA graph; returns the graph's replay.
+
+    A replay launches the captured kernels with no Python or dispatcher work, so timing
+    it measures the GPU alone (what ``torch.compile(mode="reduce-overhead")`` gives a
+    deployed model). ``fn`` first runs ``warmup`` times on a side stream, as capture
+    requires; its tensors must keep their addresses between replays.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def _round_robin(runners: Sequence[Callable[[], object]], settings: LatencySettings,
@@ -306,7 +326,7 @@ def measure_latency(models: Sequence[nn.Module], example_inputs,
             for model in placed:
                 stack.enter_context(_eval_mode(model))
             stack.enter_context(torch.inference_mode())
-            medians = _round_robin(runners, settings, _timer(device))
+            medians = _round_robin(runners, settings, device_timer(device))
     finally:
         torch.set_num_threads(previous_threads)
 

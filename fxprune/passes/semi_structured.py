@@ -29,6 +29,7 @@ changes: zeros in a dense weight cost the same time as any other value.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,6 +37,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fxprune.errors import SpecError
+from fxprune.measure import cuda_graph, device_timer
 from fxprune.passes.masks import check_model, input_dim_of
 
 CPU_REASON = "no sparse kernel, masks give no speed"
@@ -59,7 +61,7 @@ class KernelRow:
     device: str
     status: str  # "sparse" | "dense" | "eligible" (convert=False)
     reason: str = ""
-    alg_id: int | None = None  # cuSPARSELt algorithm chosen by the search; None: torch's default (0)
+    alg_id: int | None = None  # cuSPARSELt algorithm set by fastest_algorithm; None: torch's default (0)
 
 
 def _sparse_class(backend: str):
@@ -116,7 +118,8 @@ def _dense_reason(module: nn.Module, weight: torch.Tensor, *, capability, backen
     if capability is None or tuple(capability) < (8, 0):
         return f"compute capability {capability} < (8, 0): no sparse tensor cores"
     if backend == "cutlass" and capability[0] != 8:
-        return f"compute capability {tuple(capability)}: torch's CUTLASS 2:4 kernels run on 8.x only; use backend='cusparselt'"
+        return (f"compute capability {tuple(capability)}: torch's CUTLASS 2:4 kernels run on 8.x only; "
+                "use backend='cusparselt'")
     if weight.dtype not in SPARSE_DTYPES:
         return f"dtype {str(weight.dtype).removeprefix('torch.')} not supported (needs float16 or bfloat16)"
     rows, cols = weight.shape
@@ -154,8 +157,8 @@ def to_semi_structured(
     device). With cuSPARSELt, the model runs once on them and each converted layer gets
     the cuSPARSELt algorithm that runs fastest on the activations it saw
     (``KernelRow.alg_id``; see ``fastest_algorithm``); without them torch uses
-    algorithm 0. Tune with the
-    token count you will deploy with: the best algorithm depends on the shape.
+    algorithm 0. Tune with the token count you will deploy with: the best algorithm
+    depends on the shape.
 
     Example:
         >>> from fxprune.passes.nm import apply_nm
@@ -217,7 +220,7 @@ def _tune_algorithms(model: nn.Module, rows: list[KernelRow], example_inputs) ->
 
 
 def fastest_algorithm(layer: nn.Linear, inp: torch.Tensor, *, repeats: int = 10, margin: float = 0.03) -> int:
-    """Set ``layer`` (a converted cuSPARSELt Linear) to the algorithm that runs ``layer(inp)`` fastest; return its id.
+    """Set ``layer`` (a converted cuSPARSELt Linear) to its fastest algorithm on ``inp``; return the id.
 
     Each algorithm id in turn, until cuSPARSELt rejects one, runs the layer itself (so
     the bias epilogue and transposes are the ones torch really uses), captured in a CUDA
@@ -242,24 +245,10 @@ def fastest_algorithm(layer: nn.Linear, inp: torch.Tensor, *, repeats: int = 10,
 
 def _graph_median_ms(fn, repeats: int) -> float:
     """Median milliseconds of replaying ``fn`` captured once in a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # capture needs a warm-up on a side stream
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return sorted(samples)[repeats // 2]
+    replay = cuda_graph(fn, warmup=1)
+    replay()
+    timer = device_timer(torch.device("cuda", torch.cuda.current_device()))
+    return statistics.median(timer(replay) for _ in range(repeats))
 
 
 def _layer_inputs(model: nn.Module, names: set[str], example_inputs) -> dict[str, torch.Tensor]:
