@@ -94,14 +94,19 @@ def run(name: str, settings: LatencySettings, round_to: int | None, scopes: list
     eager = dict(zip(candidates, times.eager_ms))
     compiled = dict(zip(candidates, times.compiled_ms)) if times.compiled_ms else {}
     row.update({"dense_ms": round(eager["dense"], 2), "dense+fuse_ms": round(eager["dense+fuse"], 2)})
+    if compiled:
+        row.update({"dense_compiled_ms": round(compiled["dense"], 2),
+                    "dense+fuse_compiled_ms": round(compiled["dense+fuse"], 2)})
     for tool, frac in fractions.items():
         base = "dense" if tool == "tp" else "dense+fuse"  # each against a dense model in its own form
         speedup = eager[base] / eager[tool]
         row[f"{tool}_flops_x"] = round(1 / frac, 2)
         row[f"{tool}_speedup"] = round(speedup, 2)
         row[f"{tool}_quotient"] = round(speedup * frac, 2)
+        row[f"{tool}_ms"] = round(eager[tool], 2)  # absolute: compares the pruned models directly
         if compiled:
             row[f"{tool}_compiled_quotient"] = round(compiled[base] / compiled[tool] * frac, 2)
+            row[f"{tool}_compiled_ms"] = round(compiled[tool], 2)
     return row
 
 

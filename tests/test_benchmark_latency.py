@@ -20,6 +20,9 @@ def test_resnet18_row_compares_at_equal_flops_and_reports_an_impossible_ignore(i
         assert row[f"{tool}_speedup"] > 0  # timed (how fast is the benchmark's business, not CI's)
         assert row[f"{tool}_quotient"] == pytest.approx(row[f"{tool}_speedup"] / row[f"{tool}_flops_x"],
                                                          abs=0.01)
+    # absolute times: each speedup is its dense form's time over the pruned model's
+    assert row["tp_speedup"] == pytest.approx(row["dense_ms"] / row["tp_ms"], abs=0.02)
+    assert row["fx-local_speedup"] == pytest.approx(row["dense+fuse_ms"] / row["fx-local_ms"], abs=0.02)
     assert "is impossible" in row["fx-local+ignore_error"]
     assert "fx-local+ignore_quotient" not in row
     assert str(row["fx-local_quotient"]) in printed
