@@ -84,6 +84,30 @@ def test_flops_target_local_removes_the_same_share_of_every_group(resnet, resnet
         assert sorted(units) == sorted(order[:len(units)].tolist())
 
 
+def test_local_target_prefers_widths_on_kernel_blocks():
+    """Any share within the tolerance meets the target; the one with aligned widths wins."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(256, 1536), torch.nn.ReLU(), torch.nn.Linear(1536, 768),
+                              torch.nn.ReLU(), torch.nn.Linear(768, 10))
+    x = torch.randn(4, 256)
+    result = compress(mlp, {"example_inputs": (x,), "target": {"flops": 0.505}, "round_to": 8, "scope": "local"})
+    widths = [m.out_features for m in result.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [1024, 512, 10]  # the landing alone kept 1032 / 520 (multiples of 8 only)
+    frac = count_flops(result.model, (x,)) / count_flops(mlp, (x,))
+    assert abs(frac - 0.505) <= 0.01 * 0.505, frac
+    (note,) = [n for n in result.report.notes if "kernel blocks" in n]
+    assert "alignment 8 -> 64 of 64" in note
+    # outside the tolerance nothing moves: 0.51 keeps 1040 / 520
+    result = compress(mlp, {"example_inputs": (x,), "target": {"flops": 0.51}, "round_to": 8, "scope": "local"})
+    assert [m.out_features for m in result.model.modules() if isinstance(m, torch.nn.Linear)] == [1040, 520, 10]
+
+
+def test_alignment_is_the_power_of_two_in_a_width_up_to_64():
+    from fxprune.passes.select import _alignment
+
+    assert [_alignment(w) for w in (0, 8, 24, 48, 520, 1024, 1032)] == [64, 8, 8, 16, 8, 64, 8]
+
+
 def test_flops_target_global_thins_cheap_groups_more(resnet, resnet_graph):
     scores = score_groups(resnet_graph, "magnitude")
     plan = select(resnet_graph, scores, Spec(example_inputs=(X,), target={"flops": 0.5}, scope="global"))

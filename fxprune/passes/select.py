@@ -20,7 +20,9 @@ Two modes, from the Spec:
     ``max_ratio``, and thin layers run far below their FLOPs on CPUs.
   - ``scope="local"``: every group loses the same fraction (lowest scores first inside
     each group); the target picks the fraction. Uniform widths keep latency close to
-    FLOPs (see ``benchmarks/latency.py``).
+    FLOPs (see ``benchmarks/latency.py``). Once landed, fractions that put the kept
+    widths on multiples of 16-64 are tried too, and the best aligned plan that still
+    lands within the tolerance is kept (``_prefer_aligned``).
 
 Always: frozen groups and groups whose producer module matches ``spec.ignore`` are
 skipped, no group loses more than ``floor(max_ratio * size)`` units, kept counts are
@@ -325,6 +327,9 @@ def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
             break
         k = nxt
     best = min(tried, key=lambda j: (abs(tried[j][0] - target), j))
+    if spec.scope == "local" and metric != "latency" and done(best):
+        best = _prefer_aligned(best, groups, costs, _local_keys(scores, groups), plan_at, actual, done,
+                               notes, metric)
     frac, model = tried[best]
     if best == 0 and target < 1:
         model = None
@@ -334,3 +339,60 @@ def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
         notes.append(f"select: could not land within {200 * tolerance:.0f}% of target {metric}={target} "
                      f"(channel granularity); closest is {frac:.3f}")
     return plan_at(best), model
+
+
+# --- aligned widths ------------------------------------------------------------------------
+
+ALIGN = (64, 32, 16)  # channel multiples that CPU and GPU kernels block by
+MAX_ALIGN_TRIES = 6   # extra verified prunes spent looking for aligned widths
+
+
+def _alignment(width: int) -> int:
+    """The largest power of two dividing ``width``, capped at 64 (an empty group counts as aligned)."""
+    return 64 if width == 0 else min(width & -width, 64)
+
+
+def _prefer_aligned(best: int, groups: list[Group], costs: dict[int, np.ndarray], keys: dict[int, np.ndarray],
+                    plan_at: Callable, actual: Callable, done: Callable, notes: list[str], metric: str) -> int:
+    """Among plans that also land within tolerance, the one whose widths kernels like best.
+
+    Local selection removes the same share ``s`` of every group, so the target only fixes
+    ``s`` up to the tolerance, and any ``s`` in that window is as good for FLOPs. Kernels
+    are not indifferent: on convnext_tiny, widths 776/392 (``s`` = 0.495) ran 0.64-0.69 of
+    the FLOPs quotient under torch.compile where 768/384 (``s`` = 0.5, 0.3% fewer FLOPs)
+    ran 0.71 (``benchmarks/latency.py``). So the kept widths of the three groups that lose
+    the most alignment (cost times how far from a multiple of 64) are snapped to
+    multiples of 64, 32 and 16, each snap is verified like any other candidate, and the
+    plan with the best cost-weighted alignment wins (ties: the landed plan).
+    """
+    sizes = {g.id: g.size for g in groups}
+    weight = {g.id: float(costs[g.id].sum()) for g in groups}
+    flat = np.sort(np.concatenate([keys[g.id] for g in groups]))
+
+    def kept(k: int) -> dict[int, int]:
+        plan = plan_at(k)
+        return {gid: sizes[gid] - len(plan.get(gid, ())) for gid in sizes}
+
+    def score(k: int) -> float:
+        widths = kept(k)
+        return sum(weight[gid] * _alignment(widths[gid]) for gid in sizes)
+
+    candidates = []
+    landed = kept(best)
+    misaligned = [g for g in sizes if _alignment(landed[g]) < ALIGN[0]]
+    for gid in sorted(misaligned, key=lambda g: -weight[g] * (ALIGN[0] - _alignment(landed[g])))[:3]:
+        for align in ALIGN:
+            width = int(round(landed[gid] / align)) * align
+            if 0 < width < sizes[gid] and width != landed[gid]:
+                share = 1.0 - width / sizes[gid]
+                candidates.append(int(np.searchsorted(flat, share + 1e-9, side="right")))
+    chosen = best
+    for k in list(dict.fromkeys(candidates))[:MAX_ALIGN_TRIES]:
+        if done(k) and score(k) > score(chosen):
+            chosen = k
+    if chosen != best:
+        total = sum(weight.values())
+        notes.append(f"select: kept widths moved onto kernel blocks (cost-weighted alignment "
+                     f"{score(best) / total:.0f} -> {score(chosen) / total:.0f} of 64) at "
+                     f"{actual(chosen):.3f} of the {metric}")
+    return chosen
