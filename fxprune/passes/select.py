@@ -267,8 +267,9 @@ def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
     base = measure(graph.gm, inputs)
     sizes = {g.id: g.size for g in groups}
     costs = unit_costs(graph, groups, metric)
-    ranking = _rank(_local_keys(scores, groups) if spec.scope == "local"
-                    else _cost_keys(_normalised(scores, groups), costs))
+    keys = (_local_keys(scores, groups) if spec.scope == "local"
+            else _cost_keys(_normalised(scores, groups), costs))
+    ranking = _rank(keys)
     n = len(ranking)
     plans: dict[int, Plan] = {}
 
@@ -328,8 +329,7 @@ def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
         k = nxt
     best = min(tried, key=lambda j: (abs(tried[j][0] - target), j))
     if spec.scope == "local" and metric != "latency" and done(best):
-        best = _prefer_aligned(best, groups, costs, _local_keys(scores, groups), plan_at, actual, done,
-                               notes, metric)
+        best = _prefer_aligned(best, groups, costs, keys, plan_at, actual, done, notes, metric)
     frac, model = tried[best]
     if best == 0 and target < 1:
         model = None
@@ -358,9 +358,9 @@ def _prefer_aligned(best: int, groups: list[Group], costs: dict[int, np.ndarray]
 
     Local selection removes the same share ``s`` of every group, so the target only fixes
     ``s`` up to the tolerance, and any ``s`` in that window is as good for FLOPs. Kernels
-    are not indifferent: on convnext_tiny, widths 776/392 (``s`` = 0.495) ran 0.64-0.69 of
-    the FLOPs quotient under torch.compile where 768/384 (``s`` = 0.5, 0.3% fewer FLOPs)
-    ran 0.71 (``benchmarks/latency.py``). So the kept widths of the three groups that lose
+    are not indifferent: on convnext_tiny, widths 776/392 (``s`` = 0.495) had a compiled
+    latency/FLOPs quotient of 0.64-0.69 where 768/384 (``s`` = 0.5, 0.3% fewer FLOPs) had
+    0.71 (``benchmarks/latency.py``). So the kept widths of the three groups that lose
     the most alignment (cost times how far from a multiple of 64) are snapped to
     multiples of 64, 32 and 16, each snap is verified like any other candidate, and the
     plan with the best cost-weighted alignment wins (ties: the landed plan).
@@ -388,7 +388,7 @@ def _prefer_aligned(best: int, groups: list[Group], costs: dict[int, np.ndarray]
                 candidates.append(int(np.searchsorted(flat, share + 1e-9, side="right")))
     chosen = best
     for k in list(dict.fromkeys(candidates))[:MAX_ALIGN_TRIES]:
-        if done(k) and score(k) > score(chosen):
+        if score(k) > score(chosen) and done(k):  # done() prunes and counts: only if it would win
             chosen = k
     if chosen != best:
         total = sum(weight.values())
