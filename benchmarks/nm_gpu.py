@@ -33,6 +33,7 @@ from torch import nn
 
 from fxprune.measure import cuda_graph
 from fxprune.passes.nm import apply_nm, finalize, to_semi_structured
+from fxprune.passes.semi_structured import layer_inputs
 
 MODELS = ("vit_b_16", "mlp")
 
@@ -94,20 +95,6 @@ def time_variants(fns: dict[str, Callable[[], object]], warmup: int, iters: int)
     return {label: statistics.median(t) for label, t in times.items()}
 
 
-def capture_linear_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input each nn.Linear receives when called as a module (fused readers never call it)."""
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [
-        mod.register_forward_pre_hook(lambda _m, inp, name=name: seen.setdefault(name, inp[0].detach()))
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear)
-    ]
-    model(x)
-    for hook in hooks:
-        hook.remove()
-    return seen
-
-
 VARIANTS = ("dense", "alg0", "tuned")
 
 
@@ -151,8 +138,9 @@ def bench_model(name: str, size: int, args: argparse.Namespace, device: torch.de
     rows = []
     with torch.inference_mode():
         # Each variant's layers get the activations of that variant's own model: a sparse
-        # layer emits a transposed (column-major) output, which changes the next matmul.
-        inputs = {variant: capture_linear_inputs(m, x) for variant, m in models.items()}
+        # layer's output layout differs from a dense one's and changes the next matmul's speed.
+        linears = {layer for layer, mod in dense.named_modules() if isinstance(mod, nn.Linear)}
+        inputs = {variant: layer_inputs(m, linears, x) for variant, m in models.items()}
         for layer, kr in kernel_rows.items():
             if not isinstance(mods["dense"][layer], nn.Linear):
                 continue

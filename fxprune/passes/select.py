@@ -348,8 +348,8 @@ MAX_ALIGN_TRIES = 6   # extra verified prunes spent looking for aligned widths
 
 
 def _alignment(width: int) -> int:
-    """The largest power of two dividing ``width``, capped at 64 (an empty group counts as aligned)."""
-    return 64 if width == 0 else min(width & -width, 64)
+    """The largest power of two dividing ``width``, capped at ``ALIGN[0]`` (an empty group counts as aligned)."""
+    return ALIGN[0] if width == 0 else min(width & -width, ALIGN[0])
 
 
 def _prefer_aligned(best: int, groups: list[Group], costs: dict[int, np.ndarray], keys: dict[int, np.ndarray],

@@ -206,7 +206,7 @@ def _tune_algorithms(model: nn.Module, rows: list[KernelRow], example_inputs) ->
     sparse = {r.name for r in rows if r.status == "sparse"}
     if not sparse:
         return rows
-    seen = _layer_inputs(model, sparse, example_inputs)
+    seen = layer_inputs(model, sparse, example_inputs)
     tuned = []
     for row in rows:
         inp = seen.get(row.name)
@@ -251,8 +251,10 @@ def _graph_median_ms(fn, repeats: int) -> float:
     return statistics.median(timer(replay) for _ in range(repeats))
 
 
-def _layer_inputs(model: nn.Module, names: set[str], example_inputs) -> dict[str, torch.Tensor]:
-    """The first input each named module receives when ``model`` runs on ``example_inputs``."""
+def layer_inputs(model: nn.Module, names: set[str], example_inputs) -> dict[str, torch.Tensor]:
+    """The first input each named module receives when ``model`` runs on ``example_inputs``
+    (a tensor or a tuple). A module that is never called as a module (e.g. a weight read by
+    a parent's fused op) is missing from the result."""
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     seen: dict[str, torch.Tensor] = {}
     hooks = [model.get_submodule(name).register_forward_pre_hook(
