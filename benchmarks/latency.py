@@ -6,7 +6,8 @@ For each model (random weights, batch 1, 224x224, CPU):
 2. fxprune compresses the same model to the same FLOPs fraction f, once per selection
    scope: ``fx-global`` ranks channels across groups by score per FLOP (thin cheap early
    layers first), ``fx-local`` removes the same share of every group (uniform widths,
-   like Torch-Pruning's default).
+   like Torch-Pruning's default), ``fx-latency`` scales each group's share by its
+   measured latency per FLOP (kernels timed compiled with ``--compile``, else eager).
 3. The dense model and both pruned models are timed alternately in one process.
 
 Each tool is measured against its own dense baseline: Torch-Pruning's model is as its
@@ -79,7 +80,9 @@ def run(name: str, settings: LatencySettings, round_to: int | None, scopes: list
         candidates.update({"tp": tp_model, "tp+fuse": fused(tp_model, x)})
         fractions.update({"tp": f_tp, "tp+fuse": f_tp})
     for scope in scopes:
-        spec = {"example_inputs": (x,), "target": {"flops": f_tp}, "round_to": round_to or 1, "scope": scope}
+        spec = {"example_inputs": (x,), "target": {"flops": f_tp}, "round_to": round_to or 1, "scope": scope,
+                # scope="latency" times kernels the way the model will run: compiled with --compile
+                "latency": {"threads": settings.threads, "compile": settings.compile}}
         variants = {f"fx-{scope}": spec}
         if ignore:  # the same FLOPs taken from the layers not ignored
             variants[f"fx-{scope}+ignore"] = {**spec, "ignore": ignore}
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--round-to", type=int, default=8, help="channel multiple for both tools (0: none)")
     parser.add_argument("--compile", action="store_true", help="also time under torch.compile")
-    parser.add_argument("--scopes", default="global,local", help="fxprune selection scopes to compare")
+    parser.add_argument("--scopes", default="global,local,latency", help="fxprune selection scopes to compare")
     parser.add_argument("--ignore", default="",
                         help="also compress with these module patterns kept whole (comma list, "
                              "e.g. 'conv1,layer1.*' for resnets): candidates fx-SCOPE+ignore")

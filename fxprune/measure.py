@@ -268,7 +268,7 @@ def cuda_graph(fn: Callable[[], object], *, warmup: int = 3) -> Callable[[], Non
     return graph.replay
 
 
-def _round_robin(runners: Sequence[Callable[[], object]], settings: LatencySettings,
+def round_robin(runners: Sequence[Callable[[], object]], settings: LatencySettings,
                  timer: Callable[[Callable[[], object]], float]) -> list[float]:
     """Median ms of each runner; every repeat runs each runner once, in a fixed order."""
     for _ in range(settings.warmup):
@@ -326,7 +326,7 @@ def measure_latency(models: Sequence[nn.Module], example_inputs,
             for model in placed:
                 stack.enter_context(_eval_mode(model))
             stack.enter_context(torch.inference_mode())
-            medians = _round_robin(runners, settings, device_timer(device))
+            medians = round_robin(runners, settings, device_timer(device))
     finally:
         torch.set_num_threads(previous_threads)
 

@@ -24,7 +24,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     tomllib = None
 
 SCORES = ("magnitude", "bn_scale", "taylor", "group_lasso", "l0")
-SCOPES = ("global", "local")
+SCOPES = ("global", "local", "latency")
 DEVICES = ("cpu", "cuda")
 TARGET_METRICS = {"flops": "FLOPs", "params": "parameters", "latency": "latency"}
 _CODE_ONLY = ("example_inputs", "calib_inputs", "loss_fn")  # cannot live in a file
@@ -171,7 +171,9 @@ class Spec:
         scope: "global" (default): channels compete across groups, ranked by score
             normalised per group (divided by the FLOPs/params they carry under a target);
             or "local": every group loses the same fraction, lowest scores first. Local
-            keeps widths uniform, which usually runs faster at equal FLOPs on CPU.
+            keeps widths uniform, which usually runs faster at equal FLOPs on CPU;
+            or "latency": local shares scaled by each group's measured latency per
+            FLOP (kernels timed on ``latency.device``), so the same FLOPs cost less time.
         round_to: kept channel counts are multiples of it (int >= 1, default 1).
         max_ratio: most a single group may lose, in (0, 1] (default 0.9).
         ignore: fnmatch patterns of module names never pruned (default empty).

@@ -192,14 +192,14 @@ def test_score_invalid():
     assert_spec_error("spec.score", "got NoneType None", score=None)
 
 
-@pytest.mark.parametrize("scope", ["global", "local"])
+@pytest.mark.parametrize("scope", ["global", "local", "latency"])
 def test_scope_valid(scope):
     assert make(scope=scope).scope == scope
 
 
 @pytest.mark.parametrize("bad", ["globl", "layer", 1])
 def test_scope_invalid(bad):
-    assert_spec_error("spec.scope", "'global', 'local'", scope=bad)
+    assert_spec_error("spec.scope", "'global', 'local', 'latency'", scope=bad)
 
 
 @pytest.mark.parametrize("value", [1, 8, 64])

@@ -5,7 +5,7 @@ Two modes, from the Spec:
 - **ratio**: remove ``ratio * size`` lowest-scoring units of every group
   (``scope="local"``, or always when ``ratio`` is a dict), or the same total number
   ranked across groups by scores normalised per group (divided by the group's mean;
-  ``scope="global"``).
+  ``scope="global"``), or by the latency-weighted shares below (``scope="latency"``).
 - **target** (``{"flops"|"params"|"latency": fraction to keep}``): every unit gets a
   cost, the FLOPs (or parameters) it carries, estimated from the tensor entries it owns
   (FLOPs per weight entry of each conv/linear are measured once with forward hooks).
@@ -20,9 +20,15 @@ Two modes, from the Spec:
     ``max_ratio``, and thin layers run far below their FLOPs on CPUs.
   - ``scope="local"``: every group loses the same fraction (lowest scores first inside
     each group); the target picks the fraction. Uniform widths keep latency close to
-    FLOPs (see ``benchmarks/latency.py``). Once landed, fractions that put the kept
-    widths on multiples of 16-64 are tried too, and the best aligned plan that still
-    lands within the tolerance is kept (``_prefer_aligned``).
+    FLOPs (see ``benchmarks/latency.py``).
+  - ``scope="latency"``: like local, but each group's fraction is scaled by the square
+    of its *measured* latency efficiency (ms saved per FLOP removed, relative to the
+    model's; ``fxprune.passes.latency_table``), so the FLOPs come out where they buy
+    the most time. On resnet50 it thins the 7x7 stage more and the 56x56 one less.
+
+  For local and latency, once landed, fractions that put the kept widths on multiples
+  of 16-64 are tried too, and the best aligned plan that still lands within the
+  tolerance is kept (``_prefer_aligned``).
 
 Always: frozen groups and groups whose producer module matches ``spec.ignore`` are
 skipped, no group loses more than ``floor(max_ratio * size)`` units, kept counts are
@@ -43,10 +49,16 @@ from fxprune.channels.feasible import feasible_plan
 from fxprune.channels.graph import DependencyGraph, Group
 from fxprune.errors import SpecError
 from fxprune.measure import count_flops, count_params, measure_latency
+from fxprune.passes.latency_table import efficiency, latency_table
 from fxprune.passes.prune import prune
 from fxprune.passes.score import unit_entries
 
 TOLERANCE = 0.01  # relative to the target; the public promise is 2 %
+# scope="latency": a group's share scales with efficiency ** EFFICIENCY_POWER. On resnet50
+# at 3.9x fewer FLOPs (compiled, 2 CPU threads) power 1 gave a latency/FLOPs quotient of
+# 0.76, power 2 0.84, power 4 0.82, uniform shares 0.72 (benchmarks/latency.py, one run).
+EFFICIENCY_POWER = 2
+MIN_EFFICIENCY = 0.05  # a group measured as saving nothing is still pruned, last
 MAX_TRIES = 16    # real prunes spent correcting the estimate (bisection needs log2(units))
 
 Plan = dict[int, list[int]]
@@ -76,7 +88,7 @@ def select_and_prune(graph: DependencyGraph, scores: dict[int, np.ndarray], spec
             raise SpecError(f"spec.target.{metric}: target {metric!r} is not supported yet; "
                             f"use one of {', '.join(_METRICS)}")
         return _by_target(graph, groups, scores, spec, limit, metric, target, notes)
-    return _by_ratio(graph, groups, scores, spec, limit), None
+    return _by_ratio(graph, groups, scores, spec, limit, notes), None
 
 
 def _module_names(group: Group) -> list[str]:
@@ -146,7 +158,7 @@ def _group_ratio(spec, group: Group) -> float:
     return 0.0
 
 
-def _by_ratio(graph, groups, scores, spec, limit) -> Plan:
+def _by_ratio(graph, groups, scores, spec, limit, notes) -> Plan:
     sizes = {g.id: g.size for g in groups}
     if spec.scope == "local" or isinstance(spec.ratio, dict):
         plan = {}
@@ -155,7 +167,9 @@ def _by_ratio(graph, groups, scores, spec, limit) -> Plan:
             order = np.argsort(np.asarray(scores[g.id]), kind="stable")[:n]
             plan.update(feasible_plan(graph, [(g.id, int(u)) for u in order], {g.id: n}))
         return plan
-    ranking = _rank(_normalised(scores, groups))
+    keys = (_latency_keys(graph, groups, scores, spec, limit, notes) if spec.scope == "latency"
+            else _normalised(scores, groups))
+    ranking = _rank(keys)
     total = int(round(spec.ratio * sum(sizes.values())))
     # walk the ranking until ``total`` units are really taken (some are skipped as infeasible)
     lo, hi = total, len(ranking)
@@ -260,15 +274,63 @@ def _local_keys(scores: dict[int, np.ndarray], groups: list[Group]) -> dict[int,
     return keys
 
 
+def _latency_weights(graph, groups, scores, spec, limit, notes) -> dict[int, float]:
+    """Each group's measured latency efficiency (``latency_table.efficiency``)."""
+    settings = spec.latency.to_settings()
+    table = latency_table(graph, groups, scores, unit_costs(graph, groups, "flops"), limit, settings,
+                          batchnorm=not spec.fuse, compiled=settings.compile)
+    weight = efficiency(table)
+    if weight:
+        low, high = min(weight, key=weight.get), max(weight, key=weight.get)
+        notes.append(f"select: scope=latency: measured {len(table)} groups; latency per FLOP "
+                     f"ranges {weight[low]:.2f}x (group {low}) to {weight[high]:.2f}x (group {high}) "
+                     f"of the model's")
+    return weight
+
+
+def _weighted_keys(local: dict[int, np.ndarray], weight: dict[int, float], power: float) -> dict[int, np.ndarray]:
+    """Local keys divided by ``efficiency ** power``: taking every unit below a threshold
+    ``t`` removes ``t * efficiency ** power`` of each group (up to its limit)."""
+    return {gid: k / max(weight.get(gid, 1.0), MIN_EFFICIENCY) ** power for gid, k in local.items()}
+
+
+def _latency_keys(graph, groups, scores, spec, limit, notes) -> dict[int, np.ndarray]:
+    weight = _latency_weights(graph, groups, scores, spec, limit, notes)
+    return _weighted_keys(_local_keys(scores, groups), weight, EFFICIENCY_POWER)
+
+
 def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
+    costs = unit_costs(graph, groups, metric)
+    if spec.scope != "latency":
+        keys = (_local_keys(scores, groups) if spec.scope == "local"
+                else _cost_keys(_normalised(scores, groups), costs))
+        return _land(graph, groups, spec, limit, metric, target, notes, costs, keys)[:2]
+    # Weighted shares saturate the most efficient groups at max_ratio, and what is left to
+    # take may come in steps too coarse for the tolerance (resnet18, round_to=8: 8 channels
+    # of a 56x56 group are 4.5% of the FLOPs). Then flatter weights are tried, down to local.
+    weight = _latency_weights(graph, groups, scores, spec, limit, notes)
+    local = _local_keys(scores, groups)
+    powers = sorted({EFFICIENCY_POWER, EFFICIENCY_POWER / 2, 0.0}, reverse=True)
+    for power in powers:
+        attempt: list[str] = []
+        plan, model, landed = _land(graph, groups, spec, limit, metric, target, attempt, costs,
+                                    _weighted_keys(local, weight, power))
+        if landed or power == powers[-1]:
+            notes.extend(attempt)
+            return plan, model
+        notes.append(f"select: scope=latency: shares weighted by efficiency**{power:g} could not land "
+                     f"within {200 * _TOLERANCE.get(metric, TOLERANCE):.0f}% of target {metric}={target} "
+                     f"(channel granularity); trying flatter weights")
+
+
+def _land(graph, groups, spec, limit, metric, target, notes, costs, keys) -> tuple[Plan, torch.nn.Module | None, bool]:
+    """The plan along ``keys``'s ranking whose measured ``metric`` is closest to ``target``,
+    its pruned model, and whether it landed within twice the tolerance."""
     measure = _METRICS[metric][1](spec, graph)
     tolerance = _TOLERANCE.get(metric, TOLERANCE)
     inputs = graph.example_inputs
     base = measure(graph.gm, inputs)
     sizes = {g.id: g.size for g in groups}
-    costs = unit_costs(graph, groups, metric)
-    keys = (_local_keys(scores, groups) if spec.scope == "local"
-            else _cost_keys(_normalised(scores, groups), costs))
     ranking = _rank(keys)
     n = len(ranking)
     plans: dict[int, Plan] = {}
@@ -328,17 +390,18 @@ def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
             break
         k = nxt
     best = min(tried, key=lambda j: (abs(tried[j][0] - target), j))
-    if spec.scope == "local" and metric != "latency" and done(best):
+    if spec.scope != "global" and metric != "latency" and done(best):
         best = _prefer_aligned(best, groups, costs, keys, plan_at, actual, done, notes, metric)
     frac, model = tried[best]
     if best == 0 and target < 1:
         model = None
     notes.append(f"select: target {metric}={target}: kept {frac:.3f} of the {metric} after "
                  f"{len(tried) - 1} verified prune(s)")
-    if abs(frac - target) > 2 * tolerance * target:
+    landed = abs(frac - target) <= 2 * tolerance * target
+    if not landed:
         notes.append(f"select: could not land within {200 * tolerance:.0f}% of target {metric}={target} "
                      f"(channel granularity); closest is {frac:.3f}")
-    return plan_at(best), model
+    return plan_at(best), model, landed
 
 
 # --- aligned widths ------------------------------------------------------------------------
@@ -356,8 +419,9 @@ def _prefer_aligned(best: int, groups: list[Group], costs: dict[int, np.ndarray]
                     plan_at: Callable, actual: Callable, done: Callable, notes: list[str], metric: str) -> int:
     """Among plans that also land within tolerance, the one whose widths kernels like best.
 
-    Local selection removes the same share ``s`` of every group, so the target only fixes
-    ``s`` up to the tolerance, and any ``s`` in that window is as good for FLOPs. Kernels
+    Local selection removes the same share ``s`` of every group (latency selection a
+    fixed multiple of it), so the target only fixes ``s`` up to the tolerance, and any
+    ``s`` in that window is as good for FLOPs. Kernels
     are not indifferent: on convnext_tiny, widths 776/392 (``s`` = 0.495) had a compiled
     latency/FLOPs quotient of 0.64-0.69 where 768/384 (``s`` = 0.5, 0.3% fewer FLOPs) had
     0.71 (``benchmarks/latency.py``). So the kept widths of the three groups that lose
@@ -384,8 +448,9 @@ def _prefer_aligned(best: int, groups: list[Group], costs: dict[int, np.ndarray]
         for align in ALIGN:
             width = int(round(landed[gid] / align)) * align
             if 0 < width < sizes[gid] and width != landed[gid]:
-                share = 1.0 - width / sizes[gid]
-                candidates.append(int(np.searchsorted(flat, share + 1e-9, side="right")))
+                # the key threshold at which this group has lost ``size - width`` units
+                threshold = np.sort(keys[gid])[sizes[gid] - width - 1]
+                candidates.append(int(np.searchsorted(flat, threshold * (1 + 1e-9), side="right")))
     chosen = best
     for k in list(dict.fromkeys(candidates))[:MAX_ALIGN_TRIES]:
         if score(k) > score(chosen) and done(k):  # done() prunes and counts: only if it would win

@@ -1,0 +1,162 @@
+"""The measured latency table and scope="latency" selection."""
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import fxprune
+import fxprune.passes.select as select_pass
+from fxprune.compress import compress
+from fxprune.measure import LatencySettings, count_flops
+from fxprune.passes.latency_table import GroupLatency, efficiency, latency_table, modules_of
+from fxprune.passes.score import score_groups
+from fxprune.passes.select import unit_costs
+
+X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+FAST = LatencySettings(threads=1, warmup=1, repeats=3)
+
+
+class Twins(nn.Module):
+    """Two identical conv blocks in sequence (same shapes), then a different third one."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a1, self.a2 = nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 16, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 16, 3, padding=1)
+        self.c = nn.Conv2d(16, 64, 1)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.a2(torch.relu(self.a1(x)))
+        x = x + self.b2(torch.relu(self.b1(x)))
+        return self.head(torch.relu(self.c(x)).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def twins_table():
+    torch.manual_seed(0)
+    graph = fxprune.analyze(Twins().eval(), (X,))
+    groups = graph.prunable_groups
+    scores = score_groups(graph, "magnitude")
+    limit = {g.id: g.size - 1 for g in groups}
+    costs = unit_costs(graph, groups, "flops")
+    return graph, groups, latency_table(graph, groups, scores, costs, limit, FAST), costs
+
+
+def _group_of(graph, module):
+    (gid,) = [g.id for g in graph.prunable_groups if f"{module}.weight[0]" in g.producers]
+    return gid
+
+
+def test_every_group_is_measured_with_half_its_channels_and_their_flops(twins_table):
+    graph, groups, table, costs = twins_table
+    assert sorted(table) == sorted(g.id for g in groups)
+    for g in groups:
+        row = table[g.id]
+        assert row.removed == g.size // 2
+        assert row.saved_ms >= 0
+        # the half removed is the lowest-scoring half: its FLOPs are half the group's, within rounding
+        assert 0 < row.saved_flops <= costs[g.id].sum()
+
+
+def test_groups_with_the_same_kernels_share_one_saving(twins_table):
+    graph, _, table, _ = twins_table
+    a, b = _group_of(graph, "a1"), _group_of(graph, "b1")
+    assert table[a].saved_ms == table[b].saved_ms
+    assert table[a].saved_flops == pytest.approx(table[b].saved_flops)
+
+
+def test_modules_of_names_the_leaf_modules_a_group_slices(twins_table):
+    graph, *_ = twins_table
+    inner = [g for g in graph.prunable_groups if g.id == _group_of(graph, "a1")][0]
+    assert modules_of(graph, inner) == {"a1", "a2"}
+    bn_model = torchvision.models.resnet18(weights=None).eval()
+    bn_graph = fxprune.analyze(bn_model, (X,))
+    stem = [g for g in bn_graph.prunable_groups if "conv1.weight[0]" in g.producers][0]
+    assert "bn1" in modules_of(bn_graph, stem)
+    assert "bn1" not in modules_of(bn_graph, stem, batchnorm=False)
+
+
+def test_efficiency_is_relative_to_the_whole_model():
+    table = {1: GroupLatency(1, 4, saved_ms=2.0, saved_flops=100.0),
+             2: GroupLatency(2, 4, saved_ms=1.0, saved_flops=300.0)}
+    eff = efficiency(table)
+    # the model saves 3 ms per 400 FLOPs; group 1 saves 2 per 100
+    assert eff[1] == pytest.approx((2 / 100) / (3 / 400))
+    assert eff[2] == pytest.approx((1 / 300) / (3 / 400))
+    # FLOPs-weighted mean efficiency is 1 by construction
+    assert (eff[1] * 100 + eff[2] * 300) / 400 == pytest.approx(1.0)
+    assert efficiency({1: GroupLatency(1, 1, 0.0, 10.0)}) == {1: 1.0}
+
+
+def test_latency_scope_takes_more_from_groups_whose_flops_buy_more_time(monkeypatch):
+    torch.manual_seed(0)
+    model = Twins().eval()
+    graph = fxprune.analyze(model, (X,))
+    fast_group = _group_of(graph, "c")  # declared 4x as efficient as every other group
+
+    def fake_table(graph, groups, scores, costs, limit, settings, **kwargs):
+        return {g.id: GroupLatency(g.id, g.size // 2, (4.0 if g.id == fast_group else 1.0) * costs[g.id].sum(),
+                                   float(costs[g.id].sum())) for g in groups}
+
+    monkeypatch.setattr(select_pass, "latency_table", fake_table)
+    spec = {"example_inputs": (X,), "target": {"flops": 0.5}, "scope": "latency", "fuse": False}
+    result = compress(model, spec)
+    frac = count_flops(result.model, (X,)) / count_flops(model, (X,))
+    assert abs(frac - 0.5) <= 0.02 * 0.5
+    kept = {name: m.out_channels for name, m in result.model.named_modules() if isinstance(m, nn.Conv2d)}
+    # local shares would be equal; here "c" (64 wide) loses a larger share than "a1" (32 wide)
+    assert 1 - kept["c"] / 64 > 1 - kept["a1"] / 32
+    assert any("scope=latency" in n for n in result.notes)
+
+
+def test_latency_scope_measures_for_real_and_lands_the_target():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    spec = {"example_inputs": (X,), "target": {"flops": 0.5}, "scope": "latency", "round_to": 8,
+            "latency": {"threads": 1, "warmup": 1, "repeats": 3}}
+    result = compress(model, spec)
+    frac = count_flops(result.model, (X,)) / count_flops(model, (X,))
+    assert abs(frac - 0.5) <= 0.02 * 0.5, frac
+    (note,) = [n for n in result.notes if "scope=latency" in n]
+    assert "measured" in note and "of the model's" in note
+    assert torch.allclose(model(X), model(X))  # still usable, eval mode kept
+    assert not model.training
+
+
+def test_latency_scope_with_a_ratio_removes_that_share_of_all_channels():
+    torch.manual_seed(0)
+    graph = fxprune.analyze(Twins().eval(), (X,))
+    spec = fxprune.Spec(example_inputs=(X,), ratio=0.25, scope="latency",
+                        latency={"threads": 1, "warmup": 1, "repeats": 3})
+    plan = select_pass.select(graph, score_groups(graph, "magnitude"), spec)
+    total = sum(g.size for g in graph.prunable_groups)
+    assert sum(map(len, plan.values())) == int(round(0.25 * total))
+    sizes = {g.id: g.size for g in graph.prunable_groups}
+    assert all(0 < len(units) < sizes[gid] for gid, units in plan.items())
+
+
+def test_latency_scope_falls_back_to_flatter_weights_when_it_cannot_land(monkeypatch):
+    torch.manual_seed(0)
+    model = Twins().eval()
+    graph = fxprune.analyze(model, (X,))
+    fast_group = _group_of(graph, "c")
+    monkeypatch.setattr(select_pass, "latency_table", lambda graph, groups, scores, costs, *a, **k: {
+        g.id: GroupLatency(g.id, g.size // 2, (4.0 if g.id == fast_group else 1.0) * costs[g.id].sum(),
+                           float(costs[g.id].sum())) for g in groups})
+    real_land, powers = select_pass._land, []  # keys of every attempt
+
+    def land_failing_while_weighted(graph, groups, spec, limit, metric, target, notes, costs, keys):
+        plan, model, landed = real_land(graph, groups, spec, limit, metric, target, notes, costs, keys)
+        powers.append(keys)
+        return plan, model, landed and len(powers) == 3  # only the last (local) attempt "lands"
+
+    monkeypatch.setattr(select_pass, "_land", land_failing_while_weighted)
+    result = compress(model, {"example_inputs": (X,), "target": {"flops": 0.5}, "scope": "latency", "fuse": False})
+    assert len(powers) == 3
+    notes = [n for n in result.notes if "trying flatter weights" in n]
+    assert [n.split("efficiency**")[1].split()[0] for n in notes] == ["2", "1"]
+    local = compress(model, {"example_inputs": (X,), "target": {"flops": 0.5}, "scope": "local", "fuse": False})
+    assert result.plan == local.plan  # power 0 is the local plan
