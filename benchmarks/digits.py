@@ -88,15 +88,18 @@ TARGETED_RAMP_EPOCHS = 10  # TargetedGroupLasso's strength grows over the first 
 
 
 class DigitsNet(nn.Module):
-    def __init__(self, width: int = 32):
+    """``widths`` = (residual stream, inside the residual block, after conv3, after conv4);
+    ``width`` w alone gives (w, w, 2w, 2w)."""
+
+    def __init__(self, width: int = 32, widths: tuple[int, int, int, int] | None = None):
         super().__init__()
-        w, w2 = width, 2 * width
-        self.stem, self.bn0 = nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w)
-        self.conv1, self.bn1 = nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w)
-        self.conv2, self.bn2 = nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w)
-        self.conv3, self.bn3 = nn.Conv2d(w, w2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w2)
-        self.conv4, self.bn4 = nn.Conv2d(w2, w2, 3, padding=1, bias=False), nn.BatchNorm2d(w2)
-        self.fc = nn.Linear(w2, 10)
+        a, b, c, d = widths or (width, width, 2 * width, 2 * width)
+        self.stem, self.bn0 = nn.Conv2d(1, a, 3, padding=1, bias=False), nn.BatchNorm2d(a)
+        self.conv1, self.bn1 = nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b)
+        self.conv2, self.bn2 = nn.Conv2d(b, a, 3, padding=1, bias=False), nn.BatchNorm2d(a)
+        self.conv3, self.bn3 = nn.Conv2d(a, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv4, self.bn4 = nn.Conv2d(c, d, 3, padding=1, bias=False), nn.BatchNorm2d(d)
+        self.fc = nn.Linear(d, 10)
 
     def forward(self, x):
         x = F.relu(self.bn0(self.stem(x)))

@@ -21,3 +21,24 @@ def test_smoke_run_writes_every_method_and_target(import_benchmark, tmp_path, ca
     assert data["lam"]["targeted GL"] == digits.LAM["targeted GL"]
     for row in data["table"]:
         assert row["method"] in printed and row["acc % (mean ± std)"] in printed
+
+
+def test_capacity_smoke_run_trains_the_widths_it_is_given(import_benchmark, tmp_path, capsys):
+    capacity = import_benchmark("digits_capacity")
+    out = tmp_path / "capacity.json"
+    capacity.main(["--widths", "8/8/16/16,4/4/8/8", "--seeds", "1", "--epochs", "1", "--finetune", "1",
+                   "--json", str(out)])
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert [r["widths"] for r in data["table"]] == ["8/8/16/16", "4/4/8/8"]
+    uniform, quarter = data["table"]
+    assert uniform["flops_x"] == 15.6  # what uniform pruning keeps at 16x
+    assert quarter["flops_x"] > 50 and quarter["params"] < uniform["params"]
+    assert all(0 <= r["acc"] <= 100 for r in data["rows"])
+    assert "8/8/16/16" in printed and str(uniform["acc_mean"]) in printed
+
+
+def test_capacity_rejects_malformed_widths(import_benchmark):
+    capacity = import_benchmark("digits_capacity")
+    with pytest.raises(Exception, match="four positive ints"):
+        capacity.parse("8/8/16")

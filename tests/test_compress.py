@@ -103,7 +103,7 @@ def test_local_target_prefers_widths_on_kernel_blocks():
 
 
 def test_alignment_is_the_power_of_two_in_a_width_up_to_64():
-    from fxprune.passes.select import _alignment
+    from fxprune.passes.align import _alignment
 
     assert [_alignment(w) for w in (0, 8, 24, 48, 520, 1024, 1032)] == [64, 8, 8, 16, 8, 64, 8]
 
