@@ -138,7 +138,7 @@ def test_latency_scope_with_a_ratio_removes_that_share_of_all_channels():
     assert all(0 < len(units) < sizes[gid] for gid, units in plan.items())
 
 
-def test_latency_scope_falls_back_to_flatter_weights_when_it_cannot_land(monkeypatch):
+def test_latency_scope_falls_back_to_flatter_weights_then_local_when_it_cannot_land(monkeypatch):
     torch.manual_seed(0)
     model = Twins().eval()
     graph = fxprune.analyze(model, (X,))
@@ -146,17 +146,30 @@ def test_latency_scope_falls_back_to_flatter_weights_when_it_cannot_land(monkeyp
     monkeypatch.setattr(select_pass, "latency_table", lambda graph, groups, scores, costs, *a, **k: {
         g.id: GroupLatency(g.id, g.size // 2, (4.0 if g.id == fast_group else 1.0) * costs[g.id].sum(),
                            float(costs[g.id].sum())) for g in groups})
-    real_land, powers = select_pass._land, []  # keys of every attempt
+    real_land, attempts = select_pass._land, []  # keys of every landing attempt
 
-    def land_failing_while_weighted(graph, groups, spec, limit, metric, target, notes, costs, keys):
+    def only_local_lands(graph, groups, spec, limit, metric, target, notes, costs, keys):
         plan, model, landed = real_land(graph, groups, spec, limit, metric, target, notes, costs, keys)
-        powers.append(keys)
-        return plan, model, landed and len(powers) == 3  # only the last (local) attempt "lands"
+        attempts.append(keys)
+        return plan, model, landed and len(attempts) == 1  # the first attempt is the local plan
 
-    monkeypatch.setattr(select_pass, "_land", land_failing_while_weighted)
-    result = compress(model, {"example_inputs": (X,), "target": {"flops": 0.5}, "scope": "latency", "fuse": False})
-    assert len(powers) == 3
+    monkeypatch.setattr(select_pass, "_land", only_local_lands)
+    spec = {"example_inputs": (X,), "target": {"flops": 0.5}, "fuse": False}
+    result = compress(model, {**spec, "scope": "latency"})
+    assert len(attempts) == 3  # local, efficiency**2, efficiency**1
     notes = [n for n in result.notes if "trying flatter weights" in n]
     assert [n.split("efficiency**")[1].split()[0] for n in notes] == ["2", "1"]
-    local = compress(model, {"example_inputs": (X,), "target": {"flops": 0.5}, "scope": "local", "fuse": False})
-    assert result.plan == local.plan  # power 0 is the local plan
+    assert any("fell back to the local plan" in n for n in result.notes)
+    monkeypatch.setattr(select_pass, "_land", real_land)
+    assert result.plan == compress(model, {**spec, "scope": "local"}).plan
+
+
+def test_latency_table_from_a_base_plan_measures_the_channels_it_leaves(twins_table):
+    graph, groups, _, costs = twins_table
+    scores = score_groups(graph, "magnitude")
+    limit = {g.id: g.size - 1 for g in groups}
+    base = {g.id: list(range(g.size // 2)) for g in groups}
+    table = latency_table(graph, groups, scores, costs, limit, FAST, base=base)
+    for g in groups:
+        assert table[g.id].removed == round(0.5 * (g.size - g.size // 2))
+        assert table[g.id].saved_ms >= 0

@@ -12,7 +12,10 @@ How the table is built, per group, without timing the whole model once per group
 1. Groups are coloured so that no two groups of one colour touch the same module
    (``networkx.greedy_color``).
 2. For each colour, every group of that colour loses ``share`` of its lowest-scoring
-   channels at once and the model is pruned for real (``fxprune.prune``).
+   channels at once and the model is pruned for real (``fxprune.prune``). With a
+   ``base`` plan (the select pass gives the local scope's plan), both models start
+   from it, so the saving is measured at the widths the final plan will be near: a
+   conv's time depends on all of its widths at once.
 3. Every module those groups touch is timed alone, on the input it receives in each
    model, the original and the pruned version alternately (median of ``repeats``).
    With ``compiled=True`` (the spec's ``latency.compile``), CPU convs and their 4-D
@@ -72,12 +75,15 @@ def modules_of(graph: DependencyGraph, group: Group, *, batchnorm: bool = True) 
 def latency_table(graph: DependencyGraph, groups: list[Group], scores: dict[int, np.ndarray],
                   costs: dict[int, np.ndarray], limit: dict[int, int],
                   settings: LatencySettings, share: float = SHARE,
-                  batchnorm: bool = True, compiled: bool = False) -> dict[int, GroupLatency]:
+                  batchnorm: bool = True, compiled: bool = False,
+                  base: dict[int, list[int]] | None = None) -> dict[int, GroupLatency]:
     """Measured saving of removing ``share`` of each group's channels (see the module docstring).
 
     ``costs`` are the FLOPs per channel (``select.unit_costs``), ``limit`` the most
     channels each group may lose; ``batchnorm=False`` leaves BatchNorms untimed (they
-    will be folded into the convs); ``compiled=True`` times CPU convs in channels_last.
+    will be folded into the convs); ``compiled=True`` times CPU convs in channels_last;
+    ``base`` (``{group id: units}``) is removed from both models timed, and ``share`` is
+    then of the channels it leaves.
     """
     touched = {g.id: modules_of(graph, g, batchnorm=batchnorm) for g in groups}
     conflicts = nx.Graph()
@@ -90,22 +96,27 @@ def latency_table(graph: DependencyGraph, groups: list[Group], scores: dict[int,
         conflicts.add_edges_from((a, b) for i, a in enumerate(sharing) for b in sharing[i + 1:])
     colour = nx.greedy_color(conflicts, strategy="largest_first")
 
+    base = {gid: list(units) for gid, units in (base or {}).items()}
+    base_model = prune(graph, base) if base else graph.gm
     table = {}
     for c in sorted(set(colour.values())):
         members = [g for g in groups if colour[g.id] == c]
-        candidates = []
+        candidates = [(gid, u) for gid, units in base.items() for u in units]
         for g in members:
-            n = min(limit[g.id], max(1, int(round(share * g.size))))
-            order = np.argsort(np.asarray(scores[g.id]), kind="stable")[:n]
-            candidates += [(g.id, int(u)) for u in order]
+            gone = set(base.get(g.id, ()))
+            left = g.size - len(gone)
+            n = min(limit[g.id] - len(gone), max(1, int(round(share * left))))
+            order = [int(u) for u in np.argsort(np.asarray(scores[g.id]), kind="stable") if int(u) not in gone]
+            candidates += [(g.id, u) for u in order[:max(n, 0)]]
         plan = feasible_plan(graph, candidates, limit)
-        if not plan:
+        extra = {g.id: sorted(set(plan.get(g.id, ())) - set(base.get(g.id, ()))) for g in members}
+        if not any(extra.values()):
             continue
-        names = sorted(set().union(*(touched[g.id] for g in members if g.id in plan)))
-        before, after = _time_pairs(graph.gm, prune(graph, plan), graph.example_inputs, names, settings,
+        names = sorted(set().union(*(touched[gid] for gid, units in extra.items() if units)))
+        before, after = _time_pairs(base_model, prune(graph, plan), graph.example_inputs, names, settings,
                                     compiled)
         for g in members:
-            units = plan.get(g.id, [])
+            units = extra[g.id]
             if units:
                 saved = sum(before[m] - after[m] for m in touched[g.id])
                 table[g.id] = GroupLatency(g.id, len(units), saved, float(costs[g.id][units].sum()))
