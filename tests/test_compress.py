@@ -204,3 +204,34 @@ def test_compressed_resnet18_exports_with_torch_export(resnet):
     exported = torch.export.export(result.model, (X,))
     with torch.no_grad():
         assert torch.allclose(exported.module()(X), result.model(X), atol=1e-5)
+
+
+class _GroupedNet(torch.nn.Module):
+    """A 1x1 conv feeding a grouped conv with 8 groups of 8 channels (regnet's shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 64, 1)
+        self.b = torch.nn.Conv2d(64, 64, 3, padding=1, groups=8)
+        self.c = torch.nn.Conv2d(64, 16, 1)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_round_to_counts_channels_not_units_of_a_grouped_conv():
+    torch.manual_seed(0)
+    model = _GroupedNet().eval()
+    graph = fxprune.analyze(model, (X,))
+    grouped = [g for g in graph.prunable_groups if "b.weight[0]" in g.producers][0]
+    assert grouped.size == 8  # one unit per conv group of 8 channels
+    scores = score_groups(graph, "magnitude")
+    plan = select(graph, scores, Spec(example_inputs=(X,), ratio=0.5, scope="local", round_to=8))
+    assert len(plan[grouped.id]) == 4  # 32 channels kept: already a multiple of 8
+    small = fxprune.prune(graph, plan)
+    assert small.b.out_channels == 32 and small.b.groups == 4
+    # a channel multiple the unit width does not divide still rounds: 16 channels = 2 units
+    plan16 = select(graph, scores, Spec(example_inputs=(X,), ratio=0.6, scope="local", round_to=16))
+    assert (grouped.size - len(plan16[grouped.id])) % 2 == 0
