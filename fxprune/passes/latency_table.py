@@ -52,7 +52,7 @@ class GroupLatency:
     """One group's row of the table."""
 
     group: int
-    removed: int          # channels removed to measure it
+    removed: int          # units (channels, or conv groups) removed to measure it
     saved_ms: float       # time its modules lost (mean over identical groups, at least 0)
     saved_flops: float    # FLOPs the same removal takes away (estimated, 2 per MAC)
 
