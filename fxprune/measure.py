@@ -60,6 +60,29 @@ def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+def module_calls(model: nn.Module, names, example_inputs, *, eval_mode: bool = False
+                 ) -> dict[str, list[tuple[tuple, dict]]]:
+    """``(args, kwargs)`` of every call of each named submodule during one forward of
+    ``model`` on ``example_inputs`` (a tensor or a tuple), under ``inference_mode``; with
+    ``eval_mode`` the forward runs in eval mode and training flags are put back after.
+    A module never called as a module (a weight read by a parent's fused op) has no calls.
+    """
+    calls: dict[str, list[tuple[tuple, dict]]] = {name: [] for name in names}
+    hooks = [model.get_submodule(name).register_forward_pre_hook(
+        lambda _m, args, kwargs, name=name: calls[name].append((args, kwargs)), with_kwargs=True)
+        for name in calls]
+    try:
+        with contextlib.ExitStack() as stack:
+            if eval_mode:
+                stack.enter_context(_eval_mode(model))
+            stack.enter_context(torch.inference_mode())
+            model(*_as_tuple(example_inputs))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
 def count_flops(model: nn.Module, example_inputs) -> int:
     """FLOPs of one forward pass of ``model`` on ``example_inputs``.
 

@@ -39,7 +39,7 @@ import torch
 
 from fxprune.channels.feasible import feasible_plan
 from fxprune.channels.graph import DependencyGraph, Group
-from fxprune.measure import LatencySettings, device_timer, round_robin
+from fxprune.measure import LatencySettings, device_timer, module_calls, round_robin
 from fxprune.passes.prune import prune
 from fxprune.passes.score import unit_entries
 
@@ -98,6 +98,10 @@ def latency_table(graph: DependencyGraph, groups: list[Group], scores: dict[int,
 
     base = {gid: list(units) for gid, units in (base or {}).items()}
     base_model = prune(graph, base) if base else graph.gm
+    # what every touched module receives in the base model: recorded once, it gives the
+    # groups' signatures and the "before" side of every colour's timings
+    base_calls = module_calls(base_model, sorted(set().union(*touched.values())), graph.example_inputs,
+                              eval_mode=True)
     table = {}
     for c in sorted(set(colour.values())):
         members = [g for g in groups if colour[g.id] == c]
@@ -113,23 +117,22 @@ def latency_table(graph: DependencyGraph, groups: list[Group], scores: dict[int,
         if not any(extra.values()):
             continue
         names = sorted(set().union(*(touched[gid] for gid, units in extra.items() if units)))
-        before, after = _time_pairs(base_model, prune(graph, plan), graph.example_inputs, names, settings,
-                                    compiled)
+        before, after = _time_pairs((base_model, base_calls), prune(graph, plan), graph.example_inputs,
+                                    names, settings, compiled)
         for g in members:
             units = extra[g.id]
             if units:
                 saved = sum(before[m] - after[m] for m in touched[g.id])
                 table[g.id] = GroupLatency(g.id, len(units), saved, float(costs[g.id][units].sum()))
-    return _pooled(table, _signatures(graph, touched))
+    return _pooled(table, _signatures(base_model, base_calls, touched))
 
 
-def _signatures(graph: DependencyGraph, touched: dict[int, set[str]]) -> dict[int, tuple]:
+def _signatures(model: torch.nn.Module, calls: dict[str, list[tuple]],
+                touched: dict[int, set[str]]) -> dict[int, tuple]:
     """What a group's kernels look like: type, weight shape and input shapes of each module
     it touches. Groups with equal signatures (resnet50's five identical layer3 blocks)
     run the same kernels, so their true savings are equal too."""
-    names = sorted(set().union(*touched.values())) if touched else []
-    calls = _module_calls(graph.gm, graph.example_inputs, names)
-    modules = dict(graph.gm.named_modules())
+    modules = dict(model.named_modules())
 
     def kernel(name: str) -> tuple:
         weight = getattr(modules[name], "weight", None)
@@ -154,34 +157,15 @@ def _pooled(table: dict[int, GroupLatency], signature: dict[int, tuple]) -> dict
     return out
 
 
-def _module_calls(model: torch.nn.Module, inputs: tuple, names: list[str]) -> dict[str, list[tuple]]:
-    """``(args, kwargs)`` of every call of each named module in one forward of ``model``."""
-    modules = dict(model.named_modules())
-    calls: dict[str, list[tuple]] = {name: [] for name in names}
-
-    def recorder(name):
-        def hook(module, args, kwargs):
-            calls[name].append((args, kwargs))
-        return hook
-
-    handles = [modules[n].register_forward_pre_hook(recorder(n), with_kwargs=True) for n in names]
-    training = model.training
-    try:
-        with torch.inference_mode():
-            model.eval()(*inputs)
-    finally:
-        model.train(training)
-        for h in handles:
-            h.remove()
-    return calls
-
-
-def _time_pairs(original: torch.nn.Module, pruned: torch.nn.Module, inputs: tuple, names: list[str],
-                settings: LatencySettings, compiled: bool) -> tuple[dict[str, float], dict[str, float]]:
+def _time_pairs(original: tuple[torch.nn.Module, dict], pruned: torch.nn.Module, inputs: tuple,
+                names: list[str], settings: LatencySettings, compiled: bool
+                ) -> tuple[dict[str, float], dict[str, float]]:
     """Median ms of each named module in both models, the two versions timed alternately
-    (``measure.round_robin``) so that load changes hit both; summed over a module's calls."""
+    (``measure.round_robin``) so that load changes hit both; summed over a module's calls.
+    ``original`` comes with its recorded ``module_calls``."""
     device = torch.device(settings.device)
-    calls = [_module_calls(model, inputs, names) for model in (original, pruned)]
+    original, original_calls = original
+    calls = [original_calls, module_calls(pruned, names, inputs, eval_mode=True)]
     before, after = {}, {}
     previous = torch.get_num_threads()
     torch.set_num_threads(settings.threads)

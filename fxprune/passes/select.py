@@ -12,7 +12,8 @@ Two modes, from the Spec:
   Units are ranked and taken greedily until the estimate meets the target; the plan is
   then **verified** by pruning and counting on the real model, and the number of units
   taken along the same ranking is corrected (the estimate's error until the target is
-  bracketed, then regula falsi alternating with bisection) until the measured fraction is within ``TOLERANCE`` of the target. The ranking:
+  bracketed, then regula falsi alternating with bisection) until the measured fraction
+  is within ``TOLERANCE`` of the target. The ranking:
 
   - ``scope="global"``: normalised score / cost, so the cheapest-per-importance units go
     first, wherever they are. This removes the most FLOPs per unit of importance, but it

@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fxprune.errors import SpecError
-from fxprune.measure import cuda_graph, device_timer
+from fxprune.measure import cuda_graph, device_timer, module_calls
 from fxprune.passes.masks import check_model, input_dim_of
 
 CPU_REASON = "no sparse kernel, masks give no speed"
@@ -255,17 +255,8 @@ def layer_inputs(model: nn.Module, names: set[str], example_inputs) -> dict[str,
     """The first input each named module receives when ``model`` runs on ``example_inputs``
     (a tensor or a tuple). A module that is never called as a module (e.g. a weight read by
     a parent's fused op) is missing from the result."""
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(name).register_forward_pre_hook(
-        lambda _m, args, name=name: seen.setdefault(name, args[0].detach())) for name in names]
-    try:
-        with torch.inference_mode():
-            model(*inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return seen
+    calls = module_calls(model, names, example_inputs)
+    return {name: recorded[0][0][0] for name, recorded in calls.items() if recorded}
 
 
 def _convert(module: nn.Module, backend: str) -> str:
