@@ -120,8 +120,13 @@ def test_latency_scope_measures_for_real_and_lands_the_target():
     result = compress(model, spec)
     frac = count_flops(result.model, (X,)) / count_flops(model, (X,))
     assert abs(frac - 0.5) <= 0.02 * 0.5, frac
-    (note,) = [n for n in result.notes if "scope=latency" in n]
-    assert "measured" in note and "of the model's" in note
+    notes = [n for n in result.notes if "scope=latency" in n]
+    (measured,) = [n for n in notes if "measured" in n]
+    assert "of the model's" in measured
+    # timings are real, so on a noisy machine the weighted shares may not land and the
+    # documented fallbacks may follow; any other scope=latency note must be one of them
+    assert all("trying flatter weights" in n or "fell back to the local plan" in n
+               for n in notes if n is not measured)
     assert torch.allclose(model(X), model(X))  # still usable, eval mode kept
     assert not model.training
 
