@@ -102,6 +102,26 @@ def test_local_target_prefers_widths_on_kernel_blocks():
     assert [m.out_features for m in result.model.modules() if isinstance(m, torch.nn.Linear)] == [1040, 520, 10]
 
 
+def test_local_target_completes_a_tie_tier_instead_of_stopping_inside_it():
+    """Local keys tie across groups (each group's half-way unit has key 0.5); the landing
+    used to stop inside that tier, leaving the later growth groups of a densenet at 24 of
+    32 channels (and 0.5% more FLOPs) where the whole tier gives the uniform plan."""
+    torch.manual_seed(0)
+    net = torchvision.models.DenseNet(growth_rate=32, block_config=(3, 3, 3, 3), num_init_features=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    half = {"example_inputs": (x,), "ratio": 0.5, "round_to": 8, "scope": "local"}
+    uniform = compress(net, half).model
+    frac = count_flops(uniform, (x,)) / count_flops(net, (x,))
+    result = compress(net, {**half, "ratio": None, "target": {"flops": frac}})
+
+    def widths(model):
+        return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+
+    assert widths(result.model) == widths(uniform)
+    assert count_flops(result.model, (x,)) / count_flops(net, (x,)) == pytest.approx(frac)
+    assert any("kernel blocks" in n for n in result.report.notes)
+
+
 def test_alignment_is_the_power_of_two_in_a_width_up_to_64():
     from fxprune.passes.align import _alignment
 
