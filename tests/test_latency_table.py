@@ -7,7 +7,8 @@ import torchvision
 import fxprune
 import fxprune.passes.select as select_pass
 from fxprune.compress import compress
-from fxprune.measure import LatencySettings, count_flops
+from fxprune.measure import LatencyResult, LatencySettings, count_flops
+from fxprune.passes import latency_verify
 from fxprune.passes.latency_table import GroupLatency, efficiency, latency_table, modules_of
 from fxprune.passes.score import score_groups
 from fxprune.passes.select import unit_costs
@@ -102,6 +103,8 @@ def test_latency_scope_takes_more_from_groups_whose_flops_buy_more_time(monkeypa
                                    float(costs[g.id].sum())) for g in groups}
 
     monkeypatch.setattr(select_pass, "latency_table", fake_table)
+    # the end-to-end check would time the tiny model for real; it is tested on its own below
+    monkeypatch.setattr(select_pass, "faster_plan", lambda graph, local, weighted, spec, notes: weighted)
     spec = {"example_inputs": (X,), "target": {"flops": 0.5}, "scope": "latency", "fuse": False}
     result = compress(model, spec)
     frac = count_flops(result.model, (X,)) / count_flops(model, (X,))
@@ -124,9 +127,10 @@ def test_latency_scope_measures_for_real_and_lands_the_target():
     (measured,) = [n for n in notes if "measured" in n]
     assert "of the model's" in measured
     # timings are real, so on a noisy machine the weighted shares may not land and the
-    # documented fallbacks may follow; any other scope=latency note must be one of them
-    assert all("trying flatter weights" in n or "fell back to the local plan" in n
-               for n in notes if n is not measured)
+    # documented fallbacks may follow; else both plans were timed end to end
+    if not any("trying flatter weights" in n for n in notes):
+        (verdict,) = [n for n in notes if "end to end" in n or "; kept" in n]
+        assert "ms eager" in verdict and "local plan" in verdict
     assert torch.allclose(model(X), model(X))  # still usable, eval mode kept
     assert not model.training
 
@@ -178,3 +182,48 @@ def test_latency_table_from_a_base_plan_measures_the_channels_it_leaves(twins_ta
     for g in groups:
         assert table[g.id].removed == round(0.5 * (g.size - g.size // 2))
         assert table[g.id].saved_ms >= 0
+
+
+class _Timings:
+    """Stands in for measure_latency: fixed medians, and a record of what was timed."""
+
+    def __init__(self, local_ms, weighted_ms, compiled=False):
+        self.ms, self.compiled, self.timed = [local_ms, weighted_ms], compiled, []
+
+    def __call__(self, models, inputs, settings):
+        self.timed.append(models)
+        return LatencyResult([10.0, 10.0] if self.compiled else self.ms, self.ms if self.compiled else None,
+                             settings)
+
+
+@pytest.mark.parametrize("local_ms, weighted_ms, winner", [(5.0, 4.0, "weighted"), (4.0, 5.0, "local")])
+def test_latency_scope_keeps_the_plan_that_runs_faster_end_to_end(monkeypatch, local_ms, weighted_ms, winner):
+    graph = fxprune.analyze(Twins().eval(), (X,))
+    groups = graph.prunable_groups
+    local = ({g.id: [0] for g in groups}, None)
+    weighted = ({groups[0].id: [0, 1]}, None)
+    timings = _Timings(local_ms, weighted_ms, compiled=True)
+    monkeypatch.setattr(latency_verify, "measure_latency", timings)
+    notes = []
+    spec = fxprune.Spec(example_inputs=(X,), ratio=0.25, scope="latency", latency={"compile": True})
+    chosen = latency_verify.faster_plan(graph, local, weighted, spec, notes)
+    assert chosen is (weighted if winner == "weighted" else local)
+    (note,) = notes
+    assert f"{weighted_ms:.2f} ms compiled" in note and f"{local_ms:.2f} ms" in note
+    assert ("fell back to the local plan" in note) == (winner == "local")
+    # both models were timed pruned, in eval mode, as compress emits them
+    (models,) = timings.timed
+    widths = [[m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)] for model in models]
+    assert widths == [[15, 31, 15, 31, 15, 63], [14, 32, 14, 32, 14, 64]]
+    assert not any(model.training for model in models)
+
+
+def test_latency_check_times_nothing_when_the_plans_agree(monkeypatch):
+    graph = fxprune.analyze(Twins().eval(), (X,))
+    timings = _Timings(1.0, 2.0)
+    monkeypatch.setattr(latency_verify, "measure_latency", timings)
+    plan = {graph.prunable_groups[0].id: [0]}
+    spec = fxprune.Spec(example_inputs=(X,), ratio=0.25, scope="latency")
+    notes = []
+    chosen = latency_verify.faster_plan(graph, (plan, None), (dict(plan), "model"), spec, notes)
+    assert chosen == (plan, "model") and notes == [] and timings.timed == []

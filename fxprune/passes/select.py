@@ -26,7 +26,9 @@ Two modes, from the Spec:
     of its *measured* latency efficiency (ms saved per FLOP removed, relative to the
     model's; ``fxprune.passes.latency_table``), measured at the local plan, so the
     FLOPs come out where they buy the most time. On resnet50 it thins the 7x7 stage
-    more and the 56x56 one less.
+    more and the 56x56 one less. Last, the weighted plan and the local plan are timed
+    end to end as ``compress`` emits them, and the faster is kept
+    (``fxprune.passes.latency_verify``).
 
   For local and latency, once landed, fractions that put the kept widths on multiples
   of 16-64 are tried too, and the best aligned plan that still lands within the
@@ -53,6 +55,7 @@ from fxprune.errors import SpecError
 from fxprune.measure import count_flops, count_params, measure_latency
 from fxprune.passes.align import prefer_aligned
 from fxprune.passes.latency_table import efficiency, latency_table
+from fxprune.passes.latency_verify import faster_plan
 from fxprune.passes.prune import prune
 from fxprune.passes.score import unit_entries
 
@@ -92,7 +95,11 @@ def select_and_prune(graph: DependencyGraph, scores: dict[int, np.ndarray], spec
             raise SpecError(f"spec.target.{metric}: target {metric!r} is not supported yet; "
                             f"use one of {', '.join(_METRICS)}")
         return _by_target(graph, groups, scores, spec, limit, metric, target, notes)
-    return _by_ratio(graph, groups, scores, spec, limit, notes), None
+    plan = _by_ratio(graph, groups, scores, spec, limit, notes)
+    if spec.scope == "latency" and not isinstance(spec.ratio, dict):
+        local = _by_ratio(graph, groups, scores, dataclasses.replace(spec, scope="local"), limit, [])
+        return faster_plan(graph, (local, None), (plan, None), spec, notes)
+    return plan, None
 
 
 def _module_names(group: Group) -> list[str]:
@@ -344,7 +351,7 @@ def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
                                     _weighted_keys(local, weight, power))
         if landed:
             notes.extend(attempt)
-            return plan, model
+            return faster_plan(graph, (local_plan, local_model), (plan, model), spec, notes)
         notes.append(f"select: scope=latency: shares weighted by efficiency**{power:g} could not land "
                      f"within {200 * _TOLERANCE.get(metric, TOLERANCE):.0f}% of target {metric}={target} "
                      f"(channel granularity); trying flatter weights")
