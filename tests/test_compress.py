@@ -1,5 +1,4 @@
 """End-to-end tests of fxprune.compress, the score and select passes."""
-import copy
 
 import numpy as np
 import pytest

@@ -61,7 +61,7 @@ def graph_dot(graph, model_ref: str) -> str:
 
     lines = _group_flow(
         graph,
-        [f"digraph fxprune {{", f"  label={_dot_quote('fxprune groups of ' + model_ref)};",
+        ["digraph fxprune {", f"  label={_dot_quote('fxprune groups of ' + model_ref)};",
          "  rankdir=LR;", '  node [fontname="Helvetica", fontsize=10];'],
         group_lines,
         lambda node, name: f"  {node} [label={_dot_quote(name)}, shape=ellipse];",

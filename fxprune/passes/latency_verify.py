@@ -8,6 +8,11 @@ BatchNorms on them and inductor's fusions are not in the table. Timing the two w
 models, in the form ``compress`` emits them (BatchNorm folded when ``spec.fuse``) and
 compiled when ``latency.compile`` is on, makes the latency scope never slower than the
 local scope by more than the timing noise.
+
+The weighted plan must win by ``MIN_GAIN``: two models with the same widths timed in
+one run differed by 0.3-0.7% here, and a weighted densenet121 plan that this check
+timed as faster came out 2% slower in the benchmark's own run. Below that margin the
+local plan, with its uniform and predictable widths, is kept.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from fxprune.passes.fuse import fuse
 from fxprune.passes.prune import prune
 
 Plan = dict[int, list[int]]
+MIN_GAIN = 0.02  # the weighted plan must be this much faster than the local one
 
 
 def _as_emitted(graph, plan: Plan, model: torch.nn.Module | None, fold: bool) -> torch.nn.Module:
@@ -27,8 +33,9 @@ def _as_emitted(graph, plan: Plan, model: torch.nn.Module | None, fold: bool) ->
 
 def faster_plan(graph, local: tuple[Plan, torch.nn.Module | None], weighted: tuple[Plan, torch.nn.Module | None],
                 spec, notes: list[str]) -> tuple[Plan, torch.nn.Module | None]:
-    """``weighted`` unless ``local`` runs faster end to end; each is ``(plan, pruned model
-    or None)`` and the chosen pair is returned as given. A note states both medians."""
+    """``weighted`` if it runs at least ``MIN_GAIN`` faster than ``local`` end to end,
+    else ``local``; each is ``(plan, pruned model or None)`` and the chosen pair is
+    returned as given. A note states both medians."""
     if local[0] == weighted[0]:
         return weighted
     settings = spec.latency.to_settings()
@@ -36,10 +43,11 @@ def faster_plan(graph, local: tuple[Plan, torch.nn.Module | None], weighted: tup
     times = measure_latency(models, graph.example_inputs, settings)
     kind, (local_ms, weighted_ms) = (("compiled", times.compiled_ms) if times.compiled_ms
                                      else ("eager", times.eager_ms))
-    if weighted_ms <= local_ms:
+    if weighted_ms <= (1 - MIN_GAIN) * local_ms:
         notes.append(f"select: scope=latency: the weighted plan runs {weighted_ms:.2f} ms {kind} "
                      f"against {local_ms:.2f} ms for the local plan; kept")
         return weighted
-    notes.append(f"select: scope=latency: the weighted plan runs {weighted_ms:.2f} ms {kind}, slower than "
-                 f"the local plan's {local_ms:.2f} ms end to end; fell back to the local plan")
+    notes.append(f"select: scope=latency: the weighted plan runs {weighted_ms:.2f} ms {kind} against the "
+                 f"local plan's {local_ms:.2f} ms end to end, not {100 * MIN_GAIN:.0f}% faster; "
+                 f"fell back to the local plan")
     return local
