@@ -9,6 +9,8 @@ For each model (random weights, batch 1, 224x224, CPU):
    like Torch-Pruning's default), ``fx-latency`` scales each group's share by its
    measured latency per FLOP (kernels timed compiled with ``--compile``, else eager).
 3. The dense model and both pruned models are timed alternately in one process.
+   ``fx-SCOPE_widths_as_tp`` says whether fxprune's model has every conv and linear
+   weight shape of Torch-Pruning's (then the two differ in weights only).
 
 Each tool is measured against its own dense baseline: Torch-Pruning's model is as its
 pruner leaves it (eager), and fxprune's is what ``compress`` emits (BatchNorm folded).
@@ -57,6 +59,12 @@ def torch_pruning_half(model: torch.nn.Module, x: torch.Tensor, round_to: int | 
     return model
 
 
+def weight_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Conv and linear weight shapes by module name (fxprune's models keep the names)."""
+    return {n: tuple(m.weight.shape) for n, m in model.named_modules()
+            if isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear))}
+
+
 def fused(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
     return fuse(fxprune.trace(model), (x,)).gm
 
@@ -93,6 +101,8 @@ def run(name: str, settings: LatencySettings, round_to: int | None, scopes: list
                 row[f"{tool}_error"] = str(exc).splitlines()[0][:160]
                 continue
             fractions[tool] = count_flops(candidates[tool], (x,)) / flops
+            if tp_model is not None:  # same widths: any time difference is timing noise
+                row[f"{tool}_widths_as_tp"] = weight_shapes(candidates[tool]) == weight_shapes(tp_model)
     times = measure_latency(list(candidates.values()), (x,), settings)
     eager = dict(zip(candidates, times.eager_ms))
     compiled = dict(zip(candidates, times.compiled_ms)) if times.compiled_ms else {}

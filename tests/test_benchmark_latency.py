@@ -23,6 +23,8 @@ def test_resnet18_row_compares_at_equal_flops_and_reports_an_impossible_ignore(i
     # absolute times: each speedup is its dense form's time over the pruned model's
     assert row["tp_speedup"] == pytest.approx(row["dense_ms"] / row["tp_ms"], abs=0.02)
     assert row["fx-local_speedup"] == pytest.approx(row["dense+fuse_ms"] / row["fx-local_ms"], abs=0.02)
+    # at Torch-Pruning's FLOPs, local shares halve every group, as Torch-Pruning does
+    assert row["fx-local_widths_as_tp"] is True
     assert "is impossible" in row["fx-local+ignore_error"]
     assert "fx-local+ignore_quotient" not in row
     assert str(row["fx-local_quotient"]) in printed
