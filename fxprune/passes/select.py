@@ -27,8 +27,8 @@ Two modes, from the Spec:
     model's; ``fxprune.passes.latency_table``), measured at the local plan, so the
     FLOPs come out where they buy the most time. On resnet50 it thins the 7x7 stage
     more and the 56x56 one less. Last, the weighted plan and the local plan are timed
-    end to end as ``compress`` emits them, and the faster is kept
-    (``fxprune.passes.latency_verify``).
+    end to end as ``compress`` emits them, and the weighted plan is kept only when it
+    is at least 2% faster (``fxprune.passes.latency_verify``).
 
   For local and latency, once landed, fractions that put the kept widths on multiples
   of 16-64 are tried too, and the best aligned plan that still lands within the
