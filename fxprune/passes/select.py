@@ -95,11 +95,9 @@ def select_and_prune(graph: DependencyGraph, scores: dict[int, np.ndarray], spec
             raise SpecError(f"spec.target.{metric}: target {metric!r} is not supported yet; "
                             f"use one of {', '.join(_METRICS)}")
         return _by_target(graph, groups, scores, spec, limit, metric, target, notes)
-    plan = _by_ratio(graph, groups, scores, spec, limit, notes)
     if spec.scope == "latency" and not isinstance(spec.ratio, dict):
-        local = _by_ratio(graph, groups, scores, dataclasses.replace(spec, scope="local"), limit, [])
-        return faster_plan(graph, (local, None), (plan, None), spec, notes)
-    return plan, None
+        return _latency_by_ratio(graph, groups, scores, spec, limit, notes)
+    return _by_ratio(graph, groups, scores, spec, limit), None
 
 
 def _module_names(group: Group) -> list[str]:
@@ -183,18 +181,23 @@ def _group_ratio(spec, group: Group) -> float:
     return 0.0
 
 
-def _by_ratio(graph, groups, scores, spec, limit, notes) -> Plan:
-    sizes = {g.id: g.size for g in groups}
-    multiple = _unit_multiples(groups, spec.round_to)
+def _by_ratio(graph, groups, scores, spec, limit) -> Plan:
+    """Local shares (also for a per-group ``ratio`` dict), else the global ranking."""
     if spec.scope == "local" or isinstance(spec.ratio, dict):
+        multiple = _unit_multiples(groups, spec.round_to)
         plan = {}
         for g in groups:
             n = _rounded_count(g.size, int(round(_group_ratio(spec, g) * g.size)), multiple[g.id], limit[g.id])
             order = np.argsort(np.asarray(scores[g.id]), kind="stable")[:n]
             plan.update(feasible_plan(graph, [(g.id, int(u)) for u in order], {g.id: n}))
         return plan
-    keys = (_latency_keys(graph, groups, scores, spec, limit, notes) if spec.scope == "latency"
-            else _normalised(scores, groups))
+    return _take_ranked(graph, groups, _normalised(scores, groups), spec, limit)
+
+
+def _take_ranked(graph, groups, keys, spec, limit) -> Plan:
+    """The plan that really removes ``spec.ratio`` of all units, lowest keys first."""
+    sizes = {g.id: g.size for g in groups}
+    multiple = _unit_multiples(groups, spec.round_to)
     ranking = _rank(keys)
     total = int(round(spec.ratio * sum(sizes.values())))
     # walk the ranking until ``total`` units are really taken (some are skipped as infeasible)
@@ -320,12 +323,14 @@ def _weighted_keys(local: dict[int, np.ndarray], weight: dict[int, float], power
     return {gid: k / max(weight.get(gid, 1.0), MIN_EFFICIENCY) ** power for gid, k in local.items()}
 
 
-def _latency_keys(graph, groups, scores, spec, limit, notes) -> dict[int, np.ndarray]:
-    """Ratio mode: efficiencies measured at the local plan for ``spec.ratio``."""
-    local_spec = dataclasses.replace(spec, scope="local")
-    base = _by_ratio(graph, groups, scores, local_spec, limit, [])
-    weight = _latency_weights(graph, groups, scores, spec, limit, notes, base=base)
-    return _weighted_keys(_local_keys(scores, groups), weight, EFFICIENCY_POWER)
+def _latency_by_ratio(graph, groups, scores, spec, limit, notes) -> tuple[Plan, None]:
+    """Ratio mode: efficiencies measured at the local plan for ``spec.ratio``, then the
+    weighted plan against that local plan end to end."""
+    local = _by_ratio(graph, groups, scores, dataclasses.replace(spec, scope="local"), limit)
+    weight = _latency_weights(graph, groups, scores, spec, limit, notes, base=local)
+    plan = _take_ranked(graph, groups, _weighted_keys(_local_keys(scores, groups), weight, EFFICIENCY_POWER),
+                        spec, limit)
+    return faster_plan(graph, (local, None), (plan, None), spec, notes)
 
 
 def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
