@@ -11,7 +11,8 @@ from . import rules  # noqa: F401  (registers the built-in rules)
 from .context import AnalysisState, RuleContext
 from .graph import DependencyGraph, build_groups
 from .registry import load_plugins, lookup_rule
-from .rules.basic import get_attr_rule, input_rule, is_size_only, output_rule, size_arithmetic_rule, unknown_rule
+from .rules.basic import get_attr_rule, input_rule, output_rule
+from .rules.fallback import is_size_only, size_arithmetic_rule, unknown_rule
 from .values import TensorChannels
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..registry import register_rule
 from ..values import DimMap, TensorChannels
+from .fallback import unknown_rule
 
 
 def _letters(n: int, start: int) -> str:
@@ -57,8 +58,6 @@ def einsum_maps(ctx, equation: str, operands: list[TensorChannels], shape: tuple
 def matmul_rule(ctx):
     a, b = ctx.tensor(0, "input"), ctx.tensor(1, "other")
     if a is None or b is None or a.ndim < 1 or b.ndim < 1:
-        from .basic import unknown_rule
-
         return unknown_rule(ctx)
     out_nd = len(ctx.out_shape())
     if a.ndim == 1 or b.ndim == 1:
@@ -109,8 +108,6 @@ def einsum_rule(ctx):
     if not isinstance(equation, str) or "->" not in equation or "." in equation or not all(
         isinstance(o, TensorChannels) for o in operands
     ):
-        from .basic import unknown_rule
-
         return unknown_rule(ctx)
     return einsum_maps(ctx, equation, operands)
 

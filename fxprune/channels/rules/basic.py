@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..registry import register_rule
 from ..values import DimMap, SizeValue, TensorChannels, flatten_values
+from .fallback import size_arithmetic_rule, unknown_rule
 
 
 def input_rule(ctx):
@@ -40,22 +41,6 @@ def output_rule(ctx):
     """Everything that reaches the graph output is frozen: the interface never changes."""
     ctx.freeze_value(ctx.value(ctx.node.args[0]), "reaches the graph output")
     return None
-
-
-def unknown_rule(ctx):
-    """An op without a rule freezes every channel it touches — never a guess."""
-    reason = (
-        f"{ctx.where()} has no channel rule "
-        "(register one with fxprune.register_rule, or mark the module a leaf with a rule)"
-    )
-    ctx.freeze_value(ctx.inputs(), reason)
-    shape = ctx.out_shape()
-    return ctx.out() if shape is not None else None
-
-
-def size_arithmetic_rule(ctx):
-    """Numbers computed from numbers: carry along which channel counts they depend on."""
-    return SizeValue.merge(ctx.inputs())
 
 
 # ---- pass-through ops: the output has the input's channels, index for index -------
@@ -153,23 +138,6 @@ def dim_rule(ctx):
     return None
 
 
-@register_rule(operator.getitem)
-def getitem_dispatch(ctx):
-    from .index import tensor_getitem_rule
-
-    container = ctx.value(ctx.arg(0))
-    if isinstance(container, TensorChannels):
-        return tensor_getitem_rule(ctx)
-    index = ctx.arg(1)
-    if isinstance(container, (tuple, list)) and isinstance(index, int):
-        return container[index]
-    if isinstance(container, (tuple, list)) and isinstance(index, slice):
-        return container[index]
-    if isinstance(container, dict):
-        return container.get(index)
-    return size_arithmetic_rule(ctx)
-
-
 @register_rule(torch._assert, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge)
 def size_check_rule(ctx):
     """Assertions and comparisons on shapes would break if a channel count changed."""
@@ -179,11 +147,4 @@ def size_check_rule(ctx):
     return ctx.out() if ctx.out_shape() is not None else None
 
 
-
-def is_size_only(ctx) -> bool:
-    """True when no input of the node is a tensor: the op computes with numbers."""
-    return not any(isinstance(v, TensorChannels) for v in ctx.inputs()) and ctx.out_shape() is None
-
-
-__all__ = ["input_rule", "get_attr_rule", "output_rule", "unknown_rule", "size_arithmetic_rule",
-           "passthrough_rule", "is_size_only"]
+__all__ = ["input_rule", "get_attr_rule", "output_rule", "passthrough_rule"]

@@ -14,7 +14,7 @@ import torch
 
 from ..registry import register_rule
 from ..values import DimMap, TensorChannels
-from .basic import size_arithmetic_rule, unknown_rule
+from .fallback import size_arithmetic_rule, unknown_rule
 
 ADDITIVE = (operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub,
             torch.subtract, "add", "add_", "sub", "sub_", "__add__", "__radd__", "__sub__", "__rsub__")

@@ -9,12 +9,15 @@ would select channels by position, so those channels are frozen.
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 
 from ..registry import register_rule
 from ..values import DimMap, TensorChannels
 from ..context import fixed_map
+from .fallback import size_arithmetic_rule, unknown_rule
 
 
 @register_rule(torch.cat, torch.concat, torch.concatenate)
@@ -53,8 +56,6 @@ def _split_sizes(ctx, total: int) -> list[int]:
 def split_rule(ctx):
     x = ctx.tensor(0, "input" if ctx.node.op == "call_function" else None)
     if ctx.node.target in (torch.tensor_split, "tensor_split"):
-        from .basic import unknown_rule
-
         return unknown_rule(ctx)
     dim = ctx.arg(2, "dim", 0) % x.ndim
     m = x.get(dim)
@@ -103,8 +104,6 @@ def tensor_getitem_rule(ctx):
     index = ctx.arg(1)
     items = list(index) if isinstance(index, tuple) else [index]
     if any(not (it is None or it is Ellipsis or isinstance(it, (int, slice))) for it in items):
-        from .basic import unknown_rule
-
         return unknown_rule(ctx)
     if Ellipsis in items:
         at = items.index(Ellipsis)
@@ -161,3 +160,18 @@ def _rewrite_slices(slices: dict[int, tuple[int, int, DimMap]]):
         node.args = (node.args[0], tuple(items) if isinstance(index, tuple) else items[0])
 
     return rewrite
+
+
+@register_rule(operator.getitem)
+def getitem_dispatch(ctx):
+    container = ctx.value(ctx.arg(0))
+    if isinstance(container, TensorChannels):
+        return tensor_getitem_rule(ctx)
+    index = ctx.arg(1)
+    if isinstance(container, (tuple, list)) and isinstance(index, int):
+        return container[index]
+    if isinstance(container, (tuple, list)) and isinstance(index, slice):
+        return container[index]
+    if isinstance(container, dict):
+        return container.get(index)
+    return size_arithmetic_rule(ctx)

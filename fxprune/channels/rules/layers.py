@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..registry import register_rule
 from ..values import DimMap, TensorChannels
+from .fallback import unknown_rule
 
 
 def _consume(ctx, x_map: DimMap | None, key: str, dim: int, size: int, what: str) -> None:
@@ -94,8 +95,6 @@ def functional_linear_rule(ctx):
     """``F.linear(x, w, b)`` with ``w``/``b`` from get_attr: their dims are already spaces."""
     x, w, b = ctx.tensor(0, "input"), ctx.tensor(1, "weight"), ctx.tensor(2, "bias")
     if x is None or w is None:
-        from .basic import unknown_rule
-
         return unknown_rule(ctx)
     x_map = x.get(-1)
     ctx.break_zi(x_map, "a channel that is non-zero when zeroed is consumed by linear")

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..registry import register_rule
 from ..values import DimMap, SizeValue, TensorChannels
+from .fallback import unknown_rule
 from .shuffle import find_shuffle_ending_at, match_shuffle, permuted, rewrite_as_index_select
 
 
@@ -130,8 +131,6 @@ def rewrite_sizes(first: int):
 def reshape_rule(ctx):
     x = ctx.tensor(0, "input")
     if x is None:
-        from .basic import unknown_rule
-
         return unknown_rule(ctx)
     starting = match_shuffle(ctx.node)
     if starting is not None:  # the start of a channel shuffle: its input map moves to the end
