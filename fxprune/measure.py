@@ -23,8 +23,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
+from fxprune.capture.inputs import ExampleInputs, as_example_inputs
 from fxprune.errors import SpecError
 
 FLOPS_CONVENTION = (
@@ -33,15 +35,6 @@ FLOPS_CONVENTION = (
 )
 
 _DEVICES = ("cpu", "cuda")
-
-
-def _as_tuple(example_inputs) -> tuple:
-    """A single tensor is accepted where a tuple of inputs is expected."""
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    return (example_inputs,)
 
 
 @contextlib.contextmanager
@@ -76,7 +69,7 @@ def module_calls(model: nn.Module, names, example_inputs, *, eval_mode: bool = F
             if eval_mode:
                 stack.enter_context(_eval_mode(model))
             stack.enter_context(torch.inference_mode())
-            model(*_as_tuple(example_inputs))
+            as_example_inputs(example_inputs).call(model)
     finally:
         for hook in hooks:
             hook.remove()
@@ -91,17 +84,17 @@ def count_flops(model: nn.Module, example_inputs) -> int:
     convention is **2 FLOPs per multiply-accumulate**; ops the counter has no formula
     for (elementwise, norms, pooling) count 0.
 
-    ``example_inputs`` is a tuple of positional inputs or a single tensor.
+    ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs.
 
     Example::
 
         >>> count_flops(nn.Linear(10, 20), torch.randn(3, 10))  # 2 * 3 * 10 * 20
         1200
     """
-    inputs = _as_tuple(example_inputs)
+    inputs = as_example_inputs(example_inputs)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), _eval_mode(model), counter:
-        model(*inputs)
+        inputs.call(model)
     return int(counter.get_total_flops())
 
 
@@ -229,17 +222,18 @@ def _check_device_available(device: str) -> None:
         )
 
 
-def _resize_batch(inputs: tuple, batch_size: int | None) -> tuple:
+def _resize_batch(inputs: ExampleInputs, batch_size: int | None) -> ExampleInputs:
     """Repeat or cut dim 0 of every tensor input to ``batch_size``."""
     if batch_size is None:
         return inputs
-    resized = []
-    for x in inputs:
+
+    def resize(x):
         if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] > 0:
             copies = -(-batch_size // x.shape[0])  # ceil division
-            x = x.repeat(copies, *([1] * (x.dim() - 1)))[:batch_size]
-        resized.append(x)
-    return tuple(resized)
+            return x.repeat(copies, *([1] * (x.dim() - 1)))[:batch_size]
+        return x
+
+    return tree_map(resize, inputs)
 
 
 def _on_device(model: nn.Module, device: torch.device) -> nn.Module:
@@ -333,14 +327,13 @@ def measure_latency(models: Sequence[nn.Module], example_inputs,
                         "(the first call compiles and must not be timed)")
     _check_device_available(settings.device)
     device = torch.device(settings.device)
-    inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x
-                   for x in _resize_batch(_as_tuple(example_inputs), settings.batch_size))
+    inputs = _resize_batch(as_example_inputs(example_inputs), settings.batch_size).to(device)
 
     placed = [_on_device(m, device) for m in models]
     callables: list[Callable] = list(placed)
     if settings.compile:
         callables += [torch.compile(m, backend=settings.compile_backend) for m in placed]
-    runners = [lambda f=f: f(*inputs) for f in callables]
+    runners = [lambda f=f: inputs.call(f) for f in callables]
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)

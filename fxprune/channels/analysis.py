@@ -6,7 +6,8 @@ from typing import Iterable
 
 import torch.fx
 
-from ..capture import gc_paused, propagate_shapes, trace
+from ..capture import capture as capture_model
+from ..capture import gc_paused
 from . import rules  # noqa: F401  (registers the built-in rules)
 from .context import AnalysisState, RuleContext
 from .graph import DependencyGraph, build_groups
@@ -46,26 +47,31 @@ def run_rules(gm: torch.fx.GraphModule) -> AnalysisState:
     return state
 
 
-def analyze(model, example_inputs, *, leaf_modules: Iterable = (), concrete_args: dict | None = None
-            ) -> DependencyGraph:
-    """Trace ``model`` and find its channel dependency groups.
+def analyze(model, example_inputs, *, capture: str = "auto", leaf_modules: Iterable = (),
+            concrete_args: dict | None = None) -> DependencyGraph:
+    """Capture ``model`` and find its channel dependency groups.
 
-    ``example_inputs``: a tensor or tuple of tensors with the shapes ``forward`` takes.
-    ``leaf_modules``: module classes or names to keep as single calls (they need a
-    rule, see :func:`fxprune.register_rule`, or their channels are frozen).
+    ``example_inputs``: a tensor, a tuple of positional inputs, or a dict of keyword inputs
+    (``{"input_ids": ids, "attention_mask": mask}``) with the shapes ``forward`` takes.
+    ``capture``: ``"auto"`` (torch.fx symbolic trace, falling back to torch.export),
+    ``"fx"`` or ``"export"``; ``graph.capture`` says which ran. An ``ExportedProgram``
+    is accepted as ``model``.
+    ``leaf_modules`` and ``concrete_args`` steer the fx front end: module classes or names
+    to keep as single calls (they need a rule, see :func:`fxprune.register_rule`, or
+    their channels are frozen), and values to bake in for control flow.
 
     >>> import torch, fxprune
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
     >>> graph = fxprune.analyze(net, torch.randn(1, 3, 16, 16))
-    >>> [(g.size, g.prunable) for g in graph.groups]
-    [(8, True), (3, False), (4, False)]
+    >>> [(g.size, g.prunable) for g in graph.groups], graph.capture
+    ([(8, True), (3, False), (4, False)], 'fx')
     """
     load_plugins()
     with gc_paused():
-        gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
-        inputs = propagate_shapes(gm, example_inputs)
-        state = run_rules(gm)
-        return build_groups(state, inputs)
+        captured = capture_model(model, example_inputs, capture=capture, leaf_modules=leaf_modules,
+                                 concrete_args=concrete_args)
+        state = run_rules(captured.gm)
+        return build_groups(state, captured.inputs, captured.front_end)
 
 
 __all__ = ["analyze", "run_rules"]

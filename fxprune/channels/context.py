@@ -27,6 +27,8 @@ class Space:
     size: int
     origin: str  # e.g. "layer1.0.conv1.weight[0]" or "input 'x' dim 1"
     node: str
+    dropped: bool = False  # a parameter dim that carries no channels (a kernel dim, a vocabulary)
+    produces: bool = True  # False for a get_attr weight's input dim: it consumes channels
 
 
 @dataclass
@@ -54,6 +56,7 @@ class AnalysisState:
     canonical: dict[str, str] = field(default_factory=dict)  # state_dict key -> first alias
     aliases: dict[str, list[str]] = field(default_factory=dict)  # canonical -> all keys
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)
+    spaces_at: dict[tuple[str, str], list[Space]] = field(default_factory=dict)  # (node, origin) -> spaces
 
     def __post_init__(self) -> None:
         self.modules = dict(self.gm.named_modules())
@@ -70,7 +73,9 @@ class AnalysisState:
     def new_space(self, size: int, origin: str, node: str) -> np.ndarray:
         ids = self.uf.new(size)
         self.nonempty.append((ids, origin))
-        self.spaces.append(Space(int(ids[0]) if size else len(self.uf), size, origin, node))
+        space = Space(int(ids[0]) if size else len(self.uf), size, origin, node)
+        self.spaces.append(space)
+        self.spaces_at.setdefault((node, origin), []).append(space)
         return ids
 
 
@@ -133,6 +138,43 @@ class RuleContext:
         if shape is None:
             raise RuntimeError(f"{self.where()}: output is not a tensor")
         return TensorChannels(shape, {d: m for d, m in (dims or {}).items() if m is not None})
+
+    def param_key(self, name: str) -> str:
+        prefix = f"{self.node.target}." if self.node.op == "call_module" and self.node.target else ""
+        return prefix + name
+
+    def attr_key(self, raw) -> str | None:
+        """The state_dict key of a parameter or buffer argument read with ``get_attr``."""
+        if isinstance(raw, torch.fx.Node) and raw.op == "get_attr":
+            return self.state.canonical.get(raw.target, raw.target)
+        return None
+
+    # ---- parameters read with get_attr (functional and ATen forms) -------------------
+    def set_role(self, raw, dim: int, role: str) -> None:
+        """A ``get_attr`` parameter's dim ``dim`` consumes channels (``"in"``) or is a
+        statistic (``"buffer"``) rather than producing them (get_attr binds ``"out"``)."""
+        binding = self.state.bindings.get((self.attr_key(raw), dim))
+        if binding is not None:
+            binding.role = role
+            for space in self._spaces_of(raw, dim):
+                space.produces = False
+
+    def _spaces_of(self, raw, dim: int) -> list[Space]:
+        """The space(s) that get_attr node ``raw`` opened for its dim ``dim``."""
+        return self.state.spaces_at.get((raw.name, f"{raw.target}[{dim}]"), [])
+
+    def not_channels(self, raw, dims) -> None:
+        """Dims of a ``get_attr`` parameter that carry no channels (a conv kernel's spatial
+        dims, an embedding's vocabulary): their spaces leave the group list and nothing
+        binds them, so no plan can slice them."""
+        key = self.attr_key(raw)
+        for dim in dims:
+            binding = self.state.bindings.get((key, dim))
+            if binding is None or binding.node != raw.name:
+                continue  # bound by another use too: leave it to the groups
+            del self.state.bindings[(key, dim)]
+            for space in self._spaces_of(raw, dim):
+                space.dropped = True
 
     # ---- channel bookkeeping --------------------------------------------------------
     def new_space(self, size: int, origin: str) -> np.ndarray:
@@ -201,10 +243,6 @@ class RuleContext:
         if rows > 1:
             self.unify(DimMap.of(np.tile(grid[0], rows - 1)), DimMap.of(grid[1:].ravel()))
         return DimMap(grid[0].copy(), zi.all(axis=0))
-
-    def param_key(self, name: str) -> str:
-        prefix = f"{self.node.target}." if self.node.op == "call_module" and self.node.target else ""
-        return prefix + name
 
     def bind(self, key: str, dim: int, dim_map: DimMap | np.ndarray | None, role: str) -> None:
         """Parameter/buffer ``key`` (a state_dict key) is indexed along ``dim`` by channels."""

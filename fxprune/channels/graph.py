@@ -9,6 +9,7 @@ import numpy as np
 import torch.fx
 from tabulate import tabulate
 
+from ..capture.inputs import ExampleInputs
 from ..errors import PlanError
 from .context import AnalysisState, Binding, Space
 from .unionfind import ChannelUnion
@@ -65,7 +66,7 @@ class Group:
 
     @property
     def producers(self) -> list[str]:
-        return [s.origin for s in self.spaces]
+        return [s.origin for s in self.spaces if s.produces]
 
     @property
     def consumers(self) -> list[str]:
@@ -87,8 +88,9 @@ class DependencyGraph:
     """Channel groups of a traced model. ``str(graph)`` is a readable table."""
 
     def __init__(self, gm: torch.fx.GraphModule, groups: list[Group], state: AnalysisState,
-                 roots: np.ndarray, example_inputs: tuple):
+                 roots: np.ndarray, example_inputs: ExampleInputs, capture: str = "fx"):
         self.gm = gm
+        self.capture = capture  # the front end that captured gm: "fx" or "export"
         self.groups = groups
         self.state = state
         self.roots = roots
@@ -129,7 +131,8 @@ class DependencyGraph:
                           "yes" if row["zero_invariant"] else "no", producers, len(row["consumers"]),
                           _short(row["reason"])])
         n_prunable = len(self.prunable_groups)
-        head = f"{len(self.groups)} channel groups, {n_prunable} prunable, {len(self.groups) - n_prunable} frozen"
+        head = (f"{len(self.groups)} channel groups, {n_prunable} prunable, {len(self.groups) - n_prunable} frozen "
+                f"(captured with {self.capture})")
         return head + "\n" + tabulate(
             table, headers=["group", "channels", "prunable", "zero-inv", "producers", "consumers", "reason"])
 
@@ -152,7 +155,7 @@ def _short(text: str, limit: int = 70) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def build_groups(state: AnalysisState, example_inputs: tuple) -> DependencyGraph:
+def build_groups(state: AnalysisState, example_inputs: ExampleInputs, capture: str = "fx") -> DependencyGraph:
     """Connected components of spaces (linked by shared channels) become the groups.
 
     Every channel id belongs to exactly one space (spaces are consecutive id ranges),
@@ -182,6 +185,8 @@ def build_groups(state: AnalysisState, example_inputs: tuple) -> DependencyGraph
 
     groups: list[Group] = []
     for comp in sorted(spaces_by_comp):
+        if all(s.dropped for s in spaces_by_comp[comp]):
+            continue  # parameter dims that carry no channels
         classes = classes_by_comp[comp]
         reason = _earliest(first_frozen, classes, state.frozen)
         if not reason and classes.size < 2:
@@ -193,7 +198,7 @@ def build_groups(state: AnalysisState, example_inputs: tuple) -> DependencyGraph
             classes=classes, bindings=[bindings[i] for i in pairs.get(comp, ())],
             _roots=roots, _aliases=state.aliases,
         ))
-    return DependencyGraph(state.gm, groups, state, roots, example_inputs)
+    return DependencyGraph(state.gm, groups, state, roots, example_inputs, capture)
 
 
 _NEVER = np.iinfo(np.int64).max

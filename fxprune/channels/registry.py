@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import torch.fx
 
 Rule = Callable[..., object]  # rule(ctx: context.RuleContext) -> the output's channel value
@@ -79,6 +80,16 @@ def lookup_rule(node: torch.fx.Node, modules: dict[str, torch.nn.Module]) -> Rul
     return _RULES.get(rule_key(node, modules))
 
 
+def op_name(target) -> str:
+    """The bare name of an op in any spelling: ``"mean"`` for ``torch.mean``, ``"mean"``
+    (method) and ``aten.mean.dim``; a module class's name."""
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    return getattr(target, "__name__", str(target))
+
+
 def describe_target(node: torch.fx.Node, modules: dict[str, torch.nn.Module]) -> str:
     """A readable name for what a node calls (for reasons and error messages)."""
     key = rule_key(node, modules)
@@ -86,6 +97,8 @@ def describe_target(node: torch.fx.Node, modules: dict[str, torch.nn.Module]) ->
         return f"module '{node.target}' ({key.__module__}.{key.__qualname__})"
     if node.op == "call_method":
         return f"method Tensor.{node.target}"
+    if isinstance(key, torch._ops.OpOverload):
+        return f"ATen op {key}"
     module = getattr(key, "__module__", None) or ""
     name = getattr(key, "__qualname__", None) or getattr(key, "__name__", None) or str(key)
     return f"function {module + '.' if module else ''}{name}"

@@ -7,6 +7,7 @@ import torch
 from tabulate import tabulate
 from torch.utils.flop_counter import FlopCounterMode
 
+from fxprune.capture.inputs import as_example_inputs
 from fxprune.measure import count_flops, count_params, size_bytes
 
 GRAPH_SCHEMA = "fxprune.graph/1"
@@ -87,7 +88,7 @@ def graph_mermaid(graph) -> str:
     return "\n".join(lines) + "\n"
 
 
-def layer_rows(model: torch.nn.Module, inputs: tuple) -> list[dict]:
+def layer_rows(model: torch.nn.Module, inputs) -> list[dict]:
     """One row per leaf module with parameters: name, type, output shape, params, FLOPs."""
     shapes: dict[str, list] = {}
     hooks = []
@@ -103,7 +104,7 @@ def layer_rows(model: torch.nn.Module, inputs: tuple) -> list[dict]:
     model.eval()
     try:
         with torch.no_grad(), counter:
-            model(*inputs)
+            as_example_inputs(inputs).call(model)
     finally:
         for h in hooks:
             h.remove()

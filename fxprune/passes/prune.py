@@ -157,6 +157,9 @@ def clone_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             owned[node.target] = _clone(_fetch(gm, node.target), memo)
     new = torch.fx.GraphModule(owned, copy.deepcopy(gm.graph), gm.__class__.__name__)
     new.training = gm.training
+    for spec in ("_in_spec", "_out_spec"):  # an exported graph's call signature and output structure
+        if hasattr(gm, spec):
+            setattr(new, spec, getattr(gm, spec))
     return new
 
 
@@ -222,7 +225,7 @@ def _slice_tensors(graph: DependencyGraph, gm: torch.fx.GraphModule, ctx: PruneC
 
 def verify_shapes(graph: DependencyGraph, gm: torch.fx.GraphModule, ctx: PruneContext) -> None:
     """Re-propagate shapes; every node must match the analysis' prediction."""
-    inputs = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in graph.example_inputs)
+    inputs = graph.example_inputs.clone().flat(gm)
     try:
         ShapeRecorder(gm).record(*inputs)
     except Exception as exc:

@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from fxprune.capture.inputs import as_example_inputs
 from fxprune.channels.graph import DependencyGraph, Group
 from fxprune.errors import SpecError
 
@@ -168,8 +169,7 @@ def taylor(graph: DependencyGraph, *, calib_inputs=None, loss_fn=None, notes: li
                         "(calib_inputs: tuple of tensors) and loss_fn (model output -> scalar tensor)")
     model = copy.deepcopy(graph.gm).eval()
     model.zero_grad(set_to_none=True)
-    inputs = calib_inputs if isinstance(calib_inputs, (tuple, list)) else (calib_inputs,)
-    loss = loss_fn(model(*inputs))
+    loss = loss_fn(as_example_inputs(calib_inputs).call(model))
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise SpecError(f"spec.loss_fn: must return a scalar tensor, got {type(loss).__name__}")
     loss.backward()

@@ -230,7 +230,7 @@ def _flops_per_entry(graph: DependencyGraph) -> dict[str, float]:
         with torch.no_grad():
             training = graph.gm.training
             graph.gm.eval()
-            graph.gm(*graph.example_inputs)
+            graph.example_inputs.call(graph.gm)
             graph.gm.train(training)
     finally:
         for h in handles:

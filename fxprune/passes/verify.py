@@ -19,7 +19,8 @@ from ..errors import PlanError, VerificationError
 def zeroed_copy(model: torch.nn.Module, graph: DependencyGraph, plan: Mapping[int, object]) -> torch.nn.Module:
     """A deep copy of ``model`` with the ``role="out"`` slices of the plan's channels zeroed."""
     ref = copy.deepcopy(model)
-    state = ref.state_dict(keep_vars=True)
+    # named tensors rather than state_dict: non-persistent buffers (rotary tables) are bound too
+    state = dict(ref.named_parameters(remove_duplicate=False)) | dict(ref.named_buffers(remove_duplicate=False))
     with torch.no_grad():
         for gid, channels in plan.items():
             for key, cuts in graph.group(gid).slices(channels, "out").items():
@@ -75,7 +76,7 @@ def check_zero_invariance(model: torch.nn.Module, graph: DependencyGraph, plan: 
     small.eval()
     try:
         with torch.no_grad():
-            error = output_error(ref(*graph.example_inputs), small(*graph.example_inputs))
+            error = output_error(graph.example_inputs.call(ref), graph.example_inputs.call(small))
     finally:
         small.train(was_training)
     if error > tolerance:

@@ -54,7 +54,11 @@ def einsum_maps(ctx, equation: str, operands: list[TensorChannels], shape: tuple
     return TensorChannels(tuple(shape), dims) if shape is not None else ctx.out(dims)
 
 
-@register_rule(torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm", "__matmul__")
+aten = torch.ops.aten
+
+
+@register_rule(torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm", "__matmul__", torch.mm, "mm",
+               aten.matmul.default, aten.bmm.default, aten.mm.default)
 def matmul_rule(ctx):
     a, b = ctx.tensor(0, "input"), ctx.tensor(1, "other")
     if a is None or b is None or a.ndim < 1 or b.ndim < 1:
@@ -98,11 +102,11 @@ def _matmul_equation(a_nd: int, b_nd: int, batch: int) -> str:
     return f"{a_spec},{b_spec}->{batch_letters}{i}{j}"
 
 
-@register_rule(torch.einsum, torch.functional.einsum)
+@register_rule(torch.einsum, torch.functional.einsum, aten.einsum.default)
 def einsum_rule(ctx):
     equation = ctx.arg(0)
     raw = ctx.node.args[1:]
-    if len(raw) == 1 and isinstance(raw[0], (tuple, list)):
+    if raw and isinstance(raw[0], (tuple, list)):  # one list of operands (aten: then the path)
         raw = raw[0]
     operands = [ctx.value(r) for r in raw]
     if not isinstance(equation, str) or "->" not in equation or "." in equation or not all(
@@ -112,7 +116,7 @@ def einsum_rule(ctx):
     return einsum_maps(ctx, equation, operands)
 
 
-@register_rule(F.scaled_dot_product_attention)
+@register_rule(F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default)
 def sdpa_rule(ctx):
     """softmax(q k^T * scale) v: q and k contract their last dim; v's last dim is the output's.
 
@@ -120,16 +124,31 @@ def sdpa_rule(ctx):
     prunable but not zero-invariant.
     """
     q, k, v = (ctx.tensor(i, n) for i, n in enumerate(("query", "key", "value")))
+    if q is None or k is None or v is None:
+        return unknown_rule(ctx)
+    mask = ctx.tensor(3, "attn_mask")
     qk = ctx.unify(q.get(q.ndim - 1), k.get(k.ndim - 1), " (attention query/key)")
     if ctx.arg(6, "scale") is None:
         ctx.break_zi(qk, "attention scale is computed from the head dim", only_non_zi=False)
     for t in (q, k, v):  # sequence dims are mixed by the softmax
         ctx.break_zi(t.get(t.ndim - 2), "attention mixes positions", only_non_zi=False)
+    # The mask is added to the scores [..., Lq, Lk]: its dims align with them from the right.
+    lead = q.ndim - 2
+    mask_dims = {}
+    if mask is not None:
+        for d, m in mask.dims.items():
+            mask_dims[d + q.ndim - mask.ndim] = m
+            ctx.break_zi(m, "an attention mask is added to the scores", only_non_zi=False)
     dims = {}
-    for d in range(q.ndim - 2):  # batch and head dims align like an element-wise op
-        merged = ctx.unify_all([t.get(d) for t in (q, k, v) if t.shape[d] > 1], " (attention batch dims)")
+    for d in range(lead):  # batch and head dims align like an element-wise op
+        maps = [t.get(d) for t in (q, k, v) if t.shape[d] > 1]
+        if mask is not None and d - (q.ndim - mask.ndim) >= 0 and mask.shape[d - (q.ndim - mask.ndim)] > 1:
+            maps.append(mask_dims.get(d))
+        merged = ctx.unify_all(maps, " (attention batch dims)")
         if merged is not None:
             dims[d] = merged
+    ctx.unify(mask_dims.get(lead), q.get(lead)) if lead in mask_dims else None
+    ctx.unify(mask_dims.get(lead + 1), k.get(k.ndim - 2)) if lead + 1 in mask_dims else None
     if q.get(q.ndim - 2) is not None:
         dims[q.ndim - 2] = q.get(q.ndim - 2).with_zi(False)
     if v.get(v.ndim - 1) is not None:

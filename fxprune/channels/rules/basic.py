@@ -7,9 +7,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..registry import register_rule
+from ..registry import op_name, register_rule
 from ..values import DimMap, SizeValue, TensorChannels, flatten_values
 from .fallback import size_arithmetic_rule, unknown_rule
+
+aten = torch.ops.aten
 
 
 def input_rule(ctx):
@@ -27,6 +29,8 @@ def get_attr_rule(ctx):
     shape = ctx.out_shape()
     if shape is None:
         return None
+    if not ctx.node.meta["tensor_meta"].dtype.is_floating_point:
+        return ctx.out()  # integer tables (position or token-type ids) are looked up, not scaled
     key = ctx.node.target
     dims = {}
     for d, size in enumerate(shape):
@@ -52,7 +56,16 @@ ZERO_PRESERVING_MODULES = (
 ZERO_PRESERVING_FUNCTIONS = (
     F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.tanh, F.leaky_relu, F.elu, F.selu, F.celu,
     F.mish, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.relu, torch.tanh,
-    torch.relu_, F.relu_, torch.clone, torch.dropout, operator.neg, torch.neg, torch.abs,
+    torch.relu_, F.relu_, torch.clone, torch.dropout, operator.neg, torch.neg, torch.abs, torch.sin,
+    torch.sqrt,
+    aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.silu_.default,
+    aten.tanh.default, aten.hardswish.default, aten.hardswish_.default, aten.hardtanh.default,
+    aten.hardtanh_.default, aten.leaky_relu.default, aten.elu.default, aten.mish.default,
+    aten.dropout.default, aten.alias.default, aten.clone.default, aten.contiguous.default,
+    aten.detach.default, aten.lift_fresh_copy.default, aten.to.dtype, aten.to.device,
+    aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default, aten.neg.default,
+    aten.abs.default, aten.sin.default, aten.sqrt.default, aten.sign.default, aten.relu6.default,
+    aten.selu.default, aten.celu.default,
 )
 ZERO_PRESERVING_METHODS = (
     "relu", "relu_", "tanh", "contiguous", "clone", "detach", "float", "half", "double",
@@ -61,8 +74,11 @@ ZERO_PRESERVING_METHODS = (
 # f(0) != 0: a zeroed channel comes out non-zero, so pruning it is not invariant.
 NONZERO_AT_ZERO = (
     nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid, torch.sigmoid, F.sigmoid,
-    F.hardsigmoid, F.softplus, F.logsigmoid, torch.exp, torch.cos, torch.cosh, "sigmoid",
-    "exp", "cos",
+    F.hardsigmoid, F.softplus, F.logsigmoid, torch.exp, torch.cos, torch.cosh, torch.rsqrt, "sigmoid",
+    "exp", "cos", "rsqrt",
+    aten.sigmoid.default, aten.hardsigmoid.default, aten.softplus.default, aten.exp.default,
+    aten.cos.default, aten.rsqrt.default, aten.log.default, aten.reciprocal.default,
+    aten.log_sigmoid_forward.default, aten.erf.default,
 )
 
 
@@ -76,6 +92,62 @@ def passthrough_rule(ctx):
 def nonzero_at_zero_rule(ctx):
     x = ctx.tensor(0, "input")
     return x.map_zi(False) if x is not None else unknown_rule(ctx)
+
+
+@register_rule(torch.pow, "pow", operator.pow, aten.pow.Tensor_Scalar)
+def pow_rule(ctx):
+    """``x ** e`` keeps zeros for e > 0 (an RMS norm's square); otherwise 0 ** e is not 0."""
+    x, e = ctx.tensor(0, "input"), ctx.arg(1, "exponent")
+    if x is None or not isinstance(e, (int, float)):
+        return unknown_rule(ctx) if x is not None else size_arithmetic_rule(ctx)
+    return x if e > 0 else x.map_zi(False)
+
+
+@register_rule(torch.clamp, "clamp", aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default)
+def clamp_rule(ctx):
+    """Clamping keeps zeros when 0 lies inside the bounds."""
+    x = ctx.tensor(0, "input")
+    if x is None:
+        return unknown_rule(ctx)
+    name = op_name(ctx.node.target)
+    lo = ctx.arg(1, "min") if name != "clamp_max" else None
+    hi = ctx.arg(2, "max") if name == "clamp" else (ctx.arg(1, "max") if name == "clamp_max" else None)
+    if any(v is not None and not isinstance(v, (int, float)) for v in (lo, hi)):
+        return unknown_rule(ctx)
+    keeps_zero = (lo is None or lo <= 0) and (hi is None or hi >= 0)
+    return x if keeps_zero else x.map_zi(False)
+
+
+# Checks of dtype and device, and range facts for the compiler: they read no channel count.
+@register_rule(aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+               aten.sym_constrain_range_for_size.default, aten._assert_async.msg)
+def no_op_rule(ctx):
+    return None
+
+
+# New tensors whose values do not depend on any input's values.
+@register_rule(aten.arange.default, aten.arange.start, aten.arange.start_step, aten.full.default,
+               aten.zeros.default, aten.ones.default, aten.empty.memory_format, aten.scalar_tensor.default,
+               aten.new_ones.default, aten.new_zeros.default, aten.new_full.default,
+               aten.new_empty.default, torch.arange, torch.zeros, torch.ones, torch.full)
+def creation_rule(ctx):
+    """Sizes are constants here (an exported graph records them): the result carries no
+    channels, and anything it meets keeps its width."""
+    return ctx.out() if ctx.out_shape() is not None else None
+
+
+@register_rule(aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
+               aten.empty_like.default, torch.zeros_like, torch.ones_like, torch.full_like,
+               )
+def like_rule(ctx):
+    """``zeros_like(x)`` has x's shape, read when it runs: it shrinks with x's channels.
+    Its entries are the fill value, zero only for ``zeros_like``."""
+    x = ctx.tensor(0, "input")
+    if x is None:
+        return creation_rule(ctx)
+    name = op_name(ctx.node.target)
+    fill = 0 if name == "zeros_like" else 1 if name == "ones_like" else ctx.arg(1, "fill_value")
+    return x.map_zi(fill == 0)
 
 
 def _stochastic_depth_targets():

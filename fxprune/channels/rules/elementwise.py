@@ -16,12 +16,24 @@ from ..registry import register_rule
 from ..values import DimMap, TensorChannels
 from .fallback import size_arithmetic_rule, unknown_rule
 
+aten = torch.ops.aten
+
 ADDITIVE = (operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub,
-            torch.subtract, "add", "add_", "sub", "sub_", "__add__", "__radd__", "__sub__", "__rsub__")
+            torch.subtract, "add", "add_", "sub", "sub_", "__add__", "__radd__", "__sub__", "__rsub__",
+            aten.add.Tensor, aten.add.Scalar, aten.add_.Tensor, aten.sub.Tensor, aten.sub.Scalar,
+            aten.sub_.Tensor, aten.rsub.Scalar, aten.rsub.Tensor)
 MULTIPLICATIVE = (operator.mul, operator.imul, torch.mul, torch.multiply, "mul", "mul_",
-                  "__mul__", "__rmul__")
+                  "__mul__", "__rmul__", aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor,
+                  aten.mul_.Scalar)
 DIVISION = (operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_",
-            "__truediv__")
+            "__truediv__", aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, aten.div.Tensor_mode)
+# Tensor comparisons and logic: element-wise, and a zero entry need not compare to zero.
+COMPARISONS = (aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar, aten.lt.Tensor,
+               aten.lt.Scalar, aten.le.Tensor, aten.le.Scalar, aten.gt.Tensor, aten.gt.Scalar,
+               aten.ge.Tensor, aten.ge.Scalar, aten.__and__.Tensor, aten.__or__.Tensor,
+               aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.logical_and.default,
+               aten.logical_or.default, aten.logical_not.default, aten.bitwise_not.default,
+               aten.minimum.default, aten.maximum.default, aten.min.other, aten.max.other)
 
 
 def broadcast_combine(ctx, operands: list, zero_rule: str) -> TensorChannels | None:
@@ -100,7 +112,25 @@ def division_rule(ctx):
     return broadcast_combine(ctx, operands, "first")
 
 
-@register_rule(torch.where)
+@register_rule(torch.where, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf,
+               aten.where.Scalar)
 def where_rule(ctx):
     cond, a, b = (ctx.value(ctx.arg(i)) for i in range(3))
     return broadcast_combine(ctx, [cond, a, b], "all")
+
+
+@register_rule(*COMPARISONS)
+def comparison_rule(ctx):
+    operands = _operands(ctx)
+    if not any(isinstance(o, TensorChannels) for o in operands):
+        return size_arithmetic_rule(ctx)
+    out = broadcast_combine(ctx, operands, "all")
+    return out.map_zi(False) if out is not None else None
+
+
+@register_rule(aten.masked_fill.Scalar, aten.masked_fill.Tensor, "masked_fill", torch.masked_fill)
+def masked_fill_rule(ctx):
+    """``x.masked_fill(mask, v)``: element-wise in x and mask; zeros stay zero only for v = 0."""
+    x, mask, value = ctx.value(ctx.arg(0)), ctx.value(ctx.arg(1)), ctx.arg(2, "value")
+    out = broadcast_combine(ctx, [x, mask], "first")
+    return out if value == 0 else out.map_zi(False)

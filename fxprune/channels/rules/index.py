@@ -14,13 +14,16 @@ import operator
 import numpy as np
 import torch
 
-from ..registry import register_rule
+from ..registry import op_name, register_rule
 from ..values import DimMap, TensorChannels
 from ..context import fixed_map
 from .fallback import size_arithmetic_rule, unknown_rule
 
 
-@register_rule(torch.cat, torch.concat, torch.concatenate)
+aten = torch.ops.aten
+
+
+@register_rule(torch.cat, torch.concat, torch.concatenate, aten.cat.default, aten.concat.default)
 def cat_rule(ctx):
     tensors = ctx.value(ctx.arg(0, "tensors"))
     dim = ctx.arg(1, "dim", 0)
@@ -41,25 +44,21 @@ def cat_rule(ctx):
     return ctx.out(dims)
 
 
-def _split_sizes(ctx, total: int) -> list[int]:
-    target = ctx.node.target
-    how = ctx.arg(1, "split_size_or_sections" if target in (torch.split, "split") else "chunks")
-    if target in (torch.chunk, "chunk"):
-        chunk = -(-total // how)
-        return [min(chunk, total - s) for s in range(0, total, chunk)]
-    if isinstance(how, int):
-        return [min(how, total - s) for s in range(0, total, how)]
-    return list(how)
-
-
-@register_rule(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split")
+@register_rule(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split",
+               aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.tensor_split.sections,
+               aten.tensor_split.indices, aten.unsafe_split.Tensor)
 def split_rule(ctx):
+    """Pieces along one dim. Their sizes are read from the recorded outputs, not from the
+    arguments: ``torch.split(x, [s, x.shape[1] - s], 1)`` computes them from a shape."""
     x = ctx.tensor(0, "input" if ctx.node.op == "call_function" else None)
-    if ctx.node.target in (torch.tensor_split, "tensor_split"):
+    metas = ctx.node.meta.get("tensor_meta")
+    if x is None or not isinstance(metas, (tuple, list)):
         return unknown_rule(ctx)
     dim = ctx.arg(2, "dim", 0) % x.ndim
     m = x.get(dim)
-    sizes = _split_sizes(ctx, x.shape[dim])
+    sizes = [int(meta.shape[dim]) for meta in metas]
+    if sum(sizes) != x.shape[dim]:
+        return unknown_rule(ctx)
     outs, start = [], 0
     for size in sizes:
         shape = x.shape[:dim] + (size,) + x.shape[dim + 1:]
@@ -87,7 +86,7 @@ def _rewrite_split(dim: int, count: int, pieces: list[DimMap]):
     return rewrite
 
 
-@register_rule(torch.unbind, "unbind")
+@register_rule(torch.unbind, "unbind", aten.unbind.int)
 def unbind_rule(ctx):
     x = ctx.tensor(0, "input")
     dim = ctx.arg(1, "dim", 0) % x.ndim
@@ -175,3 +174,105 @@ def getitem_dispatch(ctx):
     if isinstance(container, dict):
         return container.get(index)
     return size_arithmetic_rule(ctx)
+
+
+def _sliced(ctx, m: DimMap | None, size: int, start, stop, step) -> DimMap | None:
+    """The map of ``x[start:stop:step]`` along a dim (None: the dim carries no channels)."""
+    start, stop, step = slice(start, stop, step).indices(size)
+    if m is None:
+        return None
+    if step != 1:
+        ctx.freeze(m.ids, f"a strided slice picks channels by position at {ctx.where()}")
+        return None
+    if (start, stop) == (0, size):
+        return m
+    piece = m.take(slice(start, stop))
+    ctx.require_nonempty(piece, "a slice")
+    return piece
+
+
+@register_rule(aten.slice.Tensor, "narrow", torch.narrow, aten.narrow.default)
+def slice_rule(ctx):
+    """``aten.slice(x, dim, start, end, step)`` and ``narrow(x, dim, start, length)``: the
+    map is sliced; bounds on a channel dim become the kept counts before start and end."""
+    x = ctx.tensor(0, "input")
+    dim = ctx.arg(1, "dim", 0)
+    if x is None or not isinstance(dim, int):
+        return unknown_rule(ctx)
+    dim %= x.ndim
+    narrow = op_name(ctx.node.target) == "narrow"
+    start = ctx.arg(2, "start", 0)
+    if narrow:
+        stop, step = (start + ctx.arg(3, "length")) if isinstance(start, int) else None, 1
+    else:
+        stop, step = ctx.arg(3, "end"), ctx.arg(4, "step", 1)
+    if not all(v is None or isinstance(v, int) for v in (start, stop, step)):
+        return unknown_rule(ctx)
+    m = x.get(dim)
+    piece = _sliced(ctx, m, x.shape[dim], start, stop, step)
+    dims = {d: v for d, v in x.dims.items() if d != dim}
+    if piece is not None:
+        dims[dim] = piece
+    if piece is not None and piece is not m:
+        begin, end, _ = slice(start, stop, step).indices(x.shape[dim])
+
+        def rewrite(p, node):
+            new_start = p.count(m.take(slice(0, begin)))
+            length = p.count(m.take(slice(begin, end)))
+            args = list(node.args) + [None] * (4 - len(node.args))
+            args[2] = new_start
+            args[3] = length if narrow else new_start + length
+            node.args = tuple(args[:4]) + tuple(node.args[4:])
+
+        ctx.on_prune(rewrite)
+    return ctx.out(dims)
+
+
+@register_rule(aten.select.int, "select", torch.select)
+def select_rule(ctx):
+    """``x.select(dim, i)``: one position of a dim; a channel picked by position is frozen."""
+    x, dim = ctx.tensor(0, "input"), ctx.arg(1, "dim")
+    if x is None or not isinstance(dim, int):
+        return unknown_rule(ctx)
+    dim %= x.ndim
+    if x.get(dim) is not None:
+        ctx.freeze(x.get(dim).ids, f"an integer index selects a channel by position at {ctx.where()}")
+    return ctx.out({(d if d < dim else d - 1): m for d, m in x.dims.items() if d != dim})
+
+
+@register_rule(aten.index_select.default, torch.index_select, "index_select")
+def index_select_rule(ctx):
+    """Positions chosen by a tensor: the chosen dim's channels are frozen, the others pass."""
+    x, dim = ctx.tensor(0, "input"), ctx.arg(1, "dim")
+    if x is None or not isinstance(dim, int):
+        return unknown_rule(ctx)
+    dim %= x.ndim
+    if x.get(dim) is not None:
+        ctx.freeze(x.get(dim).ids, f"index_select picks channels by position at {ctx.where()}")
+    index = ctx.tensor(2, "index")
+    if index is not None and index.dims:
+        ctx.freeze(index.all_ids(), f"indices come from channels at {ctx.where()}")
+    return ctx.out({d: m for d, m in x.dims.items() if d != dim})
+
+
+@register_rule(aten.index.Tensor)
+def index_tensor_rule(ctx):
+    """``x[idx]`` with tensor indices on leading dims (a rotary table read at the positions):
+    indexed dims freeze their channels, the dims after them pass to the end of the result."""
+    x, indices = ctx.tensor(0, "input"), ctx.arg(1, "indices")
+    if x is None or not isinstance(indices, (tuple, list)):
+        return unknown_rule(ctx)
+    used = [i for i, t in enumerate(indices) if t is not None]
+    if not used or used != list(range(used[0], used[-1] + 1)):
+        return unknown_rule(ctx)  # scattered tensor indices move dims around
+    for i in used:
+        if x.get(i) is not None:
+            ctx.freeze(x.get(i).ids, f"a tensor index picks channels by position at {ctx.where()}")
+    for t in ctx.value(list(indices)):
+        if isinstance(t, TensorChannels) and t.dims:
+            ctx.freeze(t.all_ids(), f"indices come from channels at {ctx.where()}")
+    out_nd = len(ctx.out_shape())
+    tail = x.ndim - (used[-1] + 1)
+    dims = {d: m for d, m in x.dims.items() if d < used[0]}
+    dims |= {out_nd - (x.ndim - d): m for d, m in x.dims.items() if d > used[-1] and tail}
+    return ctx.out(dims)

@@ -7,12 +7,15 @@ of input channels together with its block of output channels.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..registry import register_rule
 from ..values import DimMap, TensorChannels
 from .fallback import unknown_rule
+
+aten = torch.ops.aten
 
 
 def _consume(ctx, x_map: DimMap | None, key: str, dim: int, size: int, what: str) -> None:
@@ -90,22 +93,97 @@ def linear_rule(ctx):
     return ctx.out(dims)
 
 
-@register_rule(F.linear)
-def functional_linear_rule(ctx):
-    """``F.linear(x, w, b)`` with ``w``/``b`` from get_attr: their dims are already spaces."""
-    x, w, b = ctx.tensor(0, "input"), ctx.tensor(1, "weight"), ctx.tensor(2, "bias")
-    if x is None or w is None:
-        return unknown_rule(ctx)
-    x_map = x.get(-1)
-    ctx.break_zi(x_map, "a channel that is non-zero when zeroed is consumed by linear")
-    ctx.unify(x_map, w.get(1) if w.ndim == 2 else None)
-    out = w.get(0)
+def _consume_param(ctx, x_map: DimMap | None, w: TensorChannels, raw_w, dim: int, what: str) -> None:
+    """A get_attr weight's input dim ``dim`` consumes the incoming channels (role "in")."""
+    if x_map is not None:
+        ctx.break_zi(x_map, f"a channel that is non-zero when zeroed is consumed by {what}")
+        ctx.require_nonempty(x_map, f"the input of {what}")
+    ctx.unify(x_map, w.get(dim), f" ({what} input)")
+    ctx.set_role(raw_w, dim, "in")
+
+
+def _produce(ctx, w: TensorChannels, dim: int, b: TensorChannels | None) -> DimMap | None:
+    """The output channels: weight dim ``dim`` tied to the bias."""
+    out = w.get(dim)
     if b is not None:
-        out = ctx.unify(out, b.get(0))
+        out = ctx.unify(out, b.get(0), " (bias)")
+    return DimMap.of(out.ids) if out is not None else None
+
+
+@register_rule(F.linear, aten.linear.default)
+def functional_linear_rule(ctx):
+    """``F.linear(x, w, b)`` / ``aten.linear`` with ``w``/``b`` read by get_attr (their
+    dims are already spaces): x's last dim meets w's dim 1, w's dim 0 is the output."""
+    x, w, b = ctx.tensor(0, "input"), ctx.tensor(1, "weight"), ctx.tensor(2, "bias")
+    if x is None or w is None or w.ndim != 2:
+        return unknown_rule(ctx)
+    _consume_param(ctx, x.get(-1), w, ctx.arg(1, "weight"), 1, "linear")
+    out = _produce(ctx, w, 0, b)
     dims = {d: m for d, m in x.dims.items() if d != x.ndim - 1}
     if out is not None:
-        dims[x.ndim - 1] = DimMap.of(out.ids)
+        dims[x.ndim - 1] = out
     return ctx.out(dims)
+
+
+@register_rule(aten.addmm.default)
+def addmm_rule(ctx):
+    """``bias + mat1 @ mat2`` with a [in, out] weight (Hugging Face's GPT-2 ``Conv1D``)."""
+    bias, x, w = ctx.tensor(0), ctx.tensor(1), ctx.tensor(2)
+    if x is None or w is None or ctx.attr_key(ctx.arg(2)) is None or x.ndim != 2:
+        return unknown_rule(ctx)
+    _consume_param(ctx, x.get(1), w, ctx.arg(2), 0, "addmm")
+    out = _produce(ctx, w, 1, bias if bias is not None and bias.ndim == 1 else None)
+    if bias is not None and bias.ndim != 1:
+        return unknown_rule(ctx)
+    return ctx.out({0: x.get(0), 1: out})
+
+
+_CONV_ARGS = {  # where each spelling keeps its groups argument, and whether it may transpose
+    F.conv1d: 6, F.conv2d: 6, F.conv3d: 6, aten.conv1d.default: 6, aten.conv2d.default: 6,
+    aten.conv3d.default: 6, aten.convolution.default: 8,
+}
+
+
+@register_rule(*_CONV_ARGS)
+def functional_conv_rule(ctx):
+    """``F.conv2d(x, w, b, ..., groups)`` / ``aten.conv2d`` / ``aten.convolution``: the
+    functional and ATen forms of :func:`conv_rule`, with w and b read by get_attr."""
+    x, w, b = ctx.tensor(0, "input"), ctx.tensor(1, "weight"), ctx.tensor(2, "bias")
+    groups_at = _CONV_ARGS[ctx.node.target]
+    groups = ctx.arg(groups_at, "groups", 1)
+    transposed = ctx.node.target is aten.convolution.default and ctx.arg(6, "transposed")
+    if x is None or w is None or ctx.attr_key(ctx.arg(1, "weight")) is None or transposed or not isinstance(groups, int):
+        return unknown_rule(ctx)
+    raw_w = ctx.arg(1, "weight")
+    ctx.not_channels(raw_w, range(2, w.ndim))
+    cdim = 1 if x.ndim == w.ndim else 0
+    _freeze_other_dims(ctx, x, {cdim})
+    out = _produce(ctx, w, 0, b)
+    x_map = x.get(cdim)
+    if groups == 1:
+        _consume_param(ctx, x_map, w, raw_w, 1, "conv")
+    else:
+        ctx.set_role(raw_w, 1, "in")
+        if w.get(1) is not None:
+            ctx.freeze(w.get(1).ids, f"positions inside a conv group keep their count at {ctx.where()}")
+        if x_map is None:
+            ctx.freeze(out.ids, f"grouped conv input carries no channels at {ctx.where()}")
+        else:
+            ctx.unify(ctx.tie_blocks(x_map, groups, across=False), ctx.tie_blocks(out, groups, across=False))
+        old_out = len(out)
+
+        def fix_groups(p, node):
+            per_group = old_out // groups
+            new = p.new_shape(node)[cdim] // per_group
+            args = list(node.args)
+            if len(args) > groups_at:
+                args[groups_at] = new
+                node.args = tuple(args)
+            else:
+                node.kwargs = {**node.kwargs, "groups": new}
+
+        ctx.on_prune(fix_groups)
+    return ctx.out({cdim: out})
 
 
 @register_rule(nn.Embedding)
@@ -126,12 +204,21 @@ def embedding_rule(ctx):
     return ctx.out({len(shape) - 1: out})
 
 
-@register_rule(F.embedding)
+@register_rule(F.embedding, aten.embedding.default)
 def functional_embedding_rule(ctx):
-    w = ctx.tensor(1, "weight")
-    shape = ctx.out_shape()
-    out = w.get(1) if w is not None else None
-    return ctx.out({len(shape) - 1: out} if out is not None else {})
+    """Rows of a get_attr table picked by token ids: the output's last dim is the table's dim 1."""
+    aten_form = ctx.node.target is aten.embedding.default
+    raw_w = ctx.arg(0) if aten_form else ctx.arg(1, "weight")
+    idx = ctx.tensor(1) if aten_form else ctx.tensor(0, "input")
+    w = ctx.value(raw_w)
+    if not isinstance(w, TensorChannels) or w.ndim != 2:
+        return unknown_rule(ctx)
+    if idx is not None and idx.dims:
+        ctx.freeze(idx.all_ids(), f"token indices come from channels at {ctx.where()}")
+    ctx.not_channels(raw_w, [0])  # the vocabulary is looked up, not a channel dim
+    out = w.get(1)
+    return ctx.out({len(ctx.out_shape()) - 1: out} if out is not None else {})
 
 
-__all__ = ["conv_rule", "linear_rule", "embedding_rule"]
+__all__ = ["conv_rule", "linear_rule", "embedding_rule", "functional_conv_rule", "functional_linear_rule",
+           "functional_embedding_rule", "addmm_rule"]

@@ -8,11 +8,15 @@ other groups' statistics untouched.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..registry import register_rule
-from ..values import DimMap
+from ..registry import op_name, register_rule
+from ..values import DimMap, TensorChannels
+from .fallback import unknown_rule
+
+aten = torch.ops.aten
 
 
 _INSTANCE_NORMS = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
@@ -101,12 +105,14 @@ def layernorm_rule(ctx):
     return _layer_norm(ctx, x, k, fix)
 
 
-@register_rule(F.layer_norm)
+@register_rule(F.layer_norm, aten.layer_norm.default, F.rms_norm, aten.rms_norm.default)
 def functional_layer_norm_rule(ctx):
+    """Layer and RMS norms with get_attr parameters; RMS norm has a weight and no bias."""
     x = ctx.tensor(0, "input")
     shape_arg = ctx.arg(1, "normalized_shape")
     k = len(shape_arg) if isinstance(shape_arg, (tuple, list)) else 1
-    w, b = ctx.tensor(2, "weight"), ctx.tensor(3, "bias")
+    w = ctx.tensor(2, "weight")
+    b = ctx.tensor(3, "bias") if op_name(ctx.node.target) == "layer_norm" else None
 
     def fix(p, node):
         new = tuple(p.new_shape(node.args[0])[-k:])
@@ -139,6 +145,74 @@ def groupnorm_rule(ctx):
         new_channels = p.new_shape(node.args[0])[1]
         m.num_groups = m.num_groups * new_channels // m.num_channels
         m.num_channels = new_channels
+
+    ctx.on_prune(fix)
+    return x.with_dims({**x.dims, 1: ch})
+
+
+# Where each spelling keeps (weight, bias, running_mean, running_var).
+_BATCH_NORM_ARGS = {
+    F.batch_norm: (3, 4, 1, 2),
+    aten.batch_norm.default: (1, 2, 3, 4),
+    aten._native_batch_norm_legit_no_training.default: (1, 2, 3, 4),
+    aten._native_batch_norm_legit.default: (1, 2, 3, 4),
+    aten._native_batch_norm_legit_functional.default: (1, 2, 3, 4),
+    aten.native_batch_norm.default: (1, 2, 3, 4),
+    aten.instance_norm.default: (1, 2, 3, 4),
+    F.instance_norm: (3, 4, 1, 2),
+}
+
+
+@register_rule(*_BATCH_NORM_ARGS)
+def functional_batch_norm_rule(ctx):
+    """The functional and ATen forms of :func:`batchnorm_rule` (timm's norm+activation
+    layers call ``F.batch_norm`` with their own parameters): every parameter and statistic
+    joins dim 1; zeroing weight and bias zeroes the channel."""
+    x = ctx.tensor(0, "input")
+    if x is None or x.ndim < 2:
+        return unknown_rule(ctx)
+    at = _BATCH_NORM_ARGS[ctx.node.target]
+    raws = [ctx.arg(i) for i in at]
+    params = [ctx.value(r) for r in raws]
+    ch = x.get(1)
+    for raw, param, role in zip(raws, params, ("out", "out", "buffer", "buffer")):
+        if isinstance(param, TensorChannels):
+            ch = ctx.unify(ch, param.get(0), " (batch norm parameter)")
+            ctx.set_role(raw, 0, role)
+    if ch is None:
+        return unknown_rule(ctx)
+    affine = all(isinstance(p, TensorChannels) for p in params[:2])
+    instance = op_name(ctx.node.target) == "instance_norm"
+    out = ch if affine or instance else ch.with_zi(False)
+    result = x.with_dims({**x.dims, 1: out})
+    if ctx.out_shape() is None:  # the native forms also return the batch statistics
+        stats = tuple(TensorChannels(tuple(m.shape), {0: ch} if m.shape and m.shape[0] == len(ch) else {})
+                      for m in ctx.node.meta["tensor_meta"][1:])
+        return (result, *stats)
+    return result
+
+
+@register_rule(F.group_norm, aten.group_norm.default)
+def functional_group_norm_rule(ctx):
+    """The functional and ATen forms of :func:`groupnorm_rule`: whole groups go, and the
+    group count in the call is rewritten."""
+    x, groups = ctx.tensor(0, "input"), ctx.arg(1, "num_groups")
+    if x is None or not isinstance(groups, int):
+        return unknown_rule(ctx)
+    ch = x.get(1)
+    for i in (2, 3):
+        param = ctx.tensor(i)
+        if param is not None:
+            ch = ctx.unify(ch, param.get(0), " (group norm parameter)")
+    if ch is None:
+        return unknown_rule(ctx)
+    ctx.tie_blocks(ch, groups, across=False)
+    if ctx.tensor(2) is None or ctx.tensor(3) is None:
+        ch = ch.with_zi(False)
+    per_group = len(ch) // groups
+
+    def fix(p, node):
+        node.args = (node.args[0], p.new_shape(node.args[0])[1] // per_group, *node.args[2:])
 
     ctx.on_prune(fix)
     return x.with_dims({**x.dims, 1: ch})

@@ -12,7 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..registry import register_rule
+from ..registry import op_name, register_rule
+from ..values import TensorChannels
+
+aten = torch.ops.aten
 
 POOL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -25,12 +28,19 @@ POOL_FUNCTIONS = (
     F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch._C._nn.avg_pool2d, torch._C._nn.avg_pool3d,
     torch.max_pool1d, torch.max_pool2d, torch.max_pool3d, torch.avg_pool1d,
     torch._C._nn.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool3d,
+    aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
+    aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default,
+    aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default,
+    aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default,
+    aten._adaptive_avg_pool2d.default, aten._adaptive_avg_pool3d.default,
+    aten.adaptive_max_pool1d.default, aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default,
 )
 _POOL_NDIM = {"1d": 1, "2d": 2, "3d": 3}
 
 
 def _pool_spatial_dims(ctx, x) -> int:
-    name = type(ctx.module).__name__ if ctx.node.op == "call_module" else ctx.node.target.__name__
+    name = type(ctx.module).__name__ if ctx.node.op == "call_module" else op_name(ctx.node.target)
+    name = name.removesuffix("_with_indices")
     return next((n for suffix, n in _POOL_NDIM.items() if name.endswith(suffix)), 2)
 
 
@@ -52,19 +62,23 @@ def pool_rule(ctx):
 
 def _reduced_dims(ctx, x):
     dim = ctx.arg(1, "dim")
-    if dim is None:
+    if dim is None or (isinstance(dim, (tuple, list)) and not dim):  # aten: an empty list is all dims
         return list(range(x.ndim))
     dims = dim if isinstance(dim, (tuple, list)) else [dim]
     return [d % x.ndim for d in dims]
 
 
 @register_rule(torch.mean, "mean", torch.sum, "sum", torch.amax, "amax", torch.amin, "amin",
-               torch.nansum, "nansum", torch.logsumexp, "logsumexp", torch.std, "std", torch.var, "var")
+               torch.nansum, "nansum", torch.logsumexp, "logsumexp", torch.std, "std", torch.var, "var",
+               aten.mean.dim, aten.mean.default, aten.sum.dim_IntList, aten.sum.default, aten.amax.default,
+               aten.amin.default, aten.logsumexp.default, aten.var.correction, aten.std.correction,
+               aten.var.dim, aten.std.dim)
 def reduction_rule(ctx):
     x = ctx.tensor(0, "input")
     reduced = _reduced_dims(ctx, x)
-    keepdim = bool(ctx.arg(2, "keepdim", False))
-    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    name = op_name(ctx.node.target)
+    at = 3 if isinstance(ctx.node.target, torch._ops.OpOverload) and name in ("var", "std") else 2
+    keepdim = bool(ctx.arg(at, "keepdim", False))
     dims = {}
     for d, m in x.dims.items():
         if d in reduced:
@@ -80,7 +94,8 @@ def reduction_rule(ctx):
 
 
 @register_rule(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
-               "softmax", "log_softmax")
+               "softmax", "log_softmax", aten.softmax.int, aten._softmax.default, aten.log_softmax.int,
+               aten._log_softmax.default)
 def softmax_rule(ctx):
     x = ctx.tensor(0, "input")
     dim = ctx.module.dim if ctx.node.op == "call_module" else ctx.arg(1, "dim")

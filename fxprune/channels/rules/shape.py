@@ -23,6 +23,8 @@ from ..values import DimMap, SizeValue, TensorChannels
 from .fallback import unknown_rule
 from .shuffle import find_shuffle_ending_at, match_shuffle, permuted, rewrite_as_index_select
 
+aten = torch.ops.aten
+
 
 def match_dims(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
     """Pair runs of dims of shape ``a`` and ``b`` whose sizes have the same product."""
@@ -127,7 +129,8 @@ def rewrite_sizes(first: int):
     return rewrite
 
 
-@register_rule("view", "reshape", torch.reshape)
+@register_rule("view", "reshape", torch.reshape, aten.view.default, aten.reshape.default,
+               aten._unsafe_view.default)
 def reshape_rule(ctx):
     x = ctx.tensor(0, "input")
     if x is None:
@@ -151,12 +154,14 @@ def reshape_rule(ctx):
 
 
 @register_rule(torch.flatten, "flatten", nn.Flatten, torch.ravel, "ravel", nn.Unflatten, "unflatten",
-               torch.unflatten, torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze")
+               torch.unflatten, torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze",
+               aten.flatten.using_ints, aten.unflatten.int, aten.squeeze.default, aten.squeeze.dim,
+               aten.squeeze.dims, aten.unsqueeze.default)
 def flatten_rule(ctx):
     """Reshapes whose arguments name dims, not sizes: nothing to rewrite but unflatten."""
     x = ctx.tensor(0, "input")
     out = ctx.out(reshape_maps(ctx, x, ctx.out_shape()))
-    if ctx.node.target in ("unflatten", torch.unflatten):
+    if ctx.node.target in ("unflatten", torch.unflatten, aten.unflatten.int):
         _check_size_args(ctx, out, list(ctx.arg(2, "sizes")))
     if ctx.node.op == "call_module" and isinstance(ctx.module, nn.Unflatten):
         def fix(p, node):
@@ -168,7 +173,7 @@ def flatten_rule(ctx):
     return out
 
 
-@register_rule("expand")
+@register_rule("expand", aten.expand.default)
 def expand_rule(ctx):
     x = ctx.tensor(0)
     shape = ctx.out_shape()
@@ -180,7 +185,7 @@ def expand_rule(ctx):
     return out
 
 
-@register_rule("repeat")
+@register_rule("repeat", aten.repeat.default)
 def repeat_rule(ctx):
     x = ctx.tensor(0)
     reps = _shape_args(ctx, 1)
@@ -200,7 +205,7 @@ def _permuted(x: TensorChannels, order: list[int], shape) -> TensorChannels:
     return TensorChannels(tuple(shape), {i: x.dims[d] for i, d in enumerate(order) if d in x.dims})
 
 
-@register_rule(torch.permute, "permute")
+@register_rule(torch.permute, "permute", aten.permute.default)
 def permute_rule(ctx):
     x = ctx.tensor(0, "input")
     order = ctx.node.args[1:] if ctx.node.op == "call_method" else ctx.arg(1, "dims")
@@ -209,7 +214,8 @@ def permute_rule(ctx):
     return _permuted(x, list(order), ctx.out_shape())
 
 
-@register_rule(torch.transpose, "transpose", torch.swapaxes, "swapaxes", torch.swapdims, "swapdims")
+@register_rule(torch.transpose, "transpose", torch.swapaxes, "swapaxes", torch.swapdims, "swapdims",
+               aten.transpose.int)
 def transpose_rule(ctx):
     x = ctx.tensor(0, "input")
     d0, d1 = ctx.arg(1, "dim0"), ctx.arg(2, "dim1")
@@ -218,13 +224,13 @@ def transpose_rule(ctx):
     return _permuted(x, order, ctx.out_shape())
 
 
-@register_rule("t", torch.t)
+@register_rule("t", torch.t, aten.t.default)
 def t_rule(ctx):
     x = ctx.tensor(0)
     return _permuted(x, list(reversed(range(x.ndim))), ctx.out_shape())
 
 
-@register_rule(nn.PixelShuffle, torch.pixel_shuffle)
+@register_rule(nn.PixelShuffle, torch.pixel_shuffle, aten.pixel_shuffle.default)
 def pixel_shuffle_rule(ctx):
     """[.., C*r*r, H, W] -> [.., C, H*r, W*r]: each output channel owns r*r inputs."""
     x = ctx.tensor(0, "input")
@@ -238,7 +244,7 @@ def pixel_shuffle_rule(ctx):
     return ctx.out({d: v for d, v in x.dims.items() if d < cdim} | ({cdim: out} if out else {}))
 
 
-@register_rule(nn.PixelUnshuffle, torch.pixel_unshuffle)
+@register_rule(nn.PixelUnshuffle, torch.pixel_unshuffle, aten.pixel_unshuffle.default)
 def pixel_unshuffle_rule(ctx):
     x = ctx.tensor(0, "input")
     r = ctx.module.downscale_factor if ctx.node.op == "call_module" else ctx.arg(1, "downscale_factor")
@@ -248,7 +254,8 @@ def pixel_unshuffle_rule(ctx):
     return ctx.out({d: v for d, v in x.dims.items() if d < cdim} | ({cdim: out} if out else {}))
 
 
-@register_rule(nn.ChannelShuffle, torch.channel_shuffle, torch.native_channel_shuffle)
+@register_rule(nn.ChannelShuffle, torch.channel_shuffle, torch.native_channel_shuffle,
+               aten.channel_shuffle.default, aten.native_channel_shuffle.default)
 def channel_shuffle_rule(ctx):
     """A permutation that interleaves g blocks; rewritten to an index_select when pruned."""
     x = ctx.tensor(0, "input")

@@ -17,9 +17,11 @@ import torch.fx
 
 from ..values import DimMap, TensorChannels
 
-_TRANSPOSES = {"transpose", torch.transpose, "permute", torch.permute, "swapaxes", torch.swapaxes}
-_CONTIGUOUS = {"contiguous", "clone"}
-_RESHAPES = {"view", "reshape", torch.reshape}
+_aten = torch.ops.aten
+_TRANSPOSES = {"transpose", torch.transpose, "permute", torch.permute, "swapaxes", torch.swapaxes,
+               _aten.transpose.int, _aten.permute.default}
+_CONTIGUOUS = {"contiguous", "clone", _aten.contiguous.default, _aten.clone.default}
+_RESHAPES = {"view", "reshape", torch.reshape, _aten.view.default, _aten.reshape.default, _aten._unsafe_view.default}
 
 
 @dataclass(frozen=True)

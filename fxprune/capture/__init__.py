@@ -1,0 +1,71 @@
+"""Capture: a model becomes a ``torch.fx.GraphModule`` with a shape on every node.
+
+Two front ends feed one analysis: :mod:`.fx` (``torch.fx`` symbolic trace: fast,
+module-level, readable) and :mod:`.export` (``torch.export``: ATen graphs of what
+symbolic tracing cannot take, such as Hugging Face transformers). ``capture="auto"``
+tries fx first and falls back to export; when both fail the error gives both reasons.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.fx
+
+from ..errors import TraceError
+from .export import export_graph
+from .fx import trace
+from .gc import gc_paused
+from .inputs import ExampleInputs, as_example_inputs
+from .shapes import ShapeRecorder, propagate_shapes
+
+FRONT_ENDS = ("auto", "fx", "export")
+
+
+@dataclass
+class Captured:
+    """A captured graph with shapes on its nodes, the inputs it ran on and the front end used."""
+
+    gm: torch.fx.GraphModule
+    inputs: ExampleInputs
+    front_end: str  # "fx" or "export"
+
+
+def capture(model, example_inputs, *, capture: str = "auto", leaf_modules: Iterable = (),
+            concrete_args: dict | None = None) -> Captured:
+    """Capture ``model`` with the chosen front end and record every node's shape.
+
+    >>> import torch
+    >>> c = capture(torch.nn.Sequential(torch.nn.Linear(4, 2)), torch.randn(1, 4))
+    >>> c.front_end, c.gm.graph.find_nodes(op="output")[0].meta["tensor_meta"].shape
+    ('fx', torch.Size([1, 2]))
+    """
+    if capture not in FRONT_ENDS:
+        raise TraceError(f"capture must be one of {', '.join(FRONT_ENDS)}, got {capture!r}")
+    inputs = as_example_inputs(example_inputs)
+    if isinstance(model, torch.export.ExportedProgram):
+        capture = "export"
+    fx_error = None
+    if capture in ("auto", "fx"):
+        try:
+            gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        except TraceError as exc:
+            if capture == "fx":
+                raise
+            fx_error = exc
+        else:
+            propagate_shapes(gm, inputs)
+            return Captured(gm, inputs, "fx")
+    try:
+        gm = export_graph(model, inputs)
+    except TraceError as exc:
+        if fx_error is None:
+            raise
+        raise TraceError(f"neither front end could capture {type(model).__name__}:\n"
+                         f"[fx] {fx_error}\n[export] {exc}") from exc
+    return Captured(gm, inputs, "export")
+
+
+__all__ = ["capture", "Captured", "ExampleInputs", "as_example_inputs", "trace", "export_graph",
+           "propagate_shapes", "ShapeRecorder", "gc_paused", "FRONT_ENDS"]

@@ -1,0 +1,89 @@
+"""The torch.export front end: ATen graphs of what symbolic tracing cannot take.
+
+``torch.export.export(model, args, kwargs, strict=False)`` captures Hugging Face
+transformers, timm models that branch on shapes, and models on the meta device. Its graph
+is an fx graph too: ATen ops (``aten.linear``, ``aten.conv2d``, ``aten.view`` ...) whose
+parameters are read with ``get_attr`` under their ``state_dict`` keys, so the same
+analysis runs on it. The result is made a plain ``GraphModule`` (``ep.module()``'s own
+class cannot be pickled or switched to eval mode) that takes the model's own call
+signature (keywords included) and returns its own output structure.
+
+Shapes are specialised to the example inputs: sizes such as ``view(x, [2, 8, -1, 8])``
+are recorded as numbers, so the captured (and pruned) graph takes inputs of those shapes.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.fx
+
+from ..errors import TraceError
+from .inputs import ExampleInputs
+from .shapes import shapes_from_fake_values
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Export what inference runs (dropout off, BatchNorm statistics fixed), then put every
+    module's own training flag back: the caller's model is never changed."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def export_graph(model, inputs: ExampleInputs) -> torch.fx.GraphModule:
+    """Export ``model`` (or take an ``ExportedProgram``) and return a plain GraphModule.
+
+    >>> import torch, fxprune
+    >>> from fxprune.capture.inputs import as_example_inputs
+    >>> gm = export_graph(torch.nn.Linear(4, 2), as_example_inputs(torch.randn(1, 4)))
+    >>> [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    ['aten.linear.default']
+    """
+    if isinstance(model, torch.export.ExportedProgram):
+        program = model
+        name = "ExportedProgram"
+    else:
+        if not isinstance(model, torch.nn.Module):
+            raise TraceError(f"expected a torch.nn.Module or ExportedProgram, got {type(model).__name__}")
+        name = type(model).__name__
+        try:
+            with _eval_mode(model):
+                program = torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
+        except Exception as exc:  # export raises many types; all mean "cannot capture"
+            raise export_error(model, exc) from exc
+    unlifted = program.module()
+    graph = unlifted.graph
+    for node in list(graph.nodes):
+        # ep.module() checks input shapes in a local class that cannot be pickled; the
+        # analysis and every rewrite are verified on inputs of these shapes anyway.
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    gm = torch.fx.GraphModule(unlifted, graph, name)
+    gm._in_spec, gm._out_spec = unlifted._in_spec, unlifted._out_spec
+    gm.eval()
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    shapes_from_fake_values(gm)
+    return gm
+
+
+def export_error(model, exc: Exception) -> TraceError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    hint = ""
+    if "Cache" in str(exc) and "pytree" in str(exc):
+        hint = "the model returns a key/value cache: pass use_cache=False (in the inputs or the config); "
+    return TraceError(
+        f"cannot capture {type(model).__name__} with torch.export: {type(exc).__name__}: {first}\n"
+        f"  fix: {hint}make forward() run on the example inputs without data-dependent Python control "
+        "flow, or pass an ExportedProgram you exported yourself"
+    )
+
+
+__all__ = ["export_graph", "export_error"]

@@ -1,0 +1,90 @@
+"""Shapes on every node: recorded by running the graph once, or read from export's fake values.
+
+The analysis only needs each node's output shape (``node.meta["tensor_meta"]``). A traced
+graph gets it from one run on the example inputs in eval mode under ``no_grad`` (so nothing
+it runs can change the model: a BatchNorm in training mode would update its running stats).
+An exported graph already carries fake tensors (``node.meta["val"]``) from the export
+itself, so it needs no run at all: analysis then costs no weight memory, and a model on
+the meta device works.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from ..errors import AnalysisError
+from .inputs import ExampleInputs
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, inputs: ExampleInputs) -> None:
+    """Run the graph once so every node carries ``meta['tensor_meta']``; clear errors."""
+    flat = inputs.flat(gm)
+    prop = ShapeRecorder(gm)
+    try:
+        prop.record(*flat)
+    except Exception as exc:
+        node = prop.current
+        raise AnalysisError(
+            f"example inputs {inputs.describe()} do not fit the model: node '{node.name if node else '?'}' "
+            f"({node.format_node() if node else ''}) failed with {type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}\n"
+            "  fix: pass example_inputs with the shapes and dtypes the model's forward expects"
+        ) from exc
+
+
+def shapes_from_fake_values(gm: torch.fx.GraphModule) -> None:
+    """Turn export's fake values (``meta['val']``) into ``meta['tensor_meta']`` and drop them.
+
+    Dropping them keeps the graph cheap to copy (fake tensors hold a whole fake mode).
+    """
+    for node in gm.graph.nodes:
+        val = node.meta.pop("val", None)
+        _set_meta(node, val)
+        node.meta.pop("example_value", None)
+
+
+def _tensor_meta(value):
+    if isinstance(value, torch.Tensor):
+        return TensorMetadata(tuple(int(s) for s in value.shape), value.dtype, value.requires_grad,
+                              tuple(int(s) for s in value.stride()), None, False, {})
+    return value
+
+
+def _set_meta(node: torch.fx.Node, result) -> None:
+    found = []
+    meta = map_aggregate(result, lambda v: found.append(1) or _tensor_meta(v)
+                         if isinstance(v, torch.Tensor) else v)
+    if found:
+        node.meta["tensor_meta"] = meta
+    else:
+        node.meta.pop("tensor_meta", None)
+
+
+class ShapeRecorder(torch.fx.Interpreter):
+    """Like ``ShapeProp``, but records only shape, dtype and strides (several times faster)
+    and remembers which node it was running when something failed."""
+
+    current: torch.fx.Node | None = None
+
+    def record(self, *inputs) -> None:
+        """Run once in eval mode under no_grad (nothing in the model may change), then
+        put every module's training flag back."""
+        modes = {m: m.training for m in self.module.modules()}
+        try:
+            self.module.eval()
+            with torch.no_grad():
+                self.run(*inputs)
+        finally:
+            for m, training in modes.items():
+                m.training = training
+
+    def run_node(self, n):
+        self.current = n
+        result = super().run_node(n)
+        _set_meta(n, result)
+        return result
+
+
+__all__ = ["propagate_shapes", "shapes_from_fake_values", "ShapeRecorder"]
