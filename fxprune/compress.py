@@ -66,7 +66,8 @@ def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = Non
     loaded = Spec.load(spec, **overrides)
     inputs = loaded.make_example_inputs()
     notes: list[str] = []
-    graph = analyze(model, inputs)  # captures a copy: ``model`` itself is never touched
+    graph = analyze(model, inputs, capture=loaded.capture)  # ``model`` itself is never touched
+    notes.append(f"capture: {'torch.fx symbolic trace' if graph.capture == 'fx' else 'torch.export'}")
     scores = score_groups(graph, loaded.score, calib_inputs=loaded.calib_inputs,
                           loss_fn=loaded.loss_fn, notes=notes)
     plan, small = select_and_prune(graph, scores, loaded, notes=notes)

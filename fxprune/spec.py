@@ -25,6 +25,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 SCORES = ("magnitude", "bn_scale", "taylor", "group_lasso", "l0")
 SCOPES = ("global", "local", "latency")
+CAPTURES = ("auto", "fx", "export")  # fxprune.capture.FRONT_ENDS
 DEVICES = ("cpu", "cuda")
 TARGET_METRICS = {"flops": "FLOPs", "params": "parameters", "latency": "latency"}
 _CODE_ONLY = ("example_inputs", "calib_inputs", "loss_fn")  # cannot live in a file
@@ -91,10 +92,15 @@ def _list_of(value: Any, kind: type | tuple[type, ...]) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, kind) for v in value)
 
 
-def _tensors(path: str, value: Any, hint: str) -> tuple[torch.Tensor, ...]:
+def _tensors(path: str, value: Any, hint: str) -> tuple[torch.Tensor, ...] | dict[str, Any]:
+    """Positional inputs (a tensor or a tuple of them), or keyword inputs (a dict by name,
+    how Hugging Face models are called)."""
+    if isinstance(value, Mapping) and value and all(isinstance(k, str) for k in value):
+        return dict(value)
     value = (value,) if isinstance(value, torch.Tensor) else value
     if not _list_of(value, torch.Tensor):
-        _fail(path, f"expected a non-empty tuple of torch.Tensor, {_got(value)}; {hint}")
+        _fail(path, f"expected a non-empty tuple of torch.Tensor or a dict of keyword inputs, "
+                    f"{_got(value)}; {hint}")
     return tuple(value)
 
 
@@ -158,7 +164,8 @@ class Spec:
     """What ``fxprune.compress`` should do. Validated on construction.
 
     Inputs, exactly one of:
-        example_inputs: tuple of tensors to trace with (one tensor is wrapped); Python only.
+        example_inputs: tuple of tensors to trace with (one tensor is wrapped), or a dict of
+            keyword inputs (``{"input_ids": ids}``); Python only.
         input_shape: the input's shape, ``[1, 3, 224, 224]``, or a list of shapes for
             several inputs; ``make_example_inputs()`` draws float32 normal tensors.
     Goal, exactly one of:
@@ -167,6 +174,8 @@ class Spec:
         target: ``{"flops" | "params" | "latency": fraction of the original to keep}``,
             one key, value in (0, 1].
     Options:
+        capture: front end, "auto" (default: torch.fx, falling back to torch.export),
+            "fx" or "export" (Hugging Face transformers need export).
         score: channel importance, one of ``SCORES`` (default "magnitude").
         scope: "global" (default): channels compete across groups, ranked by score
             normalised per group (divided by the FLOPs/params they carry under a target);
@@ -197,6 +206,7 @@ class Spec:
     input_shape: list[int] | list[list[int]] | None = None
     ratio: float | dict[str, float] | None = None
     target: dict[str, float] | None = None
+    capture: str = "auto"
     score: str = "magnitude"
     scope: str = "global"
     round_to: int = 1
@@ -210,6 +220,7 @@ class Spec:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _choice("spec.capture", self.capture, CAPTURES)
         _choice("spec.score", self.score, SCORES)
         _choice("spec.scope", self.scope, SCOPES)
         _int("spec.round_to", self.round_to, 1)
@@ -285,7 +296,7 @@ class Spec:
         """
         return None if self.nm is None else tuple(int(x) for x in self.nm.split(":"))
 
-    def make_example_inputs(self) -> tuple[torch.Tensor, ...]:
+    def make_example_inputs(self) -> tuple[torch.Tensor, ...] | dict[str, Any]:
         """The example inputs as given, or seeded float32 normal draws of ``input_shape``.
 
         Example:
@@ -313,6 +324,8 @@ class Spec:
         for name in (f.name for f in fields(self) if f.name not in _CODE_ONLY):
             value = getattr(self, name)
             if name == "input_shape" and value is None:
+                if isinstance(self.example_inputs, dict):
+                    continue  # keyword inputs have no file form
                 shapes = [list(t.shape) for t in self.example_inputs]
                 value = shapes[0] if len(shapes) == 1 else shapes
             if isinstance(value, LatencySpec):

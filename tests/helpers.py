@@ -46,20 +46,20 @@ def assert_state_unchanged(model: nn.Module, snapshot: dict[str, torch.Tensor]) 
         assert now[k].shape == v.shape and torch.equal(now[k], v), f"{k} was mutated"
 
 
-def prune_and_check(model: nn.Module, inputs, *, expect_prunable: int = 1) -> tuple:
+def prune_and_check(model: nn.Module, inputs, *, expect_prunable: int = 1, capture: str = "auto") -> tuple:
     """The standard proof on one model: analyze, prune half of every prunable group (the
     output shape holds), and half of every zero-invariant group (the oracle holds).
     Returns (graph, pruned model, oracle error)."""
     model = model.eval()
     before = state_snapshot(model)
-    graph = fxprune.analyze(model, inputs)
+    graph = fxprune.analyze(model, inputs, capture=capture)
     prunable = graph.prunable_groups
     assert len(prunable) >= expect_prunable, str(graph)
     inputs = graph.example_inputs
     with torch.no_grad():
-        reference = model(*inputs)
+        reference = inputs.call(model)
         small_all = fxprune.prune(graph, half_plan(graph)).eval()
-        output_error(reference, small_all(*inputs))  # raises if the output structure/shape differs
+        output_error(reference, inputs.call(small_all))  # raises if the output structure/shape differs
     zi_groups = [g for g in prunable if g.zero_invariant]
     error = 0.0
     small = small_all

@@ -34,6 +34,10 @@ SE_VARIANTS = ("x_times_s", "s_times_x", "torch_mul")
 GAP_VARIANTS = ("adaptive_flatten", "mean", "module_flatten")
 FLATTEN_VARIANTS = ("torch_flatten", "method_flatten", "view", "reshape")
 SMALL_POOLS = ("adaptive2", "avg4", "max4", "adaptive1")
+# The same operation in the spellings users write: a module call, or torch.nn.functional with
+# the module's own parameters (timm's norm+activation layers call F.batch_norm that way).
+LAYER_FORMS = ("module", "functional")
+FC_FORMS = ("module", "functional")
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ ELIGIBLE = {
 def _step(draw, pool: list[int]) -> tuple[Step, list[int]] | None:
     """One step on a pool with channel counts ``pool``; returns it and its output channels."""
     op = draw(st.sampled_from(
-        ("conv", "conv_bn", "act", "add", "cat", "split", "gconv", "dwconv", "shuffle", "se")))
+        ("conv", "conv_bn", "act", "add", "cat", "split", "gconv", "dwconv", "shuffle", "se", "ln")))
     eligible = [j for j in range(len(pool)) if ELIGIBLE.get(op, lambda p, j: True)(pool, j)]
     if not eligible:
         return None
@@ -92,7 +96,9 @@ def _step(draw, pool: list[int]) -> tuple[Step, list[int]] | None:
         return Step(op, (i,), (out, k, bias)), [out]
     if op == "conv_bn":
         out, k = draw(st.integers(2, 12)), draw(st.sampled_from((1, 3)))
-        return Step(op, (i,), (out, k)), [out]
+        return Step(op, (i,), (out, k, draw(st.sampled_from(LAYER_FORMS)))), [out]
+    if op == "ln":
+        return Step(op, (i,), ()), [c]
     if op == "act":
         return Step(op, (i,), (draw(st.sampled_from(ACTIVATIONS)), draw(st.sampled_from(ACTIVATION_FORMS)))), [c]
     if op == "add":
@@ -108,6 +114,9 @@ def _step(draw, pool: list[int]) -> tuple[Step, list[int]] | None:
     if op == "split":
         if c % 2 == 0 and draw(st.booleans()):
             return Step(op, (i,), ("chunk", 2)), [c // 2, c // 2]
+        if draw(st.booleans()):  # torch.split(x, [s, x.shape[1] - s], 1): a size read off a shape
+            first = draw(st.integers(1, c - 1))
+            return Step(op, (i,), ("shape_split", first)), [first, c - first]
         parts = draw(st.integers(2, min(3, c)))
         cuts = sorted(draw(st.lists(st.integers(1, c - 1), min_size=parts - 1, max_size=parts - 1,
                                     unique=True)))
@@ -142,9 +151,10 @@ def architectures(draw, min_steps: int = 3, max_steps: int = 8) -> Arch:
         steps.append(step)
         pool.extend(outs)
     if draw(st.booleans()):
-        head = ("gap", draw(st.sampled_from(GAP_VARIANTS)))
+        head = ("gap", draw(st.sampled_from(GAP_VARIANTS)), draw(st.sampled_from(FC_FORMS)))
     else:
-        head = ("flat", draw(st.sampled_from(SMALL_POOLS)), draw(st.sampled_from(FLATTEN_VARIANTS)))
+        head = ("flat", draw(st.sampled_from(SMALL_POOLS)), draw(st.sampled_from(FLATTEN_VARIANTS)),
+                draw(st.sampled_from(FC_FORMS)))
     return Arch(seed, tuple(steps), head, tuple(pool))
 
 
@@ -190,11 +200,17 @@ class RandomNet(nn.Module):
             self.layers[name] = nn.Conv2d(c, out, k, padding=k // 2, bias=bias)
             return [out]
         if step.op == "conv_bn":
-            out, k = p
+            out, k, _form = p
             self.layers[name] = nn.Conv2d(c, out, k, padding=k // 2, bias=False)
             bn = self.layers[name + "_bn"] = nn.BatchNorm2d(out)
             _randomize_batchnorm(bn)
             return [out]
+        if step.op == "ln":
+            self.layers[name] = nn.LayerNorm(c)
+            with torch.no_grad():
+                self.layers[name].weight.uniform_(0.5, 1.5)
+                self.layers[name].bias.uniform_(-0.5, 0.5)
+            return [c]
         if step.op == "act":
             if p[1] == "module":
                 self.layers[name] = {"relu": nn.ReLU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid}[p[0]]()
@@ -204,6 +220,8 @@ class RandomNet(nn.Module):
         if step.op == "cat":
             return [sum(pool[j] for j in step.inputs)]
         if step.op == "split":
+            if p[0] == "shape_split":
+                return [p[1], c - p[1]]
             return [c // 2, c // 2] if p[0] == "chunk" else list(p[1])
         if step.op == "gconv":
             out, k, g = p
@@ -237,7 +255,15 @@ class RandomNet(nn.Module):
         if op == "conv" or op == "gconv" or op == "dwconv":
             return [self.layers[name](x)]
         if op == "conv_bn":
-            return [self.layers[name + "_bn"](self.layers[name](x))]
+            conv, bn = self.layers[name], self.layers[name + "_bn"]
+            if p[2] == "module":
+                return [bn(conv(x))]
+            y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+            return [F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)]
+        if op == "ln":  # a ConvNeXt-style channel layer norm, functional, with the module's parameters
+            ln = self.layers[name]
+            y = F.layer_norm(x.permute(0, 2, 3, 1), ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+            return [y.permute(0, 3, 1, 2)]
         if op == "act":
             kind, form = p
             if form == "module":
@@ -251,6 +277,8 @@ class RandomNet(nn.Module):
         if op == "cat":
             return [torch.cat([pool[j] for j in step.inputs], dim=1)]
         if op == "split":
+            if p[0] == "shape_split":
+                return list(torch.split(x, [p[1], x.shape[1] - p[1]], dim=1))
             parts = x.chunk(p[1], dim=1) if p[0] == "chunk" else torch.split(x, list(p[1]), dim=1)
             return [parts[j] for j in range(p[1] if p[0] == "chunk" else len(p[1]))]
         if op == "shuffle":
@@ -275,6 +303,10 @@ class RandomNet(nn.Module):
     def _channels_of(self, step: Step) -> int:
         return self.arch.channels[step.inputs[0]]
 
+    def _fc(self, y):
+        fc = self.layers["fc"]
+        return fc(y) if self.arch.head[-1] == "module" else F.linear(y, fc.weight, fc.bias)
+
     def _head(self, y):
         head = self.arch.head
         if head[0] == "gap":
@@ -284,7 +316,7 @@ class RandomNet(nn.Module):
                 y = y.mean((2, 3))
             else:
                 y = torch.flatten(self.layers["gap"](y), 1)
-            return self.layers["fc"](y)
+            return self._fc(y)
         pool, flat = head[1], head[2]
         if pool == "adaptive2":
             y = F.adaptive_avg_pool2d(y, 2)
@@ -302,7 +334,7 @@ class RandomNet(nn.Module):
             y = y.view(y.size(0), -1)
         else:
             y = y.reshape(y.shape[0], -1)
-        return self.layers["fc"](y)
+        return self._fc(y)
 
 
 def build(arch: Arch) -> RandomNet:

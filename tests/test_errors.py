@@ -51,9 +51,25 @@ def test_concrete_args_fix_a_python_flag():
             return self.b(y)
 
     with pytest.raises(fxprune.TraceError):
-        fxprune.analyze(Flag(), torch.randn(2, 4))
-    graph = fxprune.analyze(Flag(), torch.randn(2, 4), concrete_args={"double": False})
+        fxprune.analyze(Flag(), torch.randn(2, 4), capture="fx")
+    graph = fxprune.analyze(Flag(), torch.randn(2, 4), capture="fx", concrete_args={"double": False})
     assert [g.size for g in graph.prunable_groups] == [6]
+    # torch.export runs the Python branch on the example inputs: "auto" falls back to it
+    graph = fxprune.analyze(Flag(), torch.randn(2, 4))
+    assert graph.capture == "export" and [g.size for g in graph.prunable_groups] == [6]
+
+
+def test_both_front_ends_failing_gives_both_reasons():
+    with pytest.raises(fxprune.TraceError) as info:
+        fxprune.analyze(DataDependentIf(), torch.randn(1, 3, 4, 4))
+    msg = str(info.value)
+    assert "neither front end" in msg and "[fx]" in msg and "[export]" in msg
+    assert msg.count("fix:") >= 2
+
+
+def test_unknown_capture_names_the_choices():
+    with pytest.raises(fxprune.TraceError, match="auto, fx, export"):
+        fxprune.analyze(nn.Linear(2, 2), torch.randn(1, 2), capture="jit")
 
 
 def test_wrong_input_shape_names_the_node_and_shapes():
@@ -67,7 +83,7 @@ def test_wrong_input_shape_names_the_node_and_shapes():
 def test_wrong_number_of_inputs():
     with pytest.raises(fxprune.AnalysisError, match="takes 1 input"):
         fxprune.analyze(nn.Linear(2, 2), (torch.randn(1, 2), torch.randn(1, 2)))
-    with pytest.raises(fxprune.AnalysisError, match="tuple of tensors"):
+    with pytest.raises(fxprune.AnalysisError, match="tuple of positional inputs or a dict of keyword inputs"):
         fxprune.analyze(nn.Linear(2, 2), [[1.0, 2.0]][0][0])
 
 

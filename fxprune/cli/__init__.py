@@ -34,6 +34,11 @@ def _model_args(parser, optional: bool = False) -> None:
     parser.add_argument("--input", metavar="SHAPE", help=INPUT_HELP)
 
 
+def _capture_arg(parser) -> None:
+    parser.add_argument("--capture", choices=("auto", "fx", "export"), default=None,
+                        help="front end: auto (default: torch.fx, falling back to torch.export), fx, export")
+
+
 def _latency_args(parser) -> None:
     parser.add_argument("--device", default="cpu", help="latency device: cpu (default), cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads while timing (default 2)")
@@ -58,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "  fxprune graph torchvision:resnet18\n"
                  "  fxprune graph torchvision:resnet18 --input 1,3,64,64 --format json -o groups.json\n"
                  "  fxprune graph mypkg.models:build_net --input 1,3,32,32 --format dot | dot -Tsvg > g.svg\n"
-                 "  fxprune graph small.pt --format mermaid", cmd_graph)
+                 "  fxprune graph small.pt --format mermaid\n"
+                 "  fxprune graph timm:mobilevit_xs --input 1,3,256,256 --capture export", cmd_graph)
     _model_args(p)
+    _capture_arg(p)
     p.add_argument("--format", choices=("text", "json", "dot", "mermaid"), default="text",
                    help="text (default, a terminal table), json (stable, for tools), dot "
                         "(Graphviz), mermaid (flowchart for markdown)")
@@ -76,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "Flags override the spec's fields; --flops/--params/--ratio replace its goal.",
                  cmd_compress)
     _model_args(p)
+    _capture_arg(p)
     p.add_argument("--spec", metavar="FILE", help="spec file: .toml, .json or pyproject.toml "
                                                   "([tool.fxprune.compress])")
     p.add_argument("-o", "--output", metavar="FILE", help="save the compressed model (torch.save; "

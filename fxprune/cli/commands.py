@@ -71,7 +71,7 @@ def cmd_graph(args) -> int:
     from fxprune.cli.render import graph_dot, graph_json, graph_mermaid, graph_text
 
     model, inputs, shape = _load(args.model, args.input)
-    graph = analyze(model, inputs)
+    graph = analyze(model, inputs, capture=args.capture or "auto")
     if args.format == "json":
         text = graph_json(graph, args.model, shape)
     elif args.format == "dot":
@@ -97,7 +97,8 @@ def _spec_dict(args, shape) -> dict:
         data.update(goal)
     if "target" not in data and "ratio" not in data:
         raise FxpruneError("no goal: pass --spec FILE, or one of --flops F, --params F, --ratio R")
-    for name, value in (("score", args.score), ("nm", args.nm), ("round_to", args.round_to)):
+    for name, value in (("score", args.score), ("nm", args.nm), ("round_to", args.round_to),
+                        ("capture", args.capture)):
         if value is not None:
             data[name] = value
     if args.input or "input_shape" not in data:

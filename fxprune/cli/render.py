@@ -18,7 +18,7 @@ def graph_json(graph, model_ref: str, input_shape) -> str:
     """Stable JSON: schema, model, input shape, counts and one object per group."""
     rows = graph.rows()
     return json.dumps({
-        "schema": GRAPH_SCHEMA, "model": model_ref, "input_shape": input_shape,
+        "schema": GRAPH_SCHEMA, "model": model_ref, "input_shape": input_shape, "capture": graph.capture,
         "groups_total": len(rows), "groups_prunable": sum(r["prunable"] for r in rows),
         "groups": [{"id": r["id"], "channels": r["channels"], "prunable": r["prunable"],
                     "zero_invariant": r["zero_invariant"], "reason": r["reason"],
@@ -168,7 +168,8 @@ def graph_text(graph, model_ref: str) -> str:
               if r["producers"] else "-", len(r["consumers"]), short(r["reason"], 44)]
              for r in rows]
     prunable = sum(r["prunable"] for r in rows)
-    head = (f"{model_ref}: {len(rows)} channel groups, {prunable} prunable, {len(rows) - prunable} frozen")
+    head = (f"{model_ref}: {len(rows)} channel groups, {prunable} prunable, {len(rows) - prunable} frozen "
+            f"(captured with {graph.capture})")
     body = tabulate(table, headers=["group", "channels", "state", "zero-inv", "producers",
                                     "consumers", "reason"], disable_numparse=True,
                     colalign=("right", "right", "left", "left", "left", "right", "left"))
