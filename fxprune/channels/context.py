@@ -156,8 +156,33 @@ class RuleContext:
         binding = self.state.bindings.get((self.attr_key(raw), dim))
         if binding is not None:
             binding.role = role
-            for space in self._spaces_of(raw, dim):
-                space.produces = False
+            if role != "out":
+                for space in self._spaces_of(raw, dim):
+                    space.produces = False
+
+    def adopt(self, raw, dim: int, dim_map: DimMap | None, role: str) -> DimMap | None:
+        """Parameter ``raw`` (read by get_attr) has dim ``dim`` indexed by ``dim_map``'s channels.
+
+        A parameter read only here is bound straight to those channels, as a module's own
+        parameter is, and the space get_attr opened for that dim is dropped: a batch norm
+        after a concat, or a layer consuming one, must not link the producers it meets
+        into one group. A parameter read elsewhere too keeps its space, tied to the map.
+        Returns the channels of the result."""
+        key = self.attr_key(raw)
+        binding = self.state.bindings.get((key, dim))
+        param = self.value(raw)
+        own = (binding is not None and binding.node == raw.name and len(raw.users) == 1
+               and dim_map is not None and len(dim_map) == len(binding.ids))
+        if not own:
+            merged = self.unify(dim_map, param.get(dim) if isinstance(param, TensorChannels) else None,
+                                " (parameter)")
+            self.set_role(raw, dim, role)
+            return merged
+        binding.ids, binding.role = dim_map.ids.copy(), role
+        for space in self._spaces_of(raw, dim):
+            space.dropped = True
+        self.state.env[raw] = param.with_dims({**param.dims, dim: dim_map})  # what pruning predicts
+        return dim_map
 
     def _spaces_of(self, raw, dim: int) -> list[Space]:
         """The space(s) that get_attr node ``raw`` opened for its dim ``dim``."""

@@ -35,7 +35,8 @@ def feasible_plan(graph: DependencyGraph, candidates: Iterable[tuple[int, int]],
     holders: dict[int, list[int]] = defaultdict(list)  # class root -> partial layers holding it
     for ids, _ in graph.state.nonempty:
         classes = np.unique(roots[ids[ids >= 0]])
-        if classes.size and classes.size < graph.group(graph.group_of_id(int(classes[0]))).size:
+        gid = graph.group_of_id(int(classes[0])) if classes.size else -1
+        if gid >= 0 and classes.size < graph.groups[gid].size:  # (-1: dims that carry no channels)
             for c in classes.tolist():
                 holders[c].append(len(alive))
             alive.append(len(classes))

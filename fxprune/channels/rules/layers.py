@@ -95,11 +95,14 @@ def linear_rule(ctx):
 
 def _consume_param(ctx, x_map: DimMap | None, w: TensorChannels, raw_w, dim: int, what: str) -> None:
     """A get_attr weight's input dim ``dim`` consumes the incoming channels (role "in")."""
-    if x_map is not None:
-        ctx.break_zi(x_map, f"a channel that is non-zero when zeroed is consumed by {what}")
-        ctx.require_nonempty(x_map, f"the input of {what}")
-    ctx.unify(x_map, w.get(dim), f" ({what} input)")
-    ctx.set_role(raw_w, dim, "in")
+    if x_map is None:
+        ctx.freeze(w.get(dim).ids if w.get(dim) is not None else (),
+                   f"{what} input has a fixed width (a graph input or a dim without channels) at {ctx.where()}")
+        ctx.set_role(raw_w, dim, "in")
+        return
+    ctx.break_zi(x_map, f"a channel that is non-zero when zeroed is consumed by {what}")
+    ctx.require_nonempty(x_map, f"the input of {what}")
+    ctx.adopt(raw_w, dim, x_map, "in")
 
 
 def _produce(ctx, w: TensorChannels, dim: int, b: TensorChannels | None) -> DimMap | None:

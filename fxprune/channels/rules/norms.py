@@ -61,22 +61,15 @@ def batchnorm_rule(ctx):
     return x.with_dims({**x.dims, cdim: out})
 
 
-def _layer_norm(ctx, x, normalized_ndim: int, fix, param_maps: tuple = ()):
-    """Shared by nn.LayerNorm and F.layer_norm: the normalised dims meet the affine
-    parameters (``param_maps[j]``: maps of weight/bias dim j, for get_attr parameters)
-    and stop being zero-invariant, since the statistics span them."""
-    dims = dict(x.dims)
+def _layer_norm(ctx, x, normalized_ndim: int, fix):
+    """Shared by the module and functional forms: the normalised dims stop being
+    zero-invariant, since the statistics span them."""
     for j in range(normalized_ndim):
-        d = x.ndim - normalized_ndim + j
-        m = x.get(d)
-        for pm in param_maps[j] if param_maps else ():
-            if pm is not None:
-                m = ctx.unify(m, pm)
+        m = x.get(x.ndim - normalized_ndim + j)
         if m is not None:
             ctx.break_zi(m, "layer-norm statistics span the channels", only_non_zi=False)
-            dims[d] = m
     ctx.on_prune(fix)
-    return x.with_dims(dims)
+    return x
 
 
 @register_rule(nn.LayerNorm)
@@ -111,8 +104,12 @@ def functional_layer_norm_rule(ctx):
     x = ctx.tensor(0, "input")
     shape_arg = ctx.arg(1, "normalized_shape")
     k = len(shape_arg) if isinstance(shape_arg, (tuple, list)) else 1
-    w = ctx.tensor(2, "weight")
-    b = ctx.tensor(3, "bias") if op_name(ctx.node.target) == "layer_norm" else None
+    raws = [ctx.arg(2, "weight")] + ([ctx.arg(3, "bias")] if op_name(ctx.node.target) == "layer_norm" else [])
+    for raw in raws:
+        if isinstance(ctx.value(raw), TensorChannels):
+            for j in range(k):
+                d = x.ndim - k + j
+                x = x.with_dims({**x.dims, d: ctx.adopt(raw, j, x.get(d), "out")})
 
     def fix(p, node):
         new = tuple(p.new_shape(node.args[0])[-k:])
@@ -121,8 +118,7 @@ def functional_layer_norm_rule(ctx):
         else:
             node.kwargs = {**node.kwargs, "normalized_shape": new}
 
-    param_maps = tuple(tuple(p.get(j) if p is not None else None for p in (w, b)) for j in range(k))
-    return _layer_norm(ctx, x, k, fix, param_maps)
+    return _layer_norm(ctx, x, k, fix)
 
 
 @register_rule(nn.GroupNorm)
@@ -150,16 +146,18 @@ def groupnorm_rule(ctx):
     return x.with_dims({**x.dims, 1: ch})
 
 
-# Where each spelling keeps (weight, bias, running_mean, running_var).
+# Where each spelling keeps weight, bias, running_mean and running_var: (position, keyword).
+_TORCH_ORDER = ((3, "weight"), (4, "bias"), (1, "running_mean"), (2, "running_var"))
+_ATEN_ORDER = ((1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var"))
 _BATCH_NORM_ARGS = {
-    F.batch_norm: (3, 4, 1, 2),
-    aten.batch_norm.default: (1, 2, 3, 4),
-    aten._native_batch_norm_legit_no_training.default: (1, 2, 3, 4),
-    aten._native_batch_norm_legit.default: (1, 2, 3, 4),
-    aten._native_batch_norm_legit_functional.default: (1, 2, 3, 4),
-    aten.native_batch_norm.default: (1, 2, 3, 4),
-    aten.instance_norm.default: (1, 2, 3, 4),
-    F.instance_norm: (3, 4, 1, 2),
+    F.batch_norm: _TORCH_ORDER,
+    F.instance_norm: _TORCH_ORDER,
+    aten.batch_norm.default: _ATEN_ORDER,
+    aten._native_batch_norm_legit_no_training.default: _ATEN_ORDER,
+    aten._native_batch_norm_legit.default: _ATEN_ORDER,
+    aten._native_batch_norm_legit_functional.default: _ATEN_ORDER,
+    aten.native_batch_norm.default: _ATEN_ORDER,
+    aten.instance_norm.default: _ATEN_ORDER,
 }
 
 
@@ -171,14 +169,12 @@ def functional_batch_norm_rule(ctx):
     x = ctx.tensor(0, "input")
     if x is None or x.ndim < 2:
         return unknown_rule(ctx)
-    at = _BATCH_NORM_ARGS[ctx.node.target]
-    raws = [ctx.arg(i) for i in at]
+    raws = [ctx.arg(i, name) for i, name in _BATCH_NORM_ARGS[ctx.node.target]]
     params = [ctx.value(r) for r in raws]
     ch = x.get(1)
     for raw, param, role in zip(raws, params, ("out", "out", "buffer", "buffer")):
         if isinstance(param, TensorChannels):
-            ch = ctx.unify(ch, param.get(0), " (batch norm parameter)")
-            ctx.set_role(raw, 0, role)
+            ch = ctx.adopt(raw, 0, ch, role)
     if ch is None:
         return unknown_rule(ctx)
     affine = all(isinstance(p, TensorChannels) for p in params[:2])
@@ -201,9 +197,8 @@ def functional_group_norm_rule(ctx):
         return unknown_rule(ctx)
     ch = x.get(1)
     for i in (2, 3):
-        param = ctx.tensor(i)
-        if param is not None:
-            ch = ctx.unify(ch, param.get(0), " (group norm parameter)")
+        if ctx.tensor(i) is not None:
+            ch = ctx.adopt(ctx.arg(i), 0, ch, "out")
     if ch is None:
         return unknown_rule(ctx)
     ctx.tie_blocks(ch, groups, across=False)

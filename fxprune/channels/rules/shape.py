@@ -162,7 +162,16 @@ def flatten_rule(ctx):
     x = ctx.tensor(0, "input")
     out = ctx.out(reshape_maps(ctx, x, ctx.out_shape()))
     if ctx.node.target in ("unflatten", torch.unflatten, aten.unflatten.int):
-        _check_size_args(ctx, out, list(ctx.arg(2, "sizes")))
+        sizes = list(ctx.arg(2, "sizes"))
+        dim = ctx.arg(1, "dim") % x.ndim
+        _check_size_args(ctx, out, [None] * dim + sizes)
+
+        def rewrite_unflatten(p, node):
+            new = p.new_shape(node)
+            node.args = (node.args[0], node.args[1], [new[dim + j] if p.is_channel_dim(node, dim + j) and s != -1
+                                                      else s for j, s in enumerate(sizes)])
+
+        ctx.on_prune(rewrite_unflatten)
     if ctx.node.op == "call_module" and isinstance(ctx.module, nn.Unflatten):
         def fix(p, node):
             m = p.module(node.target)
