@@ -155,10 +155,10 @@ def digits(rows: list[dict], speedups: tuple[int, ...] | None = None) -> Table:
 
 
 def digits_glance(rows: list[dict]) -> Table:
-    """16x and 32x columns of ``digits``."""
+    """The 16x and 32x columns of ``digits``, pruned methods only."""
     head, body = digits(rows)
     keep = [0] + [i for i, h in enumerate(head) if h in ("16x", "32x")]
-    return [head[i] for i in keep], [[line[i] for i in keep] for line in body]
+    return [head[i] for i in keep], [[line[i] for i in keep] for line in body if line[0] != "dense"]
 
 
 def digits_capacity(rows: list[dict]) -> Table:
@@ -209,6 +209,13 @@ def nm_gpu(rows: list[dict]) -> Table:
     return head, body
 
 
+def nm_gpu_glance(rows: list[dict]) -> Table:
+    """``nm_gpu`` with CUDA graphs only (GPU time, no CPU launch cost)."""
+    head, body = nm_gpu(rows)
+    return [h for h in head if h != "mode"], [[c for i, c in enumerate(line) if i != 1] for line in body
+                                               if line[1] == NM_MODES["graph"]]
+
+
 def nm_gpu_layers(rows: list[dict]) -> Table:
     """Every row nm_gpu.py writes: each Linear layer (or why it stays dense) and the whole model."""
     head = ["model", "layer", "weight", "input", "mode", "dense ms", "2:4 ms (alg 0)", "2:4 ms (tuned)", "alg",
@@ -231,4 +238,5 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "zoo_sweep": ("zoo_sweep", zoo_sweep),
     "zoo_summary": ("zoo_sweep", zoo_summary),
     "nm_gpu": ("nm_gpu", nm_gpu),
+    "nm_gpu_glance": ("nm_gpu", nm_gpu_glance),
 }
