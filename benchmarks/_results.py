@@ -139,7 +139,7 @@ def write(path: str | os.PathLike, rows: list[dict], head: dict[str, Any], **ext
     Example:
         >>> import tempfile
         >>> out = Path(tempfile.mkdtemp()) / "sub" / "r.json"
-        >>> write(out, [{"model": "m", "ms": 1.5}], {"date": "today"})
+        >>> write(out, [{"model": "m", "ms": 1.5}], header({"models": "m"}))
         >>> load(out)["rows"]
         [{'model': 'm', 'ms': 1.5}]
     """
