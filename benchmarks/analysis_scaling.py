@@ -12,19 +12,17 @@ Measures, for residual MLP stacks of growing depth and a few torchvision models:
 
 Every tool gets its own fresh deepcopy of the model. Times are the best of ``--repeats``
 runs (time.perf_counter); 1,600 blocks and the torchvision models run once. A Torch-Pruning
-error is recorded in its row. Under the table: fxprune analysis time per node for each MLP
-size (flat if analysis is linear) and Torch-Pruning's growth exponent between the two
-largest sizes.
+error is recorded in its row. The table gives fxprune's analysis time per node (flat if
+analysis is linear); under it, both tools' growth exponents between the two largest sizes.
 
     python benchmarks/analysis_scaling.py                          # everything (minutes)
     python benchmarks/analysis_scaling.py --blocks 25,100 --models resnet50 --skip-tp
-    python benchmarks/analysis_scaling.py --json /tmp/scaling.json
+    python benchmarks/analysis_scaling.py --json      # writes benchmarks/results/analysis_scaling.json
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import time
 
@@ -33,6 +31,8 @@ from tabulate import tabulate
 from torch import nn
 
 import fxprune
+from _results import add_json_option, header, write
+from _tables import analysis_scaling as scaling_table
 
 C = 64
 
@@ -128,7 +128,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3,
                     help="repeats for small models (1,600+ blocks and torchvision models run once)")
     ap.add_argument("--skip-tp", action="store_true", help="do not run Torch-Pruning")
-    ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    add_json_option(ap, "analysis_scaling")
     ap.add_argument("--threads", type=int, default=2,
                     help="torch intra-op threads (on a busy machine 1 avoids OpenMP contention)")
     args = ap.parse_args(argv)
@@ -159,21 +159,11 @@ def main(argv=None):
         rows.append(row)
         print(f"  done {name} ({time.perf_counter() - start:.1f} s)", flush=True)
 
-    cols = ["model", "fx_nodes", "fxprune_analyze_s", "fxprune_prune_s",
-            "tp_build_s", "tp_prune_s", "tp_over_fxprune"]
-    heads = ["model", "fx nodes", "fxprune analyze (s)", "fxprune prune (s)",
-             "TP build (s)", "TP prune (s)", "TP/fxprune (analyze)"]
-    if args.skip_tp:
-        cols, heads = cols[:4], heads[:4]
+    head, body = scaling_table(rows)
     print()
-    print(tabulate([[r.get(c, "") for c in cols] for r in rows], headers=heads,
-                   tablefmt="github", floatfmt=".3f"))
+    print(tabulate(body, headers=head, tablefmt="github", disable_numparse=True))
 
     mlp = [r for r in rows if r["model"].startswith("mlp-") and isinstance(r.get("fxprune_analyze_s"), float)]
-    if mlp:
-        print("\nLinear-fit check (fxprune analysis time per fx node, should be roughly constant):")
-        for r in mlp:
-            print(f"  {r['model']:>9}: {1e3 * r['fxprune_analyze_s'] / r['fx_nodes']:.4f} ms/node")
     tp_mlp = [r for r in mlp if isinstance(r.get("tp_build_s"), float)]
     if len(tp_mlp) >= 2:
         r1, r2 = tp_mlp[-2], tp_mlp[-1]
@@ -183,8 +173,7 @@ def main(argv=None):
             print(f"  {label} growth exponent {r1['model']} -> {r2['model']}: t ~ n^{k:.2f}")
     print(f"\nTotal run time: {time.perf_counter() - start:.1f} s ({args.threads} torch threads)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write(args.json, rows, header(args))
 
 
 if __name__ == "__main__":

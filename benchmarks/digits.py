@@ -44,14 +44,14 @@ channels whose producer slices (conv rows, BN affine) are all exactly zero after
 training, before pruning (for L0: the share of closed gates).
 
     python benchmarks/digits.py                        # 5 seeds
-    python benchmarks/digits.py --seeds 3 --json /tmp/digits.json
+    python benchmarks/digits.py --jobs 2 --json       # writes benchmarks/results/digits.json
+    python benchmarks/digits.py --seeds 3 --json digits.json
     python benchmarks/digits.py --seeds 1 --methods dense,l0 --epochs 5 --finetune 2   # smoke
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import time
 
@@ -62,6 +62,8 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 import fxprune
+from _results import add_json_option, header, write
+from _tables import digits_summary
 from fxprune.measure import count_flops, count_params
 from fxprune.passes.gates import fold_gates, insert_gates
 from fxprune.regularize import (BNScaleL1, GroupLasso, LpDecay, TargetedGroupLasso,
@@ -368,28 +370,6 @@ def run_seed(seed, data, args, methods, rows, log):
         log(f"seed {seed} {name}: {accs} ({time.perf_counter() - t0:.0f}s)")
 
 
-def table(rows):
-    out = []
-    base = next((r["flops"] for r in rows if r["method"] == "dense"), None)
-    for name in dict.fromkeys(r["method"] for r in rows):
-        for k in sorted({r["speedup"] for r in rows if r["method"] == name}):
-            sel = [r for r in rows if r["method"] == name and r["speedup"] == k]
-            accs = np.array([r["acc"] for r in sel])
-            flops = np.mean([r["flops"] for r in sel])
-            out.append({
-                "method": name,
-                "target": "1x (no prune)" if k == 1 else f"{k}x fewer",
-                "acc % (mean ± std)": f"{accs.mean():.2f} ± {accs.std():.2f}",
-                "before FT": f"{np.mean([r['pre_ft'] for r in sel]):.1f}" if "pre_ft" in sel[0] else "",
-                "kFLOPs": f"{flops / 1e3:.0f}",
-                "FLOPs ratio": f"{base / flops:.1f}x" if base else "",
-                "params": f"{np.mean([r['params'] for r in sel]):.0f}",
-                "zero ch": f"{np.mean([r['zero'] for r in sel]):.0%}",
-                "seeds": len(sel),
-            })
-    return out
-
-
 def _seed_rows(seed, args, methods, start):
     torch.set_num_threads(args.threads)
     rows: list[dict] = []
@@ -414,7 +394,7 @@ def main(argv=None):
                     help="override a regulariser strength, e.g. --lam gl=0.5 (repeatable)")
     ap.add_argument("--scope", default="local", choices=["global", "local"],
                     help="fxprune's selection scope for the FLOPs target")
-    ap.add_argument("--json", help="write per-seed rows and the table here")
+    add_json_option(ap, "digits")
     args = ap.parse_args(argv)
     args.speedups = tuple(int(k) for k in args.speedups.split(","))
     for item in args.lam:
@@ -441,12 +421,10 @@ def main(argv=None):
     else:
         for seed in range(args.seeds):
             run_seed(seed, data, args, methods, rows, log)
-    tab = table(rows)
-    print(tabulate(tab, headers="keys", tablefmt="github"))
+    print(tabulate(digits_summary(rows), headers="keys", tablefmt="github"))
     print(f"\n{args.seeds} seed(s), {time.perf_counter() - start:.0f} s on {torch.get_num_threads()} thread(s)")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"rows": rows, "table": tab, "lam": LAM, "args": vars(args)}, fh, indent=1)
+    if args.json:  # per-seed rows; digits_summary (the table above) and the docs' tables are built from them
+        write(args.json, rows, header(args, threads=args.threads, lam=LAM))
 
 
 if __name__ == "__main__":

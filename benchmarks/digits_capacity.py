@@ -9,18 +9,19 @@ block, after the stride-2 conv, after the last conv); the dense network is 32/32
 and 8/8/16/16 is what uniform pruning keeps at 16x.
 
     python benchmarks/digits_capacity.py                       # the default widths, 5 seeds, ~8 min with --jobs 2
+    python benchmarks/digits_capacity.py --jobs 2 --json     # writes benchmarks/results/digits_capacity.json
     python benchmarks/digits_capacity.py --widths 8/8/16/16,8/4/16/32 --seeds 3 --json cap.json
 """
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-import numpy as np
 import torch
 from tabulate import tabulate
 
+from _results import add_json_option, header, write
+from _tables import digits_capacity as capacity_table
 from digits import EXAMPLE, DigitsNet, accuracy, load_data, train
 from fxprune.measure import count_flops, count_params
 
@@ -41,7 +42,9 @@ def run(widths, seed, args, data) -> dict:
     model = DigitsNet(widths=widths)
     train(model, data, args.epochs, 2e-3, seed)
     train(model, data, args.finetune, 1e-3, seed + 16000)  # the seed digits.py fine-tunes 16x models with
-    return {"widths": "/".join(map(str, widths)), "seed": seed, "acc": accuracy(model, data)}
+    flops_x = round(count_flops(DigitsNet(), EXAMPLE) / count_flops(model, EXAMPLE), 1)
+    return {"widths": "/".join(map(str, widths)), "seed": seed, "acc": accuracy(model, data), "flops_x": flops_x,
+            "params": count_params(model)}
 
 
 def main(argv=None) -> None:
@@ -52,7 +55,7 @@ def main(argv=None) -> None:
     ap.add_argument("--finetune", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=1, help="trainings run in this many processes")
-    ap.add_argument("--json", help="write the per-seed rows and the table here")
+    add_json_option(ap, "digits_capacity")
     args = ap.parse_args(argv)
     configs = [parse(w) for w in args.widths.split(",")]
     data = load_data()
@@ -64,20 +67,11 @@ def main(argv=None) -> None:
             rows = pool.starmap(run, work)
     else:
         rows = [run(*item) for item in work]
-    dense_flops = count_flops(DigitsNet(), EXAMPLE)
-    table = []
-    for widths in configs:
-        name = "/".join(map(str, widths))
-        accs = [r["acc"] for r in rows if r["widths"] == name]
-        model = DigitsNet(widths=widths)
-        table.append({"widths": name, "flops_x": round(dense_flops / count_flops(model, EXAMPLE), 1),
-                      "params": count_params(model), "acc_mean": round(float(np.mean(accs)), 2),
-                      "acc_std": round(float(np.std(accs)), 2)})
-    print(tabulate(table, headers="keys", tablefmt="github"))
+    head, body = capacity_table(rows)
+    print(tabulate(body, headers=head, tablefmt="github", disable_numparse=True))
     print(f"\n{args.seeds} seed(s), {time.perf_counter() - start:.0f} s")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"rows": rows, "table": table, "args": vars(args)}, fh, indent=1)
+        write(args.json, rows, header(args, threads=args.threads))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ speedups under ``torch.compile`` are added.
 
     python benchmarks/latency.py                          # 8 models, about 20 min on 2 cores; 40 with --compile
     python benchmarks/latency.py --models resnet50 --compile --json latency.json
+    python benchmarks/latency.py --compile --json          # writes benchmarks/results/latency.json
     python benchmarks/latency.py --models resnet50,resnet18 --compile --scopes local --ignore 'conv1,layer1.*'
 
 ``--ignore`` adds candidates compressed to the same FLOPs with those modules kept at
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 
 import torch
@@ -41,6 +41,8 @@ import torchvision
 from tabulate import tabulate
 
 import fxprune
+from _results import add_json_option, header, write
+from _tables import latency as latency_table
 from fxprune.measure import LatencySettings, count_flops, measure_latency
 from fxprune.passes.fuse import fuse
 
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ignore", default="",
                         help="also compress with these module patterns kept whole (comma list, "
                              "e.g. 'conv1,layer1.*' for resnets): candidates fx-SCOPE+ignore")
-    parser.add_argument("--json", help="write the rows to this JSON file")
+    add_json_option(parser, "latency")
     args = parser.parse_args(argv)
     settings = LatencySettings(threads=args.threads, repeats=args.repeats, warmup=5, compile=args.compile)
     torch.set_num_threads(args.threads)
@@ -143,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run(name, settings, args.round_to or None, args.scopes.split(","),
                         [p for p in args.ignore.split(",") if p]))
         print(f"{name}: done", file=sys.stderr, flush=True)
-    print(tabulate(rows, headers="keys", tablefmt="github"))
+    head, body = latency_table(rows)
+    print(tabulate(body, headers=head, tablefmt="github"))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write(args.json, rows, header(args))
     return 0
 
 

@@ -15,6 +15,7 @@ Needs a CUDA GPU with compute capability >= 8.0 (sparse tensor cores); exits wit
 message otherwise. Weights are random (``weights=None``): latency does not depend on them.
 
     python benchmarks/nm_gpu.py                      # vit_b_16 and the 4096-16384-4096 MLP
+    python benchmarks/nm_gpu.py --json               # writes benchmarks/results/nm_gpu.json
     python benchmarks/nm_gpu.py --models mlp --tokens 1024 8192 --json nm_gpu.json
 """
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 from typing import Callable
@@ -34,6 +34,8 @@ from torch import nn
 from fxprune.measure import cuda_graph
 from fxprune.passes.nm import apply_nm, finalize, to_semi_structured
 from fxprune.passes.semi_structured import layer_inputs
+from _results import add_json_option, header, write
+from _tables import nm_gpu_layers
 
 MODELS = ("vit_b_16", "mlp")
 
@@ -50,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=("cusparselt", "cutlass"), default=None,
                         help="sparse kernel backend (default: cuSPARSELt if available; CUTLASS has no "
                              "algorithm search and runs on compute capability 8.x only)")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
+    add_json_option(parser, "nm_gpu")
     return parser.parse_args(argv)
 
 
@@ -173,18 +175,6 @@ def bench_model(name: str, size: int, args: argparse.Namespace, device: torch.de
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    def fmt(value, spec):
-        return "" if value is None else format(value, spec)
-
-    body = [(r["model"], r["layer"], r["shape"], r["input"], r["mode"], fmt(r["dense_ms"], ".3f"),
-             fmt(r["alg0_ms"], ".3f"), fmt(r["tuned_ms"], ".3f"), fmt(r["alg_id"], "d"), fmt(r["speedup"], ".2f"),
-             fmt(r["max_abs_diff"], ".3g"), r["status"], r["reason"]) for r in rows]
-    head = ("model", "layer", "weight", "input", "mode", "dense ms", "2:4 ms (alg 0)", "2:4 ms (tuned)", "alg",
-            "speedup", "max |diff|", "status", "reason")
-    print(tabulate(body, headers=head))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = require_cuda()
@@ -194,13 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         for size in ([args.batch] if name == "vit_b_16" else args.tokens):
             rows += bench_model(name, size, args, device)
-    print_table(rows)
+    head, body = nm_gpu_layers(rows)
+    print(tabulate(body, headers=head, disable_numparse=True))
     if args.json:
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
-                "iters": args.iters, "warmup": args.warmup,
-                "cusparselt": getattr(torch.backends.cusparselt, "version", lambda: None)()}
-        with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "rows": rows}, fh, indent=2)
+        write(args.json, rows, header(args, gpu=torch.cuda.get_device_name(), dtype="bfloat16",
+                                      cusparselt=getattr(torch.backends.cusparselt, "version", lambda: None)()))
         print(f"wrote {args.json}")
     return 0
 

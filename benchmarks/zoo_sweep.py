@@ -4,15 +4,15 @@ For every model of ``torchvision.models.list_models(module=torchvision.models)``
 (random weights, eval mode): analyze, prune ~50% of every prunable group (the output
 shape must hold), prune ~50% of every zero-invariant group and compare with the
 zeroed original (the oracle). Prints groups, frozen groups and why, the oracle error
-and the time taken; ``--json FILE`` writes the same rows.
+and the time taken; ``--json [FILE]`` writes the same rows (by default to
+benchmarks/results/zoo_sweep.json), rewritten after every model.
 
-    python benchmarks/zoo_sweep.py                    # all 80 models (about an hour on 2 cores)
+    python benchmarks/zoo_sweep.py --json             # all 80 models (about an hour on 2 cores)
     python benchmarks/zoo_sweep.py --models resnet18,vit_b_16
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
@@ -23,13 +23,17 @@ from tabulate import tabulate
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from zoo import ALL_MODELS, check_model  # noqa: E402
 
+from _results import add_json_option, header, write  # noqa: E402
+from _tables import zoo_sweep as zoo_table  # noqa: E402
 
-def main() -> int:
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="comma-separated names (default: all 80)")
-    parser.add_argument("--json", help="write the rows to this JSON file")
-    args = parser.parse_args()
+    add_json_option(parser, "zoo_sweep")
+    args = parser.parse_args(argv)
     torch.set_num_threads(2)
+    head = header(args)
     names = args.models.split(",") if args.models else sorted(ALL_MODELS)
     rows = []
     for name in names:
@@ -42,9 +46,9 @@ def main() -> int:
         rows.append(row)
         print(f"{name}: {row['status']} ({row.get('seconds', '-')} s)", flush=True)
         if args.json:  # rewrite as it goes so a long sweep leaves partial results
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
-    print(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".1e"))
+            write(args.json, rows, head)
+    table_head, body = zoo_table(rows)
+    print(tabulate(body, headers=table_head, tablefmt="github", disable_numparse=True))
     passed = sum(r["status"] == "pass" for r in rows)
     print(f"\n{passed}/{len(rows)} models pass")
     return 0 if passed == len(rows) else 1

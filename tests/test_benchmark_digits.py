@@ -18,8 +18,8 @@ def test_smoke_run_writes_every_method_and_target(import_benchmark, tmp_path, ca
     base = rows[("dense", 1)]["flops"]
     assert rows[("targeted GL", 4)]["flops"] == pytest.approx(base / 4, rel=0.02)
     assert rows[("TP magnitude", 4)]["flops"] == pytest.approx(base / 4, rel=0.1)
-    assert data["lam"]["targeted GL"] == digits.LAM["targeted GL"]
-    for row in data["table"]:
+    assert data["header"]["lam"]["targeted GL"] == digits.LAM["targeted GL"]
+    for row in digits.digits_summary(data["rows"]):  # the printed table, rebuilt from the rows
         assert row["method"] in printed and row["acc % (mean ± std)"] in printed
 
 
@@ -30,12 +30,12 @@ def test_capacity_smoke_run_trains_the_widths_it_is_given(import_benchmark, tmp_
                    "--json", str(out)])
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
-    assert [r["widths"] for r in data["table"]] == ["8/8/16/16", "4/4/8/8"]
-    uniform, quarter = data["table"]
+    uniform, quarter = data["rows"]
+    assert [uniform["widths"], quarter["widths"]] == ["8/8/16/16", "4/4/8/8"]
     assert uniform["flops_x"] == 15.6  # what uniform pruning keeps at 16x
     assert quarter["flops_x"] > 50 and quarter["params"] < uniform["params"]
     assert all(0 <= r["acc"] <= 100 for r in data["rows"])
-    assert "8/8/16/16" in printed and str(uniform["acc_mean"]) in printed
+    assert "8/8/16/16" in printed and f"{uniform['acc']:.2f} ± 0.00" in printed
 
 
 def test_capacity_rejects_malformed_widths(import_benchmark):

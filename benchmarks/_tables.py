@@ -1,0 +1,242 @@
+"""The tables of the benchmarks, built from their result rows: one definition per table.
+
+Each function takes a results file's rows and returns ``(headers, body)`` for
+``tabulate``. The benchmark scripts print these tables, and ``benchmarks/make_docs.py``
+writes the same ones into the docs, so a doc table is always a view of a results file.
+Nothing here imports torch: regenerating the docs is fast.
+
+Example:
+    >>> rows = [{"widths": "8/8/16/16", "seed": s, "acc": a, "flops_x": 15.6, "params": 4962}
+    ...         for s, a in ((0, 98.0), (1, 99.0))]
+    >>> digits_capacity(rows)
+    (['widths', 'FLOPs reduction', 'params', 'accuracy %'], [['8/8/16/16', '15.6x', '4,962', '98.50 ± 0.50']])
+"""
+from __future__ import annotations
+
+import math
+from statistics import mean, pstdev
+from typing import Any, Callable
+
+Table = tuple[list[str], list[list[Any]]]
+
+# latency.py candidates, in table order, with their names in the docs
+CANDIDATES = {"tp": "Torch-Pruning", "tp+fuse": "Torch-Pruning, BN folded", "fx-global": "fxprune global",
+              "fx-local": "fxprune local", "fx-latency": "fxprune latency"}
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{mean(values):.2f} ± {pstdev(values):.2f}"
+
+
+def _candidates(rows: list[dict]) -> list[str]:
+    """latency.py's candidates present in ``rows`` (``fx-SCOPE+ignore`` ones after their scope)."""
+    seen = {k[: -len("_flops_x")] for r in rows for k in r if k.endswith("_flops_x")}
+    seen |= {k[: -len("_error")] for r in rows for k in r if k.endswith("_error") and k != "tp_error"}
+    order = [c for c in CANDIDATES if c in seen]
+    order += sorted(c for c in seen if c not in CANDIDATES)
+    return order
+
+
+def _label(candidate: str) -> str:
+    base, _, extra = candidate.partition("+ignore")
+    return CANDIDATES.get(base, base) + (", ignore" if candidate.endswith("+ignore") else "")
+
+
+def latency(rows: list[dict]) -> Table:
+    """One line per model and candidate: FLOPs reduction, median ms and quotient (speedup / FLOPs
+    reduction), eager and, when timed, compiled. A candidate that failed shows its error."""
+    compiled = any("dense_compiled_ms" in r for r in rows)
+    widths = any(k.endswith("_widths_as_tp") for r in rows for k in r)
+    head = ["model", "candidate", "FLOPs ×", "eager ms", "eager quotient"]
+    head += ["compiled ms", "compiled quotient"] if compiled else []
+    head += ["same widths as TP"] if widths else []
+    body = []
+    for r in rows:
+        dense = [r["model"], "dense / BN folded", "1.00", f"{r['dense_ms']:.2f} / {r['dense+fuse_ms']:.2f}", ""]
+        if compiled:
+            dense += [f"{r['dense_compiled_ms']:.2f} / {r['dense+fuse_compiled_ms']:.2f}", ""]
+        body.append(dense + ([""] if widths else []))
+        for c in _candidates([r]) + (["tp"] if "tp_error" in r else []):
+            error = r.get(f"{c}_error")
+            if error:
+                line = [r["model"], _label(c), "fails", error, ""] + (["", ""] if compiled else [])
+            else:
+                line = [r["model"], _label(c), f"{r[f'{c}_flops_x']:.2f}", _ms(r[f"{c}_ms"], ".2f"),
+                        _ms(r[f"{c}_quotient"], ".2f")]
+                if compiled:
+                    line += [_ms(r.get(f"{c}_compiled_ms"), ".2f"), _ms(r.get(f"{c}_compiled_quotient"), ".2f")]
+            if widths:
+                same = r.get(f"{c}_widths_as_tp")
+                line.append("" if same is None else ("yes" if same else "no"))
+            body.append(line)
+    return head, body
+
+
+def latency_glance(rows: list[dict]) -> Table:
+    """One line per model: each candidate's quotient, compiled where timed (else eager)."""
+    compiled = any("dense_compiled_ms" in r for r in rows)
+    key = "_compiled_quotient" if compiled else "_quotient"
+    cands = _candidates(rows)
+    head = ["model", "FLOPs ×"] + [_label(c) for c in cands]
+    body = []
+    for r in rows:
+        flops = next((r[f"{c}_flops_x"] for c in cands if f"{c}_flops_x" in r), "")
+        failed = {c for c in cands if f"{c}_error" in r} | ({"tp", "tp+fuse"} if "tp_error" in r else set())
+        body.append([r["model"], f"{flops:.2f}" if flops else ""] +
+                    ["fails" if c in failed else _ms(r.get(f"{c}{key}"), ".2f") for c in cands])
+    return head, body
+
+
+def analysis_scaling(rows: list[dict]) -> Table:
+    """Analysis and prune seconds of both tools; fxprune's ms per node (flat when analysis is linear)."""
+    def sec(value: Any) -> Any:
+        return f"{value:.3f}" if isinstance(value, float) else (value if value is not None else "")
+
+    head = ["model", "fx nodes", "fxprune analyze (s)", "fxprune ms/node", "fxprune prune (s)", "TP build (s)",
+            "TP prune (s)", "TP/fxprune (analyze)"]
+    body = []
+    for r in rows:
+        analyze = r.get("fxprune_analyze_s")
+        per_node = f"{1e3 * analyze / r['fx_nodes']:.3f}" if isinstance(analyze, float) and r.get("fx_nodes") else ""
+        body.append([r["model"], r.get("fx_nodes", ""), sec(analyze), per_node, sec(r.get("fxprune_prune_s")),
+                     sec(r.get("tp_build_s")), sec(r.get("tp_prune_s")), sec(r.get("tp_over_fxprune"))])
+    return head, body
+
+
+def analysis_scaling_glance(rows: list[dict]) -> Table:
+    """The largest graph and resnet50: analysis and prune seconds of both tools."""
+    head, body = analysis_scaling(rows)
+    keep = [0, 1, 2, 4, 5, 6]
+    mlps = [line for line in body if str(line[0]).startswith("mlp-")]
+    chosen = mlps[-1:] + [line for line in body if line[0] == "resnet50"]
+    return [head[i] for i in keep], [[line[i] for i in keep] for line in chosen]
+
+
+def digits_summary(rows: list[dict]) -> list[dict]:
+    """digits.py's per-seed rows, averaged per method and FLOPs reduction (what digits.py prints)."""
+    base = next((r["flops"] for r in rows if r["method"] == "dense"), None)
+    out = []
+    for name in dict.fromkeys(r["method"] for r in rows):
+        for k in sorted({r["speedup"] for r in rows if r["method"] == name}):
+            sel = [r for r in rows if r["method"] == name and r["speedup"] == k]
+            flops = mean(r["flops"] for r in sel)
+            out.append({
+                "method": name,
+                "target": "1x (no prune)" if k == 1 else f"{k}x fewer",
+                "acc % (mean ± std)": _mean_std([r["acc"] for r in sel]),
+                "before FT": f"{mean(r['pre_ft'] for r in sel):.1f}" if "pre_ft" in sel[0] else "",
+                "kFLOPs": f"{flops / 1e3:.0f}",
+                "FLOPs ratio": f"{base / flops:.1f}x" if base else "",
+                "params": f"{mean(r['params'] for r in sel):.0f}",
+                "zero ch": f"{mean(r['zero'] for r in sel):.0%}",
+                "seeds": len(sel),
+            })
+    return out
+
+
+def digits(rows: list[dict], speedups: tuple[int, ...] | None = None) -> Table:
+    """Method x FLOPs reduction: test accuracy after fine-tuning, mean ± std over seeds, at the
+    reduction measured on the pruned models; accuracy right after pruning; zero channels."""
+    summary = digits_summary(rows)
+    ks = speedups or tuple(sorted({r["speedup"] for r in rows if r["speedup"] > 1}))
+    at = 16 if 16 in ks else ks[-1]  # accuracy right after pruning, before fine-tuning, at this reduction
+    head = ["method", "trained (1x)"] + [f"{k}x" for k in ks] + [f"right after pruning, {at}x", "zero channels"]
+    body = []
+    for name in dict.fromkeys(r["method"] for r in summary):
+        cells = {int(s["target"].split("x")[0]): s for s in summary if s["method"] == name}
+        line = [name, cells[1]["acc % (mean ± std)"] if 1 in cells else "(one model per target)"]
+        line += [f"{cells[k]['acc % (mean ± std)']} (at {cells[k]['FLOPs ratio']})" if k in cells else ""
+                 for k in ks]
+        before = cells.get(at, {}).get("before FT", "")
+        zeros = [cells[k]["zero ch"] for k in sorted(cells)]
+        line += [before, zeros[0] if 1 in cells else " / ".join(zeros)]
+        body.append(line)
+    return head, body
+
+
+def digits_glance(rows: list[dict]) -> Table:
+    """The 16x and 32x columns of ``digits``, pruned methods only."""
+    head, body = digits(rows)
+    keep = [0] + [i for i, h in enumerate(head) if h in ("16x", "32x")]
+    return [head[i] for i in keep], [[line[i] for i in keep] for line in body if line[0] != "dense"]
+
+
+def digits_capacity(rows: list[dict]) -> Table:
+    """Accuracy of the digits network trained from scratch at fixed widths, best first."""
+    out = []
+    for widths in dict.fromkeys(r["widths"] for r in rows):
+        sel = [r for r in rows if r["widths"] == widths]
+        accs = [r["acc"] for r in sel]
+        out.append((mean(accs), [widths, f"{sel[0]['flops_x']}x", f"{sel[0]['params']:,}", _mean_std(accs)]))
+    out.sort(key=lambda item: -item[0])
+    return ["widths", "FLOPs reduction", "params", "accuracy %"], [line for _, line in out]
+
+
+def zoo_sweep(rows: list[dict]) -> Table:
+    """One line per torchvision model: groups, why frozen, the oracle's error and the time."""
+    head = ["model", "fx nodes", "groups", "prunable", "zero-inv.", "frozen", "why frozen (kind × count)",
+            "oracle error", "s", "status"]
+    body = [[r["model"], r.get("nodes", ""), r.get("groups", ""), r.get("prunable", ""), r.get("zero_invariant", ""),
+             r.get("frozen", ""), r.get("frozen_why", ""),
+             f"{r['oracle_error']:.1e}" if isinstance(r.get("oracle_error"), float) else "",
+             r.get("seconds", ""), r["status"]] for r in rows]
+    return head, body
+
+
+def zoo_summary(rows: list[dict]) -> Table:
+    """The sweep in one line: models passing, groups, and the largest oracle error."""
+    passed = [r for r in rows if r["status"] == "pass"]
+    errors = [r["oracle_error"] for r in passed if isinstance(r.get("oracle_error"), float)]
+    head = ["models passing", "groups", "prunable", "zero-invariant", "frozen", "largest oracle error"]
+    return head, [[f"{len(passed)}/{len(rows)}", sum(r["groups"] for r in passed),
+                   sum(r["prunable"] for r in passed), sum(r["zero_invariant"] for r in passed),
+                   sum(r["frozen"] for r in passed), f"{max(errors):.1e}" if errors else ""]]
+
+
+NM_MODES = {"eager": "eager", "graph": "CUDA graph", "compiled": 'torch.compile(mode="reduce-overhead")'}
+
+
+def _ms(value: Any, spec: str = ".3f") -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def nm_gpu(rows: list[dict]) -> Table:
+    """Whole models, dense vs 2:4: median ms per mode and the speedup of the tuned kernels."""
+    head = ["model (input)", "mode", "dense ms", "2:4 ms, algorithm 0", "2:4 ms, tuned", "speedup"]
+    body = [[f"{r['model']} ({r['input']})", NM_MODES.get(r["mode"], r["mode"]), _ms(r["dense_ms"]),
+             _ms(r["alg0_ms"]), _ms(r["tuned_ms"]), _ms(r["speedup"], ".2f") + ("x" if r["speedup"] else "")]
+            for r in rows if r["layer"] == "end-to-end"]
+    return head, body
+
+
+def nm_gpu_glance(rows: list[dict]) -> Table:
+    """``nm_gpu`` with CUDA graphs only (GPU time, no CPU launch cost)."""
+    head, body = nm_gpu(rows)
+    return [h for h in head if h != "mode"], [[c for i, c in enumerate(line) if i != 1] for line in body
+                                               if line[1] == NM_MODES["graph"]]
+
+
+def nm_gpu_layers(rows: list[dict]) -> Table:
+    """Every row nm_gpu.py writes: each Linear layer (or why it stays dense) and the whole model."""
+    head = ["model", "layer", "weight", "input", "mode", "dense ms", "2:4 ms (alg 0)", "2:4 ms (tuned)", "alg",
+            "speedup", "max |diff|", "status", "reason"]
+    body = [[r["model"], r["layer"], r["shape"], r["input"], r["mode"], _ms(r["dense_ms"]), _ms(r["alg0_ms"]),
+             _ms(r["tuned_ms"]), _ms(r["alg_id"], "d"), _ms(r["speedup"], ".2f"), _ms(r["max_abs_diff"], ".3g"),
+             r["status"], r["reason"]] for r in rows]
+    return head, body
+
+
+# name in the docs' markers -> (results file, table)
+TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
+    "latency": ("latency", latency),
+    "latency_glance": ("latency", latency_glance),
+    "analysis_scaling": ("analysis_scaling", analysis_scaling),
+    "analysis_scaling_glance": ("analysis_scaling", analysis_scaling_glance),
+    "digits": ("digits", digits),
+    "digits_glance": ("digits", digits_glance),
+    "digits_capacity": ("digits_capacity", digits_capacity),
+    "zoo_sweep": ("zoo_sweep", zoo_sweep),
+    "zoo_summary": ("zoo_sweep", zoo_summary),
+    "nm_gpu": ("nm_gpu", nm_gpu),
+    "nm_gpu_glance": ("nm_gpu", nm_gpu_glance),
+}
