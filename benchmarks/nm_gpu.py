@@ -32,8 +32,9 @@ from tabulate import tabulate
 from torch import nn
 
 from fxprune.measure import cuda_graph
-from fxprune.passes.nm import apply_nm, finalize, to_semi_structured
-from fxprune.passes.semi_structured import layer_inputs
+from fxprune.sparsity.nm import apply_nm, finalize
+from fxprune.sparsity.semi_structured import to_semi_structured
+from fxprune.sparsity.semi_structured import layer_inputs
 
 MODELS = ("vit_b_16", "mlp")
 

@@ -21,10 +21,11 @@ import torch
 from fxprune.channels import analyze
 from fxprune.channels.graph import DependencyGraph
 from fxprune.passes.fuse import fuse
-from fxprune.passes.nm import apply_nm, finalize, sparsity_rows
+from fxprune.sparsity.nm import apply_nm, finalize
+from fxprune.sparsity.report import sparsity_rows
 from fxprune.passes.prune import prune
-from fxprune.passes.score import score_groups
-from fxprune.passes.select import select_and_prune
+from fxprune.select.score import score_groups
+from fxprune.select.plan import select_and_prune
 from fxprune.report import Report, build_report, group_row
 from fxprune.spec import LatencySpec, Spec
 
@@ -79,7 +80,7 @@ def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = Non
         finalize(small)
         notes.append(f"nm: {n}:{m} masks on {sum(r.status == 'masked' for r in nm.rows)} layer(s); "
                      "masks give speed only on CUDA sparse kernels "
-                     "(fxprune.passes.nm.to_semi_structured on a float16/bfloat16 CUDA model)")
+                     "(fxprune.sparsity.semi_structured.to_semi_structured on a float16/bfloat16 CUDA model)")
         narrow = sum("not a multiple of m" in r.reason for r in nm.rows)
         if narrow and loaded.round_to % m:
             notes.append(f"nm: {narrow} layer(s) skipped because their pruned input width is not a "

@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 GROUP_COLUMNS = ("group", "channels_before", "channels_after", "kept_ratio", "reason")
-# one row per Linear/Conv layer when N:M masks were applied (fxprune.passes.nm)
+# one row per Linear/Conv layer when N:M masks were applied (fxprune.sparsity.nm)
 SPARSITY_COLUMNS = ("layer", "pattern", "density", "kernel", "reason")
 
 _MISSING = "-"

@@ -9,8 +9,8 @@ import fxprune
 from fxprune.compress import compress
 from fxprune.errors import SpecError
 from fxprune.measure import count_flops
-from fxprune.passes.score import SCORE_METHODS, score_groups
-from fxprune.passes.select import select
+from fxprune.select.score import SCORE_METHODS, score_groups
+from fxprune.select.plan import select
 from fxprune.spec import Spec
 
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -122,7 +122,7 @@ def test_local_target_completes_a_tie_tier_instead_of_stopping_inside_it():
 
 
 def test_alignment_is_the_power_of_two_in_a_width_up_to_64():
-    from fxprune.passes.align import _alignment
+    from fxprune.select.align import _alignment
 
     assert [_alignment(w) for w in (0, 8, 24, 48, 520, 1024, 1032)] == [64, 8, 8, 16, 8, 64, 8]
 

@@ -5,13 +5,13 @@ import torch.nn as nn
 import torchvision
 
 import fxprune
-import fxprune.passes.select as select_pass
+import fxprune.select.plan as select_pass
 from fxprune.compress import compress
 from fxprune.measure import LatencyResult, LatencySettings, count_flops
-from fxprune.passes import latency_verify
-from fxprune.passes.latency_table import GroupLatency, efficiency, latency_table, modules_of
-from fxprune.passes.score import score_groups
-from fxprune.passes.select import unit_costs
+from fxprune.select import latency_verify
+from fxprune.select.latency_table import GroupLatency, efficiency, latency_table, modules_of
+from fxprune.select.score import score_groups
+from fxprune.select.plan import unit_costs
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 FAST = LatencySettings(threads=1, warmup=1, repeats=3)

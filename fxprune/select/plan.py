@@ -24,15 +24,15 @@ Two modes, from the Spec:
     FLOPs (see ``benchmarks/latency.py``).
   - ``scope="latency"``: like local, but each group's fraction is scaled by the square
     of its *measured* latency efficiency (ms saved per FLOP removed, relative to the
-    model's; ``fxprune.passes.latency_table``), measured at the local plan, so the
+    model's; ``fxprune.select.latency_table``), measured at the local plan, so the
     FLOPs come out where they buy the most time. On resnet50 it thins the 7x7 stage
     more and the 56x56 one less. Last, the weighted plan and the local plan are timed
     end to end as ``compress`` emits them, and the weighted plan is kept only when it
-    is at least 2% faster (``fxprune.passes.latency_verify``).
+    is at least 2% faster (``fxprune.select.latency_verify``).
 
   For local and latency, once landed, fractions that put the kept widths on multiples
   of 16-64 are tried too, and the best aligned plan that still lands within the
-  tolerance is kept (``fxprune.passes.align``).
+  tolerance is kept (``fxprune.select.align``).
 
 Always: frozen groups and groups whose producer module matches ``spec.ignore`` are
 skipped, no group loses more than ``floor(max_ratio * size)`` units, kept counts are
@@ -53,11 +53,11 @@ from fxprune.channels.feasible import feasible_plan
 from fxprune.channels.graph import DependencyGraph, Group
 from fxprune.errors import SpecError
 from fxprune.measure import count_flops, count_params, measure_latency
-from fxprune.passes.align import prefer_aligned
-from fxprune.passes.latency_table import efficiency, latency_table
-from fxprune.passes.latency_verify import faster_plan
+from fxprune.select.align import prefer_aligned
+from fxprune.select.latency_table import efficiency, latency_table
+from fxprune.select.latency_verify import faster_plan
 from fxprune.passes.prune import prune
-from fxprune.passes.score import unit_entries
+from fxprune.select.score import unit_entries
 
 TOLERANCE = 0.01  # relative to the target; the public promise is 2 %
 # scope="latency": a group's share scales with efficiency ** EFFICIENCY_POWER. On resnet50

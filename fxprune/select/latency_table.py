@@ -41,7 +41,7 @@ from fxprune.channels.feasible import feasible_plan
 from fxprune.channels.graph import DependencyGraph, Group
 from fxprune.measure import LatencySettings, device_timer, module_calls, round_robin
 from fxprune.passes.prune import prune
-from fxprune.passes.score import unit_entries
+from fxprune.select.score import unit_entries
 
 SAMPLE_MS = 2.0  # each timing sample repeats a module's calls for about this long
 SHARE = 0.5  # fraction of a group removed to measure it: large enough to rise above timer noise

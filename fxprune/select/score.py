@@ -30,6 +30,7 @@ import torch
 
 from fxprune.channels.graph import DependencyGraph, Group
 from fxprune.errors import SpecError
+from fxprune.passes.gates import gate_meta
 
 ScoreFn = Callable[..., dict[int, np.ndarray]]
 SCORE_METHODS: dict[str, ScoreFn] = {}
@@ -187,7 +188,6 @@ def l0(graph: DependencyGraph, *, notes: list[str], **_) -> dict[int, np.ndarray
     Units whose deterministic gate is exactly 0 score 0 (below every open unit): they go first.
     A group without gates gets ``magnitude`` scores, with a note.
     """
-    from fxprune.passes.gates import gate_meta  # gates imports this module's neighbours
     meta = gate_meta(graph.gm)
     if not meta:
         raise SpecError("spec.score: score='l0' needs a model from fxprune.passes.gates.fold_gates "
