@@ -20,6 +20,7 @@ import torch
 
 from fxprune.channels import analyze
 from fxprune.channels.graph import DependencyGraph
+from fxprune.measure import LatencySettings
 from fxprune.passes.fuse import fuse
 from fxprune.sparsity.nm import apply_nm, finalize
 from fxprune.sparsity.report import sparsity_rows
@@ -27,7 +28,7 @@ from fxprune.passes.prune import prune
 from fxprune.select.score import score_groups
 from fxprune.select.plan import select_and_prune
 from fxprune.report import Report, build_report, group_row
-from fxprune.spec import LatencySpec, Spec
+from fxprune.spec import Spec
 
 
 @dataclass
@@ -48,7 +49,7 @@ def _wants_latency(source, spec: Spec, explicit: bool | None) -> bool:
         return True
     if isinstance(source, Mapping):
         return "latency" in source
-    return spec.latency != LatencySpec()
+    return spec.latency != LatencySettings()
 
 
 def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = None, **overrides) -> Result:
@@ -92,7 +93,7 @@ def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = Non
         notes.append(f"fuse: folded {len(fused.folded)} batchnorm(s); the model is in eval mode")
     latency = None
     if _wants_latency(spec, loaded, measure_latency):
-        latency = loaded.latency.to_settings()
+        latency = loaded.latency
     rows = [group_row(g.id, g.size, g.size - len(plan.get(g.id, ())), reason=g.reason or None)
             for g in graph.groups]
     report = build_report(model, small, inputs, latency=latency, group_rows=rows, notes=notes,

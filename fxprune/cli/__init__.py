@@ -14,6 +14,7 @@ import sys
 from fxprune.cli.commands import (cmd_check, cmd_compress, cmd_demo, cmd_graph, cmd_report,
                                   end_progress_line)
 from fxprune.errors import FxpruneError
+from fxprune.measure import LatencySettings
 
 MODEL_HELP = ("model reference: torchvision:NAME, timm:NAME, package.module:factory, "
               "path/to/file.py:factory, or a file saved by `fxprune compress -o` / torch.save")
@@ -35,9 +36,14 @@ def _model_args(parser, optional: bool = False) -> None:
 
 
 def _latency_args(parser) -> None:
-    parser.add_argument("--device", default="cpu", help="latency device: cpu (default), cuda, cuda:N")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads while timing (default 2)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs; the median is shown (default 20)")
+    # defaults come from LatencySettings, the one definition of how latency is measured
+    default = LatencySettings()
+    parser.add_argument("--device", default=default.device,
+                        help=f"latency device: cpu, cuda, cuda:N (default {default.device})")
+    parser.add_argument("--threads", type=int, default=default.threads,
+                        help=f"CPU threads while timing (default {default.threads})")
+    parser.add_argument("--repeats", type=int, default=default.repeats,
+                        help=f"timed runs; the median is shown (default {default.repeats})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", help="channel importance: magnitude (default), bn_scale, group_lasso, l0")
     p.add_argument("--nm", metavar="N:M", help="N:M semi-structured sparsity on top, e.g. 2:4")
     p.add_argument("--round-to", type=int, metavar="K", help="kept channel counts are multiples of K")
-    p.add_argument("--latency", action="store_true", help="also measure latency before/after (cpu, 2 threads)")
+    p.add_argument("--latency", action="store_true", help="also measure latency before/after (the "
+                   "spec's [latency] settings; default: "
+                   f"{LatencySettings().device}, {LatencySettings().threads} threads)")
     p.add_argument("--markdown", action="store_true", help="print the report as GitHub markdown")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
 

@@ -249,7 +249,7 @@ def _relative_latency(spec, graph: DependencyGraph) -> Callable:
     background load hit both: a baseline timed once and compared with later runs let
     noise pass a barely pruned model as fast enough.
     """
-    settings = dataclasses.replace(spec.latency.to_settings(), compile=False)  # eager: what is ranked
+    settings = dataclasses.replace(spec.latency, compile=False)  # eager: what is ranked
 
     def measure(model, inputs) -> float:
         if model is graph.gm:
@@ -305,7 +305,7 @@ def _local_keys(scores: dict[int, np.ndarray], groups: list[Group]) -> dict[int,
 
 def _latency_weights(graph, groups, scores, spec, limit, notes, base=None) -> dict[int, float]:
     """Each group's measured latency efficiency (``latency_table.efficiency``)."""
-    settings = spec.latency.to_settings()
+    settings = spec.latency
     table = latency_table(graph, groups, scores, unit_costs(graph, groups, "flops"), limit, settings,
                           batchnorm=not spec.fuse, compiled=settings.compile, base=base)
     weight = efficiency(table)
