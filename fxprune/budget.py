@@ -33,13 +33,9 @@ from typing import Any, Mapping
 import torch
 from tabulate import tabulate
 
+from fxprune._util import format_si, read_config
 from fxprune.errors import FxpruneError
 from fxprune.measure import LatencySettings, count_flops, count_params, measure_latency, size_bytes
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    tomllib = None
 
 LIMITS = ("max_params", "max_flops", "max_size", "max_latency_ms")
 _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)"
@@ -191,14 +187,7 @@ def load_budget(path: str | Path) -> Budget:
         >>> budget = load_budget("pyproject.toml")
     """
     path = Path(path)
-    if not path.is_file():
-        raise BudgetError(f"budget file not found: {path}")
-    if tomllib is None:
-        raise BudgetError("reading TOML needs Python >= 3.11")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise BudgetError(f"cannot parse {path}: {error}") from None
+    data = read_config(path, BudgetError, "budget")
     table = data.get("tool", {}).get("fxprune", {}).get("budget")
     if table is None and path.name != "pyproject.toml":
         table = data.get("budget", data if any(k in data for k in LIMITS) else None)
@@ -263,14 +252,8 @@ def _fmt(name: str, value: float) -> str:
     if name == "max_latency_ms":
         return f"{value:.3f} ms"
     if name == "max_size":
-        for factor, unit in ((10**9, "GB"), (10**6, "MB"), (10**3, "kB")):
-            if value >= factor:
-                return f"{value / factor:.3f} {unit}"
-        return f"{value:g} B"
-    for factor, unit in ((10**12, "T"), (10**9, "G"), (10**6, "M"), (10**3, "k")):
-        if value >= factor:
-            return f"{value / factor:.3f}{unit} ({int(value):,})"
-    return f"{int(value):,}"
+        return format_si(value, "B", digits=3)
+    return f"{int(value):,}" if value < 1000 else f"{format_si(value, digits=3, space=False)} ({int(value):,})"
 
 
 def check_budget(model: torch.nn.Module, example_inputs, budget: Budget) -> BudgetResult:

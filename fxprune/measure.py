@@ -18,7 +18,7 @@ import copy
 import io
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -26,7 +26,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fxprune import _util
 from fxprune._check import check_bool, check_int, check_keys, did_you_mean, fail, got
+from fxprune.capture import as_input_tuple
 from fxprune.errors import SpecError
 
 FLOPS_CONVENTION = (
@@ -35,31 +37,6 @@ FLOPS_CONVENTION = (
 )
 
 _DEVICES = ("cpu", "cuda")
-
-
-def _as_tuple(example_inputs) -> tuple:
-    """A single tensor is accepted where a tuple of inputs is expected."""
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    return (example_inputs,)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` in eval mode and put every submodule's training flag back after.
-
-    A forward in training mode would update BatchNorm running stats, i.e. mutate the
-    caller's model, and dropout would make the measurement random.
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def module_calls(model: nn.Module, names, example_inputs, *, eval_mode: bool = False
@@ -76,9 +53,9 @@ def module_calls(model: nn.Module, names, example_inputs, *, eval_mode: bool = F
     try:
         with contextlib.ExitStack() as stack:
             if eval_mode:
-                stack.enter_context(_eval_mode(model))
+                stack.enter_context(_util.eval_mode(model))
             stack.enter_context(torch.inference_mode())
-            model(*_as_tuple(example_inputs))
+            model(*as_input_tuple(example_inputs))
     finally:
         for hook in hooks:
             hook.remove()
@@ -100,9 +77,9 @@ def count_flops(model: nn.Module, example_inputs) -> int:
         >>> count_flops(nn.Linear(10, 20), torch.randn(3, 10))  # 2 * 3 * 10 * 20
         1200
     """
-    inputs = _as_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), _eval_mode(model), counter:
+    with torch.no_grad(), _util.eval_mode(model), counter:
         model(*inputs)
     return int(counter.get_total_flops())
 
@@ -355,7 +332,7 @@ def measure_latency(models: Sequence[nn.Module], example_inputs,
     _check_device_available(settings.device)
     device = torch.device(settings.device)
     inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x
-                   for x in _resize_batch(_as_tuple(example_inputs), settings.batch_size))
+                   for x in _resize_batch(as_input_tuple(example_inputs), settings.batch_size))
 
     placed = [_on_device(m, device) for m in models]
     callables: list[Callable] = list(placed)
@@ -368,7 +345,7 @@ def measure_latency(models: Sequence[nn.Module], example_inputs,
     try:
         with contextlib.ExitStack() as stack:
             for model in placed:
-                stack.enter_context(_eval_mode(model))
+                stack.enter_context(_util.eval_mode(model))
             stack.enter_context(torch.inference_mode())
             medians = round_robin(runners, settings, device_timer(device))
     finally:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -17,17 +16,13 @@ import torch
 
 from fxprune._check import (check_bool, check_choice, check_int, check_keys, did_you_mean, fail,
                              got)
+from fxprune._util import read_config
 from fxprune.errors import SpecError
 from fxprune.measure import LatencySettings
+from fxprune.select.metrics import TARGET_METRICS
+from fxprune.select.score import known_scores
 
-try:  # stdlib from Python 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    tomllib = None
-
-SCORES = ("magnitude", "bn_scale", "taylor", "group_lasso", "l0")
 SCOPES = ("global", "local", "latency")
-TARGET_METRICS = {"flops": "FLOPs", "params": "parameters", "latency": "latency"}
 _CODE_ONLY = ("example_inputs", "calib_inputs", "loss_fn")  # cannot live in a file
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -95,10 +90,13 @@ class Spec:
     Goal, exactly one of:
         ratio: fraction of channels to remove from every prunable group, in (0, 1), or
             ``{group id or fnmatch module-name pattern: ratio}`` (keys stored as str).
-        target: ``{"flops" | "params" | "latency": fraction of the original to keep}``,
-            one key, value in (0, 1].
+        target: ``{metric: fraction of the original to keep}``, one key, value in
+            (0, 1]; a metric of the registry ``fxprune.select.metrics.TARGET_METRICS``
+            ("flops", "params", "latency", or one added with ``register_metric``).
     Options:
-        score: channel importance, one of ``SCORES`` (default "magnitude").
+        score: channel importance, a name in the score registry
+            (``fxprune.select.score.SCORE_METHODS``; built in: magnitude (default),
+            group_lasso, bn_scale, taylor, l0; add one with ``register_score``).
         scope: "global" (default): channels compete across groups, ranked by score
             normalised per group (divided by the FLOPs/params they carry under a target);
             or "local": every group loses the same fraction, lowest scores first. Local
@@ -143,7 +141,7 @@ class Spec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_choice("spec.score", self.score, SCORES)
+        check_choice("spec.score", self.score, known_scores())
         check_choice("spec.scope", self.scope, SCOPES)
         check_int("spec.round_to", self.round_to, 1)
         self.max_ratio = _fraction("spec.max_ratio", self.max_ratio, True,
@@ -309,7 +307,7 @@ def _target(path: str, target: Any) -> dict[str, float]:
         fail(path, f"expected a float in (0, 1], {got(value)}")
     if not 0 < value <= 1:
         fail(path, f"target.{metric}={value} is impossible: it must be in (0, 1], the fraction "
-              f"of the original {TARGET_METRICS[metric]} to keep")
+              f"of the original {TARGET_METRICS[metric].noun} to keep")
     return {metric: float(value)}
 
 
@@ -317,15 +315,7 @@ def _read_file(path: Path) -> Any:
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".json"):
         fail("spec", f"cannot load {path}: expected a .toml or .json file")
-    if suffix == ".toml" and tomllib is None:
-        fail("spec", f"cannot load {path}: reading TOML needs Python >= 3.11; use JSON")
-    if not path.is_file():
-        fail("spec", f"spec file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
-    except (OSError, ValueError) as error:  # TOML/JSON/Unicode decode errors are ValueErrors
-        fail("spec", f"cannot parse {path}: {error}")
+    data = read_config(path, SpecError, "spec")
     if path.name == "pyproject.toml":
         for key in ("tool", "fxprune", "compress"):
             data = data.get(key) if isinstance(data, dict) else None

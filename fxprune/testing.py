@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from fxprune.budget import Budget, BudgetResult, check_budget
+from fxprune.capture import as_input_tuple
 from fxprune.measure import LatencySettings
 
 __all__ = ["assert_within_budget"]
@@ -43,8 +44,8 @@ def assert_within_budget(model: torch.nn.Module, example_inputs=None, *, input_s
     if example_inputs is None and input_shape is not None:
         shapes = input_shape if isinstance(input_shape[0], (list, tuple)) else [input_shape]
         example_inputs = tuple(torch.randn(*s) for s in shapes)
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
+    if example_inputs is not None:
+        example_inputs = as_input_tuple(example_inputs)
     result = check_budget(model, example_inputs, budget)
     if not result.ok:
         raise AssertionError(f"{type(model).__name__} exceeds its budget:\n{result.table()}")

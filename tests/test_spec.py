@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
-from fxprune import spec as spec_module
+from fxprune import _util
 from fxprune.errors import FxpruneError, SpecError
-from fxprune.spec import SCORES, LatencySpec, Spec
+from fxprune.spec import LatencySpec, Spec
+
+SCORES = ("magnitude", "bn_scale", "taylor", "group_lasso", "l0")  # built in
 
 SHAPE = [1, 3, 8, 8]
 
@@ -475,7 +477,7 @@ def test_load_unparsable(tmp_path):
 
 
 def test_load_toml_without_tomllib(tmp_path, monkeypatch):
-    monkeypatch.setattr(spec_module, "tomllib", None)  # Python 3.10 has no tomllib
+    monkeypatch.setattr(_util, "tomllib", None)  # Python 3.10 has no tomllib
     path = tmp_path / "prune.toml"
     path.write_text(TOML)
     assert_spec_error("spec", "Python >= 3.11", "use JSON", build=lambda: Spec.load(path))

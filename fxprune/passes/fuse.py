@@ -34,6 +34,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_weights
 
+from fxprune.capture import as_input_tuple
+
 
 def _fold_conv(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
     return fuse_conv_bn_eval(conv, bn)
@@ -246,9 +248,8 @@ def fuse(gm: fx.GraphModule, example_inputs=None) -> FuseResult:
                         f"capture the model first (torch.fx.symbolic_trace(model))")
     gm = copy.deepcopy(gm).eval()
     if example_inputs is not None:
-        inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+            ShapeProp(gm).propagate(*as_input_tuple(example_inputs))
     result = FuseResult(gm=gm)
     _fold_batchnorms(gm, result)
     _remove_passthroughs(gm, result)

@@ -6,14 +6,14 @@ Two modes, from the Spec:
   (``scope="local"``, or always when ``ratio`` is a dict), or the same total number
   ranked across groups by scores normalised per group (divided by the group's mean;
   ``scope="global"``), or by the latency-weighted shares below (``scope="latency"``).
-- **target** (``{"flops"|"params"|"latency": fraction to keep}``): every unit gets a
-  cost, the FLOPs (or parameters) it carries, estimated from the tensor entries it owns
-  (FLOPs per weight entry of each conv/linear are measured once with forward hooks).
-  Units are ranked and taken greedily until the estimate meets the target; the plan is
-  then **verified** by pruning and counting on the real model, and the number of units
-  taken along the same ranking is corrected (the estimate's error until the target is
-  bracketed, then regula falsi alternating with bisection) until the measured fraction
-  is within ``TOLERANCE`` of the target. The ranking:
+- **target** (``{metric: fraction to keep}``, a metric of ``fxprune.select.metrics``:
+  flops, params, latency or a registered one): every unit gets a cost, the FLOPs (or
+  parameters) it carries, estimated from the tensor entries it owns (FLOPs per weight
+  entry of each conv/linear are measured once with forward hooks). Units are ranked and
+  taken greedily until the estimate meets the target; the plan is then **verified** by
+  pruning and counting on the real model, and the number of units taken along the same
+  ranking is corrected until the measured fraction is within the metric's tolerance
+  of the target (``fxprune.select.landing``). The ranking:
 
   - ``scope="global"``: normalised score / cost, so the cheapest-per-importance units go
     first, wherever they are. This removes the most FLOPs per unit of importance, but it
@@ -44,31 +44,23 @@ from __future__ import annotations
 import dataclasses
 import math
 from fnmatch import fnmatch
-from typing import Callable
 
 import numpy as np
 import torch
 
 from fxprune.channels.feasible import feasible_plan
 from fxprune.channels.graph import DependencyGraph, Group
-from fxprune.errors import SpecError
-from fxprune.measure import count_flops, count_params, measure_latency
-from fxprune.select.align import prefer_aligned
+from fxprune.select.landing import Landing, land
 from fxprune.select.latency_table import efficiency, latency_table
 from fxprune.select.latency_verify import faster_plan
-from fxprune.passes.prune import prune
-from fxprune.select.score import unit_entries
-
-TOLERANCE = 0.01  # relative to the target; the public promise is 2 %
+from fxprune.select.metrics import TARGET_METRICS, unit_costs
+from fxprune.select.ranking import Plan, rank, rounded_count, take_first, unit_multiples
 # scope="latency": a group's share scales with efficiency ** EFFICIENCY_POWER. On resnet50
 # at 3.9x fewer FLOPs (compiled, 2 CPU threads), with an early table measured from full
 # width, power 1 gave a latency/FLOPs quotient of 0.76, power 2 0.84, power 4 0.82,
 # uniform shares 0.72 (one run of each).
 EFFICIENCY_POWER = 2
 MIN_EFFICIENCY = 0.05  # a group measured as saving nothing is still pruned, last
-MAX_TRIES = 16    # real prunes spent correcting the estimate (bisection needs log2(units))
-
-Plan = dict[int, list[int]]
 
 
 def select(graph: DependencyGraph, scores: dict[int, np.ndarray], spec, *,
@@ -90,10 +82,7 @@ def select_and_prune(graph: DependencyGraph, scores: dict[int, np.ndarray], spec
     groups = _eligible(graph, scores, spec, notes)
     limit = {g.id: min(g.size - 1, int(math.floor(spec.max_ratio * g.size + 1e-9))) for g in groups}
     if spec.target is not None:
-        ((metric, target),) = spec.target.items()
-        if metric not in _METRICS:
-            raise SpecError(f"spec.target.{metric}: target {metric!r} is not supported yet; "
-                            f"use one of {', '.join(_METRICS)}")
+        ((metric, target),) = spec.target.items()  # Spec checked it against TARGET_METRICS
         return _by_target(graph, groups, scores, spec, limit, metric, target, notes)
     if spec.scope == "latency" and not isinstance(spec.ratio, dict):
         return _latency_by_ratio(graph, groups, scores, spec, limit, notes)
@@ -116,45 +105,6 @@ def _eligible(graph: DependencyGraph, scores, spec, notes: list[str]) -> list[Gr
     return out
 
 
-def _rounded_count(size: int, remove: int, round_to: int, cap: int) -> int:
-    """Units to remove so that the kept count is a multiple of ``round_to`` (kept rounds up)."""
-    remove = max(0, min(remove, cap))
-    if round_to > 1:
-        kept = min(size, int(math.ceil((size - remove) / round_to)) * round_to)
-        remove = size - kept
-    return remove
-
-
-def _unit_multiples(groups: list[Group], round_to: int) -> dict[int, int]:
-    """Per group, the multiple its kept *unit* count must be for its kept *channel* count
-    to be a multiple of ``round_to``. A unit of a grouped conv's group is a whole conv
-    group (16 channels in regnet_x_400mf), so ``round_to=8`` asks nothing more of it;
-    rounding its units to 8 kept 8 of 10 where half was asked."""
-    if round_to <= 1:
-        return {g.id: 1 for g in groups}
-    out = {}
-    for g in groups:
-        per_unit = next((len(idx) // g.size for _, _, idx, _ in unit_entries(g, ("out",))), 1)
-        out[g.id] = round_to // math.gcd(round_to, max(per_unit, 1))
-    return out
-
-
-def _finish(graph: DependencyGraph, ranking: list[tuple[int, int]], k: int, limit: dict[int, int],
-            sizes: dict[int, int], multiple: dict[int, int]) -> Plan:
-    """Feasible plan from the first ``k`` ranked candidates, with kept counts rounded."""
-    chosen = feasible_plan(graph, ranking[:k], limit)
-    if all(m <= 1 for m in multiple.values()):
-        return chosen
-    order = {c: i for i, c in enumerate(ranking[:k])}
-    plan = {}
-    for gid, units in chosen.items():
-        units = sorted(units, key=lambda u: order[(gid, u)])
-        n = _rounded_count(sizes[gid], len(units), multiple[gid], limit[gid])
-        if n:
-            plan[gid] = sorted(units[:n])
-    return plan
-
-
 def _normalised(scores: dict[int, np.ndarray], groups: list[Group]) -> dict[int, np.ndarray]:
     out = {}
     for g in groups:
@@ -162,13 +112,6 @@ def _normalised(scores: dict[int, np.ndarray], groups: list[Group]) -> dict[int,
         mean = s.mean()
         out[g.id] = s / mean if mean > 0 else np.ones_like(s)
     return out
-
-
-def _rank(keys: dict[int, np.ndarray]) -> list[tuple[int, int]]:
-    """All (group, unit) pairs, lowest key first; ties broken by group then unit (deterministic)."""
-    pairs = [(gid, u) for gid in sorted(keys) for u in range(len(keys[gid]))]
-    flat = np.concatenate([keys[gid] for gid in sorted(keys)]) if pairs else np.zeros(0)
-    return [pairs[i] for i in np.argsort(flat, kind="stable")]
 
 
 def _group_ratio(spec, group: Group) -> float:
@@ -184,10 +127,10 @@ def _group_ratio(spec, group: Group) -> float:
 def _by_ratio(graph, groups, scores, spec, limit) -> Plan:
     """Local shares (also for a per-group ``ratio`` dict), else the global ranking."""
     if spec.scope == "local" or isinstance(spec.ratio, dict):
-        multiple = _unit_multiples(groups, spec.round_to)
+        multiple = unit_multiples(groups, spec.round_to)
         plan = {}
         for g in groups:
-            n = _rounded_count(g.size, int(round(_group_ratio(spec, g) * g.size)), multiple[g.id], limit[g.id])
+            n = rounded_count(g.size, int(round(_group_ratio(spec, g) * g.size)), multiple[g.id], limit[g.id])
             order = np.argsort(np.asarray(scores[g.id]), kind="stable")[:n]
             plan.update(feasible_plan(graph, [(g.id, int(u)) for u in order], {g.id: n}))
         return plan
@@ -197,93 +140,19 @@ def _by_ratio(graph, groups, scores, spec, limit) -> Plan:
 def _take_ranked(graph, groups, keys, spec, limit) -> Plan:
     """The plan that really removes ``spec.ratio`` of all units, lowest keys first."""
     sizes = {g.id: g.size for g in groups}
-    multiple = _unit_multiples(groups, spec.round_to)
-    ranking = _rank(keys)
+    multiple = unit_multiples(groups, spec.round_to)
+    ranking = rank(keys)
     total = int(round(spec.ratio * sum(sizes.values())))
     # walk the ranking until ``total`` units are really taken (some are skipped as infeasible)
     lo, hi = total, len(ranking)
     while lo < hi:
         mid = (lo + hi) // 2
-        taken = sum(map(len, _finish(graph, ranking, mid, limit, sizes, multiple).values()))
+        taken = sum(map(len, take_first(graph, ranking, mid, limit, sizes, multiple).values()))
         lo, hi = (mid + 1, hi) if taken < total else (lo, mid)
-    return _finish(graph, ranking, lo, limit, sizes, multiple)
+    return take_first(graph, ranking, lo, limit, sizes, multiple)
 
 
 # --- target mode -------------------------------------------------------------------------
-
-def _flops_per_entry(graph: DependencyGraph) -> dict[str, float]:
-    """FLOPs carried by one entry of each conv/linear weight, from one hooked forward pass."""
-    per_entry: dict[str, float] = {}
-    handles = []
-
-    def hook(name):
-        def fn(module, args, output):
-            w = module.weight
-            ref = args[0] if isinstance(module, torch.nn.modules.conv._ConvTransposeNd) else output
-            per_entry[f"{name}.weight"] = per_entry.get(f"{name}.weight", 0.0) + 2.0 * ref.numel() / w.shape[0]
-        return fn
-
-    for name, m in graph.gm.named_modules():
-        if isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear)):
-            handles.append(m.register_forward_hook(hook(name)))
-    try:
-        with torch.no_grad():
-            training = graph.gm.training
-            graph.gm.eval()
-            graph.gm(*graph.example_inputs)
-            graph.gm.train(training)
-    finally:
-        for h in handles:
-            h.remove()
-    return per_entry
-
-
-def _param_per_entry(graph: DependencyGraph) -> dict[str, float]:
-    return {name: 1.0 for name, _ in graph.gm.named_parameters(remove_duplicate=False)}
-
-
-def _relative_latency(spec, graph: DependencyGraph) -> Callable:
-    """Eager latency relative to the original, with the spec's latency settings.
-
-    Each candidate is timed alternately with the original in one call, so drift and
-    background load hit both: a baseline timed once and compared with later runs let
-    noise pass a barely pruned model as fast enough.
-    """
-    settings = dataclasses.replace(spec.latency, compile=False)  # eager: what is ranked
-
-    def measure(model, inputs) -> float:
-        if model is graph.gm:
-            return 1.0
-        original_ms, model_ms = measure_latency([graph.gm, model], inputs, settings).eager_ms
-        return model_ms / original_ms
-
-    return measure
-
-
-# metric -> (cost of one weight entry, used to rank units; how to measure a model).
-# Latency ranks by FLOPs (a cost model) and corrects by measuring the real thing.
-_METRICS: dict[str, tuple[Callable, Callable]] = {
-    "flops": (_flops_per_entry, lambda spec, graph: lambda model, inputs: count_flops(model, inputs)),
-    "params": (_param_per_entry, lambda spec, graph: lambda model, inputs: count_params(model)),
-    "latency": (_flops_per_entry, _relative_latency),
-}
-_TOLERANCE = {"latency": 0.05}  # timings are noisy: 5 %
-
-
-def unit_costs(graph: DependencyGraph, groups: list[Group], metric: str) -> dict[int, np.ndarray]:
-    """Estimated FLOPs or parameters each unit carries (first order: overlaps counted twice)."""
-    weight = _METRICS[metric][0](graph)
-    shapes = {k: v.shape for k, v in graph.gm.state_dict().items()}
-    costs = {}
-    for g in groups:
-        c = np.zeros(g.size)
-        for key, dim, idx, units in unit_entries(g, ("out", "in")):
-            if key in weight:
-                shape = shapes[key]
-                np.add.at(c, units, weight[key] * math.prod(shape) / shape[dim])
-        costs[g.id] = c
-    return costs
-
 
 def _cost_keys(normal: dict[int, np.ndarray], costs: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     """Normalised score per unit of cost; units that carry no cost are never worth taking."""
@@ -338,110 +207,28 @@ def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
     if spec.scope != "latency":
         keys = (_local_keys(scores, groups) if spec.scope == "local"
                 else _cost_keys(_normalised(scores, groups), costs))
-        return _land(graph, groups, spec, limit, metric, target, notes, costs, keys)[:2]
+        return land(Landing(graph, groups, spec, limit, metric, target, costs, keys), notes)[:2]
     # Efficiencies are measured at the local landing: a conv's time depends on all its
     # widths, and halving one group of the full model misjudged resnet50's 56x56
     # residual group (compiled quotient 0.75-0.82 measured from full width, 0.87-0.89
     # from the local plan; benchmarks/latency.py).
     local_notes: list[str] = []
     local = _local_keys(scores, groups)
-    local_plan, local_model, _ = _land(graph, groups, spec, limit, metric, target, local_notes, costs, local)
+    local_plan, local_model, _ = land(Landing(graph, groups, spec, limit, metric, target, costs, local), local_notes)
     weight = _latency_weights(graph, groups, scores, spec, limit, notes, base=local_plan)
     # Weighted shares saturate the most efficient groups at max_ratio, and what is left to
     # take may come in steps too coarse for the tolerance (resnet18, round_to=8: 8 channels
     # of a 56x56 group are 4.5% of the FLOPs). Then flatter weights are tried, down to local.
     for power in (EFFICIENCY_POWER, EFFICIENCY_POWER / 2):
         attempt: list[str] = []
-        plan, model, landed = _land(graph, groups, spec, limit, metric, target, attempt, costs,
-                                    _weighted_keys(local, weight, power))
+        weighted = Landing(graph, groups, spec, limit, metric, target, costs, _weighted_keys(local, weight, power))
+        plan, model, landed = land(weighted, attempt)
         if landed:
             notes.extend(attempt)
             return faster_plan(graph, (local_plan, local_model), (plan, model), spec, notes)
         notes.append(f"select: scope=latency: shares weighted by efficiency**{power:g} could not land "
-                     f"within {200 * _TOLERANCE.get(metric, TOLERANCE):.0f}% of target {metric}={target} "
+                     f"within {200 * TARGET_METRICS[metric].tolerance:.0f}% of target {metric}={target} "
                      f"(channel granularity); trying flatter weights")
     notes.append("select: scope=latency: fell back to the local plan")
     notes.extend(local_notes)
     return local_plan, local_model
-
-
-def _land(graph, groups, spec, limit, metric, target, notes, costs, keys) -> tuple[Plan, torch.nn.Module | None, bool]:
-    """The plan along ``keys``'s ranking whose measured ``metric`` is closest to ``target``,
-    its pruned model, and whether it landed within twice the tolerance."""
-    measure = _METRICS[metric][1](spec, graph)
-    tolerance = _TOLERANCE.get(metric, TOLERANCE)
-    inputs = graph.example_inputs
-    base = measure(graph.gm, inputs)
-    sizes = {g.id: g.size for g in groups}
-    multiple = _unit_multiples(groups, spec.round_to)
-    ranking = _rank(keys)
-    n = len(ranking)
-    plans: dict[int, Plan] = {}
-
-    def plan_at(k: int) -> Plan:
-        if k not in plans:
-            plans[k] = _finish(graph, ranking, k, limit, sizes, multiple)
-        return plans[k]
-
-    def estimate(k: int) -> float:
-        removed = sum(costs[gid][units].sum() for gid, units in plan_at(k).items())
-        return 1.0 - removed / base
-
-    def k_for(goal: float) -> int:
-        lo, hi = 0, n
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (mid + 1, hi) if estimate(mid) > goal else (lo, mid)
-        return lo
-
-    tried: dict[int, tuple[float, torch.nn.Module | None]] = {0: (1.0, None)}
-
-    def actual(k: int) -> float:
-        if k not in tried:
-            model = prune(graph, plan_at(k)) if plan_at(k) else graph.gm
-            tried[k] = (measure(model, inputs) / base, model)
-        return tried[k][0]
-
-    def done(k: int) -> bool:
-        return abs(actual(k) - target) <= tolerance * target
-
-    goal, k = target, k_for(target)
-    for step in range(MAX_TRIES):
-        if done(k):
-            break
-        above = [j for j in tried if tried[j][0] > target]
-        below = [j for j in tried if tried[j][0] <= target]
-        lo, hi = max(above), (min(below) if below else None)
-        if hi is None:
-            if lo == n:
-                raise SpecError(
-                    f"spec.target.{metric}: {target} is impossible: removing every prunable channel "
-                    f"allowed (max_ratio={spec.max_ratio}, frozen and ignored groups kept) leaves "
-                    f"{actual(n):.3f} of the {metric}; the minimum reachable fraction is {actual(n):.3f}")
-            goal += target - actual(k)      # the estimate's error near k, assumed constant
-            nxt = k_for(goal)
-            nxt = nxt if lo < nxt <= n else n
-        elif hi - lo <= 1 or hi < lo:       # adjacent (channel granularity) or not monotone
-            break
-        else:
-            # regula falsi inside the bracket, alternating with bisection so it always shrinks
-            a_lo, a_hi = actual(lo), actual(hi)
-            nxt = lo + int(round((a_lo - target) / max(a_lo - a_hi, 1e-12) * (hi - lo)))
-            if step % 2 or not lo < nxt < hi:
-                nxt = (lo + hi) // 2
-        if nxt in tried:
-            break
-        k = nxt
-    best = min(tried, key=lambda j: (abs(tried[j][0] - target), j))
-    if spec.scope != "global" and metric != "latency" and done(best):
-        best = prefer_aligned(best, groups, costs, keys, plan_at, actual, done, notes, metric)
-    frac, model = tried[best]
-    if best == 0 and target < 1:
-        model = None
-    notes.append(f"select: target {metric}={target}: kept {frac:.3f} of the {metric} after "
-                 f"{len(tried) - 1} verified prune(s)")
-    landed = abs(frac - target) <= 2 * tolerance * target
-    if not landed:
-        notes.append(f"select: could not land within {200 * tolerance:.0f}% of target {metric}={target} "
-                     f"(channel granularity); closest is {frac:.3f}")
-    return plan_at(best), model, landed
