@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, NoReturn
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -33,14 +33,6 @@ LatencySpec = LatencySettings
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_int(path: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        fail(path, f"expected an int >= {minimum}, {got(value)}")
-    if value < minimum:
-        fail(path, f"must be an int >= {minimum}, got {value}")
-    return value
 
 
 def _fraction(path: str, value: Any, closed: bool, meaning: str) -> float:

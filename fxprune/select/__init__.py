@@ -3,6 +3,7 @@
 - ``score``: one importance number per channel; the score registry (``register_score``).
 - ``metrics``: the target metrics registry (``flops``, ``params``, ``latency``).
 - ``plan``: scores -> a pruning plan ``{group id: [units]}`` for a ratio or a target.
+- ``ranking``: ranked (group, unit) candidates -> feasible, rounded plans.
 - ``landing``: the search that lands a target by pruning and measuring candidates.
 - ``align``: prefer kept widths on the channel multiples kernels block by.
 - ``latency_table``: measured milliseconds saved per group (``scope="latency"``).

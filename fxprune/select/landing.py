@@ -10,8 +10,18 @@ are spent. For local and latency-weighted rankings the landed plan may then move
 kernel-friendly widths (``fxprune.select.align``).
 
 Example:
-    >>> problem = Landing(graph, groups, spec, limit, "flops", 0.5, costs, keys)
-    >>> plan, model, landed = land(problem, notes)
+    >>> import torch, fxprune
+    >>> from fxprune.select.metrics import unit_costs
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3))
+    >>> graph = fxprune.analyze(net, torch.randn(1, 3, 16, 16))
+    >>> groups = graph.prunable_groups
+    >>> spec = fxprune.Spec(input_shape=[1, 3, 16, 16], target={"flops": 0.5}, scope="local")
+    >>> keys = {g.id: np.arange(g.size, dtype=float) for g in groups}   # lowest index first
+    >>> problem = Landing(graph, groups, spec, {g.id: g.size - 1 for g in groups}, "flops", 0.5,
+    ...                   unit_costs(graph, groups, "flops"), keys)
+    >>> plan, model, landed = land(problem, notes=[])
+    >>> landed, plan
+    (True, {0: [0, 1, 2, 3, 4, 5, 6, 7]})
 """
 from __future__ import annotations
 
