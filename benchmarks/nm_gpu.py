@@ -32,8 +32,8 @@ from tabulate import tabulate
 from torch import nn
 
 from fxprune.measure import cuda_graph
-from fxprune.passes.nm import apply_nm, finalize, to_semi_structured
-from fxprune.passes.semi_structured import layer_inputs
+from fxprune.sparsity.nm import apply_nm, finalize
+from fxprune.sparsity.semi_structured import layer_inputs, to_semi_structured
 from _results import add_json_option, header, write
 from _tables import nm_gpu_layers
 

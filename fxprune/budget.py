@@ -11,8 +11,8 @@ A budget lives in ``pyproject.toml`` (or any TOML file) as ``[tool.fxprune.budge
     max_latency_ms = 40                # or "40ms", "0.04s"
 
     [tool.fxprune.budget.latency]      # required with max_latency_ms: how the limit was measured
-    device = "cpu"
-    threads = 2
+    device = "cpu"                     # and threads; the other fields of
+    threads = 2                        # fxprune.measure.LatencySettings are optional
 
 A value holds when ``measured <= limit``.
 
@@ -33,13 +33,9 @@ from typing import Any, Mapping
 import torch
 from tabulate import tabulate
 
+from fxprune._util import format_si, read_config
 from fxprune.errors import FxpruneError
 from fxprune.measure import LatencySettings, count_flops, count_params, measure_latency, size_bytes
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    tomllib = None
 
 LIMITS = ("max_params", "max_flops", "max_size", "max_latency_ms")
 _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)"
@@ -47,7 +43,6 @@ _COUNT = re.compile(rf"^\s*{_NUMBER}\s*([kKMGT]?)\s*$")
 _SIZE = re.compile(rf"^\s*{_NUMBER}\s*([kKMGT]?i?B?)\s*$")
 _TIME = re.compile(rf"^\s*{_NUMBER}\s*(ms|s|us|µs)?\s*$")
 _SI = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-_LATENCY_KEYS = ("device", "threads", "batch_size", "warmup", "repeats")
 
 
 class BudgetError(FxpruneError):
@@ -149,10 +144,8 @@ class Budget:
         if shape is not None:
             shape = _shape(shape, f"{prefix}.input")
         latency = None
-        if "max_latency_ms" in limits:
-            latency = _latency(data.get("latency"), f"{prefix}.latency", source)
-        elif data.get("latency") is not None:
-            latency = _latency(data["latency"], f"{prefix}.latency", source)
+        if "max_latency_ms" in limits or data.get("latency") is not None:
+            latency = _latency(data.get("latency"), prefix, source)
         return cls(model=model, input_shape=shape, latency=latency, source=source, **limits)
 
     def limits(self) -> dict[str, float]:
@@ -175,18 +168,15 @@ def _shape(value: Any, field_name: str) -> list:
     return value
 
 
-def _latency(table: Any, field_name: str, source: str) -> LatencySettings:
+def _latency(table: Any, prefix: str, source: str) -> LatencySettings:
     if not isinstance(table, Mapping) or "device" not in table or "threads" not in table:
-        raise BudgetError(f"{field_name}: a latency limit must state how it was measured: add a "
+        raise BudgetError(f"{prefix}.latency: a latency limit must state how it was measured: add a "
                           f"table with device and threads to {source}, e.g. "
                           f"[tool.fxprune.budget.latency] device = \"cpu\" threads = 2")
-    for key in table:
-        if key not in _LATENCY_KEYS:
-            raise BudgetError(f"{field_name}.{key}: unknown field; known fields: {', '.join(_LATENCY_KEYS)}")
     try:
-        return LatencySettings(**dict(table))
+        return LatencySettings.from_dict(table, where=prefix)
     except FxpruneError as error:
-        raise BudgetError(f"{field_name}: {error}") from None
+        raise BudgetError(str(error)) from None
 
 
 def load_budget(path: str | Path) -> Budget:
@@ -197,14 +187,7 @@ def load_budget(path: str | Path) -> Budget:
         >>> budget = load_budget("pyproject.toml")
     """
     path = Path(path)
-    if not path.is_file():
-        raise BudgetError(f"budget file not found: {path}")
-    if tomllib is None:
-        raise BudgetError("reading TOML needs Python >= 3.11")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise BudgetError(f"cannot parse {path}: {error}") from None
+    data = read_config(path, BudgetError, "budget")
     table = data.get("tool", {}).get("fxprune", {}).get("budget")
     if table is None and path.name != "pyproject.toml":
         table = data.get("budget", data if any(k in data for k in LIMITS) else None)
@@ -269,14 +252,8 @@ def _fmt(name: str, value: float) -> str:
     if name == "max_latency_ms":
         return f"{value:.3f} ms"
     if name == "max_size":
-        for factor, unit in ((10**9, "GB"), (10**6, "MB"), (10**3, "kB")):
-            if value >= factor:
-                return f"{value / factor:.3f} {unit}"
-        return f"{value:g} B"
-    for factor, unit in ((10**12, "T"), (10**9, "G"), (10**6, "M"), (10**3, "k")):
-        if value >= factor:
-            return f"{value / factor:.3f}{unit} ({int(value):,})"
-    return f"{int(value):,}"
+        return format_si(value, "B", digits=3)
+    return f"{int(value):,}" if value < 1000 else f"{format_si(value, digits=3, space=False)} ({int(value):,})"
 
 
 def check_budget(model: torch.nn.Module, example_inputs, budget: Budget) -> BudgetResult:
@@ -301,10 +278,12 @@ def check_budget(model: torch.nn.Module, example_inputs, budget: Budget) -> Budg
     settings = None
     if "max_latency_ms" in limits:
         settings = budget.latency or LatencySettings()
-        measured["max_latency_ms"] = measure_latency([model], example_inputs, settings).eager_ms[0]
+        timed = measure_latency([model], example_inputs, settings)
+        measured["max_latency_ms"] = (timed.compiled_ms or timed.eager_ms)[0]
     labels = {"max_params": "params", "max_flops": "FLOPs", "max_size": "size (state_dict)"}
     if settings is not None:
         threads = f"{settings.threads} thread{'s' if settings.threads != 1 else ''}"
-        labels["max_latency_ms"] = f"latency ({settings.device}, {threads})"
+        compiled = ", compiled" if settings.compile else ""
+        labels["max_latency_ms"] = f"latency ({settings.device}, {threads}{compiled})"
     rows = [CheckRow(k, float(v), float(measured[k]), measured[k] <= v, labels[k]) for k, v in limits.items()]
     return BudgetResult(rows=rows, latency=settings)

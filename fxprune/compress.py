@@ -20,13 +20,15 @@ import torch
 
 from fxprune.channels import analyze
 from fxprune.channels.graph import DependencyGraph
+from fxprune.measure import LatencySettings
 from fxprune.passes.fuse import fuse
-from fxprune.passes.nm import apply_nm, finalize, sparsity_rows
+from fxprune.sparsity.nm import apply_nm, finalize
+from fxprune.sparsity.report import sparsity_rows
 from fxprune.passes.prune import prune
-from fxprune.passes.score import score_groups
-from fxprune.passes.select import select_and_prune
+from fxprune.select.score import score_groups
+from fxprune.select.plan import select_and_prune
 from fxprune.report import Report, build_report, group_row
-from fxprune.spec import LatencySpec, Spec
+from fxprune.spec import Spec
 
 
 @dataclass
@@ -47,7 +49,7 @@ def _wants_latency(source, spec: Spec, explicit: bool | None) -> bool:
         return True
     if isinstance(source, Mapping):
         return "latency" in source
-    return spec.latency != LatencySpec()
+    return spec.latency != LatencySettings()
 
 
 def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = None, **overrides) -> Result:
@@ -80,7 +82,7 @@ def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = Non
         finalize(small)
         notes.append(f"nm: {n}:{m} masks on {sum(r.status == 'masked' for r in nm.rows)} layer(s); "
                      "masks give speed only on CUDA sparse kernels "
-                     "(fxprune.passes.nm.to_semi_structured on a float16/bfloat16 CUDA model)")
+                     "(fxprune.sparsity.semi_structured.to_semi_structured on a float16/bfloat16 CUDA model)")
         narrow = sum("not a multiple of m" in r.reason for r in nm.rows)
         if narrow and loaded.round_to % m:
             notes.append(f"nm: {narrow} layer(s) skipped because their pruned input width is not a "
@@ -92,7 +94,7 @@ def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = Non
         notes.append(f"fuse: folded {len(fused.folded)} batchnorm(s); the model is in eval mode")
     latency = None
     if _wants_latency(spec, loaded, measure_latency):
-        latency = loaded.latency.to_settings()
+        latency = loaded.latency
     rows = [group_row(g.id, g.size, g.size - len(plan.get(g.id, ())), reason=g.reason or None)
             for g in graph.groups]
     report = build_report(model, small, inputs, latency=latency, group_rows=rows, notes=notes,

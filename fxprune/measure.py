@@ -18,14 +18,17 @@ import copy
 import io
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
+from fxprune import _util
+from fxprune._check import check_bool, check_int, check_keys, did_you_mean, fail, got
 from fxprune.capture.inputs import ExampleInputs, as_example_inputs
 from fxprune.errors import SpecError
 
@@ -35,22 +38,6 @@ FLOPS_CONVENTION = (
 )
 
 _DEVICES = ("cpu", "cuda")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` in eval mode and put every submodule's training flag back after.
-
-    A forward in training mode would update BatchNorm running stats, i.e. mutate the
-    caller's model, and dropout would make the measurement random.
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def module_calls(model: nn.Module, names, example_inputs, *, eval_mode: bool = False
@@ -67,7 +54,7 @@ def module_calls(model: nn.Module, names, example_inputs, *, eval_mode: bool = F
     try:
         with contextlib.ExitStack() as stack:
             if eval_mode:
-                stack.enter_context(_eval_mode(model))
+                stack.enter_context(_util.eval_mode(model))
             stack.enter_context(torch.inference_mode())
             as_example_inputs(example_inputs).call(model)
     finally:
@@ -93,7 +80,7 @@ def count_flops(model: nn.Module, example_inputs) -> int:
     """
     inputs = as_example_inputs(example_inputs)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), _eval_mode(model), counter:
+    with torch.no_grad(), _util.eval_mode(model), counter:
         inputs.call(model)
     return int(counter.get_total_flops())
 
@@ -133,25 +120,30 @@ def size_bytes(model: nn.Module) -> int:
 
 @dataclass(frozen=True)
 class LatencySettings:
-    """How latency is measured.
+    """How latency is measured: the one definition used by ``Spec.latency`` (exported as
+    ``fxprune.LatencySpec``), ``measure_latency``, budgets and the CLI.
 
-    Fields:
+    Fields (the ``[latency]`` table of a spec file, ``[tool.fxprune.budget.latency]``):
         device: ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``.
-        batch_size: ``None`` times the example inputs as given; an integer repeats or
-            cuts the batch dimension (dim 0) of every tensor input to that size.
-        threads: CPU threads (``torch.set_num_threads``) while timing; restored after.
-        warmup: untimed runs per model before timing.
-        repeats: timed runs per model; the median is reported.
-        compile: also time each model under ``torch.compile``.
+        batch_size: ``None`` (default) times the example inputs as given; an integer
+            repeats or cuts the batch dimension (dim 0) of every tensor input to that size.
+        threads: CPU threads (``torch.set_num_threads``) while timing, default 2, fixed
+            so that timings compare across machines; restored after.
+        warmup: untimed runs per model before timing (default 5).
+        repeats: timed runs per model; the median is reported (default 20).
+        compile: also time each model under ``torch.compile`` (default False).
         compile_backend: backend given to ``torch.compile`` (``"inductor"`` default).
 
-    Every field is validated on construction; a bad value raises ``SpecError`` naming
-    the field (``latency.repeats``...).
+    Every field is validated on construction; a bad value raises ``SpecError`` whose
+    message starts with the field (``latency.repeats: ...``). ``from_dict`` also checks
+    the keys and puts the table's place in front (``spec.latency.repeats: ...``).
 
     Example::
 
         >>> LatencySettings(threads=4, repeats=50).device
         'cpu'
+        >>> LatencySettings.from_dict({"device": "cuda:1"}, where="spec").device
+        'cuda:1'
     """
 
     device: str = "cpu"
@@ -163,31 +155,45 @@ class LatencySettings:
     compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
-        device_type, colon, index = (self.device.partition(":") if isinstance(self.device, str)
-                                     else (None, "", ""))
-        indexed_cuda = device_type == "cuda" and index.isdigit()
-        if device_type not in _DEVICES or (colon and not indexed_cuda):
-            raise SpecError(
-                f"latency.device must be one of 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
-            )
+        _check_device("latency.device", self.device)
         if self.batch_size is not None:
-            _check_int("batch_size", self.batch_size, minimum=1, extra=" or None")
-        _check_int("threads", self.threads, minimum=1)
-        _check_int("warmup", self.warmup, minimum=0)
-        _check_int("repeats", self.repeats, minimum=1)
-        if not isinstance(self.compile, bool):
-            raise SpecError(f"latency.compile must be true or false, got {self.compile!r}")
+            check_int("latency.batch_size", self.batch_size, 1)
+        for name, minimum in (("threads", 1), ("warmup", 0), ("repeats", 1)):
+            check_int(f"latency.{name}", getattr(self, name), minimum)
+        check_bool("latency.compile", self.compile)
         if not isinstance(self.compile_backend, str) or not self.compile_backend:
-            raise SpecError(
-                f"latency.compile_backend must be a torch.compile backend name, "
-                f"got {self.compile_backend!r}"
-            )
+            fail("latency.compile_backend", "expected a torch.compile backend name such as "
+                 f"'inductor', {got(self.compile_backend)}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "") -> LatencySettings:
+        """Settings from a table; errors start with ``where.latency.FIELD``.
+
+        Example::
+
+            >>> LatencySettings.from_dict({"repets": 3}, where="budget")
+            Traceback (most recent call last):
+            ...
+            fxprune.errors.SpecError: budget.latency.repets: unknown field 'repets'; known fields: device, batch_size, threads, warmup, repeats, compile, compile_backend; did you mean 'repeats'?
+        """
+        path = f"{where}.latency" if where else "latency"
+        if not isinstance(data, Mapping):
+            fail(path, f"expected a LatencySpec or a dict of its fields, {got(data)}")
+        check_keys(path, data, [f.name for f in fields(cls)])
+        try:
+            return cls(**data)
+        except SpecError as error:
+            if not where:
+                raise
+            raise SpecError(f"{where}.{error}") from None
 
 
-def _check_int(name: str, value, *, minimum: int, extra: str = "") -> None:
-    # bool is an int subclass; `repeats=True` is a mistake, not 1.
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SpecError(f"latency.{name} must be an integer >= {minimum}{extra}, got {value!r}")
+def _check_device(path: str, device: Any) -> None:
+    kind, colon, index = device.partition(":") if isinstance(device, str) else (None, "", "")
+    if kind in _DEVICES and (not colon or (kind == "cuda" and index.isdigit())):
+        return
+    hint = did_you_mean(device, _DEVICES) if isinstance(device, str) else ""
+    fail(path, f"must be one of 'cpu', 'cuda' or 'cuda:N' (N: a GPU index); {got(device)}{hint}")
 
 
 @dataclass(frozen=True)
@@ -340,7 +346,7 @@ def measure_latency(models: Sequence[nn.Module], example_inputs,
     try:
         with contextlib.ExitStack() as stack:
             for model in placed:
-                stack.enter_context(_eval_mode(model))
+                stack.enter_context(_util.eval_mode(model))
             stack.enter_context(torch.inference_mode())
             medians = round_robin(runners, settings, device_timer(device))
     finally:

@@ -166,6 +166,24 @@ def _from_factory(ref: str):
     return model, getattr(model, INPUT_SHAPE_ATTR, None) or getattr(obj, INPUT_SHAPE_ATTR, None)
 
 
+def load_plugin(ref: str):
+    """Import ``ref``, a module (``mypkg.scores``, importable from the current folder) or
+    a file (``path/to/my_scores.py``), for what it registers: scores
+    (``fxprune.select.score.register_score``), target metrics (``register_metric``) or
+    op rules (``fxprune.register_rule``). The CLI's ``--plugin`` calls it.
+
+    Example:
+        >>> load_plugin("my_scores.py")   # doctest: +SKIP
+    """
+    try:
+        return _import(ref)
+    except ModelLoadError:
+        raise FxpruneError(f"--plugin {ref!r}: no such file") from None
+    except ImportError as error:
+        raise FxpruneError(f"--plugin {ref!r}: cannot import it ({error}); give a module importable "
+                           "from the current folder (mypkg.scores) or a file (path/to/scores.py)") from None
+
+
 def _import(module_name: str):
     if module_name.endswith(".py"):
         path = Path(module_name)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from tabulate import tabulate
 from torch import nn
 
+from fxprune._util import format_si
 from fxprune.measure import (
     FLOPS_CONVENTION,
     LatencySettings,
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 GROUP_COLUMNS = ("group", "channels_before", "channels_after", "kept_ratio", "reason")
-# one row per Linear/Conv layer when N:M masks were applied (fxprune.passes.nm)
+# one row per Linear/Conv layer when N:M masks were applied (fxprune.sparsity.nm)
 SPARSITY_COLUMNS = ("layer", "pattern", "density", "kernel", "reason")
 
 _MISSING = "-"
@@ -105,13 +106,6 @@ def _ratio(numerator, denominator) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _si(value: float, unit: str = "") -> str:
-    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.2f} {prefix}{unit}".rstrip()
-    return f"{value:g} {unit}".rstrip()
-
-
 def _binary(value: float) -> str:
     for factor, prefix in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
         if value >= factor:
@@ -125,8 +119,8 @@ def _fmt(value, formatter) -> str:
 
 # (label, ModelStats field, formatter) for each summary row.
 _METRICS = (
-    ("FLOPs", "flops", _si),
-    ("params", "params", _si),
+    ("FLOPs", "flops", format_si),
+    ("params", "params", format_si),
     ("size (state_dict)", "bytes", _binary),
     ("latency eager (ms)", "latency_ms", lambda v: f"{v:.3f}"),
     ("latency compiled (ms)", "latency_compiled_ms", lambda v: f"{v:.3f}"),

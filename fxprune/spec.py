@@ -6,84 +6,42 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import json
 import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, NoReturn
+from typing import Any, Callable, Mapping
 
 import torch
 
+from fxprune._check import (check_bool, check_choice, check_int, check_keys, did_you_mean, fail,
+                             got)
+from fxprune._util import read_config
 from fxprune.errors import SpecError
+from fxprune.measure import LatencySettings
+from fxprune.select.metrics import TARGET_METRICS
+from fxprune.select.score import known_scores
 
-try:  # stdlib from Python 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    tomllib = None
-
-SCORES = ("magnitude", "bn_scale", "taylor", "group_lasso", "l0")
 SCOPES = ("global", "local", "latency")
 CAPTURES = ("auto", "fx", "export")  # fxprune.capture.FRONT_ENDS
-DEVICES = ("cpu", "cuda")
-TARGET_METRICS = {"flops": "FLOPs", "params": "parameters", "latency": "latency"}
 _CODE_ONLY = ("example_inputs", "calib_inputs", "loss_fn")  # cannot live in a file
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
-
-def _fail(path: str, message: str) -> NoReturn:
-    raise SpecError(f"{path}: {message}")
-
-
-def _got(value: Any) -> str:
-    text = repr(value)
-    return f"got {type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
-
-
-def _did_you_mean(name: Any, known: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(str(name), known, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _check_keys(path: str, data: Mapping[Any, Any], known: list[str]) -> None:
-    for key in data:
-        if key not in known:
-            _fail(f"{path}.{key}", f"unknown field {key!r}; known fields: "
-                  f"{', '.join(known)}{_did_you_mean(key, known)}")
+# The ``[latency]`` section is ``fxprune.measure.LatencySettings``: one class validates it
+# for the spec, measuring, budgets and the CLI. ``LatencySpec`` is its public name here.
+LatencySpec = LatencySettings
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _int(path: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(path, f"expected an int >= {minimum}, {_got(value)}")
-    if value < minimum:
-        _fail(path, f"must be an int >= {minimum}, got {value}")
-    return value
-
-
-def _bool(path: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        _fail(path, f"expected a bool (true or false), {_got(value)}")
-    return value
-
-
-def _choice(path: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        hint = _did_you_mean(value, allowed) if isinstance(value, str) else ""
-        _fail(path, f"must be one of {', '.join(map(repr, allowed))}; {_got(value)}{hint}")
-    return value
-
-
 def _fraction(path: str, value: Any, closed: bool, meaning: str) -> float:
     interval = "(0, 1]" if closed else "(0, 1)"
     if not _is_number(value):
-        _fail(path, f"expected a float in {interval}, {_got(value)}")
+        fail(path, f"expected a float in {interval}, {got(value)}")
     if not (0 < value < 1 or (closed and value == 1)):
-        _fail(path, f"{value} is out of range: it must be in {interval}, {meaning}")
+        fail(path, f"{value} is out of range: it must be in {interval}, {meaning}")
     return float(value)
 
 
@@ -99,8 +57,8 @@ def _tensors(path: str, value: Any, hint: str) -> tuple[torch.Tensor, ...] | dic
         return dict(value)
     value = (value,) if isinstance(value, torch.Tensor) else value
     if not _list_of(value, torch.Tensor):
-        _fail(path, f"expected a non-empty tuple of torch.Tensor or a dict of keyword inputs, "
-                    f"{_got(value)}; {hint}")
+        fail(path, f"expected a non-empty tuple of torch.Tensor or a dict of keyword inputs, "
+                   f"{got(value)}; {hint}")
     return tuple(value)
 
 
@@ -108,55 +66,15 @@ def _shape(path: str, value: Any, nested: bool = True) -> list[int] | list[list[
     if nested and _list_of(value, (list, tuple)):
         return [_shape(f"{path}[{i}]", v, False) for i, v in enumerate(value)]
     if not isinstance(value, (list, tuple)) or not value:
-        _fail(path, f"expected a non-empty list of ints like [1, 3, 224, 224], {_got(value)}")
-    return [_int(f"{path}[{i}]", d, 1) for i, d in enumerate(value)]
+        fail(path, f"expected a non-empty list of ints like [1, 3, 224, 224], {got(value)}")
+    return [check_int(f"{path}[{i}]", d, 1) for i, d in enumerate(value)]
 
 
 def _nm(path: str, value: Any) -> str:
     match = _NM.match(value) if isinstance(value, str) else None
     if match is None or not 0 < int(match[1]) < int(match[2]):
-        _fail(path, f"expected a string 'N:M' with integers 0 < N < M, e.g. '2:4', {_got(value)}")
+        fail(path, f"expected a string 'N:M' with integers 0 < N < M, e.g. '2:4', {got(value)}")
     return f"{int(match[1])}:{int(match[2])}"
-
-
-@dataclass
-class LatencySpec:
-    """How latency is measured, for the report and ``target={"latency": ...}``.
-
-    Fields (the ``[latency]`` table of a spec file):
-        device: "cpu" (default) or "cuda".
-        batch_size: batch to time at (int >= 1); None (default): the example inputs' batch.
-        threads: torch CPU threads while timing (int >= 1, default 2), fixed so that
-            timings compare across machines.
-        warmup: untimed runs first (int >= 0, default 5).
-        repeats: timed runs (int >= 1, default 20).
-        compile: time the model after ``torch.compile`` (default False).
-
-    Example:
-        >>> LatencySpec(device="cpu", repeats=50).repeats
-        50
-    """
-
-    device: str = "cpu"
-    batch_size: int | None = None
-    threads: int = 2
-    warmup: int = 5
-    repeats: int = 20
-    compile: bool = False
-
-    def __post_init__(self) -> None:
-        _choice("spec.latency.device", self.device, DEVICES)
-        if self.batch_size is not None:
-            _int("spec.latency.batch_size", self.batch_size, 1)
-        for name, minimum in (("threads", 1), ("warmup", 0), ("repeats", 1)):
-            _int(f"spec.latency.{name}", getattr(self, name), minimum)
-        _bool("spec.latency.compile", self.compile)
-
-    def to_settings(self):
-        """The measurement settings (``fxprune.measure.LatencySettings``) this section asks for."""
-        from .measure import LatencySettings
-
-        return LatencySettings(**dataclasses.asdict(self))
 
 
 @dataclass
@@ -171,12 +89,15 @@ class Spec:
     Goal, exactly one of:
         ratio: fraction of channels to remove from every prunable group, in (0, 1), or
             ``{group id or fnmatch module-name pattern: ratio}`` (keys stored as str).
-        target: ``{"flops" | "params" | "latency": fraction of the original to keep}``,
-            one key, value in (0, 1].
+        target: ``{metric: fraction of the original to keep}``, one key, value in
+            (0, 1]; a metric of the registry ``fxprune.select.metrics.TARGET_METRICS``
+            ("flops", "params", "latency", or one added with ``register_metric``).
     Options:
         capture: front end, "auto" (default: torch.fx, falling back to torch.export),
             "fx" or "export" (Hugging Face transformers need export).
-        score: channel importance, one of ``SCORES`` (default "magnitude").
+        score: channel importance, a name in the score registry
+            (``fxprune.select.score.SCORE_METHODS``; built in: magnitude (default),
+            group_lasso, bn_scale, taylor, l0; add one with ``register_score``).
         scope: "global" (default): channels compete across groups, ranked by score
             normalised per group (divided by the FLOPs/params they carry under a target);
             or "local": every group loses the same fraction, lowest scores first. Local
@@ -188,7 +109,9 @@ class Spec:
         ignore: fnmatch patterns of module names never pruned (default empty).
         fuse: fold batch norms into the convolutions afterwards (default True).
         nm: None (default) or "N:M" semi-structured sparsity on top, e.g. "2:4".
-        latency: a LatencySpec, or a dict (the ``[latency]`` table of a file).
+        latency: a LatencySpec (``fxprune.measure.LatencySettings``: device, batch_size,
+            threads, warmup, repeats, compile, compile_backend), or a dict of its fields
+            (the ``[latency]`` table of a file).
         calib_inputs, loss_fn: needed by score="taylor", Python only: a batch and
             ``loss_fn(model(*calib_inputs)) -> scalar tensor``.
         seed: int >= 0 for every random draw (default 0).
@@ -220,24 +143,21 @@ class Spec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _choice("spec.capture", self.capture, CAPTURES)
-        _choice("spec.score", self.score, SCORES)
-        _choice("spec.scope", self.scope, SCOPES)
-        _int("spec.round_to", self.round_to, 1)
+        check_choice("spec.capture", self.capture, CAPTURES)
+        check_choice("spec.score", self.score, known_scores())
+        check_choice("spec.scope", self.scope, SCOPES)
+        check_int("spec.round_to", self.round_to, 1)
         self.max_ratio = _fraction("spec.max_ratio", self.max_ratio, True,
                                    "the most a single group may lose")
         ignore = self.ignore
         if not isinstance(ignore, (list, tuple)) or not all(isinstance(p, str) for p in ignore):
-            _fail("spec.ignore", f"expected a list of module-name patterns, {_got(self.ignore)}")
+            fail("spec.ignore", f"expected a list of module-name patterns, {got(self.ignore)}")
         self.ignore = list(self.ignore)
-        _bool("spec.fuse", self.fuse)
+        check_bool("spec.fuse", self.fuse)
         self.nm = None if self.nm is None else _nm("spec.nm", self.nm)
-        if isinstance(self.latency, Mapping):
-            _check_keys("spec.latency", self.latency, [f.name for f in fields(LatencySpec)])
-            self.latency = LatencySpec(**self.latency)
-        elif not isinstance(self.latency, LatencySpec):
-            _fail("spec.latency", f"expected a LatencySpec or a dict of its fields, {_got(self.latency)}")
-        _int("spec.seed", self.seed, 0)
+        if not isinstance(self.latency, LatencySettings):
+            self.latency = LatencySettings.from_dict(self.latency, where="spec")
+        check_int("spec.seed", self.seed, 0)
         if self.example_inputs is not None:
             self.example_inputs = _tensors("spec.example_inputs", self.example_inputs,
                                            "in a TOML/JSON file give spec.input_shape instead")
@@ -256,21 +176,21 @@ class Spec:
         def one(path: str, value: Any) -> float:
             value = _fraction(path, value, False, "the fraction of channels to remove")
             if value > self.max_ratio:
-                _fail(path, f"{value} exceeds spec.max_ratio={self.max_ratio}, the most a single "
+                fail(path, f"{value} exceeds spec.max_ratio={self.max_ratio}, the most a single "
                       "group may lose; lower the ratio or raise max_ratio")
             return value
 
         if not isinstance(self.ratio, Mapping):
             if not _is_number(self.ratio):
-                _fail("spec.ratio", "expected a float in (0, 1) or a dict {group id or module "
-                      f"pattern: float}}, {_got(self.ratio)}")
+                fail("spec.ratio", "expected a float in (0, 1) or a dict {group id or module "
+                      f"pattern: float}}, {got(self.ratio)}")
             return one("spec.ratio", self.ratio)
         if not self.ratio:
-            _fail("spec.ratio", "an empty dict prunes nothing; map group ids or module-name "
+            fail("spec.ratio", "an empty dict prunes nothing; map group ids or module-name "
                   "patterns to ratios, e.g. {'layer4.*': 0.5}")
         for key in self.ratio:
             if isinstance(key, bool) or not isinstance(key, (str, int)):
-                _fail("spec.ratio", f"keys are group ids or module-name patterns, {_got(key)}")
+                fail("spec.ratio", f"keys are group ids or module-name patterns, {got(key)}")
         return {str(k): one(f"spec.ratio[{str(k)!r}]", v) for k, v in self.ratio.items()}
 
     def _check_taylor(self) -> None:
@@ -278,10 +198,10 @@ class Spec:
             self.calib_inputs = _tensors("spec.calib_inputs", self.calib_inputs,
                                          "pass a batch of real inputs, e.g. calib_inputs=(images,)")
         if self.loss_fn is not None and not callable(self.loss_fn):
-            _fail("spec.loss_fn", f"expected a callable, output -> scalar, {_got(self.loss_fn)}")
+            fail("spec.loss_fn", f"expected a callable, output -> scalar, {got(self.loss_fn)}")
         missing = [f"spec.{n}" for n in ("calib_inputs", "loss_fn") if getattr(self, n) is None]
         if self.score == "taylor" and missing:
-            _fail(", ".join(missing), "score='taylor' needs a calibration batch (calib_inputs: "
+            fail(", ".join(missing), "score='taylor' needs a calibration batch (calib_inputs: "
                   "tuple of tensors) and a loss function (loss_fn: model output -> scalar tensor); "
                   "a file cannot hold them, pass them in Python: Spec(..., calib_inputs=(x,), "
                   "loss_fn=fn) or Spec.load(path, calib_inputs=(x,), loss_fn=fn)")
@@ -343,10 +263,10 @@ class Spec:
             0.5
         """
         if not isinstance(data, Mapping):
-            _fail("spec", f"expected a table/dict of settings, {_got(data)}")
+            fail("spec", f"expected a table/dict of settings, {got(data)}")
         known = [f.name for f in fields(cls)]
-        _check_keys("spec", data, known)
-        _check_keys("spec", overrides, known)
+        check_keys("spec", data, known)
+        check_keys("spec", overrides, known)
         return cls(**{**data, **overrides})
 
     @classmethod
@@ -360,12 +280,12 @@ class Spec:
             {'params': 0.5}
         """
         if isinstance(source, Spec):
-            _check_keys("spec", overrides, [f.name for f in fields(cls)])
+            check_keys("spec", overrides, [f.name for f in fields(cls)])
             return dataclasses.replace(source, **overrides) if overrides else source
         if isinstance(source, Mapping):
             return cls.from_dict(source, **overrides)
         if not isinstance(source, (str, os.PathLike)):
-            _fail("spec", f"expected a Spec, a dict or a .toml/.json path, {_got(source)}")
+            fail("spec", f"expected a Spec, a dict or a .toml/.json path, {got(source)}")
         data = _read_file(Path(source))
         try:
             return cls.from_dict(data, **overrides)
@@ -375,43 +295,35 @@ class Spec:
 
 def _exactly_one(path: str, first: Any, second: Any, what: str) -> None:
     if (first is None) == (second is None):
-        _fail(path, f"give exactly one: {what}; {'neither' if first is None else 'both'} given")
+        fail(path, f"give exactly one: {what}; {'neither' if first is None else 'both'} given")
 
 
 def _target(path: str, target: Any) -> dict[str, float]:
     metrics = tuple(TARGET_METRICS)
     if not isinstance(target, Mapping) or len(target) != 1:
-        _fail(path, f"expected a dict with exactly one key among {', '.join(metrics)} and a "
-              f"float in (0, 1], e.g. {{'flops': 0.5}}; {_got(target)}")
+        fail(path, f"expected a dict with exactly one key among {', '.join(metrics)} and a "
+              f"float in (0, 1], e.g. {{'flops': 0.5}}; {got(target)}")
     ((metric, value),) = target.items()
     path = f"{path}.{metric}"
     if metric not in metrics:
-        hint = _did_you_mean(metric, metrics)
-        _fail(path, f"unknown metric; use one of {', '.join(metrics)}{hint}")
+        hint = did_you_mean(metric, metrics)
+        fail(path, f"unknown metric; use one of {', '.join(metrics)}{hint}")
     if not _is_number(value):
-        _fail(path, f"expected a float in (0, 1], {_got(value)}")
+        fail(path, f"expected a float in (0, 1], {got(value)}")
     if not 0 < value <= 1:
-        _fail(path, f"target.{metric}={value} is impossible: it must be in (0, 1], the fraction "
-              f"of the original {TARGET_METRICS[metric]} to keep")
+        fail(path, f"target.{metric}={value} is impossible: it must be in (0, 1], the fraction "
+              f"of the original {TARGET_METRICS[metric].noun} to keep")
     return {metric: float(value)}
 
 
 def _read_file(path: Path) -> Any:
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".json"):
-        _fail("spec", f"cannot load {path}: expected a .toml or .json file")
-    if suffix == ".toml" and tomllib is None:
-        _fail("spec", f"cannot load {path}: reading TOML needs Python >= 3.11; use JSON")
-    if not path.is_file():
-        _fail("spec", f"spec file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
-    except (OSError, ValueError) as error:  # TOML/JSON/Unicode decode errors are ValueErrors
-        _fail("spec", f"cannot parse {path}: {error}")
+        fail("spec", f"cannot load {path}: expected a .toml or .json file")
+    data = read_config(path, SpecError, "spec")
     if path.name == "pyproject.toml":
         for key in ("tool", "fxprune", "compress"):
             data = data.get(key) if isinstance(data, dict) else None
         if data is None:
-            _fail("spec", f"{path} has no [tool.fxprune.compress] table; put the spec there")
+            fail("spec", f"{path} has no [tool.fxprune.compress] table; put the spec there")
     return data

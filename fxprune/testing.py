@@ -9,11 +9,14 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
 from fxprune.budget import Budget, BudgetResult, check_budget
+from fxprune.capture.inputs import as_example_inputs
+from fxprune.measure import LatencySettings
 
 __all__ = ["assert_within_budget"]
 
@@ -26,8 +29,8 @@ def assert_within_budget(model: torch.nn.Module, example_inputs=None, *, input_s
     Limits take the units of ``[tool.fxprune.budget]``: ``max_params="5M"``,
     ``max_flops="1.2G"``, ``max_size="20MB"``, ``max_latency_ms=15`` (numbers work too).
     ``example_inputs`` (a tensor or a tuple) or ``input_shape`` is needed for FLOPs and
-    latency. ``latency={"device": "cpu", "threads": 2}`` says how latency is measured
-    (default: cpu, 2 threads). Returns the result when every limit holds.
+    latency. ``latency={"device": "cpu", "threads": 2}`` says how latency is measured:
+    any fields of ``fxprune.measure.LatencySettings``, the rest at its defaults. Returns the result when every limit holds.
 
     Example:
         >>> assert_within_budget(torch.nn.Linear(10, 20), torch.randn(1, 10), max_params=220)
@@ -35,14 +38,14 @@ def assert_within_budget(model: torch.nn.Module, example_inputs=None, *, input_s
     data = {"max_params": max_params, "max_flops": max_flops, "max_size": max_size,
             "max_latency_ms": max_latency_ms}
     data = {k: v for k, v in data.items() if v is not None}
-    if max_latency_ms is not None:
-        data["latency"] = {"device": "cpu", "threads": 2, **(latency or {})}
+    if max_latency_ms is not None:  # stated in full: the defaults of LatencySettings, then ``latency``
+        data["latency"] = {**dataclasses.asdict(LatencySettings()), **(latency or {})}
     budget = Budget.from_dict(data, source="assert_within_budget()")
     if example_inputs is None and input_shape is not None:
         shapes = input_shape if isinstance(input_shape[0], (list, tuple)) else [input_shape]
         example_inputs = tuple(torch.randn(*s) for s in shapes)
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
+    if example_inputs is not None:
+        example_inputs = as_example_inputs(example_inputs)
     result = check_budget(model, example_inputs, budget)
     if not result.ok:
         raise AssertionError(f"{type(model).__name__} exceeds its budget:\n{result.table()}")

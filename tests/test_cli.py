@@ -231,3 +231,31 @@ def test_demo_runs_fast_with_few_epochs():
     proc = fxprune("demo", "--epochs", "1", "--finetune", "0", "--flops", "0.5", "--threads", "1")
     assert proc.returncode == 0, proc.stderr
     assert "fxprune report" in proc.stdout and "test accuracy" in proc.stdout
+
+
+PLUGIN = textwrap.dedent('''
+    import numpy as np
+    from fxprune.select.score import register_score
+
+    @register_score("last_first")
+    def last_first(graph, **_):
+        """The highest channel indices score lowest, so they are pruned first."""
+        return {g.id: np.arange(g.size, 0, -1, dtype=float) for g in graph.prunable_groups}
+''')
+
+
+def test_compress_uses_a_score_registered_by_a_plugin(tiny, tmp_path):
+    (tmp_path / "my_scores.py").write_text(PLUGIN)
+    args = ("compress", tiny, "--input", SHAPE, "--ratio", "0.5", "--score", "last_first", "-q")
+    assert_usage_error(fxprune(*args), "spec.score", "'last_first'")  # unknown without the plugin
+    report = tmp_path / "report.json"
+    proc = fxprune(*args, "--plugin", "my_scores.py", "--report", str(report), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text())
+    assert data["spec"]["score"] == "last_first"
+    sizes = {row["group"]: row["channels_before"] for row in data["groups"]}
+    # each group lost its highest channels: the plugin's score decided, not magnitude
+    assert data["plan"] and all(units == list(range(sizes[int(g)] - len(units), sizes[int(g)]))
+                                for g, units in data["plan"].items())
+    assert_usage_error(fxprune(*args, "--plugin", "no_such_scores", cwd=tmp_path),
+                       "--plugin 'no_such_scores'", "cannot import")

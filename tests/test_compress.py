@@ -9,8 +9,8 @@ import fxprune
 from fxprune.compress import compress
 from fxprune.errors import SpecError
 from fxprune.measure import count_flops
-from fxprune.passes.score import SCORE_METHODS, score_groups
-from fxprune.passes.select import select
+from fxprune.select.score import SCORE_METHODS, score_groups
+from fxprune.select.plan import select
 from fxprune.spec import Spec
 
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -122,7 +122,7 @@ def test_local_target_completes_a_tie_tier_instead_of_stopping_inside_it():
 
 
 def test_alignment_is_the_power_of_two_in_a_width_up_to_64():
-    from fxprune.passes.align import _alignment
+    from fxprune.select.align import _alignment
 
     assert [_alignment(w) for w in (0, 8, 24, 48, 520, 1024, 1032)] == [64, 8, 8, 16, 8, 64, 8]
 
@@ -254,3 +254,43 @@ def test_round_to_counts_channels_not_units_of_a_grouped_conv():
     # a channel multiple the unit width does not divide still rounds: 16 channels = 2 units
     plan16 = select(graph, scores, Spec(example_inputs=(X,), ratio=0.6, scope="local", round_to=16))
     assert (grouped.size - len(plan16[grouped.id])) % 2 == 0
+
+
+def _small_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                               torch.nn.Conv2d(16, 8, 3)).eval()
+
+
+def test_a_registered_score_works_through_compress(monkeypatch):
+    from fxprune.select import score as score_module
+
+    monkeypatch.setattr(score_module, "SCORE_METHODS", dict(SCORE_METHODS))  # leave the registry as found
+    spec = {"input_shape": [1, 3, 12, 12], "ratio": 0.25, "scope": "local", "score": "last_first"}
+    with pytest.raises(SpecError, match=r"spec.score: .*'last_first'"):
+        compress(_small_net(), spec)
+
+    @score_module.register_score("last_first")
+    def last_first(graph, **_):
+        return {g.id: np.arange(g.size, 0, -1, dtype=float) for g in graph.prunable_groups}
+
+    result = compress(_small_net(), spec)
+    assert result.plan == {0: [12, 13, 14, 15]}  # the 4 highest indices of the 16: the score decided
+    assert Spec(input_shape=[1, 3], ratio=0.5, score="last_first").score == "last_first"
+
+
+def test_a_registered_target_metric_works_through_compress():
+    from fxprune.select.metrics import TARGET_METRICS, TargetMetric, register_metric
+
+    params = TARGET_METRICS["params"]
+    register_metric("weights", TargetMetric("weights", params.per_entry, params.measure))
+    try:
+        net = _small_net()
+        result = compress(net, {"input_shape": [1, 3, 12, 12], "target": {"weights": 0.5}, "fuse": False})
+        with pytest.raises(SpecError, match="did you mean 'weights'"):
+            Spec(input_shape=[1, 3], target={"weight": 0.5})
+    finally:
+        del TARGET_METRICS["weights"]
+    kept = sum(p.numel() for p in result.model.parameters()) / sum(p.numel() for p in net.parameters())
+    assert abs(kept - 0.5) <= 0.04  # one 16-wide group: a channel is 6% of the parameters
+    assert any("target weights=0.5" in note for note in result.notes)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-import fxprune.passes.score
+import fxprune.select.score
 from fxprune.errors import SpecError
 from fxprune.passes.gates import apply_gate, fold_gates, insert_gates
 from fxprune.regularize.l0 import L0Gate, l0_gate
@@ -161,7 +161,7 @@ def test_score_l0_prunes_closed_gates_first(setup):
     closed = {gid: set(np.flatnonzero(z == 0).tolist()) for gid, z in gated.deterministic_gates().items()}
     n_closed = sum(map(len, closed.values()))
     fgraph = fxprune.analyze(folded, x)
-    scores = fxprune.passes.score.score_groups(fgraph, "l0")
+    scores = fxprune.select.score.score_groups(fgraph, "l0")
     probs = gated.gate_probabilities()
     for gid, s in scores.items():
         order = np.argsort(s, kind="stable")

@@ -5,13 +5,13 @@ import torch.nn as nn
 import torchvision
 
 import fxprune
-import fxprune.passes.select as select_pass
+import fxprune.select.plan as select_pass
 from fxprune.compress import compress
 from fxprune.measure import LatencyResult, LatencySettings, count_flops
-from fxprune.passes import latency_verify
-from fxprune.passes.latency_table import GroupLatency, efficiency, latency_table, modules_of
-from fxprune.passes.score import score_groups
-from fxprune.passes.select import unit_costs
+from fxprune.select import latency_verify
+from fxprune.select.latency_table import GroupLatency, efficiency, latency_table, modules_of
+from fxprune.select.score import score_groups
+from fxprune.select.metrics import unit_costs
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 FAST = LatencySettings(threads=1, warmup=1, repeats=3)
@@ -155,21 +155,21 @@ def test_latency_scope_falls_back_to_flatter_weights_then_local_when_it_cannot_l
     monkeypatch.setattr(select_pass, "latency_table", lambda graph, groups, scores, costs, *a, **k: {
         g.id: GroupLatency(g.id, g.size // 2, (4.0 if g.id == fast_group else 1.0) * costs[g.id].sum(),
                            float(costs[g.id].sum())) for g in groups})
-    real_land, attempts = select_pass._land, []  # keys of every landing attempt
+    real_land, attempts = select_pass.land, []  # keys of every landing attempt
 
-    def only_local_lands(graph, groups, spec, limit, metric, target, notes, costs, keys):
-        plan, model, landed = real_land(graph, groups, spec, limit, metric, target, notes, costs, keys)
-        attempts.append(keys)
+    def only_local_lands(problem, notes):
+        plan, model, landed = real_land(problem, notes)
+        attempts.append(problem.keys)
         return plan, model, landed and len(attempts) == 1  # the first attempt is the local plan
 
-    monkeypatch.setattr(select_pass, "_land", only_local_lands)
+    monkeypatch.setattr(select_pass, "land", only_local_lands)
     spec = {"example_inputs": (X,), "target": {"flops": 0.5}, "fuse": False}
     result = compress(model, {**spec, "scope": "latency"})
     assert len(attempts) == 3  # local, efficiency**2, efficiency**1
     notes = [n for n in result.notes if "trying flatter weights" in n]
     assert [n.split("efficiency**")[1].split()[0] for n in notes] == ["2", "1"]
     assert any("fell back to the local plan" in n for n in result.notes)
-    monkeypatch.setattr(select_pass, "_land", real_land)
+    monkeypatch.setattr(select_pass, "land", real_land)
     assert result.plan == compress(model, {**spec, "scope": "local"}).plan
 
 

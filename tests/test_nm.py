@@ -11,9 +11,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fxprune.errors import SpecError
-from fxprune.passes.block import apply_block, block_mask, check_block
-from fxprune.passes.nm import apply_nm, check_nm, finalize, measure_density, nm_mask, to_semi_structured
-from fxprune.passes.semi_structured import _dense_reason, _fused_children, default_backend
+from fxprune.sparsity.block import apply_block, block_mask, check_block
+from fxprune.sparsity.nm import apply_nm, check_nm, finalize, measure_density, nm_mask
+from fxprune.sparsity.semi_structured import to_semi_structured
+from fxprune.sparsity.semi_structured import _dense_reason, _fused_children, default_backend
 
 MODELS = {
     "resnet18": lambda: torchvision.models.resnet18(weights=None),

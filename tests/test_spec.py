@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
-from fxprune import spec as spec_module
+from fxprune import _util
 from fxprune.errors import FxpruneError, SpecError
-from fxprune.spec import SCORES, LatencySpec, Spec
+from fxprune.spec import LatencySpec, Spec
+
+SCORES = ("magnitude", "bn_scale", "taylor", "group_lasso", "l0")  # built in
 
 SHAPE = [1, 3, 8, 8]
 
@@ -297,7 +299,29 @@ def test_latency_from_dict_and_object():
 ])
 def test_latency_invalid(field, bad, fragment):
     assert_spec_error(f"spec.latency.{field}", fragment, latency={field: bad})
-    assert_spec_error(f"spec.latency.{field}", fragment, build=lambda: LatencySpec(**{field: bad}))
+    assert_spec_error(f"latency.{field}", fragment, build=lambda: LatencySpec(**{field: bad}))
+
+
+def test_latency_spec_is_the_measuring_settings():
+    """One class: the spec's section is what measure_latency, budgets and the CLI take."""
+    from fxprune.budget import Budget
+    from fxprune.measure import LatencySettings
+
+    assert LatencySpec is LatencySettings
+    spec = make(latency={"device": "cuda:1", "compile": True, "compile_backend": "eager"})
+    assert spec.latency == LatencySettings("cuda:1", compile=True, compile_backend="eager")
+    budget = Budget.from_dict({"max_latency_ms": 5, "latency": {"device": "cuda:0", "threads": 1, "compile": True}})
+    assert budget.latency == LatencySettings("cuda:0", threads=1, compile=True)
+
+
+@pytest.mark.parametrize("bad", ["cuda:x", "cuda:", "cpu:0", "tpu"])
+def test_latency_device_rejected_everywhere_alike(bad):
+    from fxprune.budget import Budget, BudgetError
+
+    message = assert_spec_error("spec.latency.device", "'cpu', 'cuda' or 'cuda:N'", latency={"device": bad})
+    with pytest.raises(BudgetError) as info:
+        Budget.from_dict({"max_latency_ms": 5, "latency": {"device": bad, "threads": 1}})
+    assert str(info.value) == "budget." + message.removeprefix("spec.")
 
 
 def test_latency_unknown_field_and_type():
@@ -453,7 +477,7 @@ def test_load_unparsable(tmp_path):
 
 
 def test_load_toml_without_tomllib(tmp_path, monkeypatch):
-    monkeypatch.setattr(spec_module, "tomllib", None)  # Python 3.10 has no tomllib
+    monkeypatch.setattr(_util, "tomllib", None)  # Python 3.10 has no tomllib
     path = tmp_path / "prune.toml"
     path.write_text(TOML)
     assert_spec_error("spec", "Python >= 3.11", "use JSON", build=lambda: Spec.load(path))

@@ -13,27 +13,13 @@ are recorded as numbers, so the captured (and pruned) graph takes inputs of thos
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.fx
 
+from .._util import eval_mode
 from ..errors import TraceError
 from .inputs import ExampleInputs
 from .shapes import shapes_from_fake_values
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    """Export what inference runs (dropout off, BatchNorm statistics fixed), then put every
-    module's own training flag back: the caller's model is never changed."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 def export_graph(model, inputs: ExampleInputs) -> torch.fx.GraphModule:
@@ -53,7 +39,8 @@ def export_graph(model, inputs: ExampleInputs) -> torch.fx.GraphModule:
             raise TraceError(f"expected a torch.nn.Module or ExportedProgram, got {type(model).__name__}")
         name = type(model).__name__
         try:
-            with _eval_mode(model):
+            # export what inference runs (dropout off, BatchNorm statistics fixed)
+            with eval_mode(model):
                 program = torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
         except Exception as exc:  # export raises many types; all mean "cannot capture"
             raise export_error(model, exc) from exc

@@ -14,6 +14,7 @@ import torch.fx
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from .._util import eval_mode
 from ..errors import AnalysisError
 from .inputs import ExampleInputs
 
@@ -71,14 +72,8 @@ class ShapeRecorder(torch.fx.Interpreter):
     def record(self, *inputs) -> None:
         """Run once in eval mode under no_grad (nothing in the model may change), then
         put every module's training flag back."""
-        modes = {m: m.training for m in self.module.modules()}
-        try:
-            self.module.eval()
-            with torch.no_grad():
-                self.run(*inputs)
-        finally:
-            for m, training in modes.items():
-                m.training = training
+        with eval_mode(self.module), torch.no_grad():
+            self.run(*inputs)
 
     def run_node(self, n):
         self.current = n

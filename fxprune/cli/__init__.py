@@ -3,6 +3,14 @@
 Every user error prints one line, ``fxprune: error: ...``, on stderr and exits 2;
 ``check`` exits 1 when a limit is exceeded. Run ``fxprune COMMAND --help`` for examples.
 
+Your own code (a score from ``register_score``, a target metric, an op rule) reaches
+the command line in one of two ways: ``--plugin my_scores.py`` (or ``--plugin
+mypkg.scores``; repeatable) imports it before the command runs, e.g.
+``fxprune compress torchvision:resnet18 --flops 0.5 --score mine --plugin my_scores.py``;
+or an installed package declares it once as an entry point in the ``fxprune.plugins``
+group (``[project.entry-points."fxprune.plugins"] mine = "mypkg.scores"``), which
+fxprune loads by itself.
+
 Example:
     >>> main(["graph", "torchvision:resnet18", "--format", "json"])   # doctest: +SKIP
 """
@@ -14,6 +22,8 @@ import sys
 from fxprune.cli.commands import (cmd_check, cmd_compress, cmd_demo, cmd_graph, cmd_report,
                                   end_progress_line)
 from fxprune.errors import FxpruneError
+from fxprune.measure import LatencySettings
+from fxprune.models import load_plugin
 
 MODEL_HELP = ("model reference: torchvision:NAME, timm:NAME, package.module:factory, "
               "path/to/file.py:factory, or a file saved by `fxprune compress -o` / torch.save")
@@ -32,6 +42,9 @@ def _command(sub, name: str, help_text: str, examples: str, func):
 def _model_args(parser, optional: bool = False) -> None:
     parser.add_argument("model", nargs="?" if optional else None, metavar="MODEL", help=MODEL_HELP)
     parser.add_argument("--input", metavar="SHAPE", help=INPUT_HELP)
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE (mypkg.scores) or FILE.py first, for the scores, "
+                             "metrics or rules it registers; repeatable")
 
 
 def _capture_arg(parser) -> None:
@@ -40,9 +53,14 @@ def _capture_arg(parser) -> None:
 
 
 def _latency_args(parser) -> None:
-    parser.add_argument("--device", default="cpu", help="latency device: cpu (default), cuda, cuda:N")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads while timing (default 2)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs; the median is shown (default 20)")
+    # defaults come from LatencySettings, the one definition of how latency is measured
+    default = LatencySettings()
+    parser.add_argument("--device", default=default.device,
+                        help=f"latency device: cpu, cuda, cuda:N (default {default.device})")
+    parser.add_argument("--threads", type=int, default=default.threads,
+                        help=f"CPU threads while timing (default {default.threads})")
+    parser.add_argument("--repeats", type=int, default=default.repeats,
+                        help=f"timed runs; the median is shown (default {default.repeats})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,10 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     goal.add_argument("--flops", type=float, metavar="F", help="keep this fraction of the FLOPs, in (0, 1]")
     goal.add_argument("--params", type=float, metavar="F", help="keep this fraction of the parameters, in (0, 1]")
     goal.add_argument("--ratio", type=float, metavar="R", help="remove this fraction of every prunable group, in (0, 1)")
-    p.add_argument("--score", help="channel importance: magnitude (default), bn_scale, group_lasso, l0")
+    p.add_argument("--score", help="channel importance: magnitude (default), bn_scale, group_lasso, "
+                   "l0, or one registered by a --plugin")
     p.add_argument("--nm", metavar="N:M", help="N:M semi-structured sparsity on top, e.g. 2:4")
     p.add_argument("--round-to", type=int, metavar="K", help="kept channel counts are multiples of K")
-    p.add_argument("--latency", action="store_true", help="also measure latency before/after (cpu, 2 threads)")
+    p.add_argument("--latency", action="store_true", help="also measure latency before/after (the "
+                   "spec's [latency] settings; default: "
+                   f"{LatencySettings().device}, {LatencySettings().threads} threads)")
     p.add_argument("--markdown", action="store_true", help="print the report as GitHub markdown")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -147,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fxprune`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        for ref in getattr(args, "plugin", ()):
+            load_plugin(ref)
         return int(args.func(args) or 0)
     except (FxpruneError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
         end_progress_line()

@@ -1,6 +1,7 @@
 """The body of each ``fxprune`` command; the parser lives in ``fxprune.cli``."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -158,6 +159,7 @@ def cmd_report(args) -> int:
 
 def cmd_check(args) -> int:
     from fxprune.budget import Budget, BudgetError, check_budget, find_pyproject, load_budget
+    from fxprune.measure import LatencySettings
 
     overrides = {k: getattr(args, f"max_{k[4:]}") for k in
                  ("max_params", "max_flops", "max_size", "max_latency_ms")}
@@ -174,10 +176,8 @@ def cmd_check(args) -> int:
     else:
         data, source, base = {}, "arguments", Budget()
     data.update(overrides)
-    if "max_latency_ms" in data:
-        data["latency"] = vars(base.latency) if base.latency else {"device": "cpu", "threads": 2}
-        data["latency"] = {k: v for k, v in data["latency"].items() if k != "compile"
-                           and k != "compile_backend"}
+    if "max_latency_ms" in data:  # the budget's settings, else the defaults, stated in full
+        data["latency"] = dataclasses.asdict(base.latency or LatencySettings())
     budget = Budget.from_dict(data, source=source)
     ref = args.model or base.model
     if ref is None:

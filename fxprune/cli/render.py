@@ -7,6 +7,7 @@ import torch
 from tabulate import tabulate
 from torch.utils.flop_counter import FlopCounterMode
 
+from fxprune._util import eval_mode, format_si
 from fxprune.capture.inputs import as_example_inputs
 from fxprune.measure import count_flops, count_params, size_bytes
 
@@ -100,16 +101,12 @@ def layer_rows(model: torch.nn.Module, inputs) -> list[dict]:
                 shapes.setdefault(name, list(out.shape))
         hooks.append(module.register_forward_hook(hook))
     counter = FlopCounterMode(display=False)
-    training = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad(), counter:
+        with torch.no_grad(), eval_mode(model), counter:
             as_example_inputs(inputs).call(model)
     finally:
         for h in hooks:
             h.remove()
-        for m, flag in training:
-            m.training = flag
     counts = counter.get_flop_counts()
     root = type(model).__name__
     return [{"name": name, "type": type(module).__name__, "output_shape": shapes.get(name),
@@ -129,25 +126,22 @@ def model_report(model, inputs, model_ref, input_shape, latency) -> dict:
             "layers": layer_rows(model, inputs)}
 
 
-def _si(value: float) -> str:
-    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.2f}{prefix}"
-    return f"{value:g}"
+def _short(value: float) -> str:
+    return format_si(value, space=False)
 
 
 def model_report_text(data: dict, max_layers: int | None = None) -> str:
     s = data.get("latency_settings")
     latency = (f"{data['latency_ms']:.3f} ms (median of {s['repeats']} runs, {s['device']}, "
                f"{s['threads']} thread{'s' if s['threads'] != 1 else ''})" if s else "not measured (--no-latency)")
-    summary = tabulate([["FLOPs", f"{_si(data['flops'])} ({data['flops']:,})"],
-                        ["params", f"{_si(data['params'])} ({data['params']:,})"],
+    summary = tabulate([["FLOPs", f"{_short(data['flops'])} ({data['flops']:,})"],
+                        ["params", f"{_short(data['params'])} ({data['params']:,})"],
                         ["size (state_dict)", f"{data['size_bytes'] / 1e6:.2f} MB ({data['size_bytes']:,} B)"],
                         ["latency", latency]], tablefmt="plain", disable_numparse=True)
     total = data["flops"] or 1
     layers = data["layers"] if max_layers is None else data["layers"][:max_layers]
     rows = [[r["name"], r["type"], "x".join(map(str, r["output_shape"] or [])) or "-",
-             f"{r['params']:,}", _si(r["flops"]), f"{r['flops'] / total:.1%}"] for r in layers]
+             f"{r['params']:,}", _short(r["flops"]), f"{r['flops'] / total:.1%}"] for r in layers]
     table = tabulate(rows, headers=["layer", "type", "output", "params", "FLOPs", "% FLOPs"],
                      colalign=("left", "left", "left", "right", "right", "right"), disable_numparse=True)
     more = len(data["layers"]) - len(layers)

@@ -20,11 +20,12 @@ deterministic gate.
 ``fold_gates(gated)`` multiplies each gate point's output parameters by the
 deterministic gate, removes the gate nodes, and stores the gates' probabilities
 ``P(z != 0)`` in ``folded.meta["fxprune_l0"]``; ``fxprune.compress(folded, {...,
-"score": "l0"})`` ranks channels by them (see ``fxprune.passes.score.l0``).
+"score": "l0"})`` ranks channels by them (see ``fxprune.select.score.l0``).
 """
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch
 import torch.fx
 
 from fxprune.channels.graph import DependencyGraph, Group
-from fxprune.regularize.l0 import L0Gate
+from fxprune.errors import SpecError
 
 META_KEY = "fxprune_l0"  # GraphModule.meta key of the gate probabilities after fold_gates
 POINTS_KEY = "fxprune_gate_points"  # GatedModel.meta key of its GatePoints
@@ -49,6 +50,58 @@ _AFFINE_OUT = (
     torch.nn.GroupNorm,
     torch.nn.LayerNorm,
 )
+
+
+class L0Gate(torch.nn.Module):
+    """Hard-concrete gates (Louizos, Welling & Kingma 2018), one per pruning unit.
+
+    ``forward()`` returns the gate vector ``z`` (size ``n``): a stochastic sample in
+    training, the deterministic ``clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``
+    in eval.
+
+    Example:
+        >>> gate = L0Gate(4, drop_rate=0.5)
+        >>> gate.eval()().tolist()
+        [0.5, 0.5, 0.5, 0.5]
+        >>> round(gate.expected_l0().item(), 4)  # 4 * sigmoid(0 - beta * log(-gamma / zeta))
+        3.3273
+    """
+
+    def __init__(self, n: int, *, drop_rate: float = 0.5, beta: float = 2 / 3,
+                 gamma: float = -0.1, zeta: float = 1.1):
+        super().__init__()
+        if not 0.0 < drop_rate < 1.0:
+            raise SpecError(f"drop_rate: must be in (0, 1), got {drop_rate}")
+        if not (gamma < 0.0 and zeta > 1.0 and beta > 0.0):
+            raise SpecError(f"gates: need gamma < 0 < 1 < zeta and beta > 0, got "
+                            f"gamma={gamma}, zeta={zeta}, beta={beta}")
+        self.beta, self.gamma, self.zeta = float(beta), float(gamma), float(zeta)
+        init = math.log(1.0 - drop_rate) - math.log(drop_rate)
+        self.log_alpha = torch.nn.Parameter(torch.full((n,), init))
+
+    def extra_repr(self) -> str:
+        return f"n={self.log_alpha.numel()}, beta={self.beta:.3g}, gamma={self.gamma}, zeta={self.zeta}"
+
+    def forward(self) -> torch.Tensor:
+        if not self.training:
+            return self.deterministic()
+        eps = 1e-6
+        u = torch.rand_like(self.log_alpha).clamp(eps, 1.0 - eps)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
+        return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
+
+    def deterministic(self) -> torch.Tensor:
+        """The eval-mode gate: ``clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``."""
+        s = torch.sigmoid(self.log_alpha)
+        return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
+
+    def prob_nonzero(self) -> torch.Tensor:
+        """``P(z != 0) = sigmoid(log_alpha - beta * log(-gamma / zeta))`` per unit."""
+        return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
+
+    def expected_l0(self) -> torch.Tensor:
+        """The L0 penalty: expected number of non-zero gates (differentiable)."""
+        return self.prob_nonzero().sum()
 
 
 def apply_gate(x: torch.Tensor, z: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:

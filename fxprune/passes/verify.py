@@ -12,6 +12,7 @@ from typing import Mapping
 
 import torch
 
+from .._util import eval_mode
 from ..channels.graph import DependencyGraph
 from ..errors import PlanError, VerificationError
 
@@ -72,13 +73,8 @@ def check_zero_invariance(model: torch.nn.Module, graph: DependencyGraph, plan: 
 
     small = pruned if pruned is not None else prune(graph, plan)
     ref = zeroed_copy(model, graph, plan).eval()
-    was_training = small.training
-    small.eval()
-    try:
-        with torch.no_grad():
-            error = output_error(graph.example_inputs.call(ref), graph.example_inputs.call(small))
-    finally:
-        small.train(was_training)
+    with torch.no_grad(), eval_mode(small):
+        error = output_error(graph.example_inputs.call(ref), graph.example_inputs.call(small))
     if error > tolerance:
         raise VerificationError(f"pruned model differs from the zeroed original by {error:.3g} (relative) "
                                 f"> {tolerance:g}: a channel rule is wrong for this model")

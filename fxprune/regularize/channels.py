@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fxprune.errors import SpecError
-from fxprune.passes.score import unit_entries
+from fxprune.select.score import unit_entries
 
 
 class ParamSlice(NamedTuple):

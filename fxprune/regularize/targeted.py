@@ -37,7 +37,7 @@ import torch
 
 from fxprune.channels import analyze
 from fxprune.errors import SpecError
-from fxprune.passes.select import Plan, select
+from fxprune.select.plan import Plan, select
 from fxprune.regularize._common import check_int, check_lam
 from fxprune.regularize.channels import channel_slices_from_graph
 from fxprune.regularize.group_lasso import GroupLasso

@@ -3,11 +3,7 @@ counts on the multiples kernels block by (used by the select pass's local and la
 scopes)."""
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
-
-from fxprune.channels.graph import Group
 
 ALIGN = (64, 32, 16)  # channel multiples that CPU and GPU kernels block by
 MAX_ALIGN_TRIES = 6   # extra verified prunes spent looking for aligned widths
@@ -18,9 +14,11 @@ def _alignment(width: int) -> int:
     return ALIGN[0] if width == 0 else min(width & -width, ALIGN[0])
 
 
-def prefer_aligned(best: int, groups: list[Group], costs: dict[int, np.ndarray], keys: dict[int, np.ndarray],
-                   plan_at: Callable, actual: Callable, done: Callable, notes: list[str], metric: str) -> int:
+def prefer_aligned(problem, best: int, notes: list[str]) -> int:
     """Among plans that also land within tolerance, the one whose widths kernels like best.
+
+    ``problem`` is a ``fxprune.select.landing.Landing`` (its groups, costs, keys,
+    ``plan_at``, ``actual`` and ``done``); ``best`` the ``k`` it landed at.
 
     Local selection removes the same share ``s`` of every group (latency selection a
     fixed multiple of it), so the target only fixes ``s`` up to the tolerance, and any
@@ -32,6 +30,7 @@ def prefer_aligned(best: int, groups: list[Group], costs: dict[int, np.ndarray],
     multiples of 64, 32 and 16, each snap is verified like any other candidate, and the
     plan with the best cost-weighted alignment wins (ties: the landed plan).
     """
+    groups, costs, keys, plan_at = problem.groups, problem.costs, problem.keys, problem.plan_at
     sizes = {g.id: g.size for g in groups}
     weight = {g.id: float(costs[g.id].sum()) for g in groups}
     flat = np.sort(np.concatenate([keys[g.id] for g in groups]))
@@ -63,11 +62,11 @@ def prefer_aligned(best: int, groups: list[Group], costs: dict[int, np.ndarray],
                 candidates.append(int(np.searchsorted(flat, threshold * (1 + 1e-9), side="right")))
     chosen = best
     for k in list(dict.fromkeys(candidates))[:MAX_ALIGN_TRIES]:
-        if score(k) > score(chosen) and done(k):  # done() prunes and counts: only if it would win
+        if score(k) > score(chosen) and problem.done(k):  # done() prunes and counts: only if it would win
             chosen = k
     if chosen != best:
         total = sum(weight.values())
         notes.append(f"select: kept widths moved onto kernel blocks (cost-weighted alignment "
                      f"{score(best) / total:.0f} -> {score(chosen) / total:.0f} of 64) at "
-                     f"{actual(chosen):.3f} of the {metric}")
+                     f"{problem.actual(chosen):.3f} of the {problem.metric}")
     return chosen

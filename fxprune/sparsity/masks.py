@@ -8,7 +8,7 @@ plain weights, after which the model has its original ``state_dict`` keys again 
 nothing extra to carry around.
 
 Masks only zero values: the tensors keep their shapes and a dense kernel computes with
-them at the same speed. Only ``nm.to_semi_structured`` (CUDA, 2:4) turns them into speed.
+them at the same speed. Only ``semi_structured.to_semi_structured`` (CUDA, 2:4) turns them into speed.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def finalize(model: nn.Module) -> list[str]:
     are baked too; tensors without an fxprune mask are left alone.
 
     Example:
-        >>> from fxprune.passes.nm import apply_nm
+        >>> from fxprune.sparsity.nm import apply_nm
         >>> net = nn.Sequential(nn.Linear(8, 4))
         >>> _ = apply_nm(net, 2, 4)
         >>> finalize(net)
@@ -266,7 +266,7 @@ def measure_density(model: nn.Module, *, all_layers: bool = False) -> list[Densi
     ``"dense"``, ``valid=None``), which also measures a model after ``finalize``.
 
     Example:
-        >>> from fxprune.passes.nm import apply_nm
+        >>> from fxprune.sparsity.nm import apply_nm
         >>> net = nn.Sequential(nn.Linear(8, 4))
         >>> _ = apply_nm(net, 1, 4)
         >>> [(r.name, r.density, r.valid) for r in measure_density(net)]

@@ -41,7 +41,7 @@ from fxprune.channels.feasible import feasible_plan
 from fxprune.channels.graph import DependencyGraph, Group
 from fxprune.measure import LatencySettings, device_timer, module_calls, round_robin
 from fxprune.passes.prune import prune
-from fxprune.passes.score import unit_entries
+from fxprune.select.score import unit_entries
 
 SAMPLE_MS = 2.0  # each timing sample repeats a module's calls for about this long
 SHARE = 0.5  # fraction of a group removed to measure it: large enough to rise above timer noise
@@ -79,7 +79,7 @@ def latency_table(graph: DependencyGraph, groups: list[Group], scores: dict[int,
                   base: dict[int, list[int]] | None = None) -> dict[int, GroupLatency]:
     """Measured saving of removing ``share`` of each group's channels (see the module docstring).
 
-    ``costs`` are the FLOPs per channel (``select.unit_costs``), ``limit`` the most
+    ``costs`` are the FLOPs per channel (``fxprune.select.metrics.unit_costs``), ``limit`` the most
     channels each group may lose; ``batchnorm=False`` leaves BatchNorms untimed (they
     will be folded into the convs); ``compiled=True`` times CPU convs in channels_last;
     ``base`` (``{group id: units}``) is removed from both models timed, and ``share`` is

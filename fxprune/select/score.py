@@ -4,7 +4,8 @@ A unit of a group owns entries in many tensors (producer rows, norm affine, cons
 columns, ...). Every score aggregates over *all* of them, so a residual group's channel
 is judged by every layer it lives in, not just its first producer.
 
-Methods (``SCORE_METHODS``, a registry name -> function; add one with ``register_score``):
+Methods (``SCORE_METHODS``, a registry name -> function; add one with ``register_score``,
+and ``Spec(score=...)`` accepts it):
 
 - ``magnitude``: mean |w| over every parameter entry the unit owns (producers and
   consumers; buffers such as BN running stats are excluded).
@@ -30,7 +31,9 @@ import torch
 
 from fxprune.capture.inputs import as_example_inputs
 from fxprune.channels.graph import DependencyGraph, Group
+from fxprune.channels.registry import load_plugins
 from fxprune.errors import SpecError
+from fxprune.passes.gates import gate_meta
 
 ScoreFn = Callable[..., dict[int, np.ndarray]]
 SCORE_METHODS: dict[str, ScoreFn] = {}
@@ -39,15 +42,39 @@ SCORE_METHODS: dict[str, ScoreFn] = {}
 def register_score(name: str) -> Callable[[ScoreFn], ScoreFn]:
     """Decorator: make ``fn(graph, *, calib_inputs, loss_fn, notes)`` available as ``name``.
 
+    ``fn`` returns ``{group id: float array of size group.size}`` for every prunable
+    group, lower = pruned first. Once registered, ``name`` is a valid ``Spec.score``:
+    ``fxprune.compress(model, {"score": name, ...})`` uses it, and so does
+    ``fxprune compress ... --score NAME --plugin my_scores.py`` (or a package's
+    ``fxprune.plugins`` entry point). A later registration replaces an earlier one.
+
     Example:
         >>> @register_score("ones")
         ... def ones(graph, **_):
         ...     return {g.id: np.ones(g.size) for g in graph.prunable_groups}
+        >>> "ones" in known_scores()
+        True
+        >>> del SCORE_METHODS["ones"]
     """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_score needs a non-empty name, got {name!r}")
+
     def deco(fn: ScoreFn) -> ScoreFn:
         SCORE_METHODS[name] = fn
         return fn
     return deco
+
+
+def known_scores() -> tuple[str, ...]:
+    """The registered score names, after the ``fxprune.plugins`` entry points (which may
+    register more) are loaded; ``Spec`` validates ``score`` against them.
+
+    Example:
+        >>> known_scores()[:2]
+        ('magnitude', 'group_lasso')
+    """
+    load_plugins()
+    return tuple(SCORE_METHODS)
 
 
 def score_groups(graph: DependencyGraph, method: str, *, calib_inputs=None, loss_fn=None,
@@ -64,8 +91,9 @@ def score_groups(graph: DependencyGraph, method: str, *, calib_inputs=None, loss
         >>> {gid: s.shape for gid, s in score_groups(graph, "magnitude").items()}
         {0: (8,)}
     """
-    if method not in SCORE_METHODS:
-        raise SpecError(f"spec.score: unknown score {method!r}; known: {', '.join(SCORE_METHODS)}")
+    if method not in known_scores():
+        raise SpecError(f"spec.score: unknown score {method!r}; known: {', '.join(SCORE_METHODS)}; "
+                        "register one with fxprune.select.score.register_score")
     notes = [] if notes is None else notes
     return SCORE_METHODS[method](graph, calib_inputs=calib_inputs, loss_fn=loss_fn, notes=notes)
 
@@ -187,7 +215,6 @@ def l0(graph: DependencyGraph, *, notes: list[str], **_) -> dict[int, np.ndarray
     Units whose deterministic gate is exactly 0 score 0 (below every open unit): they go first.
     A group without gates gets ``magnitude`` scores, with a note.
     """
-    from fxprune.passes.gates import gate_meta  # gates imports this module's neighbours
     meta = gate_meta(graph.gm)
     if not meta:
         raise SpecError("spec.score: score='l0' needs a model from fxprune.passes.gates.fold_gates "

@@ -38,7 +38,7 @@ def faster_plan(graph, local: tuple[Plan, torch.nn.Module | None], weighted: tup
     returned as given. A note states both medians."""
     if local[0] == weighted[0]:
         return weighted
-    settings = spec.latency.to_settings()
+    settings = spec.latency
     models = [_as_emitted(graph, plan, model, spec.fuse) for plan, model in (local, weighted)]
     times = measure_latency(models, graph.example_inputs, settings)
     kind, (local_ms, weighted_ms) = (("compiled", times.compiled_ms) if times.compiled_ms

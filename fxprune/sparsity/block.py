@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fxprune.errors import SpecError
-from fxprune.passes.masks import (
+from fxprune.sparsity.masks import (
     FixedMask,
     LayerRow,
     MaskReport,

@@ -38,7 +38,8 @@ from torch.nn.utils import parametrize
 
 from fxprune.errors import SpecError
 from fxprune.measure import cuda_graph, device_timer, module_calls
-from fxprune.passes.masks import check_model, input_dim_of
+from fxprune.sparsity.masks import check_model, input_dim_of
+from fxprune.sparsity.nm import check_nm
 
 CPU_REASON = "no sparse kernel, masks give no speed"
 SPARSE_DTYPES = (torch.float16, torch.bfloat16)
@@ -107,8 +108,6 @@ def _fused_children(model: nn.Module) -> dict[str, str]:
 
 def _dense_reason(module: nn.Module, weight: torch.Tensor, *, capability, backend: str, fused_by: str = "") -> str:
     """Why ``module`` must stay dense; "" if it can be converted. ``capability``: (major, minor) or None."""
-    from fxprune.passes.nm import check_nm  # nm re-exports this module's entry point
-
     if weight.device.type != "cuda":
         return f"{weight.device.type}: {CPU_REASON}"
     if not isinstance(module, nn.Linear):
@@ -161,7 +160,7 @@ def to_semi_structured(
     depends on the shape.
 
     Example:
-        >>> from fxprune.passes.nm import apply_nm
+        >>> from fxprune.sparsity.nm import apply_nm
         >>> net = nn.Sequential(nn.Linear(64, 64))
         >>> _ = apply_nm(net, 2, 4)
         >>> [(r.status, r.reason) for r in to_semi_structured(net)]

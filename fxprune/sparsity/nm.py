@@ -12,7 +12,7 @@ Groups run along the input dim, as sparse tensor cores read them: along
   an extra decay ``lambda_W * (1 - mask) * w``.
 
 ``finalize`` bakes either into plain weights. Masks alone give no speed;
-``to_semi_structured`` (from ``fxprune.passes.semi_structured``) moves 2:4 Linear
+``fxprune.sparsity.semi_structured.to_semi_structured`` moves 2:4 Linear
 weights to the CUDA sparse kernels where they exist.
 """
 
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fxprune.errors import SpecError
-from fxprune.passes.masks import (
+from fxprune.sparsity.masks import (
     FixedMask,
     LayerRow,
     MaskReport,
@@ -37,7 +37,6 @@ from fxprune.passes.masks import (
     measure_density,
     normalize_ignore,
 )
-from fxprune.passes.semi_structured import to_semi_structured
 
 __all__ = [
     "NMResult",
@@ -46,8 +45,6 @@ __all__ = [
     "finalize",
     "measure_density",
     "nm_mask",
-    "sparsity_rows",
-    "to_semi_structured",
 ]
 
 
@@ -205,32 +202,3 @@ def apply_nm(
         return NMMask(nm_mask(weight, n, m), n, m), ""
 
     return NMResult(n, m, sr_ste, mask_layers(model, patterns, plan))
-
-
-def sparsity_rows(model: nn.Module, result: NMResult) -> list[dict]:
-    """The report's per-layer sparsity table for ``model`` after ``apply_nm`` (and fusion).
-
-    One row per layer ``apply_nm`` saw: its pattern (``"-"`` when skipped), the density
-    measured on ``model`` now (non-zeros / entries of the weight), whether a sparse
-    kernel would run it (``to_semi_structured(model, convert=False)``: on CPU never) and
-    the reason a layer was skipped or stays dense.
-
-    Example:
-        >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 6))
-        >>> result = apply_nm(net, 2, 4, ignore=["2"])
-        >>> [(r["layer"], r["pattern"], r["density"], r["kernel"]) for r in sparsity_rows(net, result)]
-        [('0', '2:4', 0.5, 'dense'), ('2', '-', 1.0, 'dense')]
-    """
-    kernels = {row.name: row for row in to_semi_structured(model, convert=False)}
-    rows = []
-    for layer in result.rows:
-        weight = model.get_submodule(layer.name).weight.detach()
-        kernel = kernels.get(layer.name)
-        rows.append({
-            "layer": layer.name,
-            "pattern": f"{result.n}:{result.m}" if layer.status == "masked" else "-",
-            "density": round(int(torch.count_nonzero(weight)) / weight.numel(), 6),
-            "kernel": kernel.status if kernel else "dense",
-            "reason": layer.reason or (kernel.reason if kernel else ""),
-        })
-    return rows
