@@ -263,7 +263,7 @@ class RandomNet(nn.Module):
         if op == "ln":  # a ConvNeXt-style channel layer norm, functional, with the module's parameters
             ln = self.layers[name]
             y = F.layer_norm(x.permute(0, 2, 3, 1), ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-            return [y.permute(0, 3, 1, 2)]
+            return [y.permute(0, 3, 1, 2).contiguous()]
         if op == "act":
             kind, form = p
             if form == "module":
@@ -278,7 +278,8 @@ class RandomNet(nn.Module):
             return [torch.cat([pool[j] for j in step.inputs], dim=1)]
         if op == "split":
             if p[0] == "shape_split":
-                return list(torch.split(x, [p[1], x.shape[1] - p[1]], dim=1))
+                parts = torch.split(x, [p[1], x.shape[1] - p[1]], dim=1)
+                return [parts[0], parts[1]]
             parts = x.chunk(p[1], dim=1) if p[0] == "chunk" else torch.split(x, list(p[1]), dim=1)
             return [parts[j] for j in range(p[1] if p[0] == "chunk" else len(p[1]))]
         if op == "shuffle":

@@ -109,7 +109,9 @@ def functional_layer_norm_rule(ctx):
         if isinstance(ctx.value(raw), TensorChannels):
             for j in range(k):
                 d = x.ndim - k + j
-                x = x.with_dims({**x.dims, d: ctx.adopt(raw, j, x.get(d), "out")})
+                m = ctx.adopt(raw, j, x.get(d), "out")
+                if m is not None:
+                    x = x.with_dims({**x.dims, d: m})
 
     def fix(p, node):
         new = tuple(p.new_shape(node.args[0])[-k:])
