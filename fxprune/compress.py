@@ -20,6 +20,7 @@ import torch
 
 from fxprune.channels import analyze
 from fxprune.channels.graph import DependencyGraph
+from fxprune.errors import WeightError
 from fxprune.passes.fuse import fuse
 from fxprune.passes.nm import apply_nm, finalize, sparsity_rows
 from fxprune.passes.prune import prune
@@ -50,6 +51,33 @@ def _wants_latency(source, spec: Spec, explicit: bool | None) -> bool:
     return spec.latency != LatencySpec()
 
 
+def check_finite(model: torch.nn.Module) -> None:
+    """Raise a WeightError naming the parameters and buffers that hold NaN or inf.
+
+    Scores of NaN weights are NaN, NaN sorts anywhere, and the plan would be arbitrary;
+    BatchNorm statistics that overflowed poison every output the same way.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> check_finite(net)
+        >>> _ = net.bias.data.fill_(float("nan"))
+        >>> check_finite(net)
+        Traceback (most recent call last):
+        ...
+        fxprune.errors.WeightError: the model holds NaN or infinite values in bias (2 of 2 values); ...
+    """
+    bad = [(name, int((~torch.isfinite(t)).sum()), t.numel())
+           for name, t in [*model.named_parameters(), *model.named_buffers()]
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        where = ", ".join(f"{name} ({n} of {total} values)" for name, n, total in bad[:3])
+        more = f" and {len(bad) - 3} more tensor(s)" if len(bad) > 3 else ""
+        raise WeightError(f"the model holds NaN or infinite values in {where}{more}; channel scores "
+                          "would be NaN and the plan arbitrary. Fix: load the weights from a checkpoint "
+                          "saved before training diverged (lower the learning rate or clip gradients), "
+                          "or check the state_dict you loaded")
+
+
 def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = None, **overrides) -> Result:
     """Prune ``model`` as ``spec`` says (a Spec, dict or TOML/JSON path); the input is not mutated.
 
@@ -67,6 +95,7 @@ def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = Non
     inputs = loaded.make_example_inputs()
     notes: list[str] = []
     graph = analyze(model, inputs)  # captures a copy: ``model`` itself is never touched
+    check_finite(graph.gm)
     scores = score_groups(graph, loaded.score, calib_inputs=loaded.calib_inputs,
                           loss_fn=loaded.loss_fn, notes=notes)
     plan, small = select_and_prune(graph, scores, loaded, notes=notes)

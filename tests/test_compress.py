@@ -254,3 +254,23 @@ def test_round_to_counts_channels_not_units_of_a_grouped_conv():
     # a channel multiple the unit width does not divide still rounds: 16 channels = 2 units
     plan16 = select(graph, scores, Spec(example_inputs=(X,), ratio=0.6, scope="local", round_to=16))
     assert (grouped.size - len(plan16[grouped.id])) % 2 == 0
+
+
+def test_default_plan_keeps_every_conv_wide_and_is_deterministic():
+    """The defaults (local scope, round_to 8, aligned widths) on the CLI's first example:
+    the old global default cut layer1 to 7 of 64 channels and left layer3/4 whole."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    spec = {"example_inputs": (x,), "target": {"flops": 0.5}}
+    first, second = compress(model, spec), compress(model, spec)
+    assert first.plan == second.plan
+    frac = count_flops(first.model, (x,)) / count_flops(model, (x,))
+    assert abs(frac - 0.5) <= 0.02 * 0.5, frac
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    for name, conv in convs.items():
+        kept = first.model.get_submodule(name).out_channels
+        assert kept >= conv.out_channels / 4, (name, kept, conv.out_channels)
+        assert kept % 8 == 0, (name, kept)
+    # the FLOPs come out of every stage, the deep ones included
+    assert first.model.get_submodule("layer4.1.conv1").out_channels < 512

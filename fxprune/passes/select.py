@@ -58,6 +58,7 @@ from fxprune.passes.latency_table import efficiency, latency_table
 from fxprune.passes.latency_verify import faster_plan
 from fxprune.passes.prune import prune
 from fxprune.passes.score import unit_entries
+from fxprune.spec import check_ignore
 
 TOLERANCE = 0.01  # relative to the target; the public promise is 2 %
 # scope="latency": a group's share scales with efficiency ** EFFICIENCY_POWER. On resnet50
@@ -87,6 +88,7 @@ def select_and_prune(graph: DependencyGraph, scores: dict[int, np.ndarray], spec
                      notes: list[str] | None = None) -> tuple[Plan, torch.nn.Module | None]:
     """``select``, plus the pruned model when target mode already built it (else None)."""
     notes = [] if notes is None else notes
+    check_ignore(spec.ignore, [name for name, _ in graph.gm.named_modules() if name])
     groups = _eligible(graph, scores, spec, notes)
     limit = {g.id: min(g.size - 1, int(math.floor(spec.max_ratio * g.size + 1e-9))) for g in groups}
     if spec.target is not None:
