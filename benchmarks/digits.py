@@ -64,6 +64,7 @@ from tabulate import tabulate
 import fxprune
 from fxprune.measure import count_flops, count_params
 from fxprune.passes.gates import fold_gates, insert_gates
+from fxprune.progress import progress_bar
 from fxprune.regularize import (BNScaleL1, GroupLasso, LpDecay, TargetedGroupLasso,
                                 channel_slices_from_graph, collapse, factorize)
 
@@ -439,7 +440,7 @@ def main(argv=None):
             for part in pool.starmap(_seed_rows, [(seed, args, methods, start) for seed in range(args.seeds)]):
                 rows.extend(part)
     else:
-        for seed in range(args.seeds):
+        for seed in progress_bar(range(args.seeds), "seeds"):
             run_seed(seed, data, args, methods, rows, log)
     tab = table(rows)
     print(tabulate(tab, headers="keys", tablefmt="github"))

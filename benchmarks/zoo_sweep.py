@@ -20,6 +20,8 @@ import traceback
 import torch
 from tabulate import tabulate
 
+from fxprune.progress import progress_bar
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from zoo import ALL_MODELS, check_model  # noqa: E402
 
@@ -32,7 +34,7 @@ def main() -> int:
     torch.set_num_threads(2)
     names = args.models.split(",") if args.models else sorted(ALL_MODELS)
     rows = []
-    for name in names:
+    for name in progress_bar(names, "models"):
         try:
             row = check_model(name)
             row["status"] = "pass"

@@ -26,6 +26,7 @@ from fxprune.passes.nm import apply_nm, finalize, sparsity_rows
 from fxprune.passes.prune import prune
 from fxprune.passes.score import score_groups
 from fxprune.passes.select import select_and_prune
+from fxprune.progress import reporting, step
 from fxprune.report import Report, build_report, group_row
 from fxprune.spec import LatencySpec, Spec
 
@@ -78,12 +79,15 @@ def check_finite(model: torch.nn.Module) -> None:
                           "or check the state_dict you loaded")
 
 
-def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = None, **overrides) -> Result:
+def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = None, progress: bool = False,
+             **overrides) -> Result:
     """Prune ``model`` as ``spec`` says (a Spec, dict or TOML/JSON path); the input is not mutated.
 
     ``overrides`` are Spec fields a file cannot hold (``example_inputs``, ``calib_inputs``,
     ``loss_fn``). With ``spec.fuse`` (default) the returned model has BatchNorms folded
-    and is in eval mode: it is for inference.
+    and is in eval mode: it is for inference. ``progress=True`` shows a bar on stderr
+    (when it is a terminal) counting the steps as they run: worth it for a latency
+    target or ``scope="latency"``, which time many candidates; off by default.
 
     Example:
         >>> import torchvision
@@ -92,13 +96,22 @@ def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = Non
         >>> print(result.report)
     """
     loaded = Spec.load(spec, **overrides)
+    with reporting("compress", enabled=progress):
+        return _compress(model, spec, loaded, measure_latency)
+
+
+def _compress(model: torch.nn.Module, spec, loaded: Spec, measure_latency: bool | None) -> Result:
     inputs = loaded.make_example_inputs()
+    step("analysing")
     notes: list[str] = []
     graph = analyze(model, inputs)  # captures a copy: ``model`` itself is never touched
     check_finite(graph.gm)
+    step(f"scoring ({loaded.score})")
     scores = score_groups(graph, loaded.score, calib_inputs=loaded.calib_inputs,
                           loss_fn=loaded.loss_fn, notes=notes)
+    step(f"selecting ({loaded.scope} scope)")
     plan, small = select_and_prune(graph, scores, loaded, notes=notes)
+    step("pruning")
     if small is None or small is graph.gm:
         small = prune(graph, plan) if plan else copy.deepcopy(graph.gm)
     nm = None
@@ -114,6 +127,7 @@ def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = Non
             notes.append(f"nm: {narrow} layer(s) skipped because their pruned input width is not a "
                          f"multiple of {m}; set round_to={m} (or a multiple) to keep them eligible")
     if loaded.fuse:
+        step("folding batch norms")
         fused = fuse(small, inputs)
         small = fused.gm
         notes.extend(fused.notes)
@@ -121,6 +135,7 @@ def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = Non
     latency = None
     if _wants_latency(spec, loaded, measure_latency):
         latency = loaded.latency.to_settings()
+    step("measuring the report" + (" (timing latency)" if latency is not None else ""))
     rows = [group_row(g.id, g.size, g.size - len(plan.get(g.id, ())), reason=g.reason or None)
             for g in graph.groups]
     report = build_report(model, small, inputs, latency=latency, group_rows=rows, notes=notes,

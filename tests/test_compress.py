@@ -274,3 +274,18 @@ def test_default_plan_keeps_every_conv_wide_and_is_deterministic():
         assert kept % 8 == 0, (name, kept)
     # the FLOPs come out of every stage, the deep ones included
     assert first.model.get_submodule("layer4.1.conv1").out_channels < 512
+
+
+def test_api_is_quiet_unless_progress_is_asked(capsys, monkeypatch):
+    from fxprune import progress
+
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)  # as if stderr were a terminal
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
+    spec = {"example_inputs": (X,), "target": {"flops": 0.6}}
+    quiet = compress(model, spec)
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+    loud = compress(model, spec, progress=True)
+    err = capsys.readouterr().err
+    assert "compress:" in err and "verifying candidate" in err and "measuring the report" in err
+    assert loud.plan == quiet.plan  # progress changes what is shown, not what is done

@@ -58,6 +58,7 @@ from fxprune.passes.latency_table import efficiency, latency_table
 from fxprune.passes.latency_verify import faster_plan
 from fxprune.passes.prune import prune
 from fxprune.passes.score import unit_entries
+from fxprune.progress import step as progress_step
 from fxprune.spec import check_ignore
 
 TOLERANCE = 0.01  # relative to the target; the public promise is 2 %
@@ -400,6 +401,7 @@ def _land(graph, groups, spec, limit, metric, target, notes, costs, keys) -> tup
 
     def actual(k: int) -> float:
         if k not in tried:
+            progress_step(f"target {metric}={target}: verifying candidate {len(tried)}")
             model = prune(graph, plan_at(k)) if plan_at(k) else graph.gm
             tried[k] = (measure(model, inputs) / base, model)
         return tried[k][0]
