@@ -92,8 +92,13 @@ def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = Non
     Example:
         >>> import torchvision
         >>> result = compress(torchvision.models.resnet18(weights=None),
-        ...                   {"input_shape": [1, 3, 224, 224], "target": {"flops": 0.5}})
+        ...                   {"input_shape": [1, 3, 64, 64], "target": {"flops": 0.5}})
+        >>> round(result.report.ratios()["flops"], 2)
+        0.5
         >>> print(result.report)
+        fxprune report
+        metric ...
+        FLOPs ...
     """
     loaded = Spec.load(spec, **overrides)
     with reporting("compress", enabled=progress):

@@ -79,7 +79,8 @@ def run_demo(epochs: int = 20, flops: float = 0.5, finetune: int = 5, lam: float
     """Train, compress, fine-tune and report; returns the numbers it printed.
 
     Example:
-        >>> run_demo(epochs=1, finetune=0)["flops_ratio"] <= 0.3   # doctest: +SKIP
+        >>> run_demo(epochs=1, finetune=0, flops=0.25, print_fn=lambda *a: None)["flops_ratio"] <= 0.26
+        True
     """
     start = time.perf_counter()
     previous_threads = torch.get_num_threads()

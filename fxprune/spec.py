@@ -377,7 +377,7 @@ def check_ignore(patterns: list[str], names: list[str]) -> None:
         >>> check_ignore(["layr1.*"], ["conv1", "layer1", "layer1.0"])
         Traceback (most recent call last):
         ...
-        fxprune.errors.SpecError: spec.ignore: pattern 'layr1.*' matches no module of the model; closest module names: 'layer1', 'layer1.0'; patterns are fnmatch patterns on module names, e.g. 'layer1.*' (list them with `fxprune graph MODEL`)
+        fxprune.errors.SpecError: spec.ignore: pattern 'layr1.*' matches no module of the model; closest module names: 'layer1.0', 'layer1'; patterns are fnmatch patterns on module names, e.g. 'layer1.*' (list them with `fxprune graph MODEL`)
     """
     for pattern in patterns:
         if not any(fnmatch(name, pattern) for name in names):

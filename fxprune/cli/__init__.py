@@ -4,7 +4,12 @@ Every user error prints one line, ``fxprune: error: ...``, on stderr and exits 2
 ``check`` exits 1 when a limit is exceeded. Run ``fxprune COMMAND --help`` for examples.
 
 Example:
-    >>> main(["graph", "torchvision:resnet18", "--format", "json"])   # doctest: +SKIP
+    >>> import json, pathlib, tempfile
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "groups.json"
+    >>> main(["graph", "torchvision:resnet18", "--input", "1,3,32,32", "--format", "json", "-o", str(out)])
+    0
+    >>> json.loads(out.read_text())["schema"]
+    'fxprune.graph/1'
 """
 from __future__ import annotations
 

@@ -78,9 +78,16 @@ def select(graph: DependencyGraph, scores: dict[int, np.ndarray], spec, *,
     """A plan meeting ``spec.ratio`` or ``spec.target`` (see the module docstring).
 
     Example:
-        >>> graph = fxprune.analyze(model, (x,))
-        >>> plan = select(graph, score_groups(graph, "magnitude"), Spec(example_inputs=(x,), ratio=0.5))
-        >>> small = fxprune.prune(graph, plan)
+        >>> import fxprune
+        >>> from fxprune.passes.score import score_groups
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 4, 3))
+        >>> x = torch.randn(1, 3, 16, 16)
+        >>> graph = fxprune.analyze(net, (x,))
+        >>> plan = select(graph, score_groups(graph, "magnitude"), fxprune.Spec(example_inputs=(x,), ratio=0.5))
+        >>> fxprune.prune(graph, plan)(x).shape   # conv 0 keeps 16 of its 32 channels
+        torch.Size([1, 4, 12, 12])
+        >>> {gid: len(units) for gid, units in plan.items()}
+        {0: 16}
     """
     return select_and_prune(graph, scores, spec, notes=notes)[0]
 
@@ -420,8 +427,10 @@ def _land(graph, groups, spec, limit, metric, target, notes, costs, keys) -> tup
             if lo == n:
                 raise SpecError(
                     f"spec.target.{metric}: {target} is impossible: removing every prunable channel "
-                    f"allowed (max_ratio={spec.max_ratio}, frozen and ignored groups kept) leaves "
-                    f"{actual(n):.3f} of the {metric}; the minimum reachable fraction is {actual(n):.3f}")
+                    f"allowed (max_ratio={spec.max_ratio}, round_to={spec.round_to}, frozen and ignored "
+                    f"groups kept) leaves {actual(n):.3f} of the {metric}; the minimum reachable fraction "
+                    f"is {actual(n):.3f}" + ("; layers narrower than 2 * round_to cannot shrink: lower round_to"
+                                             if spec.round_to > 1 else ""))
             goal += target - actual(k)      # the estimate's error near k, assumed constant
             nxt = k_for(goal)
             nxt = nxt if lo < nxt <= n else n
