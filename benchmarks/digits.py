@@ -15,7 +15,7 @@ so a channel they zero has a zero BN scale: the fxprune methods other than L0 us
 counts consumer columns, which the regularisers leave alone).
 
 Methods (all fxprune ones prune with ``fxprune.compress(model, {"example_inputs": ...,
-"target": {"flops": 1/k}, "score": ..., "scope": "local", "fuse": False})``; ``--scope
+"target": {"flops": 1/k}, "score": ..., "scope": "local", "fuse": False, "round_to": 1})``; ``--scope
 global`` ranks channels across groups by score per FLOP instead, which thins the cheap
 8x8 layers first and trained back worse on seed 0):
 
@@ -280,7 +280,9 @@ def train_method(name, data, args, seed, k=None):
 
 
 def target_spec(k, scope):
-    return {"example_inputs": (EXAMPLE,), "target": {"flops": 1.0 / k}, "scope": scope, "fuse": False}
+    # round_to 1: exact counts in this 16-32 channel net (8 would leave 16x unreachable)
+    return {"example_inputs": (EXAMPLE,), "target": {"flops": 1.0 / k}, "scope": scope, "fuse": False,
+            "round_to": 1}
 
 
 def prune_fxprune(model, score, k, scope="local"):
