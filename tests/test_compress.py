@@ -211,8 +211,10 @@ def test_params_target(resnet):
 
 def test_vit_b_16_flops_target_within_2_percent():
     torch.manual_seed(0)
-    model = torchvision.models.vit_b_16(weights=None).eval()
-    x = torch.randn(1, 3, 224, 224)
+    # vit_b_16's 12 blocks and widths at 64x64 (16 patches + class token): the same graph
+    # and groups as at 224x224, 9x faster than 197 tokens
+    model = torchvision.models.vit_b_16(weights=None, image_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
     result = compress(model, {"example_inputs": (x,), "target": {"flops": 0.5}})
     frac = count_flops(result.model, (x,)) / count_flops(model, (x,))
     assert abs(frac - 0.5) <= 0.02 * 0.5, frac
