@@ -19,7 +19,7 @@ Two modes, from the Spec:
     first, wherever they are. This removes the most FLOPs per unit of importance, but it
     happily thins cheap early layers (high resolution, few channels) down to
     ``max_ratio``, and thin layers run far below their FLOPs on CPUs.
-  - ``scope="local"``: every group loses the same fraction (lowest scores first inside
+  - ``scope="local"`` (default): every group loses the same fraction (lowest scores first inside
     each group); the target picks the fraction. Uniform widths keep latency close to
     FLOPs (see ``benchmarks/latency.py``).
   - ``scope="latency"``: like local, but each group's fraction is scaled by the square
