@@ -33,6 +33,7 @@ from torch import nn
 import fxprune
 from _results import add_json_option, header, write
 from _tables import analysis_scaling as scaling_table
+from fxprune.progress import progress_bar
 
 C = 64
 
@@ -138,7 +139,7 @@ def main(argv=None):
     cases = [(lambda b=int(b): mlp_case(b)) for b in args.blocks.split(",") if b.strip()]
     cases += [(lambda n=n.strip(): torchvision_case(n)) for n in args.models.split(",") if n.strip()]
     rows, start = [], time.perf_counter()
-    for make in cases:
+    for make in progress_bar(cases, "cases"):
         name, model, x, final = make()
         model.eval()
         big = not name.startswith("mlp-") or int(name[4:]) >= 1600

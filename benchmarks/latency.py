@@ -4,7 +4,8 @@ For each model (random weights, batch 1, 224x224, CPU):
 1. Torch-Pruning prunes 50% of the channels (``GroupMagnitudeImportance``,
    ``MetaPruner``), which gives its FLOPs fraction f.
 2. fxprune compresses the same model to the same FLOPs fraction f, once per selection
-   scope: ``fx-global`` ranks channels across groups by score per FLOP (thin cheap early
+   scope: ``fx-default`` leaves the selection to the Spec's defaults (what ``compress``
+   gives a user who sets nothing; ``--round-to`` is then not passed), ``fx-global`` ranks channels across groups by score per FLOP (thin cheap early
    layers first), ``fx-local`` removes the same share of every group (uniform widths,
    like Torch-Pruning's default), ``fx-latency`` scales each group's share by its
    measured latency per FLOP (kernels timed compiled with ``--compile``, else eager).
@@ -17,12 +18,16 @@ pruner leaves it (eager), and fxprune's is what ``compress`` emits (BatchNorm fo
 ``tp+fuse`` folds BN in Torch-Pruning's model too and is compared with the folded dense
 model, like fxprune's.
 
+After the full table, one small table per scope sets its latency next to
+Torch-Pruning's with BN folded (``eager fx/TP`` <= 1: fxprune's plan is as fast or faster).
+
 The table gives the FLOPs reduction, the latency speedup and their quotient
 (speedup / FLOPs reduction; 1.0 means latency follows FLOPs). With ``--compile``, the
 speedups under ``torch.compile`` are added.
 
     python benchmarks/latency.py                          # 8 models, about 20 min on 2 cores; 40 with --compile
     python benchmarks/latency.py --models resnet50 --compile --json latency.json
+    python benchmarks/latency.py --compile --scopes default   # the default plan against Torch-Pruning
     python benchmarks/latency.py --compile --json          # writes benchmarks/results/latency.json
     python benchmarks/latency.py --models resnet50,resnet18 --compile --scopes local --ignore 'conv1,layer1.*'
 
@@ -45,6 +50,7 @@ from _results import add_json_option, header, write
 from _tables import latency as latency_table
 from fxprune.measure import LatencySettings, count_flops, measure_latency
 from fxprune.passes.fuse import fuse
+from fxprune.progress import progress_bar
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "convnext_tiny",
           "regnet_x_400mf", "vit_b_16"]
@@ -90,9 +96,11 @@ def run(name: str, settings: LatencySettings, round_to: int | None, scopes: list
         candidates.update({"tp": tp_model, "tp+fuse": fused(tp_model, x)})
         fractions.update({"tp": f_tp, "tp+fuse": f_tp})
     for scope in scopes:
-        spec = {"example_inputs": (x,), "target": {"flops": f_tp}, "round_to": round_to or 1, "scope": scope,
-                # scope="latency" times kernels the way the model will run: compiled with --compile
+        # scope="latency" times kernels the way the model will run: compiled with --compile
+        spec = {"example_inputs": (x,), "target": {"flops": f_tp},
                 "latency": {"threads": settings.threads, "compile": settings.compile}}
+        if scope != "default":  # "default": the Spec's own selection defaults, what users get
+            spec.update({"round_to": round_to or 1, "scope": scope})
         variants = {f"fx-{scope}": spec}
         if ignore:  # the same FLOPs taken from the layers not ignored
             variants[f"fx-{scope}+ignore"] = {**spec, "ignore": ignore}
@@ -125,6 +133,23 @@ def run(name: str, settings: LatencySettings, round_to: int | None, scopes: list
     return row
 
 
+def against_tp(rows: list[dict], tool: str) -> list[dict]:
+    """Per model: ``tool``'s latency next to Torch-Pruning's with BN folded (both against
+    the folded dense model), and their quotient; below 1.0 the fxprune plan is faster."""
+    table = []
+    for row in rows:
+        if f"{tool}_ms" not in row or "tp+fuse_ms" not in row:
+            continue
+        line = {"model": row["model"], "FLOPs x": row[f"{tool}_flops_x"], "TP FLOPs x": row["tp+fuse_flops_x"],
+                "eager ms": row[f"{tool}_ms"], "TP eager ms": row["tp+fuse_ms"],
+                "eager fx/TP": round(row[f"{tool}_ms"] / row["tp+fuse_ms"], 3)}
+        if f"{tool}_compiled_ms" in row:
+            line.update({"compiled ms": row[f"{tool}_compiled_ms"], "TP compiled ms": row["tp+fuse_compiled_ms"],
+                         "compiled fx/TP": round(row[f"{tool}_compiled_ms"] / row["tp+fuse_compiled_ms"], 3)})
+        table.append(line)
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
@@ -132,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--round-to", type=int, default=8, help="channel multiple for both tools (0: none)")
     parser.add_argument("--compile", action="store_true", help="also time under torch.compile")
-    parser.add_argument("--scopes", default="global,local,latency", help="fxprune selection scopes to compare")
+    parser.add_argument("--scopes", default="default,global,latency",
+                        help="fxprune selection scopes to compare: default (the Spec's defaults, what "
+                             "compress does unless told otherwise), local, latency, global")
     parser.add_argument("--ignore", default="",
                         help="also compress with these module patterns kept whole (comma list, "
                              "e.g. 'conv1,layer1.*' for resnets): candidates fx-SCOPE+ignore")
@@ -141,12 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     settings = LatencySettings(threads=args.threads, repeats=args.repeats, warmup=5, compile=args.compile)
     torch.set_num_threads(args.threads)
     rows = []
-    for name in args.models.split(","):
-        rows.append(run(name, settings, args.round_to or None, args.scopes.split(","),
+    scopes = args.scopes.split(",")
+    for name in progress_bar(args.models.split(","), "models"):
+        rows.append(run(name, settings, args.round_to or None, scopes,
                         [p for p in args.ignore.split(",") if p]))
         print(f"{name}: done", file=sys.stderr, flush=True)
     head, body = latency_table(rows)
     print(tabulate(body, headers=head, tablefmt="github"))
+    for scope in scopes:
+        table = against_tp(rows, f"fx-{scope}")
+        if table:
+            print(f"\nfx-{scope} against Torch-Pruning with BN folded (tp+fuse), at equal FLOPs:")
+            print(tabulate(table, headers="keys", tablefmt="github"))
     if args.json:
         write(args.json, rows, header(args))
     return 0

@@ -20,6 +20,8 @@ import traceback
 import torch
 from tabulate import tabulate
 
+from fxprune.progress import progress_bar
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from zoo import ALL_MODELS, check_model  # noqa: E402
 
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     head = header(args)
     names = args.models.split(",") if args.models else sorted(ALL_MODELS)
     rows = []
-    for name in names:
+    for name in progress_bar(names, "models"):
         try:
             row = check_model(name)
             row["status"] = "pass"

@@ -184,7 +184,11 @@ def load_budget(path: str | Path) -> Budget:
     file (a file without that table may hold the fields at top level or under ``[budget]``).
 
     Example:
-        >>> budget = load_budget("pyproject.toml")
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "pyproject.toml"
+        >>> _ = path.write_text("[tool.fxprune.budget]\\nmax_params = 12000000\\nmax_size = '50MB'\\n")
+        >>> load_budget(path).max_params
+        12000000
     """
     path = Path(path)
     data = read_config(path, BudgetError, "budget")
@@ -260,8 +264,10 @@ def check_budget(model: torch.nn.Module, example_inputs, budget: Budget) -> Budg
     """Measure what ``budget`` limits on ``model`` and compare (a value holds when <= limit).
 
     Example:
-        >>> result = check_budget(model, (torch.randn(1, 3, 224, 224),), Budget(max_params=12_000_000))
-        >>> result.ok
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+        >>> result = check_budget(model, (torch.randn(1, 3, 32, 32),), Budget(max_params=1_000))
+        >>> result.ok, [row.measured for row in result.rows]
+        (True, [516.0])
     """
     limits = budget.limits()
     needs_inputs = any(k in limits for k in ("max_flops", "max_latency_ms"))

@@ -20,13 +20,15 @@ import torch
 
 from fxprune.channels import analyze
 from fxprune.channels.graph import DependencyGraph
+from fxprune.errors import WeightError
 from fxprune.measure import LatencySettings
 from fxprune.passes.fuse import fuse
 from fxprune.sparsity.nm import apply_nm, finalize
 from fxprune.sparsity.report import sparsity_rows
 from fxprune.passes.prune import prune
-from fxprune.select.score import score_groups
+from fxprune.progress import reporting, step
 from fxprune.select.plan import select_and_prune
+from fxprune.select.score import score_groups
 from fxprune.report import Report, build_report, group_row
 from fxprune.spec import Spec
 
@@ -52,27 +54,72 @@ def _wants_latency(source, spec: Spec, explicit: bool | None) -> bool:
     return spec.latency != LatencySettings()
 
 
-def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = None, **overrides) -> Result:
+def check_finite(model: torch.nn.Module) -> None:
+    """Raise a WeightError naming the parameters and buffers that hold NaN or inf.
+
+    Scores of NaN weights are NaN, NaN sorts anywhere, and the plan would be arbitrary;
+    BatchNorm statistics that overflowed poison every output the same way.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> check_finite(net)
+        >>> _ = net.bias.data.fill_(float("nan"))
+        >>> check_finite(net)
+        Traceback (most recent call last):
+        ...
+        fxprune.errors.WeightError: the model holds NaN or infinite values in bias (2 of 2 values); ...
+    """
+    bad = [(name, int((~torch.isfinite(t)).sum()), t.numel())
+           for name, t in [*model.named_parameters(), *model.named_buffers()]
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        where = ", ".join(f"{name} ({n} of {total} values)" for name, n, total in bad[:3])
+        more = f" and {len(bad) - 3} more tensor(s)" if len(bad) > 3 else ""
+        raise WeightError(f"the model holds NaN or infinite values in {where}{more}; channel scores "
+                          "would be NaN and the plan arbitrary. Fix: load the weights from a checkpoint "
+                          "saved before training diverged (lower the learning rate or clip gradients), "
+                          "or check the state_dict you loaded")
+
+
+def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = None, progress: bool = False,
+             **overrides) -> Result:
     """Prune ``model`` as ``spec`` says (a Spec, dict or TOML/JSON path); the input is not mutated.
 
     ``overrides`` are Spec fields a file cannot hold (``example_inputs``, ``calib_inputs``,
     ``loss_fn``). With ``spec.fuse`` (default) the returned model has BatchNorms folded
-    and is in eval mode: it is for inference.
+    and is in eval mode: it is for inference. ``progress=True`` shows a bar on stderr
+    (when it is a terminal) counting the steps as they run: worth it for a latency
+    target or ``scope="latency"``, which time many candidates; off by default.
 
     Example:
         >>> import torchvision
         >>> result = compress(torchvision.models.resnet18(weights=None),
-        ...                   {"input_shape": [1, 3, 224, 224], "target": {"flops": 0.5}})
+        ...                   {"input_shape": [1, 3, 64, 64], "target": {"flops": 0.5}})
+        >>> round(result.report.ratios()["flops"], 2)
+        0.5
         >>> print(result.report)
+        fxprune report
+        metric ...
+        FLOPs ...
     """
     loaded = Spec.load(spec, **overrides)
+    with reporting("compress", enabled=progress):
+        return _compress(model, spec, loaded, measure_latency)
+
+
+def _compress(model: torch.nn.Module, spec, loaded: Spec, measure_latency: bool | None) -> Result:
     inputs = loaded.make_example_inputs()
+    step("analysing")
     notes: list[str] = []
     graph = analyze(model, inputs, capture=loaded.capture)  # ``model`` itself is never touched
     notes.append(f"capture: {'torch.fx symbolic trace' if graph.capture == 'fx' else 'torch.export'}")
+    check_finite(graph.gm)
+    step(f"scoring ({loaded.score})")
     scores = score_groups(graph, loaded.score, calib_inputs=loaded.calib_inputs,
                           loss_fn=loaded.loss_fn, notes=notes)
+    step(f"selecting ({loaded.scope} scope)")
     plan, small = select_and_prune(graph, scores, loaded, notes=notes)
+    step("pruning")
     if small is None or small is graph.gm:
         small = prune(graph, plan) if plan else copy.deepcopy(graph.gm)
     nm = None
@@ -88,6 +135,7 @@ def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = Non
             notes.append(f"nm: {narrow} layer(s) skipped because their pruned input width is not a "
                          f"multiple of {m}; set round_to={m} (or a multiple) to keep them eligible")
     if loaded.fuse:
+        step("folding batch norms")
         fused = fuse(small, inputs)
         small = fused.gm
         notes.extend(fused.notes)
@@ -95,6 +143,7 @@ def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = Non
     latency = None
     if _wants_latency(spec, loaded, measure_latency):
         latency = loaded.latency
+    step("measuring the report" + (" (timing latency)" if latency is not None else ""))
     rows = [group_row(g.id, g.size, g.size - len(plan.get(g.id, ())), reason=g.reason or None)
             for g in graph.groups]
     report = build_report(model, small, inputs, latency=latency, group_rows=rows, notes=notes,

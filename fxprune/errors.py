@@ -17,6 +17,10 @@ class PlanError(FxpruneError):
     """A pruning plan is invalid (unknown group, out-of-range or frozen channels...)."""
 
 
+class WeightError(FxpruneError):
+    """The model's weights cannot be ranked (NaN or infinite parameters or buffers)."""
+
+
 class VerificationError(FxpruneError):
     """A rewritten graph failed to re-propagate shapes; nothing is emitted."""
 

@@ -204,8 +204,11 @@ class LatencyResult:
 
     Example::
 
-        >>> result = measure_latency([small, big], x)
+        >>> big, small = nn.Linear(256, 256), nn.Linear(256, 16)
+        >>> result = measure_latency([small, big], torch.randn(8, 256), LatencySettings(repeats=3))
         >>> speedup = result.eager_ms[1] / result.eager_ms[0]
+        >>> len(result.eager_ms), result.compiled_ms
+        (2, None)
     """
 
     eager_ms: list[float]
@@ -319,9 +322,11 @@ def measure_latency(models: Sequence[nn.Module], example_inputs,
 
     Example::
 
-        >>> result = measure_latency([original, pruned], torch.randn(1, 3, 224, 224),
-        ...                          LatencySettings(threads=2, repeats=20))
-        >>> result.eager_ms          # [ms of original, ms of pruned]
+        >>> original, pruned = nn.Conv2d(3, 64, 3), nn.Conv2d(3, 32, 3)
+        >>> result = measure_latency([original, pruned], torch.randn(1, 3, 64, 64),
+        ...                          LatencySettings(threads=2, repeats=5))
+        >>> [ms > 0 for ms in result.eager_ms]    # [ms of original, ms of pruned]
+        [True, True]
     """
     settings = settings if settings is not None else LatencySettings()
     if isinstance(models, nn.Module):

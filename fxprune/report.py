@@ -64,6 +64,7 @@ def measure_stats(model: nn.Module, example_inputs) -> ModelStats:
 
     Example::
 
+        >>> import torch
         >>> measure_stats(nn.Linear(10, 20), torch.randn(3, 10)).flops
         1200
     """
@@ -136,9 +137,15 @@ class Report:
 
     Example::
 
-        >>> report = build_report(model, small, (x,))
+        >>> import torch
+        >>> big, small = nn.Linear(16, 32), nn.Linear(16, 8)
+        >>> report = build_report(big, small, (torch.randn(1, 16),))
         >>> print(report)                 # metric / before / after / ratio / reduction
-        >>> json.dumps(report.to_dict())
+        fxprune report
+        ...
+        params...544...136...0.25...4.00x...
+        >>> Report.from_dict(report.to_dict()) == report
+        True
     """
 
     before: ModelStats
@@ -211,7 +218,12 @@ class Report:
 
         Example::
 
-            >>> Path("REPORT.md").write_text(report.to_markdown())
+            >>> import torch
+            >>> report = build_report(nn.Linear(16, 32), nn.Linear(16, 8), (torch.randn(1, 16),))
+            >>> print(report.to_markdown())
+            ### fxprune report
+            ...
+            | params ...
         """
         return self._render("github", "### ", "- ")
 
@@ -220,7 +232,10 @@ class Report:
 
         Example::
 
-            >>> json.dumps(report.to_dict(), indent=2)
+            >>> import torch
+            >>> report = build_report(nn.Linear(16, 32), nn.Linear(16, 8), (torch.randn(1, 16),))
+            >>> report.to_dict()["ratio"]["params"]
+            0.25
         """
         return {
             "flops_convention": FLOPS_CONVENTION,
@@ -240,7 +255,11 @@ class Report:
 
         Example::
 
-            >>> Report.from_dict(json.loads(text))
+            >>> import json, torch
+            >>> report = build_report(nn.Linear(16, 32), nn.Linear(16, 8), (torch.randn(1, 16),))
+            >>> text = json.dumps(report.to_dict())
+            >>> Report.from_dict(json.loads(text)).after.params
+            136
         """
         settings = data.get("latency_settings")
         return cls(before=ModelStats(**data["before"]), after=ModelStats(**data["after"]),
@@ -264,11 +283,14 @@ def build_report(original: nn.Module, compressed: nn.Module, example_inputs, *,
 
     Example::
 
-        >>> report = build_report(model, small, (torch.randn(1, 3, 224, 224),),
-        ...                       latency=LatencySettings(repeats=10),
+        >>> import torch
+        >>> model, small = nn.Conv2d(3, 64, 3), nn.Conv2d(3, 32, 3)
+        >>> report = build_report(model, small, (torch.randn(1, 3, 32, 32),),
+        ...                       latency=LatencySettings(repeats=3),
         ...                       group_rows=[group_row(0, 64, 32)],
         ...                       notes=["fuse: folded 20 batchnorms"])
-        >>> print(report)
+        >>> report.ratios()["flops"], report.groups[0]["kept_ratio"], report.after.latency_ms > 0
+        (0.5, 0.5, True)
     """
     before = measure_stats(original, example_inputs)
     after = measure_stats(compressed, example_inputs)

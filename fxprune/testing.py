@@ -4,8 +4,10 @@ Example:
     >>> import torch, torchvision
     >>> from fxprune.testing import assert_within_budget
     >>> model = torchvision.models.resnet18(weights=None)
-    >>> assert_within_budget(model, torch.randn(1, 3, 224, 224),
-    ...                      max_params="12M", max_flops="4G", max_size="50MB")
+    >>> result = assert_within_budget(model, torch.randn(1, 3, 224, 224),
+    ...                               max_params="12M", max_flops="4G", max_size="50MB")
+    >>> result.ok
+    True
 """
 from __future__ import annotations
 
@@ -33,7 +35,12 @@ def assert_within_budget(model: torch.nn.Module, example_inputs=None, *, input_s
     any fields of ``fxprune.measure.LatencySettings``, the rest at its defaults. Returns the result when every limit holds.
 
     Example:
-        >>> assert_within_budget(torch.nn.Linear(10, 20), torch.randn(1, 10), max_params=220)
+        >>> assert_within_budget(torch.nn.Linear(10, 20), torch.randn(1, 10), max_params=220).ok
+        True
+        >>> assert_within_budget(torch.nn.Linear(10, 20), torch.randn(1, 10), max_params=219)
+        Traceback (most recent call last):
+        ...
+        AssertionError: ...max_params...
     """
     data = {"max_params": max_params, "max_flops": max_flops, "max_size": max_size,
             "max_latency_ms": max_latency_ms}

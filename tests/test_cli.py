@@ -1,16 +1,23 @@
-"""The `fxprune` console script, run as a subprocess exactly as a user would."""
+"""The `fxprune` command. Most tests call ``fxprune.cli.main(argv)`` in-process (fast:
+no interpreter start, no torch import per call); three run the installed console script
+as a subprocess, exactly as a user would."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from fxprune import progress as progress_module
+from fxprune.cli import main
 from fxprune.measure import count_flops, count_params
 
 TINY = textwrap.dedent('''
@@ -20,9 +27,9 @@ TINY = textwrap.dedent('''
     class Tiny(nn.Module):
         def __init__(self):
             super().__init__()
-            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-            self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
-            self.head = nn.Linear(8, 4)
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+            self.block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+            self.head = nn.Linear(16, 4)
 
         def forward(self, x):
             x = self.stem(x)
@@ -36,17 +43,48 @@ TINY = textwrap.dedent('''
 SHAPE = "1,3,16,16"
 
 
-def fxprune(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the ``fxprune`` console script (or its entry point, if not installed) and capture it."""
+@contextlib.contextmanager
+def _chdir(path: Path):
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def fxprune(*args: str, cwd: Path | None = None) -> Ran:
+    """``fxprune ARGS`` in this process: ``main(argv)``, its exit code and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.ExitStack() as stack:
+        if cwd is not None:
+            stack.enter_context(_chdir(cwd))
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(err))
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse: --help, --version and usage errors
+            code = exit_.code if isinstance(exit_.code, int) else 2
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def console_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed ``fxprune`` console script (or its entry point, if not installed)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     script = Path(sys.executable).with_name("fxprune")
     command = [str(script)] if script.is_file() else [
         sys.executable, "-c", "import sys; from fxprune.cli import main; sys.exit(main())"]
-    return subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=timeout)
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+def assert_usage_error(proc, *needles: str) -> None:
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("fxprune: error:")]
@@ -89,6 +127,44 @@ def test_help_on_every_command():
         proc = fxprune(command, "--help")
         assert proc.returncode == 0, proc.stderr
         assert "examples:" in proc.stdout and f"fxprune {command}" in proc.stdout
+
+
+def test_console_script_help_and_version():
+    proc = console_script("--help")
+    assert proc.returncode == 0 and "examples:" in proc.stdout and "fxprune compress" in proc.stdout
+    proc = console_script("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("fxprune ")
+
+
+def test_console_script_user_error_is_one_line_exit_2():
+    assert_usage_error(console_script("graph", "resnet18"), "did you mean torchvision:resnet18")
+
+
+def test_console_script_compress_quiet_saves_and_prints_nothing_on_stderr(tiny, tiny_model, tmp_path):
+    out = tmp_path / "small.pt"
+    proc = console_script("compress", tiny, "--input", SHAPE, "--ratio", "0.5", "-q", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and "fxprune report" in proc.stdout
+    small = torch.load(out, weights_only=False)
+    assert small.get_submodule("stem.0").out_channels == 8  # half of 16, a multiple of round_to=8
+    x = torch.randn(2, 3, 16, 16)
+    assert small(x).shape == tiny_model(x).shape
+
+
+@pytest.mark.parametrize("flags, shown", [((), True), (("--quiet",), False)])
+def test_compress_progress_bar_on_a_terminal_unless_quiet(tiny, capsys, monkeypatch, flags, shown):
+    monkeypatch.setattr(progress_module, "on_terminal", lambda: True)
+    assert main(["compress", tiny, "--input", SHAPE, "--flops", "0.6", *flags]) == 0
+    captured = capsys.readouterr()
+    assert "fxprune report" in captured.out and "steps" not in captured.out
+    assert ("fxprune compress:" in captured.err and "verifying candidate" in captured.err) is shown
+    if not shown:
+        assert captured.err == ""
+
+
+def test_compress_progress_bar_only_on_a_terminal(tiny, capsys):
+    assert main(["compress", tiny, "--input", SHAPE, "--flops", "0.6"]) == 0
+    assert "steps" not in capsys.readouterr().err  # captured stderr is no terminal
 
 
 def test_graph_text(tiny):
@@ -136,7 +212,6 @@ def test_graph_mermaid(tiny):
 def test_compress_saves_model_and_report(compressed, tiny_model):
     proc, out, report = compressed
     assert "fxprune report" in proc.stdout and "FLOPs" in proc.stdout
-    assert "[1/3]" in proc.stderr and "done" in proc.stderr  # progress on stderr
     data = json.loads(report.read_text())
     assert data["after"]["params"] < data["before"]["params"] and data["plan"]
     small = torch.load(out, weights_only=False)

@@ -247,3 +247,37 @@ def test_plugins_from_entry_points_are_loaded_once(monkeypatch):
     assert registry.load_plugins() == ["demo"]
     assert registry.load_plugins() == []  # once per process
     assert calls == ["registered"]
+
+
+def _small_convnet():
+    return randomize(nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+                                   nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Conv2d(16, 2, 1))).eval()
+
+
+def test_ignore_pattern_that_matches_nothing_names_the_closest_modules():
+    spec = {"input_shape": [1, 3, 8, 8], "ratio": 0.5, "round_to": 1}
+    with pytest.raises(fxprune.SpecError) as info:
+        fxprune.compress(_small_convnet(), {**spec, "ignore": ["3", "30*"]})
+    msg = str(info.value)
+    assert msg.startswith("spec.ignore: pattern '30*' matches no module")
+    assert "closest module names: '3'" in msg and "fxprune graph" in msg
+    # a pattern far from every name still says what names look like
+    with pytest.raises(fxprune.SpecError, match=r"'nope\.\*'.*module names look like '0', '1', '2'"):
+        fxprune.compress(_small_convnet(), {**spec, "ignore": ["nope.*"]})
+    # a pattern that matches is honoured, and the group it names keeps every channel
+    result = fxprune.compress(_small_convnet(), {**spec, "ignore": ["3"]})
+    assert result.model.get_submodule("3").out_channels == 16
+    assert result.model.get_submodule("0").out_channels == 8
+
+
+@pytest.mark.parametrize("where, bad", [("3.weight", float("nan")), ("1.running_var", float("inf"))])
+def test_nan_or_inf_weights_are_refused_before_scoring(where, bad):
+    model = _small_convnet()
+    with torch.no_grad():
+        dict([*model.named_parameters(), *model.named_buffers()])[where].view(-1)[:2] = bad
+    with pytest.raises(fxprune.WeightError) as info:
+        fxprune.compress(model, {"input_shape": [1, 3, 8, 8], "target": {"flops": 0.5}})
+    msg = str(info.value)
+    assert f"{where} (2 of " in msg and "NaN or infinite" in msg and "Fix:" in msg
+    # nothing else is named: the message points at the one broken tensor
+    assert msg.count(" values)") == 1

@@ -184,7 +184,7 @@ def test_compress_with_l0_score_and_flops_target(setup):
     _randomise_gates(gated, closed_frac=0.3, seed=3)
     folded = fold_gates(gated).eval()
     result = fxprune.compress(folded, {"example_inputs": (x,), "target": {"flops": 0.5},
-                                       "score": "l0", "fuse": False})
+                                       "score": "l0", "fuse": False, "round_to": 1})
     closed = {gid: set(np.flatnonzero(z == 0).tolist()) for gid, z in gated.deterministic_gates().items()}
     for gid, removed in result.plan.items():  # closed units are removed before any open one
         removed = set(removed)

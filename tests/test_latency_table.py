@@ -105,7 +105,7 @@ def test_latency_scope_takes_more_from_groups_whose_flops_buy_more_time(monkeypa
     monkeypatch.setattr(select_pass, "latency_table", fake_table)
     # the end-to-end check would time the tiny model for real; it is tested on its own below
     monkeypatch.setattr(select_pass, "faster_plan", lambda graph, local, weighted, spec, notes: weighted)
-    spec = {"example_inputs": (X,), "target": {"flops": 0.5}, "scope": "latency", "fuse": False}
+    spec = {"example_inputs": (X,), "target": {"flops": 0.5}, "scope": "latency", "fuse": False, "round_to": 1}
     result = compress(model, spec)
     frac = count_flops(result.model, (X,)) / count_flops(model, (X,))
     assert abs(frac - 0.5) <= 0.02 * 0.5
@@ -138,7 +138,7 @@ def test_latency_scope_measures_for_real_and_lands_the_target():
 def test_latency_scope_with_a_ratio_removes_that_share_of_all_channels():
     torch.manual_seed(0)
     graph = fxprune.analyze(Twins().eval(), (X,))
-    spec = fxprune.Spec(example_inputs=(X,), ratio=0.25, scope="latency",
+    spec = fxprune.Spec(example_inputs=(X,), ratio=0.25, scope="latency", round_to=1,
                         latency={"threads": 1, "warmup": 1, "repeats": 3})
     plan = select_pass.select(graph, score_groups(graph, "magnitude"), spec)
     total = sum(g.size for g in graph.prunable_groups)

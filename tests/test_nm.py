@@ -442,8 +442,9 @@ def test_compress_reports_measured_density_and_kernel_of_every_layer(round_to):
     from fxprune.report import Report
 
     model = torchvision.models.resnet18(weights=None).eval()
+    # global ranking at round_to=1 leaves some widths on multiples of 4 and some off them
     result = fxprune.compress(model, {"input_shape": [1, 3, 64, 64], "ratio": 0.3, "nm": "2:4",
-                                      "round_to": round_to})
+                                      "round_to": round_to, "scope": "global"})
     rows = {row["layer"]: row for row in result.report.sparsity}
     convs = {n: m for n, m in result.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     assert set(rows) == set(convs)

@@ -40,7 +40,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         decay = LpDecay([head.weight], p=0.5, lam=0.05, optimizer=opt)
         # selection runs on each rank's own weights: it must choose the same channels
         targeted = TargetedGroupLasso(model, {"example_inputs": (torch.randn(1, 3, 8, 8),),
-                                              "target": {"flops": 0.5}}, lam=0.5,
+                                              "target": {"flops": 0.5}, "round_to": 1}, lam=0.5,
                                       ramp_steps=4, update_every=2, optimizer=opt)
         torch.manual_seed(100 + rank)  # different data on every rank
         for _ in range(8):

@@ -33,7 +33,7 @@ X = torch.randn(1, 3, 8, 8)
 
 def spec(**extra):
     return {"example_inputs": (X,), "target": {"flops": 0.5}, "scope": "local",
-            "fuse": False, "score": "bn_scale", **extra}
+            "fuse": False, "score": "bn_scale", "round_to": 1, **extra}
 
 
 def train(model, reg, opt, steps, seed=0):
@@ -103,7 +103,7 @@ def test_step_takes_an_explicit_lr_without_an_optimizer():
 
 def test_ratio_spec_chooses_that_share_of_every_group():
     model = ResidualNet()
-    reg = TargetedGroupLasso(model, {"example_inputs": (X,), "ratio": 0.5, "scope": "local"},
+    reg = TargetedGroupLasso(model, {"example_inputs": (X,), "ratio": 0.5, "scope": "local", "round_to": 1},
                              lam=1.0, ramp_steps=1)
     per_group = {}
     for gid, _ in reg.chosen():

@@ -41,7 +41,7 @@ def taylor_kwargs():
 
 def test_defaults():
     spec = make()
-    assert (spec.score, spec.scope, spec.round_to, spec.max_ratio) == ("magnitude", "global", 1, 0.9)
+    assert (spec.score, spec.scope, spec.round_to, spec.max_ratio) == ("magnitude", "local", 8, 0.9)
     assert (spec.ignore, spec.fuse, spec.nm, spec.seed, spec.target) == ([], True, None, 0, None)
     assert spec.latency == LatencySpec()
     assert (spec.example_inputs, spec.calib_inputs, spec.loss_fn) == (None, None, None)
@@ -376,8 +376,8 @@ def test_from_dict_not_a_mapping(bad):
 def test_load_spec_and_dict():
     spec = make()
     assert Spec.load(spec) is spec
-    changed = Spec.load(spec, round_to=8)
-    assert changed.round_to == 8 and spec.round_to == 1
+    changed = Spec.load(spec, round_to=16)
+    assert changed.round_to == 16 and spec.round_to == 8
     assert_spec_error("spec.round_too", "did you mean 'round_to'?", build=lambda: Spec.load(spec, round_too=8))
     assert_spec_error("spec.round_to", "got float", build=lambda: Spec.load(spec, round_to=8.0))
     assert Spec.load({"input_shape": SHAPE, "ratio": 0.2}).ratio == 0.2

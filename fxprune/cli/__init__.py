@@ -12,15 +12,19 @@ group (``[project.entry-points."fxprune.plugins"] mine = "mypkg.scores"``), whic
 fxprune loads by itself.
 
 Example:
-    >>> main(["graph", "torchvision:resnet18", "--format", "json"])   # doctest: +SKIP
+    >>> import json, pathlib, tempfile
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "groups.json"
+    >>> main(["graph", "torchvision:resnet18", "--input", "1,3,32,32", "--format", "json", "-o", str(out)])
+    0
+    >>> json.loads(out.read_text())["schema"]
+    'fxprune.graph/1'
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from fxprune.cli.commands import (cmd_check, cmd_compress, cmd_demo, cmd_graph, cmd_report,
-                                  end_progress_line)
+from fxprune.cli.commands import cmd_check, cmd_compress, cmd_demo, cmd_graph, cmd_report
 from fxprune.errors import FxpruneError
 from fxprune.measure import LatencySettings
 from fxprune.models import load_plugin
@@ -96,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "  fxprune compress mypkg.models:build_net --input 1,3,32,32 --ratio 0.3 --score bn_scale\n"
                  "  fxprune compress torchvision:resnet50 --flops 0.6 --nm 2:4 --latency\n\n"
                  "spec.toml holds Spec fields, e.g.:\n"
-                 "  input_shape = [1, 3, 224, 224]\n  score = \"magnitude\"\n  round_to = 8\n"
+                 "  input_shape = [1, 3, 224, 224]\n  score = \"magnitude\"\n  scope = \"local\"\n  round_to = 8\n"
                  "  [target]\n  flops = 0.5\n"
                  "Flags override the spec's fields; --flops/--params/--ratio replace its goal.",
                  cmd_compress)
@@ -114,12 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", help="channel importance: magnitude (default), bn_scale, group_lasso, "
                    "l0, or one registered by a --plugin")
     p.add_argument("--nm", metavar="N:M", help="N:M semi-structured sparsity on top, e.g. 2:4")
-    p.add_argument("--round-to", type=int, metavar="K", help="kept channel counts are multiples of K")
+    p.add_argument("--scope", choices=("local", "latency", "global"),
+                   help="how channels compete: local (default; every group loses the same share, "
+                        "widths on multiples of 8-64: fast and deterministic), latency (times each "
+                        "group's kernels and keeps the result only if it runs faster; slower to run), "
+                        "global (ranked across groups by score per FLOP; thins cheap early layers)")
+    p.add_argument("--round-to", type=int, metavar="K",
+                   help="kept channel counts are multiples of K (default 8; 1: exact counts)")
     p.add_argument("--latency", action="store_true", help="also measure latency before/after (the "
                    "spec's [latency] settings; default: "
                    f"{LatencySettings().device}, {LatencySettings().threads} threads)")
     p.add_argument("--markdown", action="store_true", help="print the report as GitHub markdown")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar on stderr (it shows only on a terminal anyway) and no notes")
 
     p = _command(sub, "report", "What a model costs: FLOPs, parameters, size, measured latency "
                  "and a per-layer table.",
@@ -172,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
             load_plugin(ref)
         return int(args.func(args) or 0)
     except (FxpruneError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
-        end_progress_line()
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"fxprune: error: {message}", file=sys.stderr)
         return 2

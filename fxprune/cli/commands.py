@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,34 +38,6 @@ def _write(text: str, path: str | None) -> None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
-class _Progress:
-    """`[2/4] analysing and pruning ... done (1.2 s)` lines on stderr."""
-
-    pending = False  # a line was begun and not ended (an error must start a new line)
-
-    def __init__(self, total: int, quiet: bool):
-        self.total, self.quiet, self.step, self.start = total, quiet, 0, 0.0
-
-    def begin(self, text: str) -> None:
-        self.step += 1
-        self.start = time.perf_counter()
-        if not self.quiet:
-            print(f"[{self.step}/{self.total}] {text} ...", end="", file=sys.stderr, flush=True)
-            _Progress.pending = True
-
-    def end(self, extra: str = "") -> None:
-        if not self.quiet:
-            print(f" done ({time.perf_counter() - self.start:.1f} s){extra}", file=sys.stderr, flush=True)
-            _Progress.pending = False
-
-
-def end_progress_line() -> None:
-    """Close a progress line left open by an error, so the error starts its own line."""
-    if _Progress.pending:
-        print(" failed", file=sys.stderr)
-        _Progress.pending = False
-
-
 def cmd_graph(args) -> int:
     from fxprune import analyze
     from fxprune.cli.render import graph_dot, graph_json, graph_mermaid, graph_text
@@ -98,8 +69,8 @@ def _spec_dict(args, shape) -> dict:
         data.update(goal)
     if "target" not in data and "ratio" not in data:
         raise FxpruneError("no goal: pass --spec FILE, or one of --flops F, --params F, --ratio R")
-    for name, value in (("score", args.score), ("nm", args.nm), ("round_to", args.round_to),
-                        ("capture", args.capture)):
+    for name, value in (("score", args.score), ("scope", args.scope), ("nm", args.nm),
+                        ("round_to", args.round_to), ("capture", args.capture)):
         if value is not None:
             data[name] = value
     if args.input or "input_shape" not in data:
@@ -112,24 +83,21 @@ def _spec_dict(args, shape) -> dict:
 
 def cmd_compress(args) -> int:
     from fxprune import compress
+    from fxprune.progress import reporting, step
     from fxprune.spec import Spec
 
-    progress = _Progress(2 + bool(args.output), args.quiet)
-    progress.begin(f"loading {args.model}")
-    model, _, shape = _load(args.model, args.input, required=False)
-    spec = Spec.from_dict(_spec_dict(args, shape))
-    progress.end()
-    progress.begin("analysing, scoring, pruning, verifying and measuring")
-    # --latency forces timing; otherwise compress decides (a [latency] section or a latency target)
-    result = compress(model, spec, measure_latency=True if args.latency else None)
-    progress.end(f": {sum(len(v) for v in result.plan.values())} channels removed from "
-                 f"{len(result.plan)} groups")
+    # a bar on stderr while it runs (a terminal only, not --quiet); the report goes to stdout
+    with reporting("fxprune compress", enabled=not args.quiet):
+        step(f"loading {args.model}")
+        model, _, shape = _load(args.model, args.input, required=False)
+        spec = Spec.from_dict(_spec_dict(args, shape))
+        # --latency forces timing; otherwise compress decides (a [latency] section or a latency target)
+        result = compress(model, spec, measure_latency=True if args.latency else None)
+        if args.output:
+            step(f"saving {args.output}")
+            setattr(result.model, INPUT_SHAPE_ATTR, spec.input_shape)
+            torch.save(result.model, args.output)
     report = result.report
-    if args.output:
-        progress.begin(f"saving {args.output}")
-        setattr(result.model, INPUT_SHAPE_ATTR, spec.input_shape)
-        torch.save(result.model, args.output)
-        progress.end()
     if args.report:
         data = {**report.to_dict(), "model": args.model, "spec": spec.to_dict(),
                 "plan": {str(k): list(v) for k, v in result.plan.items()}}

@@ -97,8 +97,10 @@ class FuseResult:
 
     Example::
 
-        >>> result = fuse(gm)
-        >>> result.gm(x); print("\\n".join(result.notes))
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Dropout())
+        >>> result = fuse(torch.fx.symbolic_trace(net))
+        >>> result.folded, result.removed
+        ([('0', '1')], ['_2'])
     """
 
     gm: fx.GraphModule
@@ -238,7 +240,9 @@ def fuse(gm: fx.GraphModule, example_inputs=None) -> FuseResult:
 
     Example::
 
+        >>> import torchvision
         >>> gm = torch.fx.symbolic_trace(torchvision.models.resnet18().eval())
+        >>> x = torch.randn(1, 3, 64, 64)
         >>> result = fuse(gm)
         >>> torch.allclose(result.gm(x), gm(x), atol=1e-5)
         True

@@ -195,8 +195,13 @@ def find_gate_points(graph: DependencyGraph, notes: list[str] | None = None) -> 
     """The gate points of every prunable, zero-invariant group (see the module docstring).
 
     Example:
-        >>> points = find_gate_points(fxprune.analyze(model, x))
-        >>> [(p.group, p.node) for p in points]   # e.g. [(0, 'bn1'), (0, 'layer1_0_bn2'), ...]
+        >>> import fxprune
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        ...                           torch.nn.Conv2d(8, 4, 3))
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> points = find_gate_points(fxprune.analyze(net, x))
+        >>> [(p.group, p.node) for p in points]   # the gate multiplies the BatchNorm's output
+        [(0, '_1')]
     """
     notes = [] if notes is None else notes
     gm = graph.gm
@@ -247,10 +252,16 @@ def insert_gates(graph: DependencyGraph, *, drop_rate: float = 0.5, beta: float 
     defaults. The graph's own module is not modified.
 
     Example:
-        >>> graph = fxprune.analyze(model, x)
-        >>> gated = insert_gates(graph)
+        >>> import fxprune
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        ...                           torch.nn.Conv2d(8, 4, 3))
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> gated = insert_gates(fxprune.analyze(net, x))
         >>> opt = torch.optim.Adam(gated.parameters(), lr=1e-3)
-        >>> loss = F.cross_entropy(gated(x), y) + 1e-3 * gated.expected_l0()
+        >>> loss = gated(x).square().mean() + 1e-3 * gated.expected_l0()
+        >>> loss.backward(); opt.step()
+        >>> sorted(gated.gates())
+        [0]
     """
     points = find_gate_points(graph, notes)
     base = copy.deepcopy(graph.gm)
@@ -292,6 +303,11 @@ def fold_gates(gated: GatedModel) -> torch.fx.GraphModule:
     (per index along ``dim``) for ``compress(folded, {..., "score": "l0"})``.
 
     Example:
+        >>> import fxprune
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        ...                           torch.nn.Conv2d(8, 4, 3))
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> gated = insert_gates(fxprune.analyze(net, x))
         >>> folded = fold_gates(gated)
         >>> torch.testing.assert_close(folded.eval()(x), gated.eval()(x))
     """
@@ -339,7 +355,12 @@ def gate_meta(gm: torch.fx.GraphModule) -> dict[str, dict]:
     copy of the graph), from its nodes' ``meta``.
 
     Example:
-        >>> sorted(gate_meta(fold_gates(gated)))[:2]   # e.g. ['b1.bias', 'b1.weight']
+        >>> import fxprune
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        ...                           torch.nn.Conv2d(8, 4, 3))
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> sorted(gate_meta(fold_gates(insert_gates(fxprune.analyze(net, x)))))
+        ['1.bias', '1.weight']
     """
     found = dict(getattr(gm, "meta", {}).get(META_KEY, {}))
     for node in gm.graph.nodes:

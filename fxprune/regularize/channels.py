@@ -253,8 +253,13 @@ def channel_slices_from_graph(model: torch.nn.Module, graph, role: str = "out",
     ``(g.id, c)``.
 
     Example:
-        >>> graph = fxprune.analyze(model, (x,))            # doctest: +SKIP
-        >>> lasso = GroupLasso(channel_slices_from_graph(model, graph), lam=1e-4)  # doctest: +SKIP
+        >>> import fxprune
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        ...                             torch.nn.Conv2d(8, 4, 3))
+        >>> graph = fxprune.analyze(model, (torch.randn(1, 3, 8, 8),))
+        >>> channels = channel_slices_from_graph(model, graph)
+        >>> len(channels), [s.param.shape for s in channels[0].slices]   # conv 0 and BN 1 own channel 0
+        (8, [torch.Size([8, 3, 3, 3]), torch.Size([8]), torch.Size([8]), torch.Size([8])])
     """
 
     if role not in ("out", "in", "all"):

@@ -14,10 +14,15 @@ module itself, ``L0Gate``, is defined with that pass and re-exported here.
 Example:
     >>> from fxprune.regularize.l0 import l0_gate
     >>> from fxprune.passes.gates import fold_gates
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     >>> gated = l0_gate(model, x)                       # a GatedModel (GraphModule)
     >>> opt = torch.optim.Adam(gated.parameters(), lr=1e-3)
-    >>> loss = F.cross_entropy(gated(x), y) + 1e-3 * gated.expected_l0()
+    >>> loss = torch.nn.functional.cross_entropy(gated(x), y) + 1e-3 * gated.expected_l0()
+    >>> loss.backward(); opt.step()
     >>> folded = fold_gates(gated)                      # then compress(folded, {..., "score": "l0"})
+    >>> folded(x).shape
+    torch.Size([8, 3])
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ the pruned model computes what the trained one does (for activations with f(0) =
 Example:
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8),
     ...                             torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
-    >>> spec = {"example_inputs": (torch.randn(1, 1, 8, 8),), "target": {"flops": 0.5}}
+    >>> spec = {"example_inputs": (torch.randn(1, 1, 8, 8),), "target": {"flops": 0.5}, "round_to": 1}
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> reg = TargetedGroupLasso(model, spec, lam=1.0, ramp_steps=1, optimizer=opt)
     >>> _ = model(torch.randn(2, 1, 8, 8)).square().mean().backward()
@@ -63,8 +63,13 @@ class TargetedGroupLasso:
     Call ``step()`` after every ``optimizer.step()``.
 
     Example:
-        >>> reg = TargetedGroupLasso(model, {"example_inputs": (x,), "target": {"flops": 1 / 16}},
-        ...                          lam=0.5, ramp_steps=200, optimizer=opt)  # doctest: +SKIP
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.ReLU(), torch.nn.Conv2d(64, 10, 3))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x = torch.randn(1, 3, 16, 16)
+        >>> reg = TargetedGroupLasso(model, {"example_inputs": (x,), "target": {"flops": 1 / 4}},
+        ...                          lam=0.5, ramp_steps=200, optimizer=opt)
+        >>> len(reg.chosen())    # 48 of conv 0's 64 channels are shrunk toward zero
+        48
     """
 
     def __init__(self, model: torch.nn.Module, spec, *, lam: float, ramp_steps: int,
@@ -91,7 +96,11 @@ class TargetedGroupLasso:
         """The strength the next ``step()`` applies: ``lam * min(1, (steps + 1) / ramp_steps)``.
 
         Example:
-            >>> reg.strength  # doctest: +SKIP
+            >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> reg = TargetedGroupLasso(model, {"input_shape": [1, 1, 8, 8], "ratio": 0.5}, lam=1.0,
+            ...                          ramp_steps=400, optimizer=opt)
+            >>> reg.strength
             0.0025
         """
         return self.lam * min(1.0, (self.steps + 1) / self.ramp_steps)
@@ -100,7 +109,13 @@ class TargetedGroupLasso:
         """Rank channels by their current norm and choose those the budget removes.
 
         Example:
-            >>> plan = reg.reselect()  # doctest: +SKIP
+            >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> reg = TargetedGroupLasso(model, {"input_shape": [1, 1, 8, 8], "ratio": 0.5}, lam=1.0,
+            ...                          ramp_steps=400, optimizer=opt)
+            >>> plan = reg.reselect()    # the 8 channels of conv 0 with the smallest norms
+            >>> {gid: len(units) for gid, units in plan.items()}
+            {0: 8}
         """
         norms = self.lasso.channel_norms().cpu().numpy()
         scores = {g.id: np.zeros(g.size) for g in self.graph.prunable_groups}
@@ -119,7 +134,14 @@ class TargetedGroupLasso:
         ``lr`` defaults to each parameter's lr in the optimizer given at construction.
 
         Example:
-            >>> opt.step(); reg.step()  # doctest: +SKIP
+            >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> reg = TargetedGroupLasso(model, {"input_shape": [1, 1, 8, 8], "ratio": 0.5}, lam=1.0,
+            ...                          ramp_steps=400, optimizer=opt)
+            >>> model(torch.randn(2, 1, 8, 8)).square().mean().backward()
+            >>> opt.step(); reg.step()
+            >>> reg.steps
+            1
         """
         if self.steps and self.steps % self.update_every == 0:
             self.reselect()
@@ -131,8 +153,12 @@ class TargetedGroupLasso:
         """``(group id, channel)`` of the channels being shrunk, in channel order.
 
         Example:
-            >>> reg.chosen()[:2]  # doctest: +SKIP
-            [(0, 3), (0, 5)]
+            >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> reg = TargetedGroupLasso(model, {"input_shape": [1, 1, 8, 8], "ratio": 0.5}, lam=1.0,
+            ...                          ramp_steps=400, optimizer=opt)
+            >>> len(reg.chosen()), reg.chosen()[0][0]
+            (8, 0)
         """
         return [label for label, w in zip(self._labels, self.lasso.weights.tolist()) if w > 0]
 
@@ -140,7 +166,12 @@ class TargetedGroupLasso:
         """``(group id, channel)`` of every channel whose producer slices are all exactly 0.
 
         Example:
-            >>> len(reg.zero_channels()) == len(reg.chosen())  # doctest: +SKIP
+            >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> reg = TargetedGroupLasso(model, {"input_shape": [1, 1, 8, 8], "ratio": 0.5}, lam=100.0,
+            ...                          ramp_steps=1, optimizer=opt)
+            >>> reg.step()        # a strong prox step zeroes the chosen channels at once
+            >>> reg.zero_channels() == reg.chosen()
             True
         """
         zero = self.lasso.zero_channels().tolist()

@@ -33,6 +33,7 @@ import torch
 from fxprune.channels.graph import DependencyGraph, Group
 from fxprune.errors import SpecError
 from fxprune.passes.prune import prune
+from fxprune.progress import step as progress_step
 from fxprune.select.align import prefer_aligned
 from fxprune.select.metrics import TARGET_METRICS
 from fxprune.select.ranking import Plan, rank, take_first, unit_multiples
@@ -98,6 +99,7 @@ class Landing:
     def actual(self, k: int) -> float:
         """The measured fraction at ``k``: the plan is pruned for real (once per ``k``)."""
         if k not in self.tried:
+            progress_step(f"target {self.metric}={self.target}: verifying candidate {len(self.tried)}")
             plan = self.plan_at(k)
             model = prune(self.graph, plan) if plan else self.graph.gm
             self.tried[k] = (self.measure(model, self.graph.example_inputs) / self.base, model)
@@ -172,5 +174,6 @@ def _impossible(problem: Landing) -> None:
     metric, target, least = problem.metric, problem.target, problem.actual(problem.n)
     raise SpecError(
         f"spec.target.{metric}: {target} is impossible: removing every prunable channel "
-        f"allowed (max_ratio={problem.spec.max_ratio}, frozen and ignored groups kept) leaves "
-        f"{least:.3f} of the {metric}; the minimum reachable fraction is {least:.3f}")
+        f"allowed (max_ratio={problem.spec.max_ratio}, round_to={problem.spec.round_to}, frozen and ignored "
+        f"groups kept) leaves {least:.3f} of the {metric}; the minimum reachable fraction is {least:.3f}"
+        + ("; layers narrower than 2 * round_to cannot shrink: lower round_to" if problem.spec.round_to > 1 else ""))

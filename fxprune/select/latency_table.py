@@ -41,6 +41,7 @@ from fxprune.channels.feasible import feasible_plan
 from fxprune.channels.graph import DependencyGraph, Group
 from fxprune.measure import LatencySettings, device_timer, module_calls, round_robin
 from fxprune.passes.prune import prune
+from fxprune.progress import step as progress_step
 from fxprune.select.score import unit_entries
 
 SAMPLE_MS = 2.0  # each timing sample repeats a module's calls for about this long
@@ -117,6 +118,7 @@ def latency_table(graph: DependencyGraph, groups: list[Group], scores: dict[int,
         if not any(extra.values()):
             continue
         names = sorted(set().union(*(touched[gid] for gid, units in extra.items() if units)))
+        progress_step(f"scope=latency: timing {len(names)} layer(s) of group(s) {', '.join(str(g.id) for g in members)}")
         before, after = _time_pairs((base_model, base_calls), prune(graph, plan), graph.example_inputs,
                                     names, settings, compiled)
         for g in members:

@@ -21,6 +21,7 @@ import torch
 from fxprune.measure import measure_latency
 from fxprune.passes.fuse import fuse
 from fxprune.passes.prune import prune
+from fxprune.progress import step as progress_step
 
 Plan = dict[int, list[int]]
 MIN_GAIN = 0.02  # the weighted plan must be this much faster than the local one
@@ -38,6 +39,7 @@ def faster_plan(graph, local: tuple[Plan, torch.nn.Module | None], weighted: tup
     returned as given. A note states both medians."""
     if local[0] == weighted[0]:
         return weighted
+    progress_step("scope=latency: timing the weighted and the local plan end to end")
     settings = spec.latency
     models = [_as_emitted(graph, plan, model, spec.fuse) for plan, model in (local, weighted)]
     times = measure_latency(models, graph.example_inputs, settings)

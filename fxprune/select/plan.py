@@ -19,7 +19,7 @@ Two modes, from the Spec:
     first, wherever they are. This removes the most FLOPs per unit of importance, but it
     happily thins cheap early layers (high resolution, few channels) down to
     ``max_ratio``, and thin layers run far below their FLOPs on CPUs.
-  - ``scope="local"``: every group loses the same fraction (lowest scores first inside
+  - ``scope="local"`` (default): every group loses the same fraction (lowest scores first inside
     each group); the target picks the fraction. Uniform widths keep latency close to
     FLOPs (see ``benchmarks/latency.py``).
   - ``scope="latency"``: like local, but each group's fraction is scaled by the square
@@ -55,6 +55,7 @@ from fxprune.select.latency_table import efficiency, latency_table
 from fxprune.select.latency_verify import faster_plan
 from fxprune.select.metrics import TARGET_METRICS, unit_costs
 from fxprune.select.ranking import Plan, rank, rounded_count, take_first, unit_multiples
+from fxprune.spec import check_ignore
 # scope="latency": a group's share scales with efficiency ** EFFICIENCY_POWER. On resnet50
 # at 3.9x fewer FLOPs (compiled, 2 CPU threads), with an early table measured from full
 # width, power 1 gave a latency/FLOPs quotient of 0.76, power 2 0.84, power 4 0.82,
@@ -68,9 +69,16 @@ def select(graph: DependencyGraph, scores: dict[int, np.ndarray], spec, *,
     """A plan meeting ``spec.ratio`` or ``spec.target`` (see the module docstring).
 
     Example:
-        >>> graph = fxprune.analyze(model, (x,))
-        >>> plan = select(graph, score_groups(graph, "magnitude"), Spec(example_inputs=(x,), ratio=0.5))
-        >>> small = fxprune.prune(graph, plan)
+        >>> import fxprune
+        >>> from fxprune.select.score import score_groups
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 4, 3))
+        >>> x = torch.randn(1, 3, 16, 16)
+        >>> graph = fxprune.analyze(net, (x,))
+        >>> plan = select(graph, score_groups(graph, "magnitude"), fxprune.Spec(example_inputs=(x,), ratio=0.5))
+        >>> fxprune.prune(graph, plan)(x).shape   # conv 0 keeps 16 of its 32 channels
+        torch.Size([1, 4, 12, 12])
+        >>> {gid: len(units) for gid, units in plan.items()}
+        {0: 16}
     """
     return select_and_prune(graph, scores, spec, notes=notes)[0]
 
@@ -79,6 +87,7 @@ def select_and_prune(graph: DependencyGraph, scores: dict[int, np.ndarray], spec
                      notes: list[str] | None = None) -> tuple[Plan, torch.nn.Module | None]:
     """``select``, plus the pruned model when target mode already built it (else None)."""
     notes = [] if notes is None else notes
+    check_ignore(spec.ignore, [name for name, _ in graph.gm.named_modules() if name])
     groups = _eligible(graph, scores, spec, notes)
     limit = {g.id: min(g.size - 1, int(math.floor(spec.max_ratio * g.size + 1e-9))) for g in groups}
     if spec.target is not None:
