@@ -38,6 +38,9 @@ SMALL_POOLS = ("adaptive2", "avg4", "max4", "adaptive1")
 # the module's own parameters (timm's norm+activation layers call F.batch_norm that way).
 LAYER_FORMS = ("module", "functional")
 FC_FORMS = ("module", "functional")
+# Grouped-query attention as Hugging Face writes it (repeat_kv: expand + reshape) or through
+# SDPA's own enable_gqa.
+ATTENTION_GQA_FORMS = ("repeat", "enable_gqa")
 
 
 @dataclass(frozen=True)
@@ -81,11 +84,13 @@ ELIGIBLE = {
 }
 
 
+OPS = ("conv", "conv_bn", "act", "add", "cat", "split", "gconv", "dwconv", "shuffle", "se", "ln", "attn")
+
+
 @st.composite
-def _step(draw, pool: list[int]) -> tuple[Step, list[int]] | None:
+def _step(draw, pool: list[int], ops: tuple[str, ...] = OPS) -> tuple[Step, list[int]] | None:
     """One step on a pool with channel counts ``pool``; returns it and its output channels."""
-    op = draw(st.sampled_from(
-        ("conv", "conv_bn", "act", "add", "cat", "split", "gconv", "dwconv", "shuffle", "se", "ln")))
+    op = draw(st.sampled_from(ops))
     eligible = [j for j in range(len(pool)) if ELIGIBLE.get(op, lambda p, j: True)(pool, j)]
     if not eligible:
         return None
@@ -131,6 +136,12 @@ def _step(draw, pool: list[int]) -> tuple[Step, list[int]] | None:
         return Step(op, (i,), (mult, draw(st.sampled_from((3, 1))))), [c * mult]
     if op == "shuffle":
         return Step(op, (i,), (2, draw(st.sampled_from(SHUFFLE_VARIANTS)))), [c]
+    if op == "attn":
+        heads = draw(st.sampled_from((1, 2, 4)))
+        kv_heads = draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
+        head_dim = draw(st.sampled_from((2, 4)))
+        gqa = draw(st.sampled_from(ATTENTION_GQA_FORMS)) if kv_heads < heads else "repeat"
+        return Step(op, (i,), (heads, kv_heads, head_dim, draw(st.booleans()), gqa)), [c]
     if op == "se":
         hidden = draw(st.integers(1, 4))
         return Step(op, (i,), (hidden, draw(st.sampled_from(SE_VARIANTS)))), [c]
@@ -138,13 +149,14 @@ def _step(draw, pool: list[int]) -> tuple[Step, list[int]] | None:
 
 
 @st.composite
-def architectures(draw, min_steps: int = 3, max_steps: int = 8) -> Arch:
-    """Random DAG descriptions: ``min_steps..max_steps`` steps (some may be skipped)."""
+def architectures(draw, min_steps: int = 3, max_steps: int = 8, ops: tuple[str, ...] = OPS) -> Arch:
+    """Random DAG descriptions: ``min_steps..max_steps`` steps drawn from ``ops`` (some may
+    be skipped)."""
     seed = draw(st.integers(0, 2**16))
     pool = [INPUT_SHAPE[1]]
     steps = []
     for _ in range(draw(st.integers(min_steps, max_steps))):
-        drawn = draw(_step(pool))
+        drawn = draw(_step(pool, ops))
         if drawn is None:
             continue
         step, outs = drawn
@@ -233,6 +245,18 @@ class RandomNet(nn.Module):
             return [c * mult]
         if step.op == "shuffle":
             return [c]
+        if step.op == "attn":  # a residual attention block over the 64 positions
+            heads, kv_heads, head_dim = p[0], p[1], p[2]
+            self.layers[name + "_q"] = nn.Linear(c, heads * head_dim)
+            self.layers[name + "_k"] = nn.Linear(c, kv_heads * head_dim)
+            self.layers[name + "_v"] = nn.Linear(c, kv_heads * head_dim)
+            self.layers[name + "_o"] = nn.Linear(heads * head_dim, c)
+            if p[3]:  # rotary tables, as a model registers them
+                angle = torch.arange(64.0)[:, None] * (0.5 ** torch.arange(head_dim // 2.0))
+                angle = torch.cat([angle, angle], -1)
+                self.register_buffer(f"{name}_cos", angle.cos(), persistent=False)
+                self.register_buffer(f"{name}_sin", angle.sin(), persistent=False)
+            return [c]
         if step.op == "se":
             hidden = p[0]
             self.layers[name + "_reduce"] = nn.Conv2d(c, hidden, 1)
@@ -291,6 +315,8 @@ class RandomNet(nn.Module):
             b, c, h, w = x.size(0), x.size(1), x.size(2), x.size(3)
             y = x.view(b, g, c // g, h, w).transpose(1, 2).contiguous()
             return [y.view(b, -1, h, w)]
+        if op == "attn":
+            return [x + self._attention(name, x, p)]
         if op == "se":
             s = F.adaptive_avg_pool2d(x, 1)
             s = torch.sigmoid(self.layers[name + "_expand"](F.relu(self.layers[name + "_reduce"](s))))
@@ -300,6 +326,28 @@ class RandomNet(nn.Module):
                 return [s * x]
             return [torch.mul(x, s)]
         raise AssertionError(op)
+
+    def _attention(self, name: str, x, p):
+        heads, kv_heads, head_dim, rotary, gqa = p
+        b, c = x.shape[0], x.shape[1]
+        tokens = x.flatten(2).transpose(1, 2)  # [B, 64, C]
+
+        def split_heads(t, n):
+            return t.view(b, 64, n, head_dim).transpose(1, 2)
+
+        q = split_heads(self.layers[name + "_q"](tokens), heads)
+        k = split_heads(self.layers[name + "_k"](tokens), kv_heads)
+        v = split_heads(self.layers[name + "_v"](tokens), kv_heads)
+        if rotary:
+            cos, sin = getattr(self, f"{name}_cos"), getattr(self, f"{name}_sin")
+            q, k = _rotate(q, cos, sin, head_dim), _rotate(k, cos, sin, head_dim)
+        if kv_heads < heads and gqa == "repeat":
+            r = heads // kv_heads
+            k = k[:, :, None].expand(b, kv_heads, r, 64, head_dim).reshape(b, heads, 64, head_dim)
+            v = v[:, :, None].expand(b, kv_heads, r, 64, head_dim).reshape(b, heads, 64, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, scale=0.5, enable_gqa=kv_heads < heads)
+        out = self.layers[name + "_o"](out.transpose(1, 2).reshape(b, 64, heads * head_dim))
+        return out.transpose(1, 2).reshape(b, c, 8, 8)
 
     def _channels_of(self, step: Step) -> int:
         return self.arch.channels[step.inputs[0]]
@@ -336,6 +384,13 @@ class RandomNet(nn.Module):
         else:
             y = y.reshape(y.shape[0], -1)
         return self._fc(y)
+
+
+def _rotate(t, cos, sin, head_dim: int):
+    """Rotary embedding as Llama writes it: ``t * cos + rotate_half(t) * sin``."""
+    half = head_dim // 2
+    rotated = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
+    return t * cos + rotated * sin
 
 
 def build(arch: Arch) -> RandomNet:

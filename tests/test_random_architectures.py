@@ -51,11 +51,12 @@ def draw_candidates(data, groups) -> list[tuple[int, int]]:
 def zero_out_slices(model: torch.nn.Module, graph, plan: dict[int, list[int]]) -> torch.nn.Module:
     """A copy of ``model`` with every ``role="out"`` slice of the planned channels zeroed."""
     zeroed = copy.deepcopy(model)
-    state = zeroed.state_dict()
+    # every named tensor: non-persistent buffers (rotary tables) are channels too
+    state = dict(zeroed.named_parameters()) | dict(zeroed.named_buffers())
     with torch.no_grad():
         for gid, units in plan.items():
             for key, entries in graph.group(gid).slices(units, role="out").items():
-                assert key in state, f"group {gid}: slice key {key!r} is not in the model's state_dict"
+                assert key in state, f"group {gid}: slice key {key!r} is not a tensor of the model"
                 for dim, indices in entries:
                     state[key].index_fill_(dim, torch.as_tensor(indices, dtype=torch.long), 0)
     return zeroed
@@ -189,3 +190,31 @@ def test_input_model_is_not_mutated(arch, data, training):
     assert_same_state(before, snapshot(model), "in-place edit of the pruned model")
     with torch.no_grad():
         assert torch.equal(copy.deepcopy(model).eval()(x), reference)
+
+
+@SETTINGS
+@given(arch=architectures(min_steps=2, max_steps=4, ops=("conv", "act", "attn")), data=st.data(),
+       capture=FRONT_ENDS, units=st.sampled_from(("heads", "head_dim")))
+def test_attention_blocks_pass_the_oracle(arch, data, capture, units):
+    """Multi-head and grouped-query attention, with and without rotary embeddings, with
+    heads (or head_dim positions) as units: pruning equals zeroing."""
+    model = build(arch)
+    x = example_input(arch.seed)
+    graph = fxprune.analyze(model, x, capture=capture, attention_units=units)
+    zero_invariant = [g for g in graph.groups if g.prunable and g.zero_invariant]
+    plan = fxprune.feasible_plan(graph, draw_candidates(data, zero_invariant))
+    note(f"plan: {plan}")
+    small = fxprune.prune(graph, plan).eval()
+    with torch.no_grad():
+        expected = zero_out_slices(model, graph, plan).eval()(x)
+        actual = small(x)
+    assert actual.shape == expected.shape
+    assert relative_error(actual, expected) < RELATIVE_TOLERANCE
+    for step_index, step in enumerate(arch.steps):
+        if step.op != "attn" or units != "heads" or step.params[0] == 1:
+            continue  # (a single head is no unit: its head_dim positions are)
+        heads, head_dim = step.params[0], step.params[2]
+        key = f"layers.s{step_index}_q.weight"
+        groups = [g for g in graph.prunable_groups if any(b.key == key and b.dim == 0 for b in g.bindings)]
+        for g in groups:  # a head is one unit: head_dim rows of the query projection
+            assert [len(rows) for dim, rows in g.slices([0], "out")[key]] == [head_dim * (heads // g.size)]

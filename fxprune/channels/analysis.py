@@ -8,18 +8,22 @@ import torch.fx
 
 from ..capture import capture as capture_model
 from ..capture import gc_paused
+from ..errors import AnalysisError
 from . import rules  # noqa: F401  (registers the built-in rules)
 from .context import AnalysisState, RuleContext
 from .graph import DependencyGraph, build_groups
+from .heads import head_reshapes
 from .registry import load_plugins, lookup_rule
 from .rules.basic import get_attr_rule, input_rule, output_rule
 from .rules.fallback import is_size_only, size_arithmetic_rule, unknown_rule
 from .values import TensorChannels
 
 
-def run_rules(gm: torch.fx.GraphModule) -> AnalysisState:
+def run_rules(gm: torch.fx.GraphModule, attention_units: str = "heads") -> AnalysisState:
     """Propagate channel maps through every node (shapes must already be on the nodes)."""
     state = AnalysisState(gm)
+    if attention_units == "heads":
+        state.head_reshapes = head_reshapes(gm)
     strict = os.environ.get("FXPRUNE_STRICT_RULES") == "1"
     for node in gm.graph.nodes:
         ctx = RuleContext(state, node)
@@ -47,8 +51,8 @@ def run_rules(gm: torch.fx.GraphModule) -> AnalysisState:
     return state
 
 
-def analyze(model, example_inputs, *, capture: str = "auto", leaf_modules: Iterable = (),
-            concrete_args: dict | None = None) -> DependencyGraph:
+def analyze(model, example_inputs, *, capture: str = "auto", attention_units: str = "heads",
+            leaf_modules: Iterable = (), concrete_args: dict | None = None) -> DependencyGraph:
     """Capture ``model`` and find its channel dependency groups.
 
     ``example_inputs``: a tensor, a tuple of positional inputs, or a dict of keyword inputs
@@ -56,6 +60,10 @@ def analyze(model, example_inputs, *, capture: str = "auto", leaf_modules: Itera
     ``capture``: ``"auto"`` (torch.fx symbolic trace, falling back to torch.export),
     ``"fx"`` or ``"export"``; ``graph.capture`` says which ran. An ``ExportedProgram``
     is accepted as ``model``.
+    ``attention_units``: where a reshape splits channels into heads x head_dim in front of
+    an attention product, ``"heads"`` (default) makes a whole head one unit (with grouped-
+    query attention, a key/value head together with its query heads); ``"head_dim"`` makes
+    position p of head_dim in every head one unit instead (heads keep their count).
     ``leaf_modules`` and ``concrete_args`` steer the fx front end: module classes or names
     to keep as single calls (they need a rule, see :func:`fxprune.register_rule`, or
     their channels are frozen), and values to bake in for control flow.
@@ -66,11 +74,13 @@ def analyze(model, example_inputs, *, capture: str = "auto", leaf_modules: Itera
     >>> [(g.size, g.prunable) for g in graph.groups], graph.capture
     ([(8, True), (3, False), (4, False)], 'fx')
     """
+    if attention_units not in ("heads", "head_dim"):
+        raise AnalysisError(f"attention_units must be 'heads' or 'head_dim', got {attention_units!r}")
     load_plugins()
     with gc_paused():
         captured = capture_model(model, example_inputs, capture=capture, leaf_modules=leaf_modules,
                                  concrete_args=concrete_args)
-        state = run_rules(captured.gm)
+        state = run_rules(captured.gm, attention_units)
         return build_groups(state, captured.inputs, captured.front_end)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -138,22 +139,33 @@ def sdpa_rule(ctx):
     if mask is not None:
         for d, m in mask.dims.items():
             mask_dims[d + q.ndim - mask.ndim] = m
-            ctx.break_zi(m, "an attention mask is added to the scores", only_non_zi=False)
     dims = {}
     for d in range(lead):  # batch and head dims align like an element-wise op
-        maps = [t.get(d) for t in (q, k, v) if t.shape[d] > 1]
+        # grouped-query attention (enable_gqa): key/value head g serves query heads
+        # g*r .. g*r+r-1, so its channels stand for r consecutive query heads
+        k_map, v_map = (_repeated(t.get(d), q.shape[d] // t.shape[d]) for t in (k, v))
+        maps = [m for t, m in ((q, q.get(d)), (k, k_map), (v, v_map)) if t.shape[d] > 1]
         if mask is not None and d - (q.ndim - mask.ndim) >= 0 and mask.shape[d - (q.ndim - mask.ndim)] > 1:
             maps.append(mask_dims.get(d))
         merged = ctx.unify_all(maps, " (attention batch dims)")
         if merged is not None:
-            dims[d] = merged
-    ctx.unify(mask_dims.get(lead), q.get(lead)) if lead in mask_dims else None
-    ctx.unify(mask_dims.get(lead + 1), k.get(k.ndim - 2)) if lead + 1 in mask_dims else None
+            # a head's output is softmax(...) @ v: zero exactly when its values are
+            dims[d] = DimMap(merged.ids, v_map.zi if v_map is not None else np.zeros(len(merged), bool))
+    if lead in mask_dims:
+        ctx.unify(mask_dims[lead], q.get(lead))
+    if lead + 1 in mask_dims:
+        ctx.unify(mask_dims[lead + 1], k.get(k.ndim - 2))
     if q.get(q.ndim - 2) is not None:
         dims[q.ndim - 2] = q.get(q.ndim - 2).with_zi(False)
     if v.get(v.ndim - 1) is not None:
         dims[v.ndim - 1] = v.get(v.ndim - 1)
     return ctx.out(dims)
+
+
+def _repeated(m: DimMap | None, times: int) -> DimMap | None:
+    if m is None or times <= 1:
+        return m
+    return DimMap(np.repeat(m.ids, times), np.repeat(m.zi, times))
 
 
 @register_rule(nn.MultiheadAttention)

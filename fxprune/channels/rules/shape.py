@@ -77,9 +77,19 @@ def reshape_maps(ctx, x: TensorChannels, out_shape: tuple[int, ...]) -> dict[int
             zi = np.broadcast_to(m.zi.reshape(view), sizes).ravel()
             dims[gj[0]] = DimMap(ids.copy(), zi.copy())
         elif len(gi) == 1 and len(gj) > 1:
-            inner = max(k for k in gj if out_shape[k] > 1)
-            blocks = x.shape[gi[0]] // out_shape[inner]
-            dims[inner] = ctx.tie_blocks(x.get(gi[0]), blocks, across=True)
+            split = [k for k in gj if out_shape[k] > 1]
+            m = x.get(gi[0])
+            if ctx.node.name in ctx.state.head_reshapes and len(split) >= 2:
+                # heads x head_dim in front of attention: a whole head is one unit. Tie
+                # position p across the outer blocks (q/k/v of a fused projection), then
+                # every head_dim position inside a head.
+                heads, head_dim = split[-2], out_shape[split[-1]]
+                outer = x.shape[gi[0]] // (out_shape[heads] * head_dim)
+                per_head = ctx.tie_blocks(m, outer, across=True) if outer > 1 else m
+                dims[heads] = ctx.tie_blocks(per_head, out_shape[heads], across=False)
+            else:  # position p of the innermost factor is tied across every outer block
+                inner = split[-1]
+                dims[inner] = ctx.tie_blocks(m, x.shape[gi[0]] // out_shape[inner], across=True)
         else:
             for d in tracked:
                 ctx.freeze(x.get(d).ids, f"reshape mixes a channel dim with other dims at {ctx.where()}")

@@ -1,0 +1,70 @@
+"""Which reshapes split a channel dim into attention heads.
+
+``x.view(B, N, H, D)`` (or ``(B, N, 3, H, D)`` for a fused qkv projection) in front of an
+attention product splits a channel dim into heads x head_dim. Attention treats heads as
+batch entries and contracts head_dim, so a whole head (its head_dim rows of q, k and v and
+the output projection's columns) is the natural pruning unit (Michel et al. 2019). This
+module finds those reshapes from the graph alone: a reshape whose output reaches an
+attention product (SDPA, matmul, bmm, einsum) through ops that only move, copy, scale,
+slice or repeat it (transposes, rotary embeddings, ``repeat_kv``'s expand + reshape).
+"""
+from __future__ import annotations
+
+import torch.fx
+
+from .registry import op_name
+
+ATTENTION = {"scaled_dot_product_attention", "matmul", "bmm", "einsum", "baddbmm", "__matmul__"}
+RESHAPES = {"view", "reshape", "_unsafe_view", "unflatten"}
+# Ops a head split may pass through on its way to the product.
+CARRY = {
+    "transpose", "permute", "contiguous", "clone", "to", "_to_copy", "type_as", "float", "half",
+    "bfloat16", "alias", "detach", "mul", "add", "sub", "neg", "div", "cat", "slice", "narrow",
+    "unsqueeze", "squeeze", "expand", "getitem", "unbind", "chunk", "split", "split_with_sizes",
+    "select", "__mul__", "__add__", "__sub__", "__neg__", "__rmul__", "__radd__", "__truediv__",
+    "dropout", "repeat", "repeat_interleave", "layer_norm", "rms_norm", *RESHAPES,
+}
+MAX_STEPS = 24  # a rotary embedding plus repeat_kv is about a dozen ops
+
+
+def _name(node: torch.fx.Node, modules: dict) -> str:
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__.lower()
+    return op_name(node.target)
+
+
+def head_reshapes(gm: torch.fx.GraphModule) -> set[str]:
+    """Names of the reshape nodes whose output reaches an attention product.
+
+    >>> import torch, torch.nn.functional as F
+    >>> class Attn(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         q = x.view(2, 5, 4, 8).transpose(1, 2)
+    ...         return F.scaled_dot_product_attention(q, q, q)
+    >>> sorted(head_reshapes(torch.fx.symbolic_trace(Attn())))
+    ['view']
+    """
+    modules = dict(gm.named_modules())
+    found = set()
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method") and _name(node, modules) in RESHAPES:
+            if _reaches_attention(node, modules):
+                found.add(node.name)
+    return found
+
+
+def _reaches_attention(start: torch.fx.Node, modules: dict) -> bool:
+    frontier, seen = [(start, 0)], {start}
+    while frontier:
+        node, steps = frontier.pop()
+        for user in node.users:
+            name = _name(user, modules)
+            if name in ATTENTION:
+                return True
+            if name in CARRY and steps < MAX_STEPS and user not in seen:
+                seen.add(user)
+                frontier.append((user, steps + 1))
+    return False
+
+
+__all__ = ["head_reshapes"]
