@@ -270,12 +270,25 @@ class HandAttention(nn.Module):
         return self.out(x + self.proj(y))
 
 
-def test_hand_written_attention_prunes_head_dims_and_rewrites_reshapes():
-    graph, small, _ = prune_and_check(randomize(HandAttention()), torch.randn(2, 5, 5))
+def test_hand_written_attention_prunes_whole_heads_and_rewrites_reshapes():
+    model = randomize(HandAttention(dim=24, heads=4))  # head_dim 6
+    graph, small, _ = prune_and_check(model, torch.randn(2, 5, 5))
+    heads = group_of(graph, "qkv.weight[0]")
+    assert heads.size == 4 and heads.prunable and heads.zero_invariant
+    # unit 0 is head 0: its 6 rows of q, of k and of v
+    assert heads.slices([0], "out")["qkv.weight"] == [(0, [*range(0, 6), *range(24, 30), *range(48, 54)])]
+    assert group_of(graph, "inp.weight[0]").prunable  # the residual stream: c // heads is pinned
+    pruned = fxprune.prune(graph, {heads.id: [1, 2]})
+    assert pruned.get_submodule("qkv").out_features == 36
+    assert pruned.get_submodule("proj").in_features == 12
+    assert pruned(torch.randn(3, 5, 5)).shape == (3, 5, 2)  # other batch sizes still run
+
+
+def test_hand_written_attention_with_head_dim_units():
+    graph = fxprune.analyze(randomize(HandAttention()), torch.randn(2, 5, 5), attention_units="head_dim")
     inner = group_of(graph, "qkv.weight[0]")
     assert inner.size == 4 and inner.prunable and inner.zero_invariant  # head_dim, tied across q/k/v and heads
     assert inner.slices([0], "out")["qkv.weight"] == [(0, [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44])]
-    assert group_of(graph, "inp.weight[0]").prunable  # the residual stream
     pruned = fxprune.prune(graph, {inner.id: [1, 2]})
     assert pruned.get_submodule("qkv").out_features == 24
     assert pruned.get_submodule("proj").in_features == 8

@@ -57,7 +57,7 @@ class AnalysisState:
     aliases: dict[str, list[str]] = field(default_factory=dict)  # canonical -> all keys
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)
     spaces_at: dict[tuple[str, str], list[Space]] = field(default_factory=dict)  # (node, origin) -> spaces
-    head_reshapes: set[str] = field(default_factory=set)  # reshapes that split heads (see heads.py)
+    head_reshapes: dict[str, set[int]] = field(default_factory=dict)  # reshape -> head_dim sizes (heads.py)
 
     def __post_init__(self) -> None:
         self.modules = dict(self.gm.named_modules())

@@ -174,7 +174,13 @@ def build_groups(state: AnalysisState, example_inputs: ExampleInputs, capture: s
 
     first_frozen = _first_record_per_root(state.frozen, roots)
     first_broken = _first_record_per_root(state.zi_breaks, roots)
-    classes_by_comp = _split_by(comp_of_id, roots)
+    # a class is named by its root, the one id that is its own root: no sort of all ids
+    class_roots = np.flatnonzero(roots == np.arange(len(roots)))
+    comp_of_class = comp_of_id[class_roots]
+    order = np.argsort(comp_of_class, kind="stable")  # stable: each group's roots stay ascending
+    cuts = np.flatnonzero(np.diff(comp_of_class[order])) + 1
+    classes_by_comp = {int(comp_of_class[part[0]]): class_roots[part] for part in np.split(order, cuts)
+                       if len(part)}
     spaces_by_comp: dict[int, list[Space]] = {}
     for index, space in enumerate(spaces):
         spaces_by_comp.setdefault(int(comp_of_space[index]), []).append(space)
@@ -224,7 +230,9 @@ def _split_by(keys: np.ndarray, values: np.ndarray) -> dict[int, np.ndarray]:
     if not len(keys):
         return {}
     span = int(values.max()) + 1  # one int64 key per pair: a 1-D unique is fast
-    combined = np.unique(keys.astype(np.int64) * span + values)
+    combined = keys.astype(np.int64) * span + values
+    runs = np.flatnonzero(np.diff(combined)) + 1  # consecutive repeats (a binding's ids in one group)
+    combined = np.unique(combined[np.concatenate(([0], runs))] if len(combined) else combined)
     keys, values = combined // span, combined % span
     cuts = np.flatnonzero(np.diff(keys)) + 1
     return {int(k[0]): v for k, v in zip(np.split(keys, cuts), np.split(values, cuts))}

@@ -33,38 +33,47 @@ def _name(node: torch.fx.Node, modules: dict) -> str:
     return op_name(node.target)
 
 
-def head_reshapes(gm: torch.fx.GraphModule) -> set[str]:
-    """Names of the reshape nodes whose output reaches an attention product.
+def head_reshapes(gm: torch.fx.GraphModule) -> dict[str, set[int]]:
+    """Reshape nodes whose output reaches an attention product, each with the last-dim sizes
+    of the product's operands: a split whose innermost factor is one of them (head_dim)
+    splits heads; one that separates q, k and v of a fused projection does not.
 
     >>> import torch, torch.nn.functional as F
     >>> class Attn(torch.nn.Module):
     ...     def forward(self, x):
     ...         q = x.view(2, 5, 4, 8).transpose(1, 2)
     ...         return F.scaled_dot_product_attention(q, q, q)
-    >>> sorted(head_reshapes(torch.fx.symbolic_trace(Attn())))
-    ['view']
+    >>> head_reshapes(torch.fx.symbolic_trace(Attn()))
+    {'view': {8}}
     """
     modules = dict(gm.named_modules())
-    found = set()
+    found = {}
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method") and _name(node, modules) in RESHAPES:
-            if _reaches_attention(node, modules):
-                found.add(node.name)
+            sizes = _attention_dims(node, modules)
+            if sizes:
+                found[node.name] = sizes
     return found
 
 
-def _reaches_attention(start: torch.fx.Node, modules: dict) -> bool:
-    frontier, seen = [(start, 0)], {start}
+def _attention_dims(start: torch.fx.Node, modules: dict) -> set[int]:
+    """Last-dim sizes of the operands of every attention product ``start`` reaches."""
+    frontier, seen, sizes = [(start, 0)], {start}, set()
     while frontier:
         node, steps = frontier.pop()
         for user in node.users:
             name = _name(user, modules)
             if name in ATTENTION:
-                return True
-            if name in CARRY and steps < MAX_STEPS and user not in seen:
+                sizes.update(_last_dims(user))
+            elif name in CARRY and steps < MAX_STEPS and user not in seen:
                 seen.add(user)
                 frontier.append((user, steps + 1))
-    return False
+    return sizes
+
+
+def _last_dims(node: torch.fx.Node) -> set[int]:
+    metas = [a.meta.get("tensor_meta") for a in node.all_input_nodes]
+    return {int(m.shape[-1]) for m in metas if hasattr(m, "shape") and len(m.shape)}
 
 
 __all__ = ["head_reshapes"]

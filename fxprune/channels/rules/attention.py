@@ -172,7 +172,8 @@ def _repeated(m: DimMap | None, times: int) -> DimMap | None:
 def multihead_attention_rule(ctx):
     reason = (
         f"nn.MultiheadAttention '{ctx.node.target}' needs its inner width equal to embed_dim, "
-        "so its embedding channels cannot shrink"
+        "so its embedding channels cannot shrink; capture with torch.export (capture='export') "
+        "to prune its heads and the embedding as ATen ops"
     )
     ctx.freeze_value(ctx.inputs(), reason)
     meta = ctx.node.meta.get("tensor_meta")

@@ -79,7 +79,7 @@ def reshape_maps(ctx, x: TensorChannels, out_shape: tuple[int, ...]) -> dict[int
         elif len(gi) == 1 and len(gj) > 1:
             split = [k for k in gj if out_shape[k] > 1]
             m = x.get(gi[0])
-            if ctx.node.name in ctx.state.head_reshapes and len(split) >= 2:
+            if len(split) >= 2 and out_shape[split[-1]] in ctx.state.head_reshapes.get(ctx.node.name, ()):
                 # heads x head_dim in front of attention: a whole head is one unit. Tie
                 # position p across the outer blocks (q/k/v of a fused projection), then
                 # every head_dim position inside a head.
@@ -114,8 +114,18 @@ def _check_size_args(ctx, out: TensorChannels, sizes: list) -> None:
             ctx.freeze(v.ids, f"a channel count is used as the size of another dim at {ctx.where()}")
 
 
-def rewrite_sizes(first: int):
-    """Prune-time rewrite: sizes at channel dims become the new channel counts."""
+def _pinned_sizes(ctx, out: TensorChannels, sizes: list) -> list[int]:
+    """Positions whose size is computed from channel counts but whose dim carries none
+    (``c // heads`` as head_dim, with heads as units): the dim keeps its size, so the prune
+    pass writes the recorded number there instead of the expression."""
+    offset = out.ndim - len(sizes)
+    return [pos for pos, raw in enumerate(sizes)
+            if isinstance(ctx.value(raw), SizeValue) and out.get(pos + offset) is None]
+
+
+def rewrite_sizes(first: int, pinned: list[int] = ()):
+    """Prune-time rewrite: sizes at channel dims become the new channel counts; ``pinned``
+    positions (see :func:`_pinned_sizes`) become their recorded constant."""
 
     def rewrite(p, node):
         args = list(node.args[first:])
@@ -127,7 +137,7 @@ def rewrite_sizes(first: int):
         new_shape = p.new_shape(node)
         offset = len(new_shape) - len(sizes)
         for pos in range(len(sizes)):
-            if p.is_channel_dim(node, pos + offset) and sizes[pos] != -1:
+            if (p.is_channel_dim(node, pos + offset) and sizes[pos] != -1) or pos in pinned:
                 sizes[pos] = new_shape[pos + offset]
         if not args:
             node.kwargs = {**node.kwargs, key: tuple(sizes)}
@@ -157,9 +167,7 @@ def reshape_rule(ctx):
             ctx.on_prune(rewrite_as_index_select(shuffle.source.name, shuffle.dim, shuffle.perm, src_map))
         return permuted(source, shuffle.dim, shuffle.perm)
     out = ctx.out(reshape_maps(ctx, x, ctx.out_shape()))
-    sizes = _shape_args(ctx, 1)
-    _check_size_args(ctx, out, sizes)
-    ctx.on_prune(rewrite_sizes(1))
+    ctx.on_prune(rewrite_sizes(1, _pinned_sizes(ctx, out, _shape_args(ctx, 1))))
     return out
 
 
