@@ -42,7 +42,7 @@ def batchnorm_rule(ctx):
     if bn.affine:
         ctx.bind(ctx.param_key("weight"), 0, ch, "out")
         ctx.bind(ctx.param_key("bias"), 0, ch, "out")
-        out = ch
+        out = ch.with_zi(True)  # zeroed weight and bias zero the channel, whatever came in
     elif type(bn) in _INSTANCE_NORMS:
         out = ch  # per-sample statistics of a zero channel are zero: it stays zero
     else:
@@ -179,7 +179,9 @@ def functional_batch_norm_rule(ctx):
         return unknown_rule(ctx)
     affine = all(isinstance(p, TensorChannels) for p in params[:2])
     instance = op_name(ctx.node.target) == "instance_norm"
-    out = ch if affine or instance else ch.with_zi(False)
+    # zeroed weight and bias zero the channel whatever came in; without them an instance
+    # norm keeps a zero channel zero, a batch norm shifts it by its running mean
+    out = ch.with_zi(True) if affine else ch if instance else ch.with_zi(False)
     result = x.with_dims({**x.dims, 1: out})
     if ctx.out_shape() is None:  # the native forms also return the batch statistics
         stats = tuple(TensorChannels(tuple(m.shape), {0: ch} if m.shape and m.shape[0] == len(ch) else {})
