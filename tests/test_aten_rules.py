@@ -237,3 +237,28 @@ def test_functional_group_norm_with_keyword_arguments(capture):
     graph = check(FunctionalGroupNorm(), torch.randn(1, 3, 4, 4), capture)
     g = group_of(graph, "a.weight[0]")
     assert g.prunable and g.zero_invariant and g.size == 4  # whole groups of 2 channels
+
+
+class WindowPad(nn.Module):
+    """Swin's padding up to a window multiple, computed from the shape, and the crop back
+    with ``x[:, :H, :W, :]``: run-time amounts on the spatial dims only."""
+
+    def __init__(self, window=4):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 2)
+        self.window = window
+
+    def forward(self, x):  # [B, H, W, 3]
+        h = self.a(x)
+        _, H, W, _ = h.shape
+        pad_h, pad_w = (self.window - H % self.window) % self.window, (self.window - W % self.window) % self.window
+        h = F.pad(h, (0, 0, 0, pad_w, 0, pad_h))
+        h = h * 2
+        return self.b(h[:, :H, :W, :].contiguous())
+
+
+@BOTH
+def test_run_time_padding_and_crop_on_spatial_dims(capture):
+    graph = check(WindowPad(), torch.randn(1, 6, 7, 3), capture)
+    g = group_of(graph, "a.weight[0]")
+    assert g.prunable and g.zero_invariant, g.reason

@@ -42,7 +42,7 @@ MODELS = [
 ]
 # A small, fast subset that covers the functional and ATen rules (CI).
 CI_MODELS = ["regnetx_002", "mobilenetv2_050", "tf_mobilenetv3_small_100", "mobilevitv2_050", "lcnet_050",
-             "efficientvit_m0"]
+             "mobileone_s0"]
 SMALL = 64  # the input side tried first; the model's own input size only when it refuses this
 KEEP_BELOW = 0.8  # "prunes as it should": under 80% of the parameters after 50% of every group
 

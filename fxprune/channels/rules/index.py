@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..registry import op_name, register_rule
-from ..values import DimMap, TensorChannels
+from ..values import DimMap, TensorChannels, flatten_values
 from ..context import fixed_map
 from .fallback import size_arithmetic_rule, unknown_rule
 
@@ -124,6 +124,14 @@ def tensor_getitem_rule(ctx):
         if isinstance(it, int):
             if m is not None:
                 ctx.freeze(m.ids, f"an integer index selects a channel by position at {ctx.where()}")
+        elif not all(b is None or isinstance(b, int) for b in (it.start, it.stop, it.step)):
+            # bounds computed at run time (Swin crops its padding with x[:, :H, :W]): fine on
+            # a dim without channels, unknowable on a channel dim
+            if m is not None:
+                ctx.freeze(m.ids, f"a slice with run-time bounds on a channel dim at {ctx.where()}")
+            for leaf in flatten_values(ctx.value([it.start, it.stop, it.step])):
+                ctx.freeze(leaf.ids, f"a channel count is used as a slice bound at {ctx.where()}")
+            dst += 1
         else:
             start, stop, step = it.indices(x.shape[src])
             if m is not None:

@@ -53,10 +53,8 @@ def pad_rule(ctx):
     for leaf in flatten_values(ctx.value(pad)):
         if isinstance(leaf, SizeValue):  # an amount computed from a channel count
             ctx.freeze(leaf.ids, f"a channel count sets a padding amount at {ctx.where()}")
-    if not all(isinstance(p, int) for p in pad):
-        padded = set(range(x.ndim - len(pad) // 2, x.ndim))
-    else:
-        padded = {x.ndim - 1 - i // 2 for i, p in enumerate(pad) if p != 0}
+    # an amount computed at run time (Swin pads up to a window multiple) may be non-zero
+    padded = {x.ndim - 1 - i // 2 for i, p in enumerate(pad) if not (isinstance(p, int) and p == 0)}
     dims = {}
     for d, m in x.dims.items():
         if d in padded:
