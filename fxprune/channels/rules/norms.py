@@ -198,18 +198,22 @@ def functional_group_norm_rule(ctx):
     if x is None or not isinstance(groups, int):
         return unknown_rule(ctx)
     ch = x.get(1)
-    for i in (2, 3):
-        if ctx.tensor(i) is not None:
-            ch = ctx.adopt(ctx.arg(i), 0, ch, "out")
+    for i, name in ((2, "weight"), (3, "bias")):
+        if ctx.tensor(i, name) is not None:
+            ch = ctx.adopt(ctx.arg(i, name), 0, ch, "out")
     if ch is None:
         return unknown_rule(ctx)
     ctx.tie_blocks(ch, groups, across=False)
-    if ctx.tensor(2) is None or ctx.tensor(3) is None:
+    if ctx.tensor(2, "weight") is None or ctx.tensor(3, "bias") is None:
         ch = ch.with_zi(False)
     per_group = len(ch) // groups
 
     def fix(p, node):
-        node.args = (node.args[0], p.new_shape(node.args[0])[1] // per_group, *node.args[2:])
+        groups_now = p.new_shape(node.args[0])[1] // per_group
+        if len(node.args) > 1:
+            node.args = (node.args[0], groups_now, *node.args[2:])
+        else:
+            node.kwargs = {**node.kwargs, "num_groups": groups_now}
 
     ctx.on_prune(fix)
     return x.with_dims({**x.dims, 1: ch})
