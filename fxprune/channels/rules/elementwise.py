@@ -12,7 +12,7 @@ import operator
 import numpy as np
 import torch
 
-from ..registry import register_rule
+from ..registry import op_name, register_rule
 from ..values import DimMap, TensorChannels
 from .fallback import size_arithmetic_rule, unknown_rule
 
@@ -51,7 +51,9 @@ def broadcast_combine(ctx, operands: list, zero_rule: str) -> TensorChannels | N
         maps, zis = [], []
         for op in operands:
             if not isinstance(op, TensorChannels):
-                zis.append(False if op is not None else None)  # a constant term
+                # a constant term: ``x + 0`` (timm's empty branches) keeps zeros, ``x + 1`` does not
+                zero_term = zero_rule == "all" and isinstance(op, (int, float)) and op == 0
+                zis.append(None if op is None or zero_term else False)
                 continue
             od = d - (ndim - op.ndim)
             if od < 0 or op.shape[od] == 1:
@@ -134,3 +136,14 @@ def masked_fill_rule(ctx):
     x, mask, value = ctx.value(ctx.arg(0)), ctx.value(ctx.arg(1)), ctx.arg(2, "value")
     out = broadcast_combine(ctx, [x, mask], "first")
     return out if value == 0 else out.map_zi(False)
+
+
+@register_rule(torch.addcmul, "addcmul", aten.addcmul.default, torch.addcdiv, "addcdiv", aten.addcdiv.default)
+def addcmul_rule(ctx):
+    """``input + value * t1 * t2`` (or ``t1 / t2``): element-wise in all three; zero where
+    input is zero and the product (or the numerator) is zero."""
+    inp, t1, t2 = (ctx.value(ctx.arg(i, name)) for i, name in enumerate(("input", "tensor1", "tensor2")))
+    if not isinstance(ctx.arg(3, "value", 1), (int, float)):
+        return unknown_rule(ctx)
+    product = broadcast_combine(ctx, [t1, t2], "any" if op_name(ctx.node.target) == "addcmul" else "first")
+    return broadcast_combine(ctx, [inp, product], "all")

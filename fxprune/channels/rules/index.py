@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..registry import op_name, register_rule
-from ..values import DimMap, TensorChannels
+from ..values import DimMap, TensorChannels, flatten_values
 from ..context import fixed_map
 from .fallback import size_arithmetic_rule, unknown_rule
 
@@ -102,6 +102,10 @@ def tensor_getitem_rule(ctx):
     x = ctx.tensor(0)
     index = ctx.arg(1)
     items = list(index) if isinstance(index, tuple) else [index]
+    if any(isinstance(it, torch.fx.Node) for it in items) and all(
+            isinstance(it, torch.fx.Node) or it == slice(None) for it in items):
+        # ``x[:, idx]``: full slices and tensor indices, read as aten.index
+        return tensor_index(ctx, x, [it if isinstance(it, torch.fx.Node) else None for it in items])
     if any(not (it is None or it is Ellipsis or isinstance(it, (int, slice))) for it in items):
         return unknown_rule(ctx)
     if Ellipsis in items:
@@ -120,6 +124,14 @@ def tensor_getitem_rule(ctx):
         if isinstance(it, int):
             if m is not None:
                 ctx.freeze(m.ids, f"an integer index selects a channel by position at {ctx.where()}")
+        elif not all(b is None or isinstance(b, int) for b in (it.start, it.stop, it.step)):
+            # bounds computed at run time (Swin crops its padding with x[:, :H, :W]): fine on
+            # a dim without channels, unknowable on a channel dim
+            if m is not None:
+                ctx.freeze(m.ids, f"a slice with run-time bounds on a channel dim at {ctx.where()}")
+            for leaf in flatten_values(ctx.value([it.start, it.stop, it.step])):
+                ctx.freeze(leaf.ids, f"a channel count is used as a slice bound at {ctx.where()}")
+            dst += 1
         else:
             start, stop, step = it.indices(x.shape[src])
             if m is not None:
@@ -262,6 +274,16 @@ def index_tensor_rule(ctx):
     x, indices = ctx.tensor(0, "input"), ctx.arg(1, "indices")
     if x is None or not isinstance(indices, (tuple, list)):
         return unknown_rule(ctx)
+    return tensor_index(ctx, x, list(indices))
+
+
+def tensor_index(ctx, x: TensorChannels, indices: list):
+    """Tensor indices (``None``: a full slice) on a run of dims; shared by aten.index and
+    ``x[:, idx]``. A tensor index picks positions, so channels of an indexed dim freeze."""
+    for t in indices:
+        meta = t.meta.get("tensor_meta") if isinstance(t, torch.fx.Node) else None
+        if t is not None and (meta is None or not hasattr(meta, "dtype") or meta.dtype in (torch.bool, torch.uint8)):
+            return unknown_rule(ctx)  # a mask consumes several dims at once
     used = [i for i, t in enumerate(indices) if t is not None]
     if not used or used != list(range(used[0], used[-1] + 1)):
         return unknown_rule(ctx)  # scattered tensor indices move dims around

@@ -42,7 +42,7 @@ def batchnorm_rule(ctx):
     if bn.affine:
         ctx.bind(ctx.param_key("weight"), 0, ch, "out")
         ctx.bind(ctx.param_key("bias"), 0, ch, "out")
-        out = ch
+        out = ch.with_zi(True)  # zeroed weight and bias zero the channel, whatever came in
     elif type(bn) in _INSTANCE_NORMS:
         out = ch  # per-sample statistics of a zero channel are zero: it stays zero
     else:
@@ -181,7 +181,9 @@ def functional_batch_norm_rule(ctx):
         return unknown_rule(ctx)
     affine = all(isinstance(p, TensorChannels) for p in params[:2])
     instance = op_name(ctx.node.target) == "instance_norm"
-    out = ch if affine or instance else ch.with_zi(False)
+    # zeroed weight and bias zero the channel whatever came in; without them an instance
+    # norm keeps a zero channel zero, a batch norm shifts it by its running mean
+    out = ch.with_zi(True) if affine else ch if instance else ch.with_zi(False)
     result = x.with_dims({**x.dims, 1: out})
     if ctx.out_shape() is None:  # the native forms also return the batch statistics
         stats = tuple(TensorChannels(tuple(m.shape), {0: ch} if m.shape and m.shape[0] == len(ch) else {})
@@ -198,18 +200,22 @@ def functional_group_norm_rule(ctx):
     if x is None or not isinstance(groups, int):
         return unknown_rule(ctx)
     ch = x.get(1)
-    for i in (2, 3):
-        if ctx.tensor(i) is not None:
-            ch = ctx.adopt(ctx.arg(i), 0, ch, "out")
+    for i, name in ((2, "weight"), (3, "bias")):
+        if ctx.tensor(i, name) is not None:
+            ch = ctx.adopt(ctx.arg(i, name), 0, ch, "out")
     if ch is None:
         return unknown_rule(ctx)
     ctx.tie_blocks(ch, groups, across=False)
-    if ctx.tensor(2) is None or ctx.tensor(3) is None:
+    if ctx.tensor(2, "weight") is None or ctx.tensor(3, "bias") is None:
         ch = ch.with_zi(False)
     per_group = len(ch) // groups
 
     def fix(p, node):
-        node.args = (node.args[0], p.new_shape(node.args[0])[1] // per_group, *node.args[2:])
+        groups_now = p.new_shape(node.args[0])[1] // per_group
+        if len(node.args) > 1:
+            node.args = (node.args[0], groups_now, *node.args[2:])
+        else:
+            node.kwargs = {**node.kwargs, "num_groups": groups_now}
 
     ctx.on_prune(fix)
     return x.with_dims({**x.dims, 1: ch})

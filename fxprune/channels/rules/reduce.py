@@ -93,6 +93,29 @@ def reduction_rule(ctx):
     return ctx.out(dims)
 
 
+@register_rule(torch.norm, "norm", aten.linalg_vector_norm.default, torch.linalg.vector_norm, aten.norm.ScalarOpt_dim)
+def norm_rule(ctx):
+    """A p-norm over some dims (p >= 0): a zeroed entry adds nothing to it, so over a
+    channel dim it acts like a sum; the norm of a zeroed channel's vector is zero."""
+    x = ctx.tensor(0, "input")
+    p = ctx.arg(1, "ord" if op_name(ctx.node.target).endswith("vector_norm") else "p", 2)
+    dim = ctx.arg(2, "dim")
+    keepdim = bool(ctx.arg(3, "keepdim", False))
+    if x is None or not (p in (None, "fro") or isinstance(p, (int, float)) and p >= 0):
+        return unknown_rule(ctx)
+    if dim is None or (isinstance(dim, (tuple, list)) and not dim):
+        reduced = list(range(x.ndim))
+    else:
+        reduced = [d % x.ndim for d in (dim if isinstance(dim, (tuple, list)) else [dim])]
+    dims = {}
+    for d, m in x.dims.items():
+        if d in reduced:
+            ctx.break_zi(m, "a norm over channels of a non-zero-invariant value")
+            continue
+        dims[d if keepdim else d - sum(1 for r in reduced if r < d)] = m
+    return ctx.out(dims)
+
+
 @register_rule(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
                "softmax", "log_softmax", aten.softmax.int, aten._softmax.default, aten.log_softmax.int,
                aten._log_softmax.default)

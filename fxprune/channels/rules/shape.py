@@ -293,3 +293,42 @@ def channel_shuffle_rule(ctx):
     perm = np.arange(len(m)).reshape(g, -1).T.ravel()
     ctx.on_prune(rewrite_as_index_select(ctx.node.args[0].name, 1, perm, m))
     return permuted(x, 1, perm)
+
+
+@register_rule("reshape_as", "view_as", aten.view_as.default, aten.reshape_as.default)
+def reshape_as_rule(ctx):
+    """``x.reshape_as(y)``: x's channels land where the reshape puts them, and each dim of
+    the result must shrink with y's (they are one size after pruning too, so tie them)."""
+    x, y = ctx.tensor(0), ctx.tensor(1, "other")
+    if x is None or y is None:
+        return unknown_rule(ctx)
+    moved = reshape_maps(ctx, x, ctx.out_shape())
+    dims = {}
+    for d in range(len(ctx.out_shape())):
+        merged = ctx.unify(moved.get(d), y.get(d), " (reshaped like another tensor)")
+        if merged is not None:
+            dims[d] = DimMap(merged.ids, moved[d].zi) if d in moved else merged.with_zi(False)
+    return ctx.out(dims)
+
+
+@register_rule("expand_as", aten.expand_as.default)
+def expand_as_rule(ctx):
+    """``x.expand_as(y)``: like ``expand`` to y's shape; a dim x broadcasts follows y's
+    channels with one value for all of them (not zero when y's channel is zeroed)."""
+    x, y = ctx.tensor(0), ctx.tensor(1, "other")
+    if x is None or y is None:
+        return unknown_rule(ctx)
+    shape = ctx.out_shape()
+    lead = len(shape) - x.ndim
+    dims = {}
+    for d in range(len(shape)):
+        broadcast = d < lead or (x.shape[d - lead] == 1 and shape[d] != 1)
+        if broadcast:
+            if y.get(d) is not None:  # expand_as follows y's width after pruning
+                dims[d] = y.get(d).with_zi(False)
+            continue
+        own = x.get(d - lead)
+        merged = ctx.unify(own, y.get(d), " (expanded like another tensor)")
+        if merged is not None:
+            dims[d] = DimMap(merged.ids, own.zi) if own is not None else merged.with_zi(False)
+    return ctx.out(dims)
