@@ -87,8 +87,17 @@ def latency_glance(rows: list[dict]) -> Table:
     return head, body
 
 
+def analysis_front_ends(rows: list[dict]) -> Table:
+    """Capture and analysis seconds of each front end on the same models."""
+    head = ["model", "front end", "nodes", "capture (s)", "analysis (s)", "prunable groups"]
+    body = [[r["model"], r["front_end"], r["nodes"], f"{r['capture_s']:.2f}", f"{r['analysis_s']:.3f}",
+             r["prunable"]] for r in rows if r.get("section") == "front_end"]
+    return head, body
+
+
 def analysis_scaling(rows: list[dict]) -> Table:
     """Analysis and prune seconds of both tools; fxprune's ms per node (flat when analysis is linear)."""
+    rows = [r for r in rows if r.get("section") != "front_end"]
     def sec(value: Any) -> Any:
         return f"{value:.3f}" if isinstance(value, float) else (value if value is not None else "")
 
@@ -227,10 +236,54 @@ def nm_gpu_layers(rows: list[dict]) -> Table:
 
 
 # name in the docs' markers -> (results file, table)
+def timm_sweep(rows: list[dict]) -> Table:
+    """timm_sweep.py's rows: fxprune (front end, groups, parameters kept, oracle) and Torch-Pruning."""
+    def fmt(value: Any, spec: str = ".3g") -> str:
+        return format(value, spec) if isinstance(value, float) else ("" if value is None else str(value))
+
+    head = ["model", "M params", "front end", "groups", "prunable", "kept", "oracle error", "fxprune",
+            "Torch-Pruning", "TP kept"]
+    body = [[r["model"], fmt(r.get("params_M")), r.get("front_end", ""), r.get("groups", ""), r.get("prunable", ""),
+             fmt(r.get("kept")), fmt(r.get("oracle_error"), ".1e") if r.get("oracle_error") is not None else "n/a",
+             "ok" if r.get("fx_ok") else f"FAIL {r.get('fx_why', '')}"[:60],
+             "ok" if r.get("tp_ok") else f"FAIL {r.get('tp_why', '')}"[:60], fmt(r.get("tp_kept"))]
+            for r in rows]
+    return head, body
+
+
+def timm_summary(rows: list[dict]) -> Table:
+    """How many models each tool prunes below 80% of their parameters, same list, same run."""
+    n = len(rows)
+    fx = sum(bool(r.get("fx_ok")) for r in rows)
+    tp = sum(bool(r.get("tp_ok")) for r in rows)
+    exported = sum(r.get("front_end") == "export" for r in rows)
+    return (["tool", "models pruned below 80% of their parameters", "notes"],
+            [["fxprune", f"{fx}/{n}", f"oracle exact; {exported} captured with torch.export"],
+             ["Torch-Pruning 1.6", f"{tp}/{n}", "shape-checked only (no oracle)"]])
+
+
+def llm_scale(rows: list[dict]) -> Table:
+    """llm_scale.py's rows: capture and analysis of Llama shapes on the meta device, and Torch-Pruning."""
+    head = ["model", "layers", "nodes", "capture (s)", "analysis (s)", "peak RSS (MB)", "kv-head groups",
+            "MLP groups", "hidden groups", "params (B) full / half", "GFLOPs full / half", "Torch-Pruning"]
+    body = [[r["model"], r.get("layers", ""), r.get("nodes", ""), r.get("capture_s", r.get("fxprune_error", "")),
+             r.get("analysis_s", ""), r.get("peak_rss_mb", ""), r.get("kv_head_groups", ""),
+             r.get("mlp_groups", ""), r.get("hidden_groups", ""),
+             f"{r['params_b']} / {r['params_half_b']}" if "params_b" in r else "",
+             f"{r['gflops']} / {r['gflops_half']}" if "gflops" in r else "",
+             f"{r['tp_build_s']} s, {r['tp_groups']} groups" if "tp_build_s" in r else r.get("tp_error", "skipped")]
+            for r in rows]
+    return head, body
+
+
 TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
+    "timm_sweep": ("timm_sweep", timm_sweep),
+    "timm_summary": ("timm_sweep", timm_summary),
+    "llm_scale": ("llm_scale", llm_scale),
     "latency": ("latency", latency),
     "latency_glance": ("latency", latency_glance),
     "analysis_scaling": ("analysis_scaling", analysis_scaling),
+    "analysis_front_ends": ("analysis_scaling", analysis_front_ends),
     "analysis_scaling_glance": ("analysis_scaling", analysis_scaling_glance),
     "digits": ("digits", digits),
     "digits_glance": ("digits", digits_glance),

@@ -8,7 +8,9 @@ Measures, for residual MLP stacks of growing depth and a few torchvision models:
 * Torch-Pruning -- ``DependencyGraph().build_dependency`` time, and ``pruner.step()`` time of a
                   ``MetaPruner`` (GroupMagnitudeImportance, pruning_ratio=0.5, final layer
                   ignored; the pruner's own graph build is not counted);
-* TP/fxprune   -- ratio of the two analysis times.
+* TP/fxprune   -- ratio of the two analysis times;
+* front ends   -- capture and analysis seconds of torch.fx and torch.export on the same
+                  torchvision models, and of torch.export on tiny Hugging Face models.
 
 Every tool gets its own fresh deepcopy of the model. Times are the best of ``--repeats``
 runs (time.perf_counter); 1,600 blocks and the torchvision models run once. A Torch-Pruning
@@ -32,6 +34,7 @@ from torch import nn
 
 import fxprune
 from _results import add_json_option, header, write
+from _tables import analysis_front_ends as front_end_table
 from _tables import analysis_scaling as scaling_table
 from fxprune.progress import progress_bar
 
@@ -117,6 +120,37 @@ def run_tp(model, x, final, repeats):
     return min(build), min(step)
 
 
+def front_end_rows(models: list[str]) -> list[dict]:
+    """Capture and analysis seconds of each front end on the same model: torchvision models
+    through fx and export, the tiny Hugging Face models (tests/hf_models.py) through export."""
+    import os
+    import sys
+
+    from fxprune.capture import capture
+    from fxprune.channels.analysis import run_rules
+    from fxprune.channels.graph import build_groups
+
+    cases = [(name, model, (x,), ("fx", "export")) for name, model, x, _ in map(torchvision_case, models)]
+    try:
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+        from hf_models import tiny_models
+        cases += [(f"hf-{name}", model, inputs, ("export",)) for name, (model, inputs, _) in tiny_models().items()]
+    except ImportError:  # transformers is an optional extra
+        pass
+    rows = []
+    for name, model, inputs, front_ends in cases:
+        model.eval()
+        for front_end in front_ends:
+            t0 = time.perf_counter()
+            captured = capture(model, inputs, capture=front_end)
+            t1 = time.perf_counter()
+            graph = build_groups(run_rules(captured.gm), captured.inputs, captured.front_end)
+            rows.append({"section": "front_end", "model": name, "front_end": front_end,
+                         "nodes": len(captured.gm.graph.nodes), "capture_s": t1 - t0,
+                         "analysis_s": time.perf_counter() - t1, "prunable": len(graph.prunable_groups)})
+    return rows
+
+
 def error_text(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
 
@@ -129,6 +163,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3,
                     help="repeats for small models (1,600+ blocks and torchvision models run once)")
     ap.add_argument("--skip-tp", action="store_true", help="do not run Torch-Pruning")
+    ap.add_argument("--skip-front-ends", action="store_true",
+                    help="do not time torch.fx against torch.export capture (torchvision and tiny HF models)")
     add_json_option(ap, "analysis_scaling")
     ap.add_argument("--threads", type=int, default=2,
                     help="torch intra-op threads (on a busy machine 1 avoids OpenMP contention)")
@@ -160,6 +196,10 @@ def main(argv=None):
         rows.append(row)
         print(f"  done {name} ({time.perf_counter() - start:.1f} s)", flush=True)
 
+    if not args.skip_front_ends:
+        rows += front_end_rows([n.strip() for n in args.models.split(",") if n.strip()])
+        head, body = front_end_table(rows)
+        print(tabulate(body, headers=head, tablefmt="github", disable_numparse=True))
     head, body = scaling_table(rows)
     print()
     print(tabulate(body, headers=head, tablefmt="github", disable_numparse=True))

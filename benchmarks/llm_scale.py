@@ -32,6 +32,7 @@ import time
 from tabulate import tabulate
 
 from _results import add_json_option, header, write
+from _tables import llm_scale as table
 
 SHAPES = {  # name: (layers, hidden, heads, kv heads, intermediate, vocabulary)
     "1b": (16, 2048, 32, 8, 8192, 128256),
@@ -139,19 +140,6 @@ def in_subprocess(kind: str, name: str, timeout: float) -> dict:
         last = (done.stderr.strip().splitlines() or ["?"])[-1]
         return {f"{kind}_error": last[:160]}
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def table(rows: list[dict]) -> tuple[list[str], list[list]]:
-    head = ["model", "layers", "nodes", "capture (s)", "analysis (s)", "peak RSS (MB)", "kv-head groups",
-            "MLP groups", "hidden groups", "params (B) full / half", "GFLOPs full / half", "Torch-Pruning"]
-    body = [[r["model"], r.get("layers", ""), r.get("nodes", ""), r.get("capture_s", r.get("fxprune_error", "")),
-             r.get("analysis_s", ""), r.get("peak_rss_mb", ""), r.get("kv_head_groups", ""),
-             r.get("mlp_groups", ""), r.get("hidden_groups", ""),
-             f"{r['params_b']} / {r['params_half_b']}" if "params_b" in r else "",
-             f"{r['gflops']} / {r['gflops_half']}" if "gflops" in r else "",
-             f"{r['tp_build_s']} s, {r['tp_groups']} groups" if "tp_build_s" in r else r.get("tp_error", "skipped")]
-            for r in rows]
-    return head, body
 
 
 def main(argv=None) -> int:

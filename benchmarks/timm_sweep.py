@@ -10,56 +10,29 @@ Torch-Pruning's MetaPruner (L1 magnitude, ``pruning_ratio=0.5``, classifier igno
 ``global_pruning=False``) runs on a fresh copy in a forked process with a time limit;
 it counts when its model runs, keeps the output shape and is under 80% (it has no oracle).
 
-    python benchmarks/timm_sweep.py --json benchmarks/results/timm_sweep.json
+    python benchmarks/timm_sweep.py --json        # writes benchmarks/results/timm_sweep.json
     python benchmarks/timm_sweep.py --models resnet18,vit_tiny_patch16_224 --no-tp
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import subprocess
 import sys
 from importlib import metadata
 
 import torch
 from tabulate import tabulate
 
+from _results import add_json_option, header, write
+from _tables import timm_sweep as sweep_table
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from timm_zoo import MODELS, check_model  # noqa: E402
-
-COLUMNS = ["model", "params_M", "input", "front_end", "groups", "prunable", "kept", "oracle_error", "fx_ok",
-           "fx_why", "frozen_why", "analyze_s", "prune_s", "tp_ok", "tp_kept", "tp_why", "tp_s"]
-
-
-def header(args: argparse.Namespace) -> dict:
-    """What produced the rows: commit, versions, CPU, threads, arguments, date."""
-    root = os.path.join(os.path.dirname(__file__), "..")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-
-    def version(pkg):
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": version("torchvision"), "timm": version("timm"),
-            "torch_pruning": version("torch-pruning"), "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "arguments": sys.argv[1:],
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help=f"comma-separated timm names (default: the {len(MODELS)} listed)")
-    parser.add_argument("--json", help="write {'header': ..., 'rows': [...]} to this file")
+    add_json_option(parser, "timm_sweep")
     parser.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     parser.add_argument("--tp-timeout", type=float, default=120.0, help="seconds Torch-Pruning gets per model")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -74,10 +47,9 @@ def main() -> int:
               f"{row.get('front_end')}), TP {'ok' if row.get('tp_ok') else 'FAIL'} {row.get('tp_why', '')}",
               flush=True)
         if args.json:  # rewrite as it goes so a long sweep leaves partial results
-            with open(args.json, "w") as f:
-                json.dump({"header": header(args), "rows": rows}, f, indent=1)
-    table = [{c: r.get(c, "") for c in COLUMNS if args.no_tp is False or not c.startswith("tp")} for r in rows]
-    print(tabulate(table, headers="keys", tablefmt="github", floatfmt=".3g"))
+            write(args.json, rows, header(args, timm=metadata.version("timm")))
+    head, body = sweep_table(rows)
+    print(tabulate(body, headers=head, tablefmt="github", disable_numparse=True))
     fx = sum(bool(r.get("fx_ok")) for r in rows)
     tp = sum(bool(r.get("tp_ok")) for r in rows)
     print(f"\nfxprune {fx}/{len(rows)}" + ("" if args.no_tp else f", Torch-Pruning {tp}/{len(rows)}"))
