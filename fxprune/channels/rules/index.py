@@ -240,27 +240,33 @@ def slice_rule(ctx):
     return ctx.out(dims)
 
 
+def _picked_dim(ctx, what: str):
+    """``(x, dim)`` of an op that picks positions of ``dim`` (their channels are frozen);
+    ``(None, None)`` when the call is not of that form."""
+    x, dim = ctx.tensor(0, "input"), ctx.arg(1, "dim")
+    if x is None or not isinstance(dim, int):
+        return None, None
+    dim %= x.ndim
+    if x.get(dim) is not None:
+        ctx.freeze(x.get(dim).ids, f"{what} at {ctx.where()}")
+    return x, dim
+
+
 @register_rule(aten.select.int, "select", torch.select)
 def select_rule(ctx):
     """``x.select(dim, i)``: one position of a dim; a channel picked by position is frozen."""
-    x, dim = ctx.tensor(0, "input"), ctx.arg(1, "dim")
-    if x is None or not isinstance(dim, int):
+    x, dim = _picked_dim(ctx, "an integer index selects a channel by position")
+    if x is None:
         return unknown_rule(ctx)
-    dim %= x.ndim
-    if x.get(dim) is not None:
-        ctx.freeze(x.get(dim).ids, f"an integer index selects a channel by position at {ctx.where()}")
     return ctx.out({(d if d < dim else d - 1): m for d, m in x.dims.items() if d != dim})
 
 
 @register_rule(aten.index_select.default, torch.index_select, "index_select")
 def index_select_rule(ctx):
     """Positions chosen by a tensor: the chosen dim's channels are frozen, the others pass."""
-    x, dim = ctx.tensor(0, "input"), ctx.arg(1, "dim")
-    if x is None or not isinstance(dim, int):
+    x, dim = _picked_dim(ctx, "index_select picks channels by position")
+    if x is None:
         return unknown_rule(ctx)
-    dim %= x.ndim
-    if x.get(dim) is not None:
-        ctx.freeze(x.get(dim).ids, f"index_select picks channels by position at {ctx.where()}")
     index = ctx.tensor(2, "index")
     if index is not None and index.dims:
         ctx.freeze(index.all_ids(), f"indices come from channels at {ctx.where()}")
