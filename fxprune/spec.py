@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import os
 import re
 from fnmatch import fnmatch
@@ -317,7 +318,7 @@ def check_ignore(patterns: list[str], names: list[str]) -> None:
             close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
             hint = (f"closest module names: {', '.join(map(repr, close))}" if close
                     else f"module names look like {', '.join(map(repr, names[:3]))}")
-            _fail("spec.ignore", f"pattern {pattern!r} matches no module of the model; {hint}; "
+            fail("spec.ignore", f"pattern {pattern!r} matches no module of the model; {hint}; "
                   "patterns are fnmatch patterns on module names, e.g. 'layer1.*' (list them "
                   "with `fxprune graph MODEL`)")
 

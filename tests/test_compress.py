@@ -268,7 +268,7 @@ def test_a_registered_score_works_through_compress(monkeypatch):
     from fxprune.select import score as score_module
 
     monkeypatch.setattr(score_module, "SCORE_METHODS", dict(SCORE_METHODS))  # leave the registry as found
-    spec = {"input_shape": [1, 3, 12, 12], "ratio": 0.25, "scope": "local", "score": "last_first"}
+    spec = {"input_shape": [1, 3, 12, 12], "ratio": 0.25, "scope": "local", "score": "last_first", "round_to": 1}
     with pytest.raises(SpecError, match=r"spec.score: .*'last_first'"):
         compress(_small_net(), spec)
 
