@@ -319,7 +319,11 @@ PLUGIN = textwrap.dedent('''
 ''')
 
 
-def test_compress_uses_a_score_registered_by_a_plugin(tiny, tmp_path):
+def test_compress_uses_a_score_registered_by_a_plugin(tiny, tmp_path, monkeypatch):
+    from fxprune.select import score as score_module
+
+    # the plugin registers in this process: leave the registry as found for later tests
+    monkeypatch.setattr(score_module, "SCORE_METHODS", dict(score_module.SCORE_METHODS))
     (tmp_path / "my_scores.py").write_text(PLUGIN)
     args = ("compress", tiny, "--input", SHAPE, "--ratio", "0.5", "--score", "last_first", "-q")
     assert_usage_error(fxprune(*args), "spec.score", "'last_first'")  # unknown without the plugin

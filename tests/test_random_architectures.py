@@ -108,7 +108,8 @@ def test_zero_invariance_oracle(arch, data, capture):
         for key, entries in graph.group(gid).slices(units, role="out").items():
             for dim, indices in entries:
                 removed.setdefault((key, dim), set()).update(indices)
-    original, pruned = model.state_dict(), small.state_dict()
+    original = dict(model.named_parameters()) | dict(model.named_buffers())
+    pruned = dict(small.named_parameters()) | dict(small.named_buffers())
     for (key, dim), indices in removed.items():
         assert pruned[key].shape[dim] == original[key].shape[dim] - len(indices), (key, dim)
 

@@ -39,7 +39,7 @@ def capture(model, example_inputs, *, capture: str = "auto", leaf_modules: Itera
     >>> import torch
     >>> c = capture(torch.nn.Sequential(torch.nn.Linear(4, 2)), torch.randn(1, 4))
     >>> c.front_end, c.gm.graph.find_nodes(op="output")[0].meta["tensor_meta"].shape
-    ('fx', torch.Size([1, 2]))
+    ('fx', (1, 2))
     """
     if capture not in FRONT_ENDS:
         raise TraceError(f"capture must be one of {', '.join(FRONT_ENDS)}, got {capture!r}")

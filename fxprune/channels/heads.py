@@ -43,7 +43,8 @@ def head_reshapes(gm: torch.fx.GraphModule) -> dict[str, set[int]]:
     ...     def forward(self, x):
     ...         q = x.view(2, 5, 4, 8).transpose(1, 2)
     ...         return F.scaled_dot_product_attention(q, q, q)
-    >>> head_reshapes(torch.fx.symbolic_trace(Attn()))
+    >>> from fxprune.capture import capture
+    >>> head_reshapes(capture(Attn(), torch.randn(2, 5, 32)).gm)
     {'view': {8}}
     """
     modules = dict(gm.named_modules())
