@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                         [p for p in args.ignore.split(",") if p]))
         print(f"{name}: done", file=sys.stderr, flush=True)
     head, body = latency_table(rows)
-    print(tabulate(body, headers=head, tablefmt="github"))
+    print(tabulate(body, headers=head, tablefmt="github", disable_numparse=True))
     for scope in scopes:
         table = against_tp(rows, f"fx-{scope}")
         if table:

@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"  done llama-{name}", file=sys.stderr, flush=True)
     head, body = table(rows)
-    print(tabulate(body, headers=head, tablefmt="github"))
+    print(tabulate(body, headers=head, tablefmt="github", disable_numparse=True))
     if args.json:
         write(args.json, rows, header(args, threads=2))
     return 0
