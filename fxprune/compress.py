@@ -23,13 +23,13 @@ from fxprune.channels.graph import DependencyGraph
 from fxprune.errors import WeightError
 from fxprune.measure import LatencySettings
 from fxprune.passes.fuse import fuse
-from fxprune.sparsity.nm import apply_nm, finalize
-from fxprune.sparsity.report import sparsity_rows
 from fxprune.passes.prune import prune
 from fxprune.progress import reporting, step
+from fxprune.report import Report, build_report, group_row
 from fxprune.select.plan import select_and_prune
 from fxprune.select.score import score_groups
-from fxprune.report import Report, build_report, group_row
+from fxprune.sparsity.nm import apply_nm, finalize
+from fxprune.sparsity.report import sparsity_rows
 from fxprune.spec import Spec
 
 

@@ -138,8 +138,7 @@ def creation_rule(ctx):
 
 
 @register_rule(aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
-               aten.empty_like.default, torch.zeros_like, torch.ones_like, torch.full_like,
-               )
+               aten.empty_like.default, torch.zeros_like, torch.ones_like, torch.full_like)
 def like_rule(ctx):
     """``zeros_like(x)`` has x's shape, read when it runs: it shrinks with x's channels.
     Its entries are the fill value, zero only for ``zeros_like``."""
