@@ -51,15 +51,14 @@ def export_graph(model, inputs: ExampleInputs) -> torch.fx.GraphModule:
         # analysis and every rewrite are verified on inputs of these shapes anyway.
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
+    graph.eliminate_dead_code()
     # torch.load rebuilds a GraphModule by tracing its code with the recorded tracer class;
     # export's own tracer needs arguments it cannot be given there, the default one does not.
     graph._tracer_cls, graph._tracer_extras = None, None
     gm = torch.fx.GraphModule(unlifted, graph, name)
     gm._in_spec, gm._out_spec = unlifted._in_spec, unlifted._out_spec
     gm.eval()
-    gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
-    gm.recompile()
     shapes_from_fake_values(gm)
     return gm
 

@@ -97,6 +97,27 @@ def unbind_rule(ctx):
     return tuple(TensorChannels(shape, rest) for _ in range(x.shape[dim]))
 
 
+def _sliced(ctx, m: DimMap | None, size: int, start, stop, step) -> DimMap | None:
+    """The map of ``x[start:stop:step]`` along a dim (None: the dim carries no channels)."""
+    start, stop, step = slice(start, stop, step).indices(size)
+    if m is None:
+        return None
+    if step != 1:
+        ctx.freeze(m.ids, f"a strided slice picks channels by position at {ctx.where()}")
+        return None
+    if (start, stop) == (0, size):
+        return m
+    piece = m.take(slice(start, stop))
+    ctx.require_nonempty(piece, "a slice")
+    return piece
+
+
+def _kept_bounds(p, m: DimMap, start: int, stop: int) -> tuple[int, int]:
+    """Prune time: ``[start, stop)`` of a channel dim becomes the kept counts before each bound."""
+    new_start = p.count(m.take(slice(0, start)))
+    return new_start, new_start + p.count(m.take(slice(start, stop)))
+
+
 def tensor_getitem_rule(ctx):
     """``x[...]`` with ints, slices, None and Ellipsis. Tensor indices freeze."""
     x = ctx.tensor(0)
@@ -134,15 +155,11 @@ def tensor_getitem_rule(ctx):
             dst += 1
         else:
             start, stop, step = it.indices(x.shape[src])
-            if m is not None:
-                if step != 1:
-                    ctx.freeze(m.ids, f"a strided slice picks channels by position at {ctx.where()}")
-                elif (start, stop) != (0, x.shape[src]):
+            piece = _sliced(ctx, m, x.shape[src], start, stop, step)
+            if piece is not None:
+                dims[dst] = piece
+                if piece is not m:
                     slices[src] = (start, stop, m)
-                    dims[dst] = m.take(slice(start, stop))
-                    ctx.require_nonempty(dims[dst], "a slice")
-                else:
-                    dims[dst] = m
             dst += 1
         src += 1
     if slices:
@@ -165,8 +182,7 @@ def _rewrite_slices(slices: dict[int, tuple[int, int, DimMap]]):
                 continue
             if src in slices and isinstance(it, slice):
                 start, stop, m = slices[src]
-                new_start = p.count(m.take(slice(0, start)))
-                items[pos] = slice(new_start, new_start + p.count(m.take(slice(start, stop))), None)
+                items[pos] = slice(*_kept_bounds(p, m, start, stop), None)
             src += 1
         node.args = (node.args[0], tuple(items) if isinstance(index, tuple) else items[0])
 
@@ -186,21 +202,6 @@ def getitem_dispatch(ctx):
     if isinstance(container, dict):
         return container.get(index)
     return size_arithmetic_rule(ctx)
-
-
-def _sliced(ctx, m: DimMap | None, size: int, start, stop, step) -> DimMap | None:
-    """The map of ``x[start:stop:step]`` along a dim (None: the dim carries no channels)."""
-    start, stop, step = slice(start, stop, step).indices(size)
-    if m is None:
-        return None
-    if step != 1:
-        ctx.freeze(m.ids, f"a strided slice picks channels by position at {ctx.where()}")
-        return None
-    if (start, stop) == (0, size):
-        return m
-    piece = m.take(slice(start, stop))
-    ctx.require_nonempty(piece, "a slice")
-    return piece
 
 
 @register_rule(aten.slice.Tensor, "narrow", torch.narrow, aten.narrow.default)
@@ -229,11 +230,10 @@ def slice_rule(ctx):
         begin, end, _ = slice(start, stop, step).indices(x.shape[dim])
 
         def rewrite(p, node):
-            new_start = p.count(m.take(slice(0, begin)))
-            length = p.count(m.take(slice(begin, end)))
+            new_start, new_stop = _kept_bounds(p, m, begin, end)
             args = list(node.args) + [None] * (4 - len(node.args))
             args[2] = new_start
-            args[3] = length if narrow else new_start + length
+            args[3] = new_stop - new_start if narrow else new_stop
             node.args = tuple(args[:4]) + tuple(node.args[4:])
 
         ctx.on_prune(rewrite)
