@@ -440,3 +440,18 @@ def test_two_shuffles_in_a_row():
 
     graph, small, _ = prune_and_check(randomize(TwoShuffles()), torch.randn(2, 3, 4, 4))
     assert small.code.count("torch.index_select(") == 2
+
+
+def test_a_new_tensor_sized_by_a_channel_count_freezes_those_channels():
+    class SizedZeros(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(y) + torch.zeros(y.size(1)).sum()  # the zeros' size changes with y's width
+
+    graph = fxprune.analyze(SizedZeros(), torch.randn(2, 4), capture="fx")
+    hidden = group_of(graph, "a.weight[0]")
+    assert not hidden.prunable and "size of a new tensor" in hidden.reason

@@ -132,8 +132,12 @@ def no_op_rule(ctx):
                aten.new_ones.default, aten.new_zeros.default, aten.new_full.default,
                aten.new_empty.default, torch.arange, torch.zeros, torch.ones, torch.full)
 def creation_rule(ctx):
-    """Sizes are constants here (an exported graph records them): the result carries no
-    channels, and anything it meets keeps its width."""
+    """The result carries no channels, and anything it meets keeps its width. A size read
+    off a channel dim (``torch.zeros(x.size(1))`` under fx) would change with pruning while
+    the result's map cannot follow: those channels are frozen."""
+    for leaf in flatten_values(ctx.inputs()):
+        if isinstance(leaf, SizeValue):
+            ctx.freeze(leaf.ids, f"a channel count is used as the size of a new tensor at {ctx.where()}")
     return ctx.out() if ctx.out_shape() is not None else None
 
 

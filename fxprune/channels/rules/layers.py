@@ -132,16 +132,14 @@ def functional_linear_rule(ctx):
 def addmm_rule(ctx):
     """``bias + mat1 @ mat2`` with a [in, out] weight (Hugging Face's GPT-2 ``Conv1D``)."""
     bias, x, w = ctx.tensor(0), ctx.tensor(1), ctx.tensor(2)
-    if x is None or w is None or ctx.attr_key(ctx.arg(2)) is None or x.ndim != 2:
+    if x is None or w is None or ctx.attr_key(ctx.arg(2)) is None or x.ndim != 2 or (
+            bias is not None and bias.ndim != 1):
         return unknown_rule(ctx)
     _consume_param(ctx, x.get(1), w, ctx.arg(2), 0, "addmm")
-    out = _produce(ctx, w, 1, bias if bias is not None and bias.ndim == 1 else None)
-    if bias is not None and bias.ndim != 1:
-        return unknown_rule(ctx)
-    return ctx.out({0: x.get(0), 1: out})
+    return ctx.out({0: x.get(0), 1: _produce(ctx, w, 1, bias)})
 
 
-_CONV_ARGS = {  # where each spelling keeps its groups argument, and whether it may transpose
+_CONV_ARGS = {  # where each spelling keeps its groups argument
     F.conv1d: 6, F.conv2d: 6, F.conv3d: 6, aten.conv1d.default: 6, aten.conv2d.default: 6,
     aten.conv3d.default: 6, aten.convolution.default: 8,
 }
