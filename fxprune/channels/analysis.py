@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
+import torch
 import torch.fx
 
 from ..capture import capture as capture_model
@@ -81,7 +82,10 @@ def analyze(model, example_inputs, *, capture: str = "auto", attention_units: st
         captured = capture_model(model, example_inputs, capture=capture, leaf_modules=leaf_modules,
                                  concrete_args=concrete_args)
         state = run_rules(captured.gm, attention_units)
-        return build_groups(state, captured.inputs, captured.front_end)
+        graph = build_groups(state, captured.inputs, captured.front_end)
+    if isinstance(model, torch.nn.Module):
+        graph.model = model
+    return graph
 
 
 __all__ = ["analyze", "run_rules"]

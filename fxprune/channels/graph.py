@@ -90,6 +90,7 @@ class DependencyGraph:
     def __init__(self, gm: torch.fx.GraphModule, groups: list[Group], state: AnalysisState,
                  roots: np.ndarray, example_inputs: ExampleInputs, capture: str = "fx"):
         self.gm = gm
+        self.model = None  # the user's model (a reference, never modified); emit="module" copies it
         self.capture = capture  # the front end that captured gm: "fx" or "export"
         self.groups = groups
         self.state = state

@@ -128,8 +128,7 @@ def prune(graph: DependencyGraph, plan: Mapping[int, object]) -> torch.fx.GraphM
 
 
 def _prune(graph: DependencyGraph, plan: Mapping[int, object]) -> torch.fx.GraphModule:
-    removed = resolve_plan(graph, plan)
-    keep = ~np.isin(graph.roots, removed)
+    keep = kept_ids(graph, plan)
     gm = clone_graph_module(graph.gm)
     ctx = PruneContext(graph, gm, keep)
     _slice_tensors(graph, gm, ctx)
@@ -196,31 +195,55 @@ def _fetch(gm: torch.nn.Module, target: str):
     return getattr(gm.get_submodule(path), attr)
 
 
-def _slice_tensors(graph: DependencyGraph, gm: torch.fx.GraphModule, ctx: PruneContext) -> None:
+def tensor_cuts(graph: DependencyGraph, keep: np.ndarray) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """``{state_dict key: [(dim, kept indices), ...]}`` for every tensor the plan shrinks.
+
+    ``keep`` is the survival mask over channel ids (see :func:`kept_ids`). Dims come in
+    ascending order; a key absent from the result keeps its full shape. Tied tensors
+    appear once, under the key the analysis bound (``graph.state.aliases`` lists the rest).
+    """
     by_key: dict[str, list] = defaultdict(list)
     for b in graph.state.bindings.values():
-        mask = ctx.kept(b.ids)
+        mask = np.where(b.ids >= 0, keep[np.clip(b.ids, 0, None)], True)
         if not mask.all():
             by_key[b.key].append((b.dim, np.flatnonzero(mask)))
-    for key, cuts in by_key.items():
-        owner_path, _, name = key.rpartition(".")
-        owner = gm.get_submodule(owner_path)
-        tensor = getattr(owner, name)
-        new = tensor.detach()
-        for dim, index in sorted(cuts):
-            new = new.index_select(dim, torch.as_tensor(index, device=new.device))
-        new = new.clone()
-        if isinstance(tensor, torch.nn.Parameter):
-            new = torch.nn.Parameter(new, requires_grad=tensor.requires_grad)
+    return {key: sorted(cuts, key=lambda c: c[0]) for key, cuts in by_key.items()}
+
+
+def kept_ids(graph: DependencyGraph, plan: Mapping[int, object]) -> np.ndarray:
+    """Validate ``plan`` and return the survival mask over the graph's channel ids."""
+    return ~np.isin(graph.roots, resolve_plan(graph, plan))
+
+
+def cut_tensor(tensor: torch.Tensor, cuts: list[tuple[int, np.ndarray]]) -> torch.Tensor:
+    """``tensor`` with only the kept indices along each cut dim (a new tensor; a
+    ``Parameter`` stays a ``Parameter`` with the same ``requires_grad``)."""
+    new = tensor.detach()
+    for dim, index in cuts:
+        new = new.index_select(dim, torch.as_tensor(index, device=new.device))
+    new = new.clone()
+    if isinstance(tensor, torch.nn.Parameter):
+        new = torch.nn.Parameter(new, requires_grad=tensor.requires_grad)
+    return new
+
+
+def set_tensor(root: torch.nn.Module, key: str, value: torch.Tensor) -> None:
+    """Put ``value`` at ``key`` (a parameter, buffer or plain attribute) under ``root``."""
+    path, _, attr = key.rpartition(".")
+    module = root.get_submodule(path)
+    if attr in module._parameters:
+        module._parameters[attr] = value
+    elif attr in module._buffers:
+        module._buffers[attr] = value
+    else:
+        setattr(module, attr, value)
+
+
+def _slice_tensors(graph: DependencyGraph, gm: torch.fx.GraphModule, ctx: PruneContext) -> None:
+    for key, cuts in tensor_cuts(graph, ctx.keep).items():
+        new = cut_tensor(_fetch(gm, key), cuts)
         for alias in graph.state.aliases.get(key, [key]):
-            path, _, attr = alias.rpartition(".")
-            module = gm.get_submodule(path)
-            if attr in module._parameters:
-                module._parameters[attr] = new
-            elif attr in module._buffers:
-                module._buffers[attr] = new
-            else:
-                setattr(module, attr, new)
+            set_tensor(gm, alias, new)
 
 
 def verify_shapes(graph: DependencyGraph, gm: torch.fx.GraphModule, ctx: PruneContext) -> None:
