@@ -27,3 +27,8 @@ class VerificationError(FxpruneError):
 
 class SpecError(FxpruneError):
     """A compression spec is invalid; the message names the field."""
+
+
+class WriteBackError(FxpruneError):
+    """A plan cannot be written back into the user's own model class (emit="module"):
+    its code hard-codes a size, or its config cannot express the result."""
