@@ -189,7 +189,7 @@ def test_pruned_model_saves_and_loads_without_the_original_class(tmp_path):
         import torch
         m = torch.load(r"{tmp_path / 'small.pt'}", weights_only=False)
         x, y = torch.load(r"{tmp_path / 'x.pt'}"), torch.load(r"{tmp_path / 'y.pt'}")
-        assert torch.allclose(m(x), y), "outputs differ after reload"
+        assert torch.allclose(m(x), y, atol=1e-6), "outputs differ after reload"  # thread counts may differ
         print(type(m).__name__, m.a[0].out_channels if hasattr(m.a, '__getitem__') else m.get_submodule('a.0').out_channels)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -35,8 +35,9 @@ def feasible_plan(graph: DependencyGraph, candidates: Iterable[tuple[int, int]],
     holders: dict[int, list[int]] = defaultdict(list)  # class root -> partial layers holding it
     for ids, _ in graph.state.nonempty:
         classes = np.unique(roots[ids[ids >= 0]])
-        gid = graph.group_of_id(int(classes[0])) if classes.size else -1
-        if gid >= 0 and classes.size < graph.groups[gid].size:  # (-1: dims that carry no channels)
+        gids, counts = np.unique(graph._group_of_root[classes], return_counts=True)
+        whole = any(gid >= 0 and count == graph.groups[gid].size for gid, count in zip(gids, counts))
+        if (gids >= 0).any() and not whole:  # a layer may mix groups (a shuffle, then a split)
             for c in classes.tolist():
                 holders[c].append(len(alive))
             alive.append(len(classes))
