@@ -455,3 +455,24 @@ def test_a_new_tensor_sized_by_a_channel_count_freezes_those_channels():
     graph = fxprune.analyze(SizedZeros(), torch.randn(2, 4), capture="fx")
     hidden = group_of(graph, "a.weight[0]")
     assert not hidden.prunable and "size of a new tensor" in hidden.reason
+
+
+def test_feasible_plan_keeps_a_split_piece_that_mixes_two_groups():
+    """shufflenet's pattern: concat two groups, shuffle, split; a piece holds half of each."""
+    class MixedPieces(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = conv_bn(3, 4, 1), conv_bn(3, 4, 1)
+            self.left, self.right = nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = torch.cat([self.a(x), self.b(x)], 1)
+            y = y.view(y.size(0), 2, 4, y.size(2), y.size(3)).transpose(1, 2).reshape(y.shape)
+            first, second = y.chunk(2, dim=1)  # first = a0 b0 a1 b1
+            return self.left(first) + self.right(second)
+
+    graph = fxprune.analyze(randomize(MixedPieces()), torch.randn(2, 3, 4, 4))
+    a, b = group_of(graph, "a.0.weight[0]"), group_of(graph, "b.0.weight[0]")
+    plan = fxprune.feasible_plan(graph, [(a.id, 0), (a.id, 1), (b.id, 0), (b.id, 1)])
+    assert sum(map(len, plan.values())) == 3  # the last would have emptied the first piece
+    assert fxprune.prune(graph, plan)(torch.randn(2, 3, 4, 4)).shape == (2, 2, 4, 4)
