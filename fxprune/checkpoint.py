@@ -146,7 +146,8 @@ def checkpoint_cuts(graph: DependencyGraph, keep: np.ndarray, layout: Layout) ->
         unknown = [k for k in layout.shapes if k not in shapes]
         hint = (f"the checkpoint has keys the analysed model does not know ({_few(unknown)}): it was saved from "
                 "another model class or naming; analyse the class it was saved from" if unknown else
-                "the checkpoint lacks them; save the whole model (save_pretrained) and try again")
+                "the checkpoint lacks them: if they are tied to a stored weight, analyse the model itself (not an "
+                "ExportedProgram) so that fxprune sees the tie; else save the whole model with save_pretrained")
         raise CheckpointError(f"the plan cuts {_few(missing)}, which no shard in {layout.folder} holds; {hint}")
     return cuts
 
