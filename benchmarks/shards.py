@@ -22,7 +22,6 @@ is at most a source shard plus its pruned copy.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import subprocess
@@ -91,17 +90,6 @@ def plan_half(graph) -> dict[int, list[int]]:
     return plan
 
 
-def halved_config(config):
-    """Interim: the pruned config by hand, until write-back computes it."""
-    import copy
-
-    config = copy.deepcopy(config)
-    config.num_attention_heads //= 2
-    config.num_key_value_heads //= 2
-    config.intermediate_size //= 2
-    return config
-
-
 def prune_checkpoint(source: Path, dest: Path) -> dict:
     """Runs in its own process: meta analysis, then ``save_pruned`` with its memory measured."""
     import gc
@@ -110,11 +98,8 @@ def prune_checkpoint(source: Path, dest: Path) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import fxprune
-    import fxprune.checkpoint
 
     torch.set_num_threads(2)
-    if importlib.util.find_spec("fxprune.passes.writeback") is None:  # until write-back is merged (then delete)
-        fxprune.checkpoint.pruned_config = lambda graph, plan: halved_config(graph.model.config)
     config = AutoConfig.from_pretrained(source)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config).eval()

@@ -12,9 +12,9 @@ from .capture import trace
 from .channels import DependencyGraph, Group, analyze, register_rule
 from .channels.feasible import feasible_plan
 from .errors import (AnalysisError, CheckpointError, FxpruneError, PlanError, SpecError, TraceError, VerificationError,
-                     WeightError)
+                     WeightError, WriteBackError)
 from .compress import Result, compress
-from .passes.prune import prune
+from .passes.emit import prune
 from .checkpoint import save_pruned
 from .passes.verify import check_zero_invariance
 from .spec import LatencySpec, Spec
@@ -23,5 +23,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "analyze", "prune", "save_pruned", "compress", "feasible_plan", "check_zero_invariance", "Spec", "LatencySpec", "Result", "trace", "register_rule", "DependencyGraph", "Group",
-    "FxpruneError", "TraceError", "AnalysisError", "PlanError", "VerificationError", "SpecError", "WeightError", "CheckpointError",
+    "FxpruneError", "TraceError", "AnalysisError", "PlanError", "VerificationError", "SpecError", "WeightError", "WriteBackError",
+    "CheckpointError",
 ]

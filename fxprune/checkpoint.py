@@ -26,6 +26,8 @@ import numpy as np
 
 from .channels.graph import DependencyGraph
 from .errors import CheckpointError
+from .passes.emit import prune
+from .passes.hf_config import hf_config
 from .passes.prune import cut_tensor, kept_ids, tensor_cuts
 from .progress import step
 
@@ -182,25 +184,19 @@ def plan_shards(layout: Layout, nbytes: Mapping[str, int], max_shard_size: int |
     return dict(split.filename_to_tensors)
 
 
-def pruned_config(graph: DependencyGraph, plan: Mapping[int, object]):
-    """The Hugging Face config of the pruned model: write-back's, on the analysed model
-    (build it on the meta device: write-back then copies no weights)."""
-    from .passes.writeback import write_back
-
-    return write_back(graph, plan).config
-
-
 def _config_json(graph: DependencyGraph, plan: Mapping[int, object], source: Path) -> str | None:
-    """The pruned config.json: the source's own, with the fields the pruning changed
-    (dtype, architectures and custom fields stay as the checkpoint has them)."""
-    config = getattr(graph.model, "config", None)
-    if not hasattr(config, "to_dict"):
+    """The pruned config.json: the source's own, with the fields the pruning changed as
+    write-back computes and proves them (dtype, architectures and custom fields stay as
+    the checkpoint has them). Write-back copies the analysed model: on the meta device
+    that costs no memory."""
+    config = hf_config(graph.model)
+    if config is None:
         if (source / CONFIG).is_file():
             raise CheckpointError(
                 f"{source} has a {CONFIG} but the analysed model has no Hugging Face config to update; analyse "
                 "the model class that from_pretrained builds from this folder")
         return None
-    before, after = config.to_dict(), pruned_config(graph, plan).to_dict()
+    before, after = config.to_dict(), prune(graph, plan, emit="module").config.to_dict()
     changed = {k: v for k, v in after.items() if before.get(k) != v}
     base = json.loads((source / CONFIG).read_text(encoding="utf-8")) if (source / CONFIG).is_file() else after
     return json.dumps({**base, **changed}, indent=2, sort_keys=True) + "\n"
@@ -288,4 +284,4 @@ def _numel(shape: tuple[int, ...], cuts: list) -> int:
     return int(np.prod(sizes))
 
 
-__all__ = ["save_pruned", "read_layout", "Layout", "checkpoint_cuts", "tied_keys", "pruned_config"]
+__all__ = ["save_pruned", "read_layout", "Layout", "checkpoint_cuts", "tied_keys"]

@@ -17,13 +17,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx
 
 from fxprune.channels import analyze
 from fxprune.channels.graph import DependencyGraph
-from fxprune.errors import WeightError
+from fxprune.errors import WeightError, WriteBackError
 from fxprune.measure import LatencySettings
 from fxprune.passes.fuse import fuse
-from fxprune.passes.prune import prune
+from fxprune.passes.prune import prune_graph
+from fxprune.passes.writeback import write_back
 from fxprune.progress import reporting, step
 from fxprune.report import Report, build_report, group_row
 from fxprune.select.plan import select_and_prune
@@ -81,6 +83,22 @@ def check_finite(model: torch.nn.Module) -> None:
                           "or check the state_dict you loaded")
 
 
+def emit_model(graph, plan: dict, pruned: torch.fx.GraphModule, emit: str, notes: list[str]) -> torch.nn.Module:
+    """The model ``compress`` returns: the pruned graph, or your class with the plan
+    written back (``emit``: "graph", "module", or "auto": module for export captures)."""
+    if emit == "graph" or (emit == "auto" and graph.capture == "fx"):
+        return pruned
+    try:
+        model = write_back(graph, plan, pruned)
+    except WriteBackError as exc:
+        if emit == "module":
+            raise
+        notes.append(f"emit: a GraphModule (fixed to the example input shapes), not your class: {exc}")
+        return pruned
+    notes.append(f"emit: your {type(model).__name__}, pruned (emit='module')")
+    return model
+
+
 def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = None, progress: bool = False,
              **overrides) -> Result:
     """Prune ``model`` as ``spec`` says (a Spec, dict or TOML/JSON path); the input is not mutated.
@@ -121,7 +139,8 @@ def _compress(model: torch.nn.Module, spec, loaded: Spec, measure_latency: bool 
     plan, small = select_and_prune(graph, scores, loaded, notes=notes)
     step("pruning")
     if small is None or small is graph.gm:
-        small = prune(graph, plan) if plan else copy.deepcopy(graph.gm)
+        small = prune_graph(graph, plan) if plan else copy.deepcopy(graph.gm)
+    small = emit_model(graph, plan, small, loaded.emit, notes)
     nm = None
     if loaded.nm_pair is not None:
         n, m = loaded.nm_pair
@@ -134,12 +153,14 @@ def _compress(model: torch.nn.Module, spec, loaded: Spec, measure_latency: bool 
         if narrow and loaded.round_to % m:
             notes.append(f"nm: {narrow} layer(s) skipped because their pruned input width is not a "
                          f"multiple of {m}; set round_to={m} (or a multiple) to keep them eligible")
-    if loaded.fuse:
+    if loaded.fuse and isinstance(small, torch.fx.GraphModule):
         step("folding batch norms")
         fused = fuse(small, inputs)
         small = fused.gm
         notes.extend(fused.notes)
         notes.append(f"fuse: folded {len(fused.folded)} batchnorm(s); the model is in eval mode")
+    elif loaded.fuse and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in small.modules()):
+        notes.append("fuse: skipped, an emitted module keeps its BatchNorms (emit='graph' folds them)")
     latency = None
     if _wants_latency(spec, loaded, measure_latency):
         latency = loaded.latency

@@ -32,3 +32,8 @@ class CheckpointError(FxpruneError):
 
 class SpecError(FxpruneError):
     """A compression spec is invalid; the message names the field."""
+
+
+class WriteBackError(FxpruneError):
+    """A plan cannot be written back into the user's own model class (emit="module"):
+    its code hard-codes a size, or its config cannot express the result."""

@@ -26,6 +26,7 @@ from fxprune.select.score import known_scores
 
 SCOPES = ("global", "local", "latency")
 CAPTURES = ("auto", "fx", "export")  # fxprune.capture.FRONT_ENDS
+EMITS = ("auto", "graph", "module")  # fxprune.passes.emit.EMITS, plus "auto"
 _CODE_ONLY = ("example_inputs", "calib_inputs", "loss_fn")  # cannot live in a file
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -116,7 +117,13 @@ class Spec:
             >= 1, default 8, what kernels vectorise by; 1 for exact counts).
         max_ratio: most a single group may lose, in (0, 1] (default 0.9).
         ignore: fnmatch patterns of module names never pruned (default empty).
-        fuse: fold batch norms into the convolutions afterwards (default True).
+        fuse: fold batch norms into the convolutions afterwards (default True; a graph
+            only: an emitted module keeps its BatchNorms).
+        emit: what ``result.model`` is: "graph" (a ``torch.fx.GraphModule``), "module" (a
+            pruned copy of your own class, Hugging Face ``config`` updated, checked
+            against the graph) or "auto" (default): "graph" for an fx capture, "module"
+            for an export capture, falling back to "graph" with a note when the class
+            cannot carry the result (an exported graph is fixed to the example shapes).
         nm: None (default) or "N:M" semi-structured sparsity on top, e.g. "2:4".
         latency: a LatencySpec (``fxprune.measure.LatencySettings``: device, batch_size,
             threads, warmup, repeats, compile, compile_backend), or a dict of its fields
@@ -145,6 +152,7 @@ class Spec:
     max_ratio: float = 0.9
     ignore: list[str] = field(default_factory=list)
     fuse: bool = True
+    emit: str = "auto"
     nm: str | None = None
     latency: LatencySpec = field(default_factory=LatencySpec)
     calib_inputs: tuple[torch.Tensor, ...] | None = field(default=None, repr=False, compare=False)
@@ -163,6 +171,7 @@ class Spec:
             fail("spec.ignore", f"expected a list of module-name patterns, {got(self.ignore)}")
         self.ignore = list(self.ignore)
         check_bool("spec.fuse", self.fuse)
+        check_choice("spec.emit", self.emit, EMITS)
         self.nm = None if self.nm is None else _nm("spec.nm", self.nm)
         if not isinstance(self.latency, LatencySettings):
             self.latency = LatencySettings.from_dict(self.latency, where="spec")

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import fxprune
-import fxprune.checkpoint
 from helpers import randomize
 
 transformers = pytest.importorskip("transformers")
@@ -68,23 +67,10 @@ def half_heads_and_neurons(graph) -> dict[int, list[int]]:
     return {g.id: list(range(0, g.size, 2)) for g in kinds["kv"] + kinds["mlp"]}
 
 
-def hand_config(**changes):
-    """The pruned config, built by hand until write-back (which computes it) is merged:
-    the analysed model's config with the pruned widths."""
-    def pruned_config(graph, plan):
-        config = copy.deepcopy(graph.model.config)
-        for name, value in changes.items():
-            setattr(config, name, value)
-        return config
-    return pruned_config
-
-
 @pytest.fixture
-def written(source, tmp_path, monkeypatch):
+def written(source, tmp_path):
     """The half-heads-and-neurons plan, written from the meta analysis."""
     folder, model = source
-    monkeypatch.setattr(fxprune.checkpoint, "pruned_config",
-                        hand_config(num_attention_heads=2, num_key_value_heads=1, intermediate_size=32))
     graph = meta_graph(folder)
     plan = half_heads_and_neurons(graph)
     assert fxprune.save_pruned(graph, plan, folder, tmp_path / "pruned") == tmp_path / "pruned"
@@ -98,19 +84,26 @@ def load(folder):
 
 
 def test_pruned_shards_load_and_match_the_model_pruned_in_memory(source, written):
+    """The in-memory reference is write-back on the real-weights model (emit="module")."""
     folder, model = source
     dest, plan = written
     real = fxprune.analyze(model, IDS, capture="export")
     assert half_heads_and_neurons(real) == plan  # same model, same groups: the plan means the same channels
-    small = fxprune.prune(real, plan)
+    mine = fxprune.prune(real, plan, emit="module")
     loaded = load(dest)
-    assert loaded.config.num_key_value_heads == 1 and loaded.config.intermediate_size == 32
-    assert loaded.model.layers[1].self_attn.k_proj.weight.shape == (8, 32)
+    fields = lambda config: {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}  # noqa: E731
+    assert fields(loaded.config) == fields(mine.config)
+    assert (loaded.config.num_attention_heads, loaded.config.num_key_value_heads) == (2, 1)
+    assert loaded.config.intermediate_size == 32
+    want = mine.state_dict()
+    assert loaded.state_dict().keys() == want.keys()
+    for key, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, want[key]), key
     with torch.no_grad():
-        want, got = small(**IDS).logits, loaded(**IDS).logits
-    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
-    # and it is not the unpruned model's output
-    assert not torch.allclose(got, model(**IDS).logits, atol=1e-3)
+        got = loaded(**IDS).logits
+        assert torch.equal(got, mine(**IDS).logits)
+        assert torch.allclose(got, fxprune.prune(real, plan)(**IDS).logits, atol=1e-5)  # the pruned graph too
+        assert not torch.allclose(got, model(**IDS).logits, atol=1e-3)  # and not the unpruned model's
 
 
 def test_shards_keep_their_names_and_the_index_its_totals(source, written):
@@ -148,10 +141,8 @@ def test_untouched_tensors_are_copied_bit_for_bit(source, written):
 
 
 @pytest.mark.parametrize("max_shard_size", [10_000, "1GB"])
-def test_shards_can_be_packed_anew(source, tmp_path, monkeypatch, max_shard_size):
+def test_shards_can_be_packed_anew(source, tmp_path, max_shard_size):
     folder, model = source
-    monkeypatch.setattr(fxprune.checkpoint, "pruned_config",
-                        hand_config(num_attention_heads=2, num_key_value_heads=1, intermediate_size=32))
     graph = meta_graph(folder)
     plan = half_heads_and_neurons(graph)
     fxprune.save_pruned(graph, plan, folder, tmp_path / "out", max_shard_size=max_shard_size)
@@ -170,11 +161,10 @@ def test_shards_can_be_packed_anew(source, tmp_path, monkeypatch, max_shard_size
         assert torch.allclose(load(tmp_path / "out")(**IDS).logits, small(**IDS).logits, atol=1e-5)
 
 
-def test_a_tied_weight_stored_under_its_other_name_is_cut(source, tmp_path, monkeypatch):
+def test_a_tied_weight_stored_under_its_other_name_is_cut(source, tmp_path):
     """Pruning the hidden size cuts the embedding, which the exported graph knows as
     lm_head.weight and the checkpoint stores as model.embed_tokens.weight."""
     folder, model = source
-    monkeypatch.setattr(fxprune.checkpoint, "pruned_config", hand_config(hidden_size=16))
     graph = meta_graph(folder)
     (hidden,) = groups_by_kind(graph)["hidden"]
     plan = {hidden.id: list(range(0, 32, 2))}
@@ -227,4 +217,14 @@ def test_a_graph_of_another_shape_names_the_tensor_and_both_shapes(source, tmp_p
                        match=r"checkpoint tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight' has shape \((48, 32|32, 48)\), "
                              r"the analysed model's has \((64, 32|32, 64)\): the graph was built from a different"):
         fxprune.save_pruned(graph, half_heads_and_neurons(graph), tmp_path / "other", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plan_the_config_cannot_hold_fails_before_any_file_is_written(source, tmp_path):
+    """One intermediate_size for all layers: MLPs pruned to different widths cannot load."""
+    folder, _ = source
+    graph = meta_graph(folder)
+    first, second = groups_by_kind(graph)["mlp"]
+    with pytest.raises(fxprune.WriteBackError, match="intermediate_size"):
+        fxprune.save_pruned(graph, {first.id: range(32), second.id: range(16)}, folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                  cmd_compress)
     _model_args(p)
     _capture_arg(p)
+    p.add_argument("--emit", choices=("auto", "graph", "module"), default=None,
+                   help="the saved model: graph (a torch.fx GraphModule), module (your own class, "
+                        "pruned), auto (default: graph for fx captures, module for export ones)")
     p.add_argument("--spec", metavar="FILE", help="spec file: .toml, .json or pyproject.toml "
                                                   "([tool.fxprune.compress])")
     p.add_argument("-o", "--output", metavar="FILE", help="save the compressed model (torch.save; "

@@ -110,8 +110,9 @@ def resolve_plan(graph: DependencyGraph, plan: Mapping[int, object]) -> np.ndarr
     return removed
 
 
-def prune(graph: DependencyGraph, plan: Mapping[int, object]) -> torch.fx.GraphModule:
-    """Return a new GraphModule with the planned channels removed.
+def prune_graph(graph: DependencyGraph, plan: Mapping[int, object]) -> torch.fx.GraphModule:
+    """Return a new GraphModule with the planned channels removed (``fxprune.prune``'s
+    ``emit="graph"``).
 
     ``plan`` maps group ids to the channel units to remove (see ``Group.slices``).
     The analysed graph and the original model are not modified.
@@ -119,7 +120,7 @@ def prune(graph: DependencyGraph, plan: Mapping[int, object]) -> torch.fx.GraphM
     >>> import torch, fxprune
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
     >>> graph = fxprune.analyze(net, torch.randn(2, 4))
-    >>> small = fxprune.prune(graph, {1: [0, 1, 2]})
+    >>> small = prune_graph(graph, {1: [0, 1, 2]})
     >>> small.get_submodule("0").weight.shape
     torch.Size([3, 4])
     """

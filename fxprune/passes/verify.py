@@ -69,9 +69,9 @@ def check_zero_invariance(model: torch.nn.Module, graph: DependencyGraph, plan: 
         if not group.zero_invariant:
             raise PlanError(f"group {gid} is not zero-invariant ({group.zero_invariance_reason}); "
                             "the oracle does not apply to it")
-    from .prune import prune
+    from .prune import prune_graph
 
-    small = pruned if pruned is not None else prune(graph, plan)
+    small = pruned if pruned is not None else prune_graph(graph, plan)
     ref = zeroed_copy(model, graph, plan).eval()
     with torch.no_grad(), eval_mode(small):
         error = output_error(graph.example_inputs.call(ref), graph.example_inputs.call(small))

@@ -32,7 +32,7 @@ import torch
 
 from fxprune.channels.graph import DependencyGraph, Group
 from fxprune.errors import SpecError
-from fxprune.passes.prune import prune
+from fxprune.passes.prune import prune_graph
 from fxprune.progress import step as progress_step
 from fxprune.select.align import prefer_aligned
 from fxprune.select.metrics import TARGET_METRICS
@@ -101,7 +101,7 @@ class Landing:
         if k not in self.tried:
             progress_step(f"target {self.metric}={self.target}: verifying candidate {len(self.tried)}")
             plan = self.plan_at(k)
-            model = prune(self.graph, plan) if plan else self.graph.gm
+            model = prune_graph(self.graph, plan) if plan else self.graph.gm
             self.tried[k] = (self.measure(model, self.graph.example_inputs) / self.base, model)
         return self.tried[k][0]
 

@@ -1,0 +1,124 @@
+"""Carry a pruned model's widths into its Hugging Face ``config``, and prove the config right.
+
+``from_pretrained`` builds the model from ``config.json`` before it loads any weight, so
+a pruned model saves correctly only if its config builds exactly its shapes. This pass
+sets the fields the families use (``num_attention_heads``, ``num_key_value_heads``,
+``head_dim``, ``intermediate_size`` / ``n_inner`` / ``d_ff``, ``hidden_size``; a config's
+``attribute_map`` routes them to ``n_head``, ``d_kv``...), then builds the class from the
+new config on the meta device (no memory, no weights) and compares every tensor shape.
+A width the config cannot express (one ``intermediate_size`` for layers of different
+widths, a head size the family derives as ``hidden_size / num_attention_heads``) is
+an error that names the field, never a checkpoint that fails to load.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import WriteBackError
+from .layer_attrs import Heads
+
+INTERMEDIATE = ("intermediate_size", "n_inner", "d_ff", "ffn_dim")
+WIDTH_ATTRS = {"hidden_size": "hidden_size", "embed_dim": "hidden_size", "d_model": "hidden_size",
+               "intermediate_size": "intermediate"}  # module attributes that copy a config width
+HINT = ("write the graph instead (emit='graph'), or prune uniformly: scope='local' removes the same "
+        "share of every layer, and per-layer widths then agree")
+
+
+def hf_config(model: torch.nn.Module):
+    """The model's Hugging Face config, or None (duck-typed: transformers stays optional)."""
+    config = getattr(model, "config", None)
+    names = {c.__name__ for c in type(config).__mro__}
+    return config if names & {"PretrainedConfig", "PreTrainedConfig"} else None
+
+
+def update_config(model: torch.nn.Module, widths: dict[str, tuple[int, int]], heads: dict[str, Heads]) -> list[str]:
+    """Set the config fields the pruned model now needs; return ``field=value`` strings.
+
+    ``widths``: ``{group name: (channels before, after)}`` of every prunable group; those
+    as wide as the config's MLP width are the MLPs.
+    """
+    config = hf_config(model)
+    if config is None:
+        return []
+    changed = {}
+    old_hidden = getattr(config, "hidden_size", None)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embeddings, torch.nn.Embedding) and old_hidden is not None:
+        if embeddings.embedding_dim != old_hidden:
+            changed["hidden_size"] = embeddings.embedding_dim
+    if heads:
+        changed["num_attention_heads"] = _uniform("num_attention_heads", {p: h.query[1] for p, h in heads.items()})
+        if getattr(config, "num_key_value_heads", None) is not None:
+            changed["num_key_value_heads"] = _uniform("num_key_value_heads",
+                                                      {p: h.key_value[1] for p, h in heads.items()})
+        head_dim = _uniform("head_dim", {p: h.head_dim[1] for p, h in heads.items()})
+        explicit = getattr(config, "head_dim", None)
+        derived = changed.get("hidden_size", old_hidden) // changed["num_attention_heads"]
+        if (explicit if explicit is not None else derived) != head_dim:
+            changed["head_dim"] = head_dim  # families that read config.head_dim take it; the check catches the rest
+    field, old_width = _intermediate(config)
+    if field is not None and old_width not in (old_hidden, None):
+        new_width = _uniform(field, {name: new for name, (old, new) in widths.items() if old == old_width} or
+                             {"": old_width})
+        if new_width != old_width:
+            changed[field] = new_width
+    changed = {name: value for name, value in changed.items() if getattr(config, name, None) != value}
+    for name, value in changed.items():
+        setattr(config, name, value)
+    _sync_width_attrs(model, old_hidden, old_width, changed.get("hidden_size"), changed.get(field))
+    return [f"{name}={value}" for name, value in changed.items()]
+
+
+def _intermediate(config) -> tuple[str | None, int | None]:
+    for field in INTERMEDIATE:
+        if hasattr(config, field):
+            value = getattr(config, field)
+            if value is None and field == "n_inner":  # GPT-2: None means 4 x hidden
+                value = 4 * config.hidden_size
+            return field, value
+    return None, None
+
+
+def _uniform(field: str, per_layer: dict[str, int]) -> int:
+    values = set(per_layer.values())
+    if len(values) > 1:
+        shown = ", ".join(f"{where}: {v}" for where, v in list(per_layer.items())[:6])
+        raise WriteBackError(
+            f"config.{field} holds one value for every layer, but the plan leaves layers with "
+            f"{sorted(values)} ({shown}{', ...' if len(per_layer) > 6 else ''}); {HINT}")
+    return values.pop()
+
+
+def _sync_width_attrs(model, old_hidden, old_width, new_hidden, new_width) -> None:
+    """Modules that copy a config width into an attribute (``LlamaMLP.intermediate_size``)."""
+    for module in model.modules():
+        for attr, kind in WIDTH_ATTRS.items():
+            old, new = (old_hidden, new_hidden) if kind == "hidden_size" else (old_width, new_width)
+            if new is not None and getattr(module, attr, None) == old and isinstance(old, int):
+                setattr(module, attr, new)
+
+
+def check_config(model: torch.nn.Module, changed: list[str]) -> None:
+    """Build ``type(model)(model.config)`` on the meta device; every shape must match."""
+    config = hf_config(model)
+    if config is None:
+        return
+    try:
+        with torch.device("meta"):
+            rebuilt = type(model)(config)
+    except Exception as exc:  # noqa: BLE001 - the family's own check, reported with the fields
+        raise WriteBackError(
+            f"{type(config).__name__}({', '.join(changed)}) does not build a {type(model).__name__}: "
+            f"{type(exc).__name__}: {exc}; {HINT}") from exc
+    want = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key in sorted(want.keys() | have.keys()):
+        if want.get(key) != have.get(key):
+            raise WriteBackError(
+                f"the config cannot express the pruned model: {type(config).__name__}"
+                f"({', '.join(changed) or 'unchanged'}) builds {key} as {want.get(key)}, the pruned "
+                f"model has {have.get(key)} (from_pretrained would fail). Some families derive a "
+                f"size from others (BERT's head size is hidden_size / num_attention_heads); {HINT}")
+
+
+__all__ = ["hf_config", "update_config", "check_config"]
