@@ -102,29 +102,29 @@ def _header(path: Path) -> dict:
     return header
 
 
+def _named_tensors(graph: DependencyGraph):
+    """``(key, tensor)`` of every parameter and buffer, tied names included, of the
+    analysed graph and of the user's model."""
+    for root in (graph.gm, graph.model):
+        if root is not None:
+            yield from chain(root.named_parameters(remove_duplicate=False), root.named_buffers(remove_duplicate=False))
+
+
 def tied_keys(graph: DependencyGraph) -> dict[str, list[str]]:
     """Every state_dict key -> all keys of the same tensor, over the analysed graph and the
     user's model (an exported graph keeps one name of a tied weight; the checkpoint may
     store it under the other: ``model.embed_tokens.weight`` for ``lm_head.weight``)."""
-    ties = nx.Graph()
-    for root in (graph.gm, graph.model):
-        if root is None:
-            continue
-        named = chain(root.named_parameters(remove_duplicate=False), root.named_buffers(remove_duplicate=False))
-        first: dict[int, str] = {}
-        for key, tensor in named:
-            ties.add_edge(first.setdefault(id(tensor), key), key)
+    ties, first = nx.Graph(), {}
+    for key, tensor in _named_tensors(graph):
+        ties.add_edge(first.setdefault(id(tensor), key), key)
     return {key: sorted(keys) for keys in nx.connected_components(ties) for key in keys}
 
 
 def model_shapes(graph: DependencyGraph) -> dict[str, tuple[int, ...]]:
     """The analysed model's tensor shapes by state_dict key (meta tensors are fine)."""
     shapes = {}
-    for root in (graph.gm, graph.model):
-        if root is not None:
-            for key, tensor in chain(root.named_parameters(remove_duplicate=False),
-                                     root.named_buffers(remove_duplicate=False)):
-                shapes.setdefault(key, tuple(tensor.shape))
+    for key, tensor in _named_tensors(graph):
+        shapes.setdefault(key, tuple(tensor.shape))
     return shapes
 
 
