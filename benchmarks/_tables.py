@@ -276,10 +276,21 @@ def llm_scale(rows: list[dict]) -> Table:
     return head, body
 
 
+def shards(rows: list[dict]) -> Table:
+    """shards.py's rows: peak memory of writing a pruned checkpoint shard by shard."""
+    head = ["model", "shards", "model (MB)", "largest shard (MB)", "pruned (MB)", "base RSS (MB)",
+            "peak RSS (MB)", "added (MB)", "added / largest shard", "added / model", "analysis (s)", "save (s)"]
+    body = [[r["model"], r["shards"], r["model_mb"], r["largest_shard_mb"], r["pruned_mb"], r["base_rss_mb"],
+             r["peak_rss_mb"], r["added_mb"], f"{r['added_mb'] / r['largest_shard_mb']:.2f}",
+             f"{r['added_mb'] / r['model_mb']:.2f}", r["analysis_s"], r["save_s"]] for r in rows]
+    return head, body
+
+
 TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "timm_sweep": ("timm_sweep", timm_sweep),
     "timm_summary": ("timm_sweep", timm_summary),
     "llm_scale": ("llm_scale", llm_scale),
+    "shards": ("shards", shards),
     "latency": ("latency", latency),
     "latency_glance": ("latency", latency_glance),
     "analysis_scaling": ("analysis_scaling", analysis_scaling),

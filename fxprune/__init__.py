@@ -11,15 +11,18 @@ torch.Size([1, 8, 28, 28])
 from .capture import trace
 from .channels import DependencyGraph, Group, analyze, register_rule
 from .channels.feasible import feasible_plan
-from .errors import AnalysisError, FxpruneError, PlanError, SpecError, TraceError, VerificationError, WeightError, WriteBackError
+from .errors import (AnalysisError, CheckpointError, FxpruneError, PlanError, SpecError, TraceError, VerificationError,
+                     WeightError, WriteBackError)
 from .compress import Result, compress
 from .passes.emit import prune
+from .checkpoint import save_pruned
 from .passes.verify import check_zero_invariance
 from .spec import LatencySpec, Spec
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "analyze", "prune", "compress", "feasible_plan", "check_zero_invariance", "Spec", "LatencySpec", "Result", "trace", "register_rule", "DependencyGraph", "Group",
+    "analyze", "prune", "save_pruned", "compress", "feasible_plan", "check_zero_invariance", "Spec", "LatencySpec", "Result", "trace", "register_rule", "DependencyGraph", "Group",
     "FxpruneError", "TraceError", "AnalysisError", "PlanError", "VerificationError", "SpecError", "WeightError", "WriteBackError",
+    "CheckpointError",
 ]

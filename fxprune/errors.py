@@ -25,6 +25,11 @@ class VerificationError(FxpruneError):
     """A rewritten graph failed to re-propagate shapes; nothing is emitted."""
 
 
+class CheckpointError(FxpruneError):
+    """A checkpoint folder cannot be pruned as asked (missing files or keys, shapes that
+    differ from the analysed model's, a destination that is not a new folder)."""
+
+
 class SpecError(FxpruneError):
     """A compression spec is invalid; the message names the field."""
 
