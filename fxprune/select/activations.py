@@ -103,7 +103,8 @@ class _NormRecorder(torch.fx.Interpreter):
         width = w.shape[kind.weight_dim]
         if x.ndim == 0 or x.shape[axis] != width:
             return  # a grouped conv: its units tie input and output blocks, scored elsewhere
-        squares = x.detach().float().movedim(axis, -1).reshape(-1, width).square().sum(0)
+        others = [d for d in range(x.ndim) if d != axis % x.ndim]
+        squares = x.detach().float().square().sum(others)  # one temporary the size of x, then C numbers
         slot = (key, kind.weight_dim)
         self.sums[slot] = self.sums[slot] + squares if slot in self.sums else squares
 

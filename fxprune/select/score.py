@@ -208,7 +208,17 @@ def bn_scale(graph: DependencyGraph, *, notes: list[str], **kw) -> dict[int, np.
 
 @register_score("taylor")
 def taylor(graph: DependencyGraph, *, calibration=None, loss_fn=None, notes: list[str], **_) -> dict[int, np.ndarray]:
-    """|sum of w * dL/dw| over the unit's parameter entries, gradients summed over the batches."""
+    """|sum of w * dL/dw| over the unit's parameter entries, gradients summed over the batches.
+
+    Example:
+        >>> import fxprune
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+        >>> graph = fxprune.analyze(net, torch.randn(2, 4))
+        >>> notes = []
+        >>> s = score_groups(graph, "taylor", calibration=[torch.randn(3, 4)] * 2, notes=notes)
+        >>> notes[-1]
+        'score: taylor gradients taken in eval mode on 2 calibration batch(es), loss: 0.5 * mean squared output'
+    """
     if calibration is None:
         check_data_needs("taylor", None, None, loss_fn)
     model = copy.deepcopy(graph.gm).eval()  # backward fills .grad: never on the user's tensors
@@ -231,7 +241,17 @@ def taylor(graph: DependencyGraph, *, calibration=None, loss_fn=None, notes: lis
 
 @register_score("activation")
 def activation(graph: DependencyGraph, *, calibration=None, notes: list[str], **_) -> dict[int, np.ndarray]:
-    """Sum over the unit's consumer columns j of sum_i |W[i, j]| * ||X_j|| (Wanda-sp)."""
+    """Sum over the unit's consumer columns j of sum_i |W[i, j]| * ||X_j|| (Wanda-sp).
+
+    Example:
+        >>> import fxprune
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+        >>> _ = net[0].weight.data.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+        >>> _ = net[0].bias.data.zero_()
+        >>> graph = fxprune.analyze(net, torch.rand(2, 2))
+        >>> score_groups(graph, "activation", calibration=[torch.rand(4, 2)])[1][2]  # never fires
+        np.float64(0.0)
+    """
     if calibration is None:
         check_data_needs("activation", None, None, None)
     norms = input_norms(graph.gm, graph_batches(graph, calibration), graph.state.canonical)
