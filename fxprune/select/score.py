@@ -38,7 +38,6 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from fxprune.capture.inputs import as_example_inputs
 from fxprune.channels.graph import DependencyGraph, Group
 from fxprune.channels.registry import load_plugins
 from fxprune.errors import SpecError
@@ -56,7 +55,8 @@ def register_score(name: str) -> Callable[[ScoreFn], ScoreFn]:
 
     ``fn`` returns ``{group id: float array of size group.size}`` for every prunable
     group, lower = pruned first. ``calibration`` is a ``Calibration`` or None (with
-    ``calib_inputs`` given it is that one batch); take ``**_`` for arguments you ignore. Once registered, ``name`` is a valid ``Spec.score``:
+    ``calib_inputs`` given it is that one batch); take ``**_`` for arguments you ignore.
+    Once registered, ``name`` is a valid ``Spec.score``:
     ``fxprune.compress(model, {"score": name, ...})`` uses it, and so does
     ``fxprune compress ... --score NAME --plugin my_scores.py`` (or a package's
     ``fxprune.plugins`` entry point). A later registration replaces an earlier one.
