@@ -71,7 +71,7 @@ def _spec_dict(args, shape) -> dict:
         raise FxpruneError("no goal: pass --spec FILE, or one of --flops F, --params F, --ratio R")
     for name, value in (("score", args.score), ("scope", args.scope), ("nm", args.nm),
                         ("round_to", args.round_to), ("capture", args.capture),
-                        ("emit", args.emit)):
+                        ("emit", args.emit), ("calibration", args.calibration)):
         if value is not None:
             data[name] = value
     if args.input or "input_shape" not in data:

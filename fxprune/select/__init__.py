@@ -1,6 +1,8 @@
 """Deciding what to prune: scores, selection policy and latency timing.
 
 - ``score``: one importance number per channel; the score registry (``register_score``).
+- ``calibration``: calibration batches (``spec.calibration``) and taylor's default loss.
+- ``activations``: per-channel input norms of the consuming layers over those batches.
 - ``metrics``: the target metrics registry (``flops``, ``params``, ``latency``).
 - ``plan``: scores -> a pruning plan ``{group id: [units]}`` for a ratio or a target.
 - ``ranking``: ranked (group, unit) candidates -> feasible, rounded plans.
