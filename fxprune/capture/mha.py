@@ -103,6 +103,11 @@ def _plan(m: nn.MultiheadAttention, node: torch.fx.Node) -> MhaCall | str:
             masks[name] = None
             continue
         meta = _shape(a[name])
+        if meta is None and getattr(a[name], "op", None) == "placeholder":
+            # a forward argument that defaults to None: baking "no mask" into the graph
+            # would silently drop a mask passed later
+            return (f"its {name} is graph input '{a[name].target}', which the example inputs leave "
+                    f"None; pass concrete_args={{'{a[name].target}': None}} to trace it through")
         if meta is None or not (meta.dtype == torch.bool or meta.dtype.is_floating_point):
             return f"its {name} is not a bool or float tensor"
         masks[name] = meta
