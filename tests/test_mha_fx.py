@@ -224,3 +224,16 @@ def test_torchvision_vit_heads_under_fx():
     assert small.get_parameter(prefix.format(3) + "out_proj.weight").shape == (768, 384)
     with torch.no_grad():
         assert small(x).shape == model(x).shape == (1, 1000)
+
+
+def test_flops_of_the_module_and_its_traced_graph_agree():
+    """In eval mode under no_grad the module runs one fused kernel the FLOP counter cannot
+    see; count_flops runs its plain path, so before/after reports compare like with like."""
+    from fxprune.measure import count_flops
+
+    model = randomize(Attend("self", batch_first=True)).eval()
+    inputs = example(model)
+    flops = count_flops(model, inputs)
+    assert flops == count_flops(capture(model, inputs).gm, inputs)
+    assert flops >= 2 * B * L * E * 4 * E  # in_proj (3 E x E) and out_proj (E x E) per token
+    assert torch.backends.mha.get_fastpath_enabled()  # put back
