@@ -80,9 +80,21 @@ def count_flops(model: nn.Module, example_inputs) -> int:
     """
     inputs = as_example_inputs(example_inputs)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), _util.eval_mode(model), counter:
+    with torch.no_grad(), _util.eval_mode(model), _no_mha_fastpath(), counter:
         inputs.call(model)
     return int(counter.get_total_flops())
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath():
+    """In eval mode under no_grad, ``nn.MultiheadAttention`` calls one fused kernel that the
+    counter has no formula for (0 FLOPs); its plain path is what a traced graph runs."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def count_params(model: nn.Module) -> int:

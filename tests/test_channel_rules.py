@@ -294,7 +294,7 @@ def test_hand_written_attention_with_head_dim_units():
     assert pruned.get_submodule("proj").in_features == 8
 
 
-def test_multihead_attention_freezes_its_embedding_with_a_reason():
+def test_multihead_attention_is_traced_through_and_its_embedding_prunes():
     class MHA(nn.Module):
         def __init__(self):
             super().__init__()
@@ -306,10 +306,13 @@ def test_multihead_attention_freezes_its_embedding_with_a_reason():
             x = x + self.attn(x, x, x, need_weights=False)[0]
             return self.out(x + self.mlp(x))
 
-    graph, _, _ = prune_and_check(randomize(MHA()), torch.randn(2, 3, 5))
-    stream = group_of(graph, "inp.weight[0]")
-    assert not stream.prunable and "MultiheadAttention 'attn'" in stream.reason
+    graph, _, error = prune_and_check(randomize(MHA()), torch.randn(2, 3, 5), expect_prunable=3)
+    stream = group_of(graph, "inp.weight[0]")  # the embedding, read by in_proj and out_proj
+    assert stream.prunable and stream.zero_invariant and "attn.out_proj.weight[0]" in stream.producers
+    heads = group_of(graph, "attn.in_proj_weight[0]")
+    assert heads.size == 2 and heads.prunable and heads.zero_invariant
     assert group_of(graph, "mlp.0.weight[0]").prunable
+    assert error < 1e-4
 
 
 class HardCodedReshape(nn.Module):

@@ -4,6 +4,8 @@ Two front ends feed one analysis: :mod:`.fx` (``torch.fx`` symbolic trace: fast,
 module-level, readable) and :mod:`.export` (``torch.export``: ATen graphs of what
 symbolic tracing cannot take, such as Hugging Face transformers). ``capture="auto"``
 tries fx first and falls back to export; when both fail the error gives both reasons.
+Under fx, ``nn.MultiheadAttention`` calls are traced through as functional ops
+(:mod:`.mha`), written for the shapes a first trace records.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from .export import export_graph
 from .fx import trace
 from .gc import gc_paused
 from .inputs import ExampleInputs, as_example_inputs
+from .mha import plan_calls
 from .shapes import ShapeRecorder, propagate_shapes
 
 FRONT_ENDS = ("auto", "fx", "export")
@@ -56,6 +59,11 @@ def capture(model, example_inputs, *, capture: str = "auto", leaf_modules: Itera
             fx_error = exc
         else:
             propagate_shapes(gm, inputs)
+            attention_calls = plan_calls(gm)
+            if attention_calls:  # trace through nn.MultiheadAttention, written for the shapes seen
+                gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                           attention_calls=attention_calls)
+                propagate_shapes(gm, inputs)
             return Captured(gm, inputs, "fx")
     try:
         gm = export_graph(model, inputs)

@@ -7,6 +7,7 @@ reason) and registers rewrites that the prune pass runs on the new graph.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,7 +16,7 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .registry import describe_target
+from .registry import describe_target, op_name
 from .unionfind import ChannelUnion
 from .values import FIXED, DimMap, TensorChannels, flatten_values
 
@@ -154,6 +155,7 @@ class RuleContext:
     def set_role(self, raw, dim: int, role: str) -> None:
         """A ``get_attr`` parameter's dim ``dim`` consumes channels (``"in"``) or is a
         statistic (``"buffer"``) rather than producing them (get_attr binds ``"out"``)."""
+        raw = self._piece_of(raw, dim)
         binding = self.state.bindings.get((self.attr_key(raw), dim))
         if binding is not None:
             binding.role = role
@@ -184,6 +186,22 @@ class RuleContext:
             space.dropped = True
         self.state.env[raw] = param.with_dims({**param.dims, dim: dim_map})  # what pruning predicts
         return dim_map
+
+    def _piece_of(self, raw, dim: int):
+        """The get_attr parameter that ``raw`` is a piece of, when it was cut along another
+        dim than ``dim`` (a fused q/k/v weight's ``w.chunk(3)[0]``): that dim is the
+        parameter's own. Anything else is returned as it is."""
+        if not (isinstance(raw, torch.fx.Node) and raw.target is operator.getitem):
+            return raw
+        cut = raw.args[0]
+        if not (isinstance(cut, torch.fx.Node) and cut.op in ("call_method", "call_function")
+                and op_name(cut.target) in _CUTS and cut.args and self.attr_key(cut.args[0])):
+            return raw
+        meta = cut.args[0].meta.get("tensor_meta")
+        cut_dim = cut.kwargs.get("dim", cut.args[2] if len(cut.args) > 2 else 0)
+        if not hasattr(meta, "shape") or not isinstance(cut_dim, int):
+            return raw
+        return cut.args[0] if cut_dim % len(meta.shape) != dim else raw
 
     def _spaces_of(self, raw, dim: int) -> list[Space]:
         """The space(s) that get_attr node ``raw`` opened for its dim ``dim``."""
@@ -294,6 +312,9 @@ class RuleContext:
     def on_prune(self, rewrite: Callable) -> None:
         """Run ``rewrite(pctx, node)`` on the pruned graph (module attrs, constants)."""
         self.state.rewrites.append((self.node.name, rewrite))
+
+
+_CUTS = {"chunk", "split", "split_with_sizes", "tensor_split"}  # pieces along one dim
 
 
 def fixed_map(size: int) -> DimMap:

@@ -3,8 +3,9 @@
 ``matmul``/``bmm``/``einsum`` tie the contracted dims of their operands and carry the
 free dims to the output; batch dims are aligned like an element-wise op. A product is
 zero where either factor is, so zero-invariance survives when either side has it.
-``nn.MultiheadAttention`` needs its inner width to equal ``embed_dim``, so the spaces
-it touches are frozen: fxprune cannot shrink it without changing the module type.
+The fx front end traces ``nn.MultiheadAttention`` through as functional ops
+(:mod:`fxprune.capture.mha`); a call it keeps whole needs its inner width to equal
+``embed_dim``, so the spaces that call touches are frozen, with the option that kept it.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...capture.mha import LEAF_REASON
 from ..registry import register_rule
 from ..values import DimMap, TensorChannels
 from .fallback import unknown_rule
@@ -170,10 +172,12 @@ def _repeated(m: DimMap | None, times: int) -> DimMap | None:
 
 @register_rule(nn.MultiheadAttention)
 def multihead_attention_rule(ctx):
+    """An ``nn.MultiheadAttention`` left whole (the fx front end traces the others through):
+    a whole one needs its inner width equal to embed_dim, so what it touches is frozen."""
+    why = ctx.node.meta.get(LEAF_REASON, "it is a leaf module")
     reason = (
-        f"nn.MultiheadAttention '{ctx.node.target}' needs its inner width equal to embed_dim, "
-        "so its embedding channels cannot shrink; capture with torch.export (capture='export') "
-        "to prune its heads and the embedding as ATen ops"
+        f"nn.MultiheadAttention '{ctx.node.target}' is kept whole under fx: {why}; a whole one "
+        "needs its inner width equal to embed_dim, so its heads and embedding cannot shrink"
     )
     ctx.freeze_value(ctx.inputs(), reason)
     meta = ctx.node.meta.get("tensor_meta")
