@@ -237,3 +237,20 @@ def test_a_saved_pruned_bert_loads_in_a_process_without_fxprune(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(width // 2)]
+
+
+def test_a_pruned_multihead_attention_cannot_be_written_into_its_module():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.fc = nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+    graph = fxprune.analyze(Block().eval(), torch.randn(2, 5, 16))
+    heads = next(g for g in graph.prunable_groups if g.size == 4)
+    with pytest.raises(WriteBackError, match=r"nn.MultiheadAttention 'attn' cannot carry the plan.*emit='graph'"):
+        fxprune.prune(graph, {heads.id: [0, 1]}, emit="module")
+    assert fxprune.prune(graph, {heads.id: [0, 1]})(torch.randn(2, 5, 16)).shape == (2, 5, 2)

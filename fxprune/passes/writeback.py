@@ -45,10 +45,12 @@ def write_back(graph: DependencyGraph, plan: Mapping[int, object], pruned: torch
         raise WriteBackError("emit='module' needs the nn.Module that fxprune.analyze was given (an "
                              f"ExportedProgram has no class of its own to write into); {GRAPH_HINT}")
     keep = kept_ids(graph, plan)
+    cuts_by_key = tensor_cuts(graph, keep)
+    _refuse_multihead_attention(model, cuts_by_key)
     if graph.capture == "fx":
         _check_python_constants(graph, pruned)
     memo: dict[int, object] = {}
-    for key, cuts in tensor_cuts(graph, keep).items():
+    for key, cuts in cuts_by_key.items():
         tensor = _tensor_at(model, key)
         memo[id(tensor)] = cut_tensor(tensor, cuts)  # deepcopy then reuses the cut tensor, ties kept
     new = copy.deepcopy(model, memo)
@@ -60,6 +62,20 @@ def write_back(graph: DependencyGraph, plan: Mapping[int, object], pruned: torch
     if not any(t.is_meta for t in new.parameters()):  # weightless (meta) models: shapes and config only
         _check_outputs(new, pruned, graph)
     return new
+
+
+def _refuse_multihead_attention(model: torch.nn.Module, cuts: Mapping[str, list]) -> None:
+    """``nn.MultiheadAttention`` computes its head size as ``embed_dim // num_heads`` and
+    its inner width must equal ``embed_dim``: no instance can hold fewer heads of the same
+    size, or a narrower input with the same heads."""
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.MultiheadAttention):
+            hit = sorted(k for k in cuts if k.startswith(f"{path}.") or (not path and k))
+            if hit:
+                raise WriteBackError(
+                    f"nn.MultiheadAttention '{path}' cannot carry the plan ({hit[0]} shrinks): its head "
+                    "size is embed_dim // num_heads and its inner width must equal embed_dim; "
+                    f"{GRAPH_HINT}, or pass ignore=['{path}*'] to keep it whole")
 
 
 def _group_widths(graph: DependencyGraph, plan: Mapping[int, object]) -> dict[str, tuple[int, int]]:
