@@ -42,3 +42,20 @@ def test_example_trains_and_compresses(name, capsys):
     assert "epoch 0: test acc" in out and "after 1 fine-tuning epochs" in out
     # the default target is 8x fewer FLOPs, within the promised 2 %
     assert seen["small"] == pytest.approx(seen["dense"] / 8, rel=0.02)
+
+
+def test_prune_minilm_example_shrinks_a_bert_encoder_and_saves_it(tmp_path):
+    """The README's MiniLM recipe, on a tiny random BERT (the real weights are an extra)."""
+    pytest.importorskip("transformers")
+    import prune_minilm
+    from hf_models import tiny_models
+
+    model, inputs, width = tiny_models()["bert"]
+    encoder = sum(p.numel() for p in model.encoder.parameters())
+    result = prune_minilm.prune_encoder(model, inputs, [inputs, inputs], keep=0.75)
+    kept = sum(p.numel() for p in result.model.encoder.parameters()) / encoder
+    assert abs(kept - 0.75) < 0.02 and result.model.config.intermediate_size < width
+    assert result.model.config.num_attention_heads == model.config.num_attention_heads
+    result.model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(prune_minilm.embed(reloaded, inputs), prune_minilm.embed(result.model, inputs))
