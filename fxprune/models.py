@@ -191,6 +191,8 @@ def _import(module_name: str):
             raise _fail(module_name, f"no file {module_name!r}")
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
+        if path.stem not in sys.modules:  # torch.save pickles its classes by module name
+            sys.modules[path.stem] = module
         spec.loader.exec_module(module)
         return module
     if os.getcwd() not in sys.path and "" not in sys.path:

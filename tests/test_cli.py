@@ -338,3 +338,25 @@ def test_compress_uses_a_score_registered_by_a_plugin(tiny, tmp_path, monkeypatc
                                 for g, units in data["plan"].items())
     assert_usage_error(fxprune(*args, "--plugin", "no_such_scores", cwd=tmp_path),
                        "--plugin 'no_such_scores'", "cannot import")
+
+
+def test_compress_emit_module_saves_the_users_class(tiny, tiny_model, tmp_path):
+    out = tmp_path / "mine.pt"
+    proc = fxprune("compress", tiny, "--input", SHAPE, "--ratio", "0.5", "--emit", "module", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "emit: your Tiny, pruned" in proc.stdout and "fuse: skipped" in proc.stdout
+    mine = torch.load(out, weights_only=False)
+    assert type(mine).__name__ == "Tiny" and mine.stem[0].out_channels == 8 == mine.stem[1].num_features
+    x = torch.randn(2, 3, 16, 16)
+    assert mine(x).shape == tiny_model(x).shape
+
+
+def test_saving_a_class_pickle_cannot_import_names_the_fix(tmp_path):
+    from fxprune.cli.commands import _save
+    from fxprune.errors import FxpruneError
+
+    class Local(torch.nn.Linear):  # defined in a function: pickle cannot import it
+        pass
+
+    with pytest.raises(FxpruneError, match=r"cannot save the pruned Local .*--emit graph"):
+        _save(Local(2, 2), str(tmp_path / "m.pt"))

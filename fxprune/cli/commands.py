@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -82,6 +83,16 @@ def _spec_dict(args, shape) -> dict:
     return data
 
 
+def _save(model: torch.nn.Module, path: str) -> None:
+    try:
+        torch.save(model, path)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise FxpruneError(
+            f"cannot save the pruned {type(model).__name__} with torch.save ({exc}): an emitted module is "
+            "pickled by its class's import path; make its module importable, or save the GraphModule "
+            "(--emit graph), which needs no class") from exc
+
+
 def cmd_compress(args) -> int:
     from fxprune import compress
     from fxprune.progress import reporting, step
@@ -97,7 +108,7 @@ def cmd_compress(args) -> int:
         if args.output:
             step(f"saving {args.output}")
             setattr(result.model, INPUT_SHAPE_ATTR, spec.input_shape)
-            torch.save(result.model, args.output)
+            _save(result.model, args.output)
     report = result.report
     if args.report:
         data = {**report.to_dict(), "model": args.model, "spec": spec.to_dict(),
