@@ -191,8 +191,10 @@ def _import(module_name: str):
             raise _fail(module_name, f"no file {module_name!r}")
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
-        if path.stem not in sys.modules:  # torch.save pickles its classes by module name
-            sys.modules[path.stem] = module
+        known = sys.modules.get(path.stem)
+        if known is None or Path(getattr(known, "__file__", "") or "").resolve() == path.resolve():
+            # never shadow another module
+            sys.modules[path.stem] = module  # torch.save pickles the file's classes by module name
         spec.loader.exec_module(module)
         return module
     if os.getcwd() not in sys.path and "" not in sys.path:

@@ -72,19 +72,10 @@ def attention_heads(graph, shape_after) -> dict[str, Heads]:
 
 def _owner(node: torch.fx.Node, modules: dict) -> str | None:
     stack = node.meta.get("nn_module_stack") or {}
-    for path, _ in reversed(list(stack.values())):
-        path = _fqn(path)
+    for path, _ in reversed(list(stack.values())):  # fully qualified names in both front ends
         if any(hasattr(modules.get(path), name) for name in ATTENTION_ATTRS):
             return path
     return None
-
-
-def _fqn(path: str) -> str:
-    """``nn_module_stack`` paths are fully qualified names (``model.layers.0.self_attn``);
-    fx symbolic trace writes ``L['self'].layers[0]``-style ones in some versions."""
-    if path.startswith("L['self']"):
-        path = path[len("L['self']"):].lstrip(".").replace("[", ".").replace("]", "")
-    return path
 
 
 def sync_head_attrs(model: torch.nn.Module, heads: dict[str, Heads]) -> None:
