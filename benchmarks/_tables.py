@@ -112,15 +112,6 @@ def analysis_scaling(rows: list[dict]) -> Table:
     return head, body
 
 
-def analysis_scaling_glance(rows: list[dict]) -> Table:
-    """The largest graph and resnet50: analysis and prune seconds of both tools."""
-    head, body = analysis_scaling(rows)
-    keep = [0, 1, 2, 4, 5, 6]
-    mlps = [line for line in body if str(line[0]).startswith("mlp-")]
-    chosen = mlps[-1:] + [line for line in body if line[0] == "resnet50"]
-    return [head[i] for i in keep], [[line[i] for i in keep] for line in chosen]
-
-
 def digits_summary(rows: list[dict]) -> list[dict]:
     """digits.py's per-seed rows, averaged per method and FLOPs reduction (what digits.py prints)."""
     base = next((r["flops"] for r in rows if r["method"] == "dense"), None)
@@ -218,13 +209,6 @@ def nm_gpu(rows: list[dict]) -> Table:
     return head, body
 
 
-def nm_gpu_glance(rows: list[dict]) -> Table:
-    """``nm_gpu`` with CUDA graphs only (GPU time, no CPU launch cost)."""
-    head, body = nm_gpu(rows)
-    return [h for h in head if h != "mode"], [[c for i, c in enumerate(line) if i != 1] for line in body
-                                               if line[1] == NM_MODES["graph"]]
-
-
 def nm_gpu_layers(rows: list[dict]) -> Table:
     """Every row nm_gpu.py writes: each Linear layer (or why it stays dense) and the whole model."""
     head = ["model", "layer", "weight", "input", "mode", "dense ms", "2:4 ms (alg 0)", "2:4 ms (tuned)", "alg",
@@ -295,12 +279,10 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "latency_glance": ("latency", latency_glance),
     "analysis_scaling": ("analysis_scaling", analysis_scaling),
     "analysis_front_ends": ("analysis_scaling", analysis_front_ends),
-    "analysis_scaling_glance": ("analysis_scaling", analysis_scaling_glance),
     "digits": ("digits", digits),
     "digits_glance": ("digits", digits_glance),
     "digits_capacity": ("digits_capacity", digits_capacity),
     "zoo_sweep": ("zoo_sweep", zoo_sweep),
     "zoo_summary": ("zoo_sweep", zoo_summary),
     "nm_gpu": ("nm_gpu", nm_gpu),
-    "nm_gpu_glance": ("nm_gpu", nm_gpu_glance),
 }
