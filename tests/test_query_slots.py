@@ -76,8 +76,8 @@ def consumer_zeroing_error(model, graph, plan, small) -> float:
 def check_query_slots(model, graph, layers: dict[str, tuple[int, int, int]]) -> torch.nn.Module:
     """``layers``: {attention module path: (query heads, key/value heads, head_dim)}.
     Every layer has one slot group of size r whose unit is kv x head_dim query rows; the
-    consumer oracle holds on half of them; removing one slot per layer halves q_proj (r = 2)
-    and keeps k_proj / v_proj. Returns the pruned graph."""
+    consumer oracle holds on half of them; removing one slot per layer leaves (r - 1) / r of
+    q_proj's rows (half for r = 2) and all of k_proj / v_proj. Returns the pruned graph."""
     params = dict(model.named_parameters())
     plan = {}
     for path, (heads, kv_heads, head_dim) in layers.items():
@@ -106,7 +106,8 @@ def check_query_slots(model, graph, layers: dict[str, tuple[int, int, int]]) -> 
         q, k, v = (small.get_submodule(_key(path, p)).weight for p in ("q_proj", "k_proj", "v_proj"))
         r = heads // kv_heads
         assert q.shape[0] == (r - 1) * kv_heads * head_dim == params[_key(path, "q_proj.weight")].shape[0] * (r - 1) // r
-        assert k.shape == params[_key(path, "k_proj.weight")].shape and v.shape == params[_key(path, "v_proj.weight")].shape
+        for proj, kept in (("k_proj", k), ("v_proj", v)):
+            assert kept.shape == params[_key(path, f"{proj}.weight")].shape
         assert small.get_submodule(_key(path, "o_proj")).weight.shape[1] == q.shape[0]
     return small
 
