@@ -105,7 +105,8 @@ def check_query_slots(model, graph, layers: dict[str, tuple[int, int, int]]) -> 
     for path, (heads, kv_heads, head_dim) in layers.items():
         q, k, v = (small.get_submodule(_key(path, p)).weight for p in ("q_proj", "k_proj", "v_proj"))
         r = heads // kv_heads
-        assert q.shape[0] == (r - 1) * kv_heads * head_dim == params[_key(path, "q_proj.weight")].shape[0] * (r - 1) // r
+        rows = params[_key(path, "q_proj.weight")].shape[0]
+        assert q.shape[0] == (r - 1) * kv_heads * head_dim == rows * (r - 1) // r
         for proj, kept in (("k_proj", k), ("v_proj", v)):
             assert kept.shape == params[_key(path, f"{proj}.weight")].shape
         assert small.get_submodule(_key(path, "o_proj")).weight.shape[1] == q.shape[0]
