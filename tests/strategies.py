@@ -41,6 +41,10 @@ FC_FORMS = ("module", "functional")
 # Grouped-query attention as Hugging Face writes it (repeat_kv: expand + reshape) or through
 # SDPA's own enable_gqa.
 ATTENTION_GQA_FORMS = ("repeat", "enable_gqa")
+# analyze()'s attention_units: "query_slots" only changes a block with fewer key/value heads
+# than query heads, so it is drawn only for architectures that have one (attention_units()).
+ATTENTION_UNITS = ("heads", "head_dim")
+GQA_ATTENTION_UNITS = ("query_slots",)
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ ELIGIBLE = {
 
 
 OPS = ("conv", "conv_bn", "act", "add", "cat", "split", "gconv", "dwconv", "shuffle", "se", "ln", "attn")
+# (also "gqa": an attention step that always has several key/value heads, each serving 2-3 query heads)
 
 
 @st.composite
@@ -139,6 +144,10 @@ def _step(draw, pool: list[int], ops: tuple[str, ...] = OPS) -> tuple[Step, list
     if op == "attn":
         heads = draw(st.sampled_from((1, 2, 4)))
         kv_heads = draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
+    if op == "gqa":  # an "attn" step with grouped queries over several key/value heads
+        op, heads = "attn", draw(st.sampled_from((4, 6)))
+        kv_heads = draw(st.sampled_from([h for h in (2, 3) if heads % h == 0]))
+    if op == "attn":
         head_dim = draw(st.sampled_from((2, 4)))
         gqa = draw(st.sampled_from(ATTENTION_GQA_FORMS)) if kv_heads < heads else "repeat"
         return Step(op, (i,), (heads, kv_heads, head_dim, draw(st.booleans()), gqa)), [c]
@@ -146,6 +155,19 @@ def _step(draw, pool: list[int], ops: tuple[str, ...] = OPS) -> tuple[Step, list
         hidden = draw(st.integers(1, 4))
         return Step(op, (i,), (hidden, draw(st.sampled_from(SE_VARIANTS)))), [c]
     raise AssertionError(op)
+
+
+def gqa_blocks(arch: "Arch") -> list[tuple[int, Step]]:
+    """``(step index, step)`` of every attention block with fewer key/value than query heads."""
+    return [(n, s) for n, s in enumerate(arch.steps) if s.op == "attn" and s.params[1] < s.params[0]]
+
+
+def attention_units(arch: "Arch") -> st.SearchStrategy[str]:
+    """The ``attention_units`` choices that apply to ``arch``: query slots need a GQA block,
+    and where there is one they are drawn half the time."""
+    if gqa_blocks(arch):
+        return st.one_of(st.sampled_from(GQA_ATTENTION_UNITS), st.sampled_from(ATTENTION_UNITS))
+    return st.sampled_from(ATTENTION_UNITS)
 
 
 @st.composite

@@ -15,13 +15,13 @@ import sys
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 import fxprune
 
 sys.path.insert(0, os.path.dirname(__file__))
-from strategies import architectures, build, example_input  # noqa: E402
+from strategies import architectures, attention_units, build, example_input, gqa_blocks  # noqa: E402
 
 EXAMPLES = int(os.environ.get("FXPRUNE_HYPOTHESIS_EXAMPLES", "200"))
 RELATIVE_TOLERANCE = 1e-4
@@ -48,14 +48,15 @@ def draw_candidates(data, groups) -> list[tuple[int, int]]:
     return data.draw(st.lists(st.sampled_from(pairs), unique=True, max_size=len(pairs)), label="candidates")
 
 
-def zero_out_slices(model: torch.nn.Module, graph, plan: dict[int, list[int]]) -> torch.nn.Module:
-    """A copy of ``model`` with every ``role="out"`` slice of the planned channels zeroed."""
+def zero_out_slices(model: torch.nn.Module, graph, plan: dict[int, list[int]], role: str = "out") -> torch.nn.Module:
+    """A copy of ``model`` with every ``role`` slice of the planned channels zeroed (``"out"``:
+    producers, the oracle; ``"in"``: consumers, for groups whose only use is their consumers)."""
     zeroed = copy.deepcopy(model)
     # every named tensor: non-persistent buffers (rotary tables) are channels too
     state = dict(zeroed.named_parameters()) | dict(zeroed.named_buffers())
     with torch.no_grad():
         for gid, units in plan.items():
-            for key, entries in graph.group(gid).slices(units, role="out").items():
+            for key, entries in graph.group(gid).slices(units, role=role).items():
                 assert key in state, f"group {gid}: slice key {key!r} is not a tensor of the model"
                 for dim, indices in entries:
                     state[key].index_fill_(dim, torch.as_tensor(indices, dtype=torch.long), 0)
@@ -195,10 +196,12 @@ def test_input_model_is_not_mutated(arch, data, training):
 
 @SETTINGS
 @given(arch=architectures(min_steps=2, max_steps=4, ops=("conv", "act", "attn")), data=st.data(),
-       capture=FRONT_ENDS, units=st.sampled_from(("heads", "head_dim")))
-def test_attention_blocks_pass_the_oracle(arch, data, capture, units):
+       capture=FRONT_ENDS)
+def test_attention_blocks_pass_the_oracle(arch, data, capture):
     """Multi-head and grouped-query attention, with and without rotary embeddings, with
-    heads (or head_dim positions) as units: pruning equals zeroing."""
+    heads, head_dim positions or (under grouped-query attention) query slots as units:
+    pruning equals zeroing."""
+    units = data.draw(attention_units(arch), label="attention_units")
     model = build(arch)
     x = example_input(arch.seed)
     graph = fxprune.analyze(model, x, capture=capture, attention_units=units)
@@ -219,3 +222,45 @@ def test_attention_blocks_pass_the_oracle(arch, data, capture, units):
         groups = [g for g in graph.prunable_groups if any(b.key == key and b.dim == 0 for b in g.bindings)]
         for g in groups:  # a head is one unit: head_dim rows of the query projection
             assert [len(rows) for dim, rows in g.slices([0], "out")[key]] == [head_dim * (heads // g.size)]
+    if units == "query_slots":
+        check_query_slots(arch, graph, model, x, data)
+
+
+@SETTINGS
+@given(arch=architectures(min_steps=2, max_steps=4, ops=("gqa", "conv")), data=st.data(), capture=FRONT_ENDS)
+def test_query_slots_pass_the_consumer_oracle(arch, data, capture):
+    """Grouped-query attention (repeat_kv or enable_gqa) with query slots as units."""
+    model = build(arch)
+    x = example_input(arch.seed)
+    graph = fxprune.analyze(model, x, capture=capture, attention_units="query_slots")
+    check_query_slots(arch, graph, model, x, data)
+
+
+def check_query_slots(arch, graph, model, x, data) -> None:
+    """Each grouped-query block's query heads form one group of r slots (a unit: kv_heads x
+    head_dim query rows); a slot's only consumer is the output projection, so removing
+    slots equals zeroing their columns there (the producer oracle does not apply: zeroed
+    query rows still attend to the shared values)."""
+    slots = []
+    for step_index, step in gqa_blocks(arch):
+        heads, kv_heads, head_dim = step.params[:3]
+        if kv_heads == 1:
+            continue  # one key/value head: its view keeps head_dim positions, no head dim to slot
+        key = f"layers.s{step_index}_q.weight"
+        (group,) = [g for g in graph.groups if any(b.key == key and b.dim == 0 for b in g.bindings)]
+        assert group.size == heads // kv_heads and not group.zero_invariant
+        assert [len(rows) for dim, rows in group.slices([0], "out")[key]] == [kv_heads * head_dim]
+        assert set(group.slices([0], "in")) == {f"layers.s{step_index}_o.weight"}
+        k_rows = [g for g in graph.groups if any(b.key == f"layers.s{step_index}_k.weight" and b.dim == 0
+                                                  for b in g.bindings)]
+        assert all(not g.prunable for g in k_rows), "query_slots keeps key/value heads"
+        slots += [group] if group.prunable else []
+    # a drawn plan, or slot 0 of every group when the draw is empty
+    plan = fxprune.feasible_plan(graph, draw_candidates(data, slots) or [(g.id, 0) for g in slots])
+    event(f"query slots removed: {bool(plan)}")  # --hypothesis-show-statistics: how often this ran
+    note(f"query-slot plan: {plan}")
+    small = fxprune.prune(graph, plan).eval()
+    with torch.no_grad():
+        expected = zero_out_slices(model, graph, plan, role="in").eval()(x)
+        actual = small(x)
+    assert relative_error(actual, expected) < RELATIVE_TOLERANCE

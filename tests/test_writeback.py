@@ -92,6 +92,35 @@ def test_llama_with_fewer_kv_heads_neurons_and_hidden_size_saves_loads_and_gener
     assert torch.equal(generated, sequence)
 
 
+def test_llama_query_slots_keep_kv_heads_save_load_and_generate(tmp_path):
+    model, inputs, _ = MODELS["llama"]  # 4 query heads over 2 key/value heads
+    graph = fxprune.analyze(model, inputs, attention_units="query_slots")
+    slots = [g for g in graph.prunable_groups
+             if any(k.endswith("q_proj.weight") for k in g.slices([0], "out"))]
+    assert [g.size for g in slots] == [2, 2]  # one group per layer: slot 0 and slot 1
+    plan = {g.id: [1] for g in slots}
+    mine = fxprune.prune(graph, plan, emit="module")
+    assert (mine.config.num_attention_heads, mine.config.num_key_value_heads, mine.config.head_dim) == (2, 2, 8)
+    assert [layer.self_attn.num_key_value_groups for layer in mine.model.layers] == [1, 1]
+    assert mine.model.layers[0].self_attn.k_proj.out_features == 16  # key/value heads untouched
+    assert model.model.layers[0].self_attn.num_key_value_groups == 2  # the caller's model is untouched
+    with torch.no_grad():
+        logits = mine(**inputs).logits
+        torch.testing.assert_close(logits, fxprune.prune(graph, plan)(**inputs)["logits"], rtol=1e-4, atol=1e-5)
+        mine.save_pretrained(tmp_path)
+        loaded = type(model).from_pretrained(tmp_path).eval()
+        assert loaded.model.layers[1].self_attn.num_key_value_groups == 1
+        torch.testing.assert_close(loaded(**inputs).logits, logits)
+        prompt = inputs["input_ids"][:1, :5]  # the KV cache holds 2 kv heads, each read by one query head
+        mine.generation_config.eos_token_id = None
+        generated = mine.generate(prompt, max_new_tokens=4, do_sample=False, use_cache=True)
+        sequence = prompt
+        for _ in range(4):
+            step = mine(input_ids=sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, step], dim=1)
+    assert torch.equal(generated, sequence)
+
+
 def test_qwen2_head_size_survives_a_config_that_derives_it():
     model, inputs, width = MODELS["qwen2"]  # Qwen2Config.head_dim is None: hidden_size // heads
     graph = fxprune.analyze(model, inputs)

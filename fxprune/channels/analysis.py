@@ -13,18 +13,24 @@ from ..errors import AnalysisError
 from . import rules  # noqa: F401  (registers the built-in rules)
 from .context import AnalysisState, RuleContext
 from .graph import DependencyGraph, build_groups
-from .heads import head_reshapes
+from .heads import head_reshapes, kv_repeats
 from .registry import load_plugins, lookup_rule
 from .rules.basic import get_attr_rule, input_rule, output_rule
 from .rules.fallback import is_size_only, size_arithmetic_rule, unknown_rule
 from .values import TensorChannels
 
+ATTENTION_UNITS = ("heads", "query_slots", "head_dim")  # see analyze()
+
 
 def run_rules(gm: torch.fx.GraphModule, attention_units: str = "heads") -> AnalysisState:
     """Propagate channel maps through every node (shapes must already be on the nodes)."""
-    state = AnalysisState(gm)
-    if attention_units == "heads":
+    state = AnalysisState(gm, attention_units=attention_units)
+    if attention_units in ("heads", "query_slots"):
         state.head_reshapes = head_reshapes(gm)
+    if attention_units == "query_slots":
+        for expand, (slot, reshape) in kv_repeats(gm, state.head_reshapes).items():
+            state.kv_repeats[expand] = slot
+            state.kv_merges[reshape] = slot - 1
     strict = os.environ.get("FXPRUNE_STRICT_RULES") == "1"
     for node in gm.graph.nodes:
         ctx = RuleContext(state, node)
@@ -63,8 +69,10 @@ def analyze(model, example_inputs, *, capture: str = "auto", attention_units: st
     is accepted as ``model``.
     ``attention_units``: where a reshape splits channels into heads x head_dim in front of
     an attention product, ``"heads"`` (default) makes a whole head one unit (with grouped-
-    query attention, a key/value head together with its query heads); ``"head_dim"`` makes
-    position p of head_dim in every head one unit instead (heads keep their count).
+    query attention, a key/value head together with its query heads); ``"query_slots"``
+    makes slot j, the j-th query head of every key/value group, one unit under grouped-
+    query attention and keeps the key/value heads (elsewhere it is ``"heads"``);
+    ``"head_dim"`` makes position p of head_dim in every head one unit (heads keep their count).
     ``leaf_modules`` and ``concrete_args`` steer the fx front end: module classes or names
     to keep as single calls (they need a rule, see :func:`fxprune.register_rule`, or
     their channels are frozen), and values to bake in for control flow.
@@ -75,8 +83,9 @@ def analyze(model, example_inputs, *, capture: str = "auto", attention_units: st
     >>> [(g.size, g.prunable) for g in graph.groups], graph.capture
     ([(8, True), (3, False), (4, False)], 'fx')
     """
-    if attention_units not in ("heads", "head_dim"):
-        raise AnalysisError(f"attention_units must be 'heads' or 'head_dim', got {attention_units!r}")
+    if attention_units not in ATTENTION_UNITS:
+        raise AnalysisError(f"attention_units must be one of {', '.join(map(repr, ATTENTION_UNITS))}, "
+                            f"got {attention_units!r}")
     load_plugins()
     with gc_paused():
         captured = capture_model(model, example_inputs, capture=capture, leaf_modules=leaf_modules,

@@ -59,6 +59,9 @@ class AnalysisState:
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)
     spaces_at: dict[tuple[str, str], list[Space]] = field(default_factory=dict)  # (node, origin) -> spaces
     head_reshapes: dict[str, set[int]] = field(default_factory=dict)  # reshape -> head_dim sizes (heads.py)
+    attention_units: str = "heads"  # analyze()'s choice: "heads", "query_slots" or "head_dim"
+    kv_repeats: dict[str, int] = field(default_factory=dict)  # repeat_kv expand -> its slot dim (query_slots)
+    kv_merges: dict[str, int] = field(default_factory=dict)  # repeat_kv reshape -> its input's kv head dim
 
     def __post_init__(self) -> None:
         self.modules = dict(self.gm.named_modules())

@@ -7,6 +7,10 @@ the output projection's columns) is the natural pruning unit (Michel et al. 2019
 module finds those reshapes from the graph alone: a reshape whose output reaches an
 attention product (SDPA, matmul, bmm, einsum) through ops that only move, copy, scale,
 slice or repeat it (transposes, rotary embeddings, ``repeat_kv``'s expand + reshape).
+
+Under ``attention_units="query_slots"`` it also finds ``repeat_kv``'s expand + reshape
+(:func:`kv_repeats`): the dim the expand broadcasts is the slot of a query head inside its
+key/value group, which then carries channels of its own.
 """
 from __future__ import annotations
 
@@ -77,4 +81,46 @@ def _last_dims(node: torch.fx.Node) -> set[int]:
     return {int(m.shape[-1]) for m in metas if hasattr(m, "shape") and len(m.shape)}
 
 
-__all__ = ["head_reshapes"]
+def kv_repeats(gm: torch.fx.GraphModule, splits: dict[str, set[int]]) -> dict[str, tuple[int, str]]:
+    """Grouped-query attention's ``repeat_kv``: ``x[:, :, None].expand(B, kv, r, S, D)``
+    followed by ``.reshape(B, kv * r, S, D)`` in front of an attention product (``splits``:
+    :func:`head_reshapes`). Returns ``{expand node: (the dim it broadcasts, the reshape)}``;
+    query head ``g * r + j`` meets key/value head g at slot j of that dim.
+
+    >>> import torch, torch.nn.functional as F
+    >>> class Gqa(torch.nn.Module):
+    ...     def forward(self, q, k):
+    ...         k = k[:, :, None].expand(1, 2, 3, 5, 4).reshape(1, 6, 5, 4)
+    ...         return F.scaled_dot_product_attention(q, k, k)
+    >>> from fxprune.capture import capture
+    >>> gm = capture(Gqa(), (torch.randn(1, 6, 5, 4), torch.randn(1, 2, 5, 4))).gm
+    >>> kv_repeats(gm, head_reshapes(gm))
+    {'expand': (2, 'reshape')}
+    """
+    modules = dict(gm.named_modules())
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method") or _name(node, modules) != "expand":
+            continue
+        before, after = _shape(node.args[0]), _shape(node)
+        if before is None or after is None or len(before) != len(after):
+            continue
+        grown = [d for d in range(len(after)) if before[d] != after[d]]
+        if len(grown) != 1 or grown[0] == 0 or before[grown[0]] != 1:
+            continue
+        slot = grown[0]
+        users = [u for n in [node, *[u for u in node.users if _name(u, modules) in ("contiguous", "clone")]]
+                 for u in n.users]
+        for user in users:
+            merged = _shape(user)
+            if user.name in splits and merged == after[:slot - 1] + (after[slot - 1] * after[slot],) + after[slot + 1:]:
+                found[node.name] = (slot, user.name)
+    return found
+
+
+def _shape(node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    return tuple(int(s) for s in meta.shape) if hasattr(meta, "shape") else None
+
+
+__all__ = ["head_reshapes", "kv_repeats"]

@@ -20,6 +20,7 @@ from ...capture.mha import LEAF_REASON
 from ..registry import register_rule
 from ..values import DimMap, TensorChannels
 from .fallback import unknown_rule
+from .query_slots import tie_query_slots
 
 
 def _letters(n: int, start: int) -> str:
@@ -142,13 +143,22 @@ def sdpa_rule(ctx):
         for d, m in mask.dims.items():
             mask_dims[d + q.ndim - mask.ndim] = m
     dims = {}
+    # enable_gqa pruned by query slot: the head dim (the last batch dim) holds more queries than keys
+    slots = ctx.state.attention_units == "query_slots" and bool(ctx.arg(7, "enable_gqa", False))
     for d in range(lead):  # batch and head dims align like an element-wise op
+        masks = []  # the mask's dim, where it does not broadcast
+        if mask is not None and d - (q.ndim - mask.ndim) >= 0 and mask.shape[d - (q.ndim - mask.ndim)] > 1:
+            masks.append(mask_dims.get(d))
+        if slots and d == lead - 1 and k.shape[d] < q.shape[d]:
+            q_map = tie_query_slots(ctx, q.get(d), k.shape[d], [k.get(d), v.get(d)])
+            merged = ctx.unify_all([q_map, *masks], " (attention batch dims)")
+            if merged is not None:
+                dims[d] = merged.with_zi(False)
+            continue
         # grouped-query attention (enable_gqa): key/value head g serves query heads
         # g*r .. g*r+r-1, so its channels stand for r consecutive query heads
         k_map, v_map = (_repeated(t.get(d), q.shape[d] // t.shape[d]) for t in (k, v))
-        maps = [m for t, m in ((q, q.get(d)), (k, k_map), (v, v_map)) if t.shape[d] > 1]
-        if mask is not None and d - (q.ndim - mask.ndim) >= 0 and mask.shape[d - (q.ndim - mask.ndim)] > 1:
-            maps.append(mask_dims.get(d))
+        maps = [m for t, m in ((q, q.get(d)), (k, k_map), (v, v_map)) if t.shape[d] > 1] + masks
         merged = ctx.unify_all(maps, " (attention batch dims)")
         if merged is not None:
             # a head's output is softmax(...) @ v: zero exactly when its values are

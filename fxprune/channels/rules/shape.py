@@ -21,6 +21,7 @@ import torch.nn as nn
 from ..registry import register_rule
 from ..values import DimMap, SizeValue, TensorChannels
 from .fallback import unknown_rule
+from .query_slots import merged_slots, slot_channels
 from .shuffle import find_shuffle_ending_at, match_shuffle, permuted, rewrite_as_index_select
 
 aten = torch.ops.aten
@@ -90,6 +91,8 @@ def reshape_maps(ctx, x: TensorChannels, out_shape: tuple[int, ...]) -> dict[int
             else:  # position p of the innermost factor is tied across every outer block
                 inner = split[-1]
                 dims[inner] = ctx.tie_blocks(m, x.shape[gi[0]] // out_shape[inner], across=True)
+        elif len(gj) == 1 and gi == [ctx.state.kv_merges.get(ctx.node.name, -2) + k for k in (0, 1)]:
+            dims[gj[0]] = merged_slots(ctx, x.get(gi[0]), x.get(gi[1]))  # repeat_kv under query slots
         else:
             for d in tracked:
                 ctx.freeze(x.get(d).ids, f"reshape mixes a channel dim with other dims at {ctx.where()}")
@@ -205,7 +208,11 @@ def expand_rule(ctx):
     x = ctx.tensor(0)
     shape = ctx.out_shape()
     lead = len(shape) - x.ndim
-    out = ctx.out({d + lead: m for d, m in x.dims.items() if x.shape[d] == shape[d + lead]})
+    dims = {d + lead: m for d, m in x.dims.items() if x.shape[d] == shape[d + lead]}
+    slot = ctx.state.kv_repeats.get(ctx.node.name)
+    if slot is not None:  # repeat_kv's group size, under attention_units="query_slots"
+        dims[slot] = slot_channels(ctx, shape[slot])
+    out = ctx.out(dims)
     sizes = _shape_args(ctx, 1)
     _check_size_args(ctx, out, sizes)
     ctx.on_prune(rewrite_sizes(1))
