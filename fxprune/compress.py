@@ -129,7 +129,7 @@ def _compress(model: torch.nn.Module, spec, loaded: Spec, measure_latency: bool 
     inputs = loaded.make_example_inputs()
     step("analysing")
     notes: list[str] = []
-    graph = analyze(model, inputs, capture=loaded.capture)  # ``model`` itself is never touched
+    graph = analyze(model, inputs, capture=loaded.capture, attention_units=loaded.attention_units)  # ``model`` itself is never touched
     notes.append(f"capture: {'torch.fx symbolic trace' if graph.capture == 'fx' else 'torch.export'}")
     check_finite(graph.gm)
     step(f"scoring ({loaded.score})")

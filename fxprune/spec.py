@@ -28,7 +28,8 @@ from fxprune.select.score import known_scores
 
 SCOPES = ("global", "local", "latency")
 CAPTURES = ("auto", "fx", "export")  # fxprune.capture.FRONT_ENDS
-EMITS = ("auto", "graph", "module")  # fxprune.passes.emit.EMITS, plus "auto"
+EMITS = ("auto", "graph", "module")
+ATTENTION_UNITS = ("heads", "query_slots", "head_dim")  # fxprune.channels.analysis.ATTENTION_UNITS  # fxprune.passes.emit.EMITS, plus "auto"
 _CODE_ONLY = ("example_inputs", "calib_inputs", "loss_fn")  # cannot live in a file
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -100,6 +101,10 @@ class Spec:
     Options:
         capture: front end, "auto" (default: torch.fx, falling back to torch.export),
             "fx" or "export" (Hugging Face transformers need export).
+        attention_units: what one unit of an attention group is: "heads" (default: a
+            whole head; with grouped-query attention a key/value head and its query
+            heads), "query_slots" (the same query head of every key/value group; the
+            key/value heads stay) or "head_dim" (position p of head_dim in every head).
         score: channel importance, a name in the score registry
             (``fxprune.select.score.SCORE_METHODS``; built in: magnitude (default),
             group_lasso, bn_scale, taylor, activation, l0; add one with ``register_score``).
@@ -154,6 +159,7 @@ class Spec:
     ratio: float | dict[str, float] | None = None
     target: dict[str, float] | None = None
     capture: str = "auto"
+    attention_units: str = "heads"
     score: str = "magnitude"
     scope: str = "local"
     round_to: int = 8
@@ -170,6 +176,7 @@ class Spec:
 
     def __post_init__(self) -> None:
         check_choice("spec.capture", self.capture, CAPTURES)
+        check_choice("spec.attention_units", self.attention_units, ATTENTION_UNITS)
         check_choice("spec.score", self.score, known_scores())
         check_choice("spec.scope", self.scope, SCOPES)
         check_int("spec.round_to", self.round_to, 1)

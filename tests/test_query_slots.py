@@ -145,3 +145,12 @@ def test_without_gqa_query_slots_are_heads():
     (group,) = slot_groups(graph, "q_proj.weight")
     assert group.size == 4 and group.zero_invariant  # one unit is a whole head, as under "heads"
     assert fxprune.check_zero_invariance(block, graph, {group.id: [0, 2]}) < 1e-4
+
+
+def test_compress_takes_attention_units_from_the_spec():
+    model, inputs, _ = tiny_models()["llama"]
+    spec = {"example_inputs": inputs, "ratio": 0.5, "round_to": 1, "attention_units": "query_slots"}
+    config = fxprune.compress(model, spec).model.config
+    assert (config.num_attention_heads, config.num_key_value_heads) == (2, 2)
+    with pytest.raises(fxprune.SpecError, match="spec.attention_units"):
+        fxprune.Spec(input_shape=[1, 4], ratio=0.5, attention_units="slots")

@@ -51,6 +51,13 @@ def _model_args(parser, optional: bool = False) -> None:
                              "metrics or rules it registers; repeatable")
 
 
+def _units_arg(parser) -> None:
+    parser.add_argument("--attention-units", choices=("heads", "query_slots", "head_dim"), default=None,
+                        help="one unit of an attention group: a whole head (default; with grouped-query "
+                             "attention a key/value head and its query heads), query_slots (the same "
+                             "query head of every key/value group) or head_dim (a position in every head)")
+
+
 def _capture_arg(parser) -> None:
     parser.add_argument("--capture", choices=("auto", "fx", "export"), default=None,
                         help="front end: auto (default: torch.fx, falling back to torch.export), fx, export")
@@ -89,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "  fxprune graph timm:mobilevit_xs --input 1,3,256,256 --capture export", cmd_graph)
     _model_args(p)
     _capture_arg(p)
+    _units_arg(p)
     p.add_argument("--format", choices=("text", "json", "dot", "mermaid"), default="text",
                    help="text (default, a terminal table), json (stable, for tools), dot "
                         "(Graphviz), mermaid (flowchart for markdown)")
@@ -107,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                  cmd_compress)
     _model_args(p)
     _capture_arg(p)
+    _units_arg(p)
     p.add_argument("--emit", choices=("auto", "graph", "module"), default=None,
                    help="the saved model: graph (a torch.fx GraphModule), module (your own class, "
                         "pruned), auto (default: graph for fx captures, module for export ones)")

@@ -44,7 +44,7 @@ def cmd_graph(args) -> int:
     from fxprune.cli.render import graph_dot, graph_json, graph_mermaid, graph_text
 
     model, inputs, shape = _load(args.model, args.input)
-    graph = analyze(model, inputs, capture=args.capture or "auto")
+    graph = analyze(model, inputs, capture=args.capture or "auto", attention_units=args.attention_units or "heads")
     if args.format == "json":
         text = graph_json(graph, args.model, shape)
     elif args.format == "dot":
@@ -72,7 +72,8 @@ def _spec_dict(args, shape) -> dict:
         raise FxpruneError("no goal: pass --spec FILE, or one of --flops F, --params F, --ratio R")
     for name, value in (("score", args.score), ("scope", args.scope), ("nm", args.nm),
                         ("round_to", args.round_to), ("capture", args.capture),
-                        ("emit", args.emit), ("calibration", args.calibration)):
+                        ("emit", args.emit), ("calibration", args.calibration),
+                        ("attention_units", args.attention_units)):
         if value is not None:
             data[name] = value
     if args.input or "input_shape" not in data:
