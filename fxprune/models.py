@@ -192,9 +192,11 @@ def _import(module_name: str):
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
         known = sys.modules.get(path.stem)
-        if known is None or Path(getattr(known, "__file__", "") or "").resolve() == path.resolve():
-            # never shadow another module
-            sys.modules[path.stem] = module  # torch.save pickles the file's classes by module name
+        # torch.save pickles the file's classes by module name, so register it; never shadow
+        # an importable module of that name, but a model file loaded before may be replaced
+        if known is None or getattr(known, "_fxprune_model_file", False):
+            module._fxprune_model_file = True
+            sys.modules[path.stem] = module
         spec.loader.exec_module(module)
         return module
     if os.getcwd() not in sys.path and "" not in sys.path:
