@@ -25,15 +25,33 @@ from fxprune.progress import progress_bar
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from zoo import ALL_MODELS, check_model  # noqa: E402
 
-from _results import add_json_option, header, write  # noqa: E402
+from _results import add_json_option, header, load, write  # noqa: E402
 from _tables import zoo_sweep as zoo_table  # noqa: E402
+
+
+def _write(args, rows: list[dict], head: dict) -> None:
+    if not args.update:
+        write(args.json, rows, head)
+        return
+    earlier = load(args.json)
+    fresh = {r["model"]: r for r in rows}
+    kept = [r for r in earlier["rows"] if r["model"] not in fresh]
+    merged = sorted(kept + rows, key=lambda r: r["model"])
+    write(args.json, merged, head, earlier_rows={
+        "models": [r["model"] for r in kept], "git_commit": earlier["header"]["git_commit"],
+        "date": earlier["header"].get("date")})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="comma-separated names (default: all 80)")
     add_json_option(parser, "zoo_sweep")
+    parser.add_argument("--update", action="store_true",
+                        help="with --json and --models: replace only these models' rows in the results "
+                             "file; the others stay, and the header says which run they come from")
     args = parser.parse_args(argv)
+    if args.update and not (args.json and args.models):
+        parser.error("--update needs --json and --models (the rows to replace)")
     torch.set_num_threads(2)
     head = header(args)
     names = args.models.split(",") if args.models else sorted(ALL_MODELS)
@@ -48,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{name}: {row['status']} ({row.get('seconds', '-')} s)", flush=True)
         if args.json:  # rewrite as it goes so a long sweep leaves partial results
-            write(args.json, rows, head)
+            _write(args, rows, head)
     table_head, body = zoo_table(rows)
     print(tabulate(body, headers=table_head, tablefmt="github", disable_numparse=True))
     passed = sum(r["status"] == "pass" for r in rows)
