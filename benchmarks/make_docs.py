@@ -33,7 +33,7 @@ def doc_files(root: Path = REPO) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
-def source_line(name: str, head: dict) -> str:
+def source_line(name: str, head: dict, earlier: dict | None = None) -> str:
     """Which run a table comes from, in one line; fields the file does not know are named, not shown."""
     known = {k: str(v) for k, v in head.items() if not str(v).startswith("unknown")}
     commit = known.get("git_commit", str(head["git_commit"]))  # an unknown commit says where the rows came from
@@ -46,6 +46,9 @@ def source_line(name: str, head: dict) -> str:
                if k not in known]
     if missing:
         parts.append(f"not recorded: {', '.join(missing)}")
+    if earlier:  # a partial rerun (``--update``) kept the other rows of an earlier run
+        parts.append(f"{len(earlier['models'])} rows kept from commit {str(earlier['git_commit'])[:10]} "
+                     f"({earlier.get('date') or 'date not recorded'})")
     return f"<sub>From `benchmarks/results/{name}.json`: {'; '.join(parts)}.</sub>\n"
 
 
@@ -62,7 +65,7 @@ def render(table: str, brief: bool) -> str:
     head, body = build(data["rows"])
     text = tabulate([[str(c) for c in line] for line in body], headers=head, tablefmt="github",
                     disable_numparse=True) + "\n"
-    return text if brief else text + "\n" + source_line(results, data["header"])
+    return text if brief else text + "\n" + source_line(results, data["header"], data.get("earlier_rows"))
 
 
 def regenerate(path: Path) -> str:
