@@ -42,6 +42,20 @@ def _hidden(out) -> torch.Tensor:
     return out["logits"] if "logits" in out else out["last_hidden_state"]
 
 
+def assert_generate_matches_greedy_decoding(model, prompt: torch.Tensor, steps: int) -> None:
+    """generate() with its KV cache, at lengths the example inputs never had, gives the tokens
+    of greedy decoding that runs the whole sequence at every step without a cache."""
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        generated = model.generate(prompt, max_new_tokens=steps, do_sample=False, use_cache=True)
+        sequence = prompt
+        for _ in range(steps):
+            step = model(input_ids=sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, step], dim=1)
+    assert generated.shape == (prompt.shape[0], prompt.shape[1] + steps)
+    assert torch.equal(generated, sequence)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_mlp_write_back_round_trips_through_save_pretrained(name, tmp_path):
     model, inputs, width = MODELS[name]
@@ -79,17 +93,7 @@ def test_llama_with_fewer_kv_heads_neurons_and_hidden_size_saves_loads_and_gener
         mine.save_pretrained(tmp_path)
         torch.testing.assert_close(type(model).from_pretrained(tmp_path).eval()(**inputs).logits, logits)
 
-        # generate() with its KV cache, at lengths the example inputs never had, against
-        # greedy decoding of the full sequence at every step without a cache
-        prompt = inputs["input_ids"][:1, :5]
-        mine.generation_config.eos_token_id = None
-        generated = mine.generate(prompt, max_new_tokens=7, do_sample=False, use_cache=True)
-        sequence = prompt
-        for _ in range(7):
-            step = mine(input_ids=sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            sequence = torch.cat([sequence, step], dim=1)
-    assert generated.shape == (1, 12)
-    assert torch.equal(generated, sequence)
+    assert_generate_matches_greedy_decoding(mine, inputs["input_ids"][:1, :5], 7)
 
 
 def test_llama_query_slots_keep_kv_heads_save_load_and_generate(tmp_path):
@@ -111,14 +115,8 @@ def test_llama_query_slots_keep_kv_heads_save_load_and_generate(tmp_path):
         loaded = type(model).from_pretrained(tmp_path).eval()
         assert loaded.model.layers[1].self_attn.num_key_value_groups == 1
         torch.testing.assert_close(loaded(**inputs).logits, logits)
-        prompt = inputs["input_ids"][:1, :5]  # the KV cache holds 2 kv heads, each read by one query head
-        mine.generation_config.eos_token_id = None
-        generated = mine.generate(prompt, max_new_tokens=4, do_sample=False, use_cache=True)
-        sequence = prompt
-        for _ in range(4):
-            step = mine(input_ids=sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            sequence = torch.cat([sequence, step], dim=1)
-    assert torch.equal(generated, sequence)
+    # the KV cache holds 2 kv heads, each read by one query head
+    assert_generate_matches_greedy_decoding(mine, inputs["input_ids"][:1, :5], 4)
 
 
 def test_qwen2_head_size_survives_a_config_that_derives_it():
