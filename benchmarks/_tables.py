@@ -19,6 +19,14 @@ from typing import Any, Callable
 
 Table = tuple[list[str], list[list[Any]]]
 
+
+def show(table: Table) -> None:
+    """Print a table as every benchmark prints it: GitHub markdown, cells as formatted."""
+    from tabulate import tabulate
+
+    head, body = table
+    print(tabulate(body, headers=head, tablefmt="github", disable_numparse=True))
+
 # latency.py candidates, in table order, with their names in the docs
 CANDIDATES = {"tp": "Torch-Pruning", "tp+fuse": "Torch-Pruning, BN folded", "fx-global": "fxprune global",
               "fx-local": "fxprune local", "fx-latency": "fxprune latency"}

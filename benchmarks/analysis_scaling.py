@@ -29,13 +29,13 @@ import math
 import time
 
 import torch
-from tabulate import tabulate
 from torch import nn
 
 import fxprune
 from _results import add_json_option, header, write
 from _tables import analysis_front_ends as front_end_table
 from _tables import analysis_scaling as scaling_table
+from _tables import show
 from fxprune.progress import progress_bar
 
 C = 64
@@ -198,11 +198,9 @@ def main(argv=None):
 
     if not args.skip_front_ends:
         rows += front_end_rows([n.strip() for n in args.models.split(",") if n.strip()])
-        head, body = front_end_table(rows)
-        print(tabulate(body, headers=head, tablefmt="github", disable_numparse=True))
-    head, body = scaling_table(rows)
+        show(front_end_table(rows))
     print()
-    print(tabulate(body, headers=head, tablefmt="github", disable_numparse=True))
+    show(scaling_table(rows))
 
     mlp = [r for r in rows if r["model"].startswith("mlp-") and isinstance(r.get("fxprune_analyze_s"), float)]
     tp_mlp = [r for r in mlp if isinstance(r.get("tp_build_s"), float)]

@@ -18,10 +18,10 @@ import argparse
 import time
 
 import torch
-from tabulate import tabulate
 
 from _results import add_json_option, header, write
 from _tables import digits_capacity as capacity_table
+from _tables import show
 from digits import EXAMPLE, DigitsNet, accuracy, load_data, train
 from fxprune.measure import count_flops, count_params
 
@@ -67,8 +67,7 @@ def main(argv=None) -> None:
             rows = pool.starmap(run, work)
     else:
         rows = [run(*item) for item in work]
-    head, body = capacity_table(rows)
-    print(tabulate(body, headers=head, tablefmt="github", disable_numparse=True))
+    show(capacity_table(rows))
     print(f"\n{args.seeds} seed(s), {time.perf_counter() - start:.0f} s")
     if args.json:
         write(args.json, rows, header(args, threads=args.threads))

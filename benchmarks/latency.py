@@ -48,6 +48,7 @@ from tabulate import tabulate
 import fxprune
 from _results import add_json_option, header, write
 from _tables import latency as latency_table
+from _tables import show
 from fxprune.measure import LatencySettings, count_flops, measure_latency
 from fxprune.passes.fuse import fuse
 from fxprune.progress import progress_bar
@@ -173,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run(name, settings, args.round_to or None, scopes,
                         [p for p in args.ignore.split(",") if p]))
         print(f"{name}: done", file=sys.stderr, flush=True)
-    head, body = latency_table(rows)
-    print(tabulate(body, headers=head, tablefmt="github", disable_numparse=True))
+    show(latency_table(rows))
     for scope in scopes:
         table = against_tp(rows, f"fx-{scope}")
         if table:

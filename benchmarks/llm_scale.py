@@ -29,10 +29,10 @@ import subprocess
 import sys
 import time
 
-from tabulate import tabulate
 
 from _results import add_json_option, header, write
 from _tables import llm_scale as table
+from _tables import show
 
 SHAPES = {  # name: (layers, hidden, heads, kv heads, intermediate, vocabulary)
     "1b": (16, 2048, 32, 8, 8192, 128256),
@@ -164,8 +164,7 @@ def main(argv=None) -> int:
             row.update(in_subprocess("tp", name, args.tp_timeout))
         rows.append(row)
         print(f"  done llama-{name}", file=sys.stderr, flush=True)
-    head, body = table(rows)
-    print(tabulate(body, headers=head, tablefmt="github", disable_numparse=True))
+    show(table(rows))
     if args.json:
         write(args.json, rows, header(args, threads=2))
     return 0

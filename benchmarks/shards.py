@@ -30,10 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from tabulate import tabulate
 
 from _results import add_json_option, header, write
 from _tables import shards as table
+from _tables import show
 from llm_scale import SHAPES, build
 
 MB = 2 ** 20
@@ -145,8 +145,7 @@ def main(argv=None) -> int:
                 sys.stderr.write(done.stderr)
                 return done.returncode
             rows.append({**row, **json.loads(done.stdout.strip().splitlines()[-1])})
-    head, body = table(rows)
-    print(tabulate(body, headers=head, tablefmt="github", disable_numparse=True))
+    show(table(rows))
     if args.json:
         write(args.json, rows, header(args, threads=2))
     return 0

@@ -21,10 +21,10 @@ import sys
 from importlib import metadata
 
 import torch
-from tabulate import tabulate
 
 from _results import add_json_option, header, write
 from _tables import timm_sweep as sweep_table
+from _tables import show
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from timm_zoo import MODELS, check_model  # noqa: E402
@@ -48,8 +48,7 @@ def main() -> int:
               flush=True)
         if args.json:  # rewrite as it goes so a long sweep leaves partial results
             write(args.json, rows, header(args, timm=metadata.version("timm")))
-    head, body = sweep_table(rows)
-    print(tabulate(body, headers=head, tablefmt="github", disable_numparse=True))
+    show(sweep_table(rows))
     fx = sum(bool(r.get("fx_ok")) for r in rows)
     tp = sum(bool(r.get("tp_ok")) for r in rows)
     print(f"\nfxprune {fx}/{len(rows)}" + ("" if args.no_tp else f", Torch-Pruning {tp}/{len(rows)}"))
