@@ -132,8 +132,11 @@ def _compress(model: torch.nn.Module, spec, loaded: Spec, measure_latency: bool 
     graph = analyze(model, inputs, capture=loaded.capture, attention_units=loaded.attention_units)  # ``model`` itself is never touched
     notes.append(f"capture: {'torch.fx symbolic trace' if graph.capture == 'fx' else 'torch.export'}")
     check_finite(graph.gm)
-    step(f"scoring ({loaded.score})")
-    scores = score_groups(graph, loaded.score, calibration=loaded.calibration,
+    step(f"scoring ({loaded.score_method})")
+    if loaded.score == "auto":
+        notes.append(f"score: auto chose {loaded.score_method} "
+                     f"({'calibration batches given' if loaded.score_method == 'activation' else 'no calibration data'})")
+    scores = score_groups(graph, loaded.score_method, calibration=loaded.calibration,
                           calib_inputs=loaded.calib_inputs, loss_fn=loaded.loss_fn, notes=notes)
     step(f"selecting ({loaded.scope} scope)")
     plan, small = select_and_prune(graph, scores, loaded, notes=notes)

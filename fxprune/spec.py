@@ -106,8 +106,10 @@ class Spec:
             heads), "query_slots" (the same query head of every key/value group; the
             key/value heads stay) or "head_dim" (position p of head_dim in every head).
         score: channel importance, a name in the score registry
-            (``fxprune.select.score.SCORE_METHODS``; built in: magnitude (default),
-            group_lasso, bn_scale, taylor, activation, l0; add one with ``register_score``).
+            (``fxprune.select.score.SCORE_METHODS``; built in: magnitude, group_lasso,
+            bn_scale, taylor, activation, l0; add one with ``register_score``), or "auto"
+            (default): "activation" when calibration batches are given (the best score at
+            every budget of ``benchmarks/minilm.py``), else "magnitude".
         scope: "local" (default): every group loses the same fraction, lowest scores
             first; under a target the fraction is found by pruning and counting, and
             kept widths are moved onto multiples of 16-64 when that still lands. Uniform,
@@ -160,7 +162,7 @@ class Spec:
     target: dict[str, float] | None = None
     capture: str = "auto"
     attention_units: str = "heads"
-    score: str = "magnitude"
+    score: str = "auto"
     scope: str = "local"
     round_to: int = 8
     max_ratio: float = 0.9
@@ -177,7 +179,7 @@ class Spec:
     def __post_init__(self) -> None:
         check_choice("spec.capture", self.capture, CAPTURES)
         check_choice("spec.attention_units", self.attention_units, ATTENTION_UNITS)
-        check_choice("spec.score", self.score, known_scores())
+        check_choice("spec.score", self.score, ("auto", *known_scores()))
         check_choice("spec.scope", self.scope, SCOPES)
         check_int("spec.round_to", self.round_to, 1)
         self.max_ratio = _fraction("spec.max_ratio", self.max_ratio, True,
@@ -227,13 +229,20 @@ class Spec:
                 fail("spec.ratio", f"keys are group ids or module-name patterns, {got(key)}")
         return {str(k): one(f"spec.ratio[{str(k)!r}]", v) for k, v in self.ratio.items()}
 
+    @property
+    def score_method(self) -> str:
+        """The score that runs: ``score``, with "auto" resolved by the data given."""
+        if self.score != "auto":
+            return self.score
+        return "activation" if self.calibration is not None or self.calib_inputs is not None else "magnitude"
+
     def _check_taylor(self) -> None:
         if self.calib_inputs is not None:
             self.calib_inputs = _tensors("spec.calib_inputs", self.calib_inputs,
                                          "pass a batch of real inputs, e.g. calib_inputs=(images,)")
         if self.loss_fn is not None and not callable(self.loss_fn):
             fail("spec.loss_fn", f"expected a callable, output -> scalar, {got(self.loss_fn)}")
-        check_data_needs(self.score, self.calibration, self.calib_inputs, self.loss_fn)
+        check_data_needs(self.score_method, self.calibration, self.calib_inputs, self.loss_fn)
         self.calibration = as_calibration(self.calibration, self._example_form())
 
     def _example_form(self) -> ExampleInputs:

@@ -226,12 +226,14 @@ def test_calibration_callable_and_one_shot_iterable():
 # ---------------------------------------------------------------- compress end to end
 
 
-def test_compress_with_activation_and_calibration_fx():
+@pytest.mark.parametrize("score", ["activation", "auto"])  # auto: activation, as batches are given
+def test_compress_with_activation_and_calibration_fx(score):
     net = _mlp()
     before, training = _state(net), [m.training for m in net.modules()]
     x = _positive(2, 4, seed=0)
-    result = fxprune.compress(net, {"example_inputs": (x,), "ratio": 0.5, "score": "activation",
+    result = fxprune.compress(net, {"example_inputs": (x,), "ratio": 0.5, "score": score,
                                     "round_to": 1, "calibration": [_positive(6, 4, seed=s) for s in (1, 2)]})
+    assert (score == "auto") == any("score: auto chose activation" in n for n in result.notes)
     group = _hidden_group(result.graph, "2.weight[1]")
     assert DEAD in result.plan[group.id] and len(result.plan[group.id]) == 4
     assert result.model(x).shape == net(x).shape

@@ -41,10 +41,17 @@ def taylor_kwargs():
 
 def test_defaults():
     spec = make()
-    assert (spec.score, spec.scope, spec.round_to, spec.max_ratio) == ("magnitude", "local", 8, 0.9)
+    assert (spec.score, spec.scope, spec.round_to, spec.max_ratio) == ("auto", "local", 8, 0.9)
     assert (spec.ignore, spec.fuse, spec.nm, spec.seed, spec.target) == ([], True, None, 0, None)
+    assert (spec.emit, spec.attention_units, spec.score_method) == ("auto", "heads", "magnitude")
     assert spec.latency == LatencySpec()
     assert (spec.example_inputs, spec.calib_inputs, spec.loss_fn) == (None, None, None)
+
+
+def test_auto_score_is_activation_given_calibration_batches():
+    batches = [(torch.randn(1, 3, 8, 8),), (torch.randn(1, 3, 8, 8),)]
+    assert make(input_shape=[1, 3, 8, 8], calibration=batches).score_method == "activation"
+    assert make(input_shape=[1, 3, 8, 8], calibration=batches, score="taylor").score_method == "taylor"
 
 
 def test_ignore_default_not_shared():

@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     goal.add_argument("--flops", type=float, metavar="F", help="keep this fraction of the FLOPs, in (0, 1]")
     goal.add_argument("--params", type=float, metavar="F", help="keep this fraction of the parameters, in (0, 1]")
     goal.add_argument("--ratio", type=float, metavar="R", help="remove this fraction of every prunable group, in (0, 1)")
-    p.add_argument("--score", help="channel importance: magnitude (default), bn_scale, group_lasso, "
-                   "l0, activation or taylor (need --calibration), or one registered by a --plugin")
+    p.add_argument("--score", help="channel importance: auto (default: activation with --calibration, "
+                   "else magnitude), magnitude, bn_scale, group_lasso, l0, activation or taylor (need "
+                   "--calibration), or one registered by a --plugin")
     p.add_argument("--calibration", metavar="FILE", help="input batches for --score activation/taylor: "
                    "a list saved with torch.save([batch, ...], FILE), each batch a tensor, a tuple "
                    "or a dict of tensors")
