@@ -85,8 +85,8 @@ def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = Non
              **overrides) -> Result:
     """Prune ``model`` as ``spec`` says (a Spec, dict or TOML/JSON path); the input is not mutated.
 
-    ``overrides`` are Spec fields a file cannot hold (``example_inputs``, ``calib_inputs``,
-    ``loss_fn``). With ``spec.fuse`` (default) the returned model has BatchNorms folded
+    ``overrides`` are Spec fields a file cannot hold (``example_inputs``, ``calibration``
+    given as a list or callable, ``calib_inputs``, ``loss_fn``). With ``spec.fuse`` (default) the returned model has BatchNorms folded
     and is in eval mode: it is for inference. ``progress=True`` shows a bar on stderr
     (when it is a terminal) counting the steps as they run: worth it for a latency
     target or ``scope="latency"``, which time many candidates; off by default.
@@ -115,8 +115,8 @@ def _compress(model: torch.nn.Module, spec, loaded: Spec, measure_latency: bool 
     notes.append(f"capture: {'torch.fx symbolic trace' if graph.capture == 'fx' else 'torch.export'}")
     check_finite(graph.gm)
     step(f"scoring ({loaded.score})")
-    scores = score_groups(graph, loaded.score, calib_inputs=loaded.calib_inputs,
-                          loss_fn=loaded.loss_fn, notes=notes)
+    scores = score_groups(graph, loaded.score, calibration=loaded.calibration,
+                          calib_inputs=loaded.calib_inputs, loss_fn=loaded.loss_fn, notes=notes)
     step(f"selecting ({loaded.scope} scope)")
     plan, small = select_and_prune(graph, scores, loaded, notes=notes)
     step("pruning")

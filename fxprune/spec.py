@@ -21,6 +21,8 @@ from fxprune._check import (check_bool, check_choice, check_int, check_keys, did
 from fxprune._util import read_config
 from fxprune.errors import SpecError
 from fxprune.measure import LatencySettings
+from fxprune.capture.inputs import ExampleInputs
+from fxprune.select.calibration import Calibration, as_calibration, check_data_needs
 from fxprune.select.metrics import TARGET_METRICS
 from fxprune.select.score import known_scores
 
@@ -99,7 +101,7 @@ class Spec:
             "fx" or "export" (Hugging Face transformers need export).
         score: channel importance, a name in the score registry
             (``fxprune.select.score.SCORE_METHODS``; built in: magnitude (default),
-            group_lasso, bn_scale, taylor, l0; add one with ``register_score``).
+            group_lasso, bn_scale, taylor, activation, l0; add one with ``register_score``).
         scope: "local" (default): every group loses the same fraction, lowest scores
             first; under a target the fraction is found by pruning and counting, and
             kept widths are moved onto multiples of 16-64 when that still lands. Uniform,
@@ -121,8 +123,14 @@ class Spec:
         latency: a LatencySpec (``fxprune.measure.LatencySettings``: device, batch_size,
             threads, warmup, repeats, compile, compile_backend), or a dict of its fields
             (the ``[latency]`` table of a file).
-        calib_inputs, loss_fn: needed by score="taylor", Python only: a batch and
-            ``loss_fn(model(*calib_inputs)) -> scalar tensor``.
+        calibration: input batches for score="activation" and "taylor": a list of inputs
+            like example_inputs (tensors, tuples or dicts of keyword inputs), a path to
+            such a list saved with ``torch.save`` (in a file, relative to it), or in
+            Python a callable returning an iterable, or any iterable (used once). Becomes
+            a ``fxprune.select.calibration.Calibration``.
+        calib_inputs, loss_fn: Python only: one batch (the older form of calibration)
+            and ``loss_fn(model output) -> scalar tensor`` for score="taylor" (optional
+            with calibration: ``fxprune.select.calibration.default_loss``).
         seed: int >= 0 for every random draw (default 0).
 
     Files hold the same fields in a table (TOML) or object (JSON); in a file named
@@ -147,6 +155,7 @@ class Spec:
     fuse: bool = True
     nm: str | None = None
     latency: LatencySpec = field(default_factory=LatencySpec)
+    calibration: Calibration | None = field(default=None, repr=False, compare=False)
     calib_inputs: tuple[torch.Tensor, ...] | None = field(default=None, repr=False, compare=False)
     loss_fn: Callable[[Any], torch.Tensor] | None = field(default=None, repr=False, compare=False)
     seed: int = 0
@@ -208,12 +217,17 @@ class Spec:
                                          "pass a batch of real inputs, e.g. calib_inputs=(images,)")
         if self.loss_fn is not None and not callable(self.loss_fn):
             fail("spec.loss_fn", f"expected a callable, output -> scalar, {got(self.loss_fn)}")
-        missing = [f"spec.{n}" for n in ("calib_inputs", "loss_fn") if getattr(self, n) is None]
-        if self.score == "taylor" and missing:
-            fail(", ".join(missing), "score='taylor' needs a calibration batch (calib_inputs: "
-                  "tuple of tensors) and a loss function (loss_fn: model output -> scalar tensor); "
-                  "a file cannot hold them, pass them in Python: Spec(..., calib_inputs=(x,), "
-                  "loss_fn=fn) or Spec.load(path, calib_inputs=(x,), loss_fn=fn)")
+        check_data_needs(self.score, self.calibration, self.calib_inputs, self.loss_fn)
+        self.calibration = as_calibration(self.calibration, self._example_form())
+
+    def _example_form(self) -> ExampleInputs:
+        """What every calibration batch must look like (meta tensors: nothing allocated)."""
+        if isinstance(self.example_inputs, dict):
+            return ExampleInputs((), self.example_inputs)
+        if self.example_inputs is not None:
+            return ExampleInputs(self.example_inputs)
+        shapes = self.input_shape if isinstance(self.input_shape[0], list) else [self.input_shape]
+        return ExampleInputs(tuple(torch.empty(s, device="meta") for s in shapes))
 
     @property
     def nm_pair(self) -> tuple[int, int] | None:
@@ -259,6 +273,8 @@ class Spec:
                 value = shapes[0] if len(shapes) == 1 else shapes
             if isinstance(value, LatencySpec):
                 value = {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
+            if isinstance(value, Calibration):
+                value = value.path  # a file's batches are named by their path; others stay in Python
             if value is not None:
                 out[name] = copy.deepcopy(value)
         return out
@@ -356,4 +372,6 @@ def _read_file(path: Path) -> Any:
             data = data.get(key) if isinstance(data, dict) else None
         if data is None:
             fail("spec", f"{path} has no [tool.fxprune.compress] table; put the spec there")
+    if isinstance(data, dict) and isinstance(data.get("calibration"), str):
+        data["calibration"] = str(path.parent / data["calibration"])  # relative to the spec file
     return data

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "  fxprune compress torchvision:resnet18 --flops 0.5 -o small.pt\n"
                  "  fxprune compress torchvision:resnet18 --spec spec.toml -o small.pt --report report.json\n"
                  "  fxprune compress mypkg.models:build_net --input 1,3,32,32 --ratio 0.3 --score bn_scale\n"
-                 "  fxprune compress torchvision:resnet50 --flops 0.6 --nm 2:4 --latency\n\n"
+                 "  fxprune compress torchvision:resnet50 --flops 0.6 --nm 2:4 --latency\n"
+                 "  fxprune compress torchvision:resnet18 --flops 0.5 --score activation --calibration calib.pt\n\n"
                  "spec.toml holds Spec fields, e.g.:\n"
                  "  input_shape = [1, 3, 224, 224]\n  score = \"magnitude\"\n  scope = \"local\"\n  round_to = 8\n"
                  "  [target]\n  flops = 0.5\n"
@@ -116,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     goal.add_argument("--params", type=float, metavar="F", help="keep this fraction of the parameters, in (0, 1]")
     goal.add_argument("--ratio", type=float, metavar="R", help="remove this fraction of every prunable group, in (0, 1)")
     p.add_argument("--score", help="channel importance: magnitude (default), bn_scale, group_lasso, "
-                   "l0, or one registered by a --plugin")
+                   "l0, activation or taylor (need --calibration), or one registered by a --plugin")
+    p.add_argument("--calibration", metavar="FILE", help="input batches for --score activation/taylor: "
+                   "a list saved with torch.save([batch, ...], FILE), each batch a tensor, a tuple "
+                   "or a dict of tensors")
     p.add_argument("--nm", metavar="N:M", help="N:M semi-structured sparsity on top, e.g. 2:4")
     p.add_argument("--scope", choices=("local", "latency", "global"),
                    help="how channels compete: local (default; every group loses the same share, "

@@ -70,7 +70,8 @@ def _spec_dict(args, shape) -> dict:
     if "target" not in data and "ratio" not in data:
         raise FxpruneError("no goal: pass --spec FILE, or one of --flops F, --params F, --ratio R")
     for name, value in (("score", args.score), ("scope", args.scope), ("nm", args.nm),
-                        ("round_to", args.round_to), ("capture", args.capture)):
+                        ("round_to", args.round_to), ("capture", args.capture),
+                        ("calibration", args.calibration)):
         if value is not None:
             data[name] = value
     if args.input or "input_shape" not in data:

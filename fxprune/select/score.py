@@ -13,9 +13,18 @@ and ``Spec(score=...)`` accepts it):
 - ``bn_scale``: mean |gamma| of the BatchNorm weights among the group's producers
   (network slimming). A group with no BatchNorm gets ``magnitude`` scores instead;
   this is *not* silent: a line is appended to ``notes`` naming the group.
-- ``taylor``: |sum over owned parameter entries of w * dL/dw| after one backward pass of
-  ``loss_fn(model(*calib_inputs))`` on a copy of ``graph.gm`` put in eval mode (batch
-  statistics of tiny calibration batches would be meaningless; eval mode is deterministic).
+- ``taylor``: |sum over owned parameter entries of w * dL/dw|, the gradients summed over
+  every calibration batch (``calibration``, or the one batch ``calib_inputs``) on a copy of
+  ``graph.gm`` put in eval mode (batch statistics of tiny calibration batches would be
+  meaningless; eval mode is deterministic). L is ``loss_fn(output)``, or without one
+  ``fxprune.select.calibration.default_loss`` (next-token cross-entropy for a causal LM).
+- ``activation``: sum over the unit's consumer entries (input columns j of the layers
+  that read it) of ``sum_i |W[i, j]| * ||X_j||``, ``||X_j||`` the L2 norm of input channel
+  j over every calibration token/position: Wanda's |W| * ||X|| (Sun et al. 2023, "A Simple
+  and Effective Pruning Approach for Large Language Models") summed over a structure as
+  its structured variant Wanda-sp does, the score FLAP (An et al. 2024, "Fluctuation-based
+  Adaptive Structured Pruning for Large Language Models") compares with its fluctuation
+  metric. A group none of whose units' consumers can be observed gets ``magnitude``, noted.
 - ``l0``: P(z != 0) of trained L0 gates, read from ``gm.meta["fxprune_l0"]`` that
   ``fxprune.passes.gates.fold_gates`` writes; closed gates (deterministic z == 0) first.
 
@@ -34,16 +43,20 @@ from fxprune.channels.graph import DependencyGraph, Group
 from fxprune.channels.registry import load_plugins
 from fxprune.errors import SpecError
 from fxprune.passes.gates import gate_meta
+from fxprune.select.activations import input_norms
+from fxprune.select.calibration import (as_calibration, check_data_needs, default_loss, graph_batches,
+                                        is_causal_lm)
 
 ScoreFn = Callable[..., dict[int, np.ndarray]]
 SCORE_METHODS: dict[str, ScoreFn] = {}
 
 
 def register_score(name: str) -> Callable[[ScoreFn], ScoreFn]:
-    """Decorator: make ``fn(graph, *, calib_inputs, loss_fn, notes)`` available as ``name``.
+    """Decorator: make ``fn(graph, *, calibration, calib_inputs, loss_fn, notes)`` available as ``name``.
 
     ``fn`` returns ``{group id: float array of size group.size}`` for every prunable
-    group, lower = pruned first. Once registered, ``name`` is a valid ``Spec.score``:
+    group, lower = pruned first. ``calibration`` is a ``Calibration`` or None (with
+    ``calib_inputs`` given it is that one batch); take ``**_`` for arguments you ignore. Once registered, ``name`` is a valid ``Spec.score``:
     ``fxprune.compress(model, {"score": name, ...})`` uses it, and so does
     ``fxprune compress ... --score NAME --plugin my_scores.py`` (or a package's
     ``fxprune.plugins`` entry point). A later registration replaces an earlier one.
@@ -77,12 +90,14 @@ def known_scores() -> tuple[str, ...]:
     return tuple(SCORE_METHODS)
 
 
-def score_groups(graph: DependencyGraph, method: str, *, calib_inputs=None, loss_fn=None,
+def score_groups(graph: DependencyGraph, method: str, *, calibration=None, calib_inputs=None, loss_fn=None,
                  notes: list[str] | None = None) -> dict[int, np.ndarray]:
     """``{group id: float array of size group.size}`` for every prunable group.
 
-    ``notes``, if given, receives one line per fallback or caveat (e.g. bn_scale on a
-    group without BatchNorm).
+    ``calibration``: input batches for the data-aware scores (``Spec.calibration``: a list,
+    a .pt path, a callable returning an iterable, or an iterable); ``calib_inputs`` is the
+    older one-batch form. ``notes``, if given, receives one line per fallback or caveat
+    (e.g. bn_scale on a group without BatchNorm).
 
     Example:
         >>> import fxprune
@@ -95,7 +110,10 @@ def score_groups(graph: DependencyGraph, method: str, *, calib_inputs=None, loss
         raise SpecError(f"spec.score: unknown score {method!r}; known: {', '.join(SCORE_METHODS)}; "
                         "register one with fxprune.select.score.register_score")
     notes = [] if notes is None else notes
-    return SCORE_METHODS[method](graph, calib_inputs=calib_inputs, loss_fn=loss_fn, notes=notes)
+    check_data_needs(method, calibration, calib_inputs, loss_fn)
+    calibration = as_calibration(calibration if calib_inputs is None else [calib_inputs], graph.example_inputs)
+    return SCORE_METHODS[method](graph, calibration=calibration, calib_inputs=calib_inputs, loss_fn=loss_fn,
+                                 notes=notes)
 
 
 def _param_keys(gm: torch.nn.Module) -> set[str]:
@@ -189,23 +207,53 @@ def bn_scale(graph: DependencyGraph, *, notes: list[str], **kw) -> dict[int, np.
 
 
 @register_score("taylor")
-def taylor(graph: DependencyGraph, *, calib_inputs=None, loss_fn=None, notes: list[str], **_) -> dict[int, np.ndarray]:
-    """|sum of w * dL/dw| over the unit's parameter entries, one backward pass on a copy."""
-    missing = [f"spec.{n}" for n, v in (("calib_inputs", calib_inputs), ("loss_fn", loss_fn)) if v is None]
-    if missing:
-        raise SpecError(f"{', '.join(missing)}: score='taylor' needs a calibration batch "
-                        "(calib_inputs: tuple of tensors) and loss_fn (model output -> scalar tensor)")
-    model = copy.deepcopy(graph.gm).eval()
+def taylor(graph: DependencyGraph, *, calibration=None, loss_fn=None, notes: list[str], **_) -> dict[int, np.ndarray]:
+    """|sum of w * dL/dw| over the unit's parameter entries, gradients summed over the batches."""
+    if calibration is None:
+        check_data_needs("taylor", None, None, loss_fn)
+    model = copy.deepcopy(graph.gm).eval()  # backward fills .grad: never on the user's tensors
     model.zero_grad(set_to_none=True)
-    loss = loss_fn(as_example_inputs(calib_inputs).call(model))
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise SpecError(f"spec.loss_fn: must return a scalar tensor, got {type(loss).__name__}")
-    loss.backward()
+    causal, used, count = is_causal_lm(graph.model), set(), 0
+    for count, batch in enumerate(graph_batches(graph, calibration), 1):
+        output = batch.call(model)
+        loss, name = (loss_fn(output), "loss_fn") if loss_fn is not None else default_loss(output, batch, causal)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise SpecError(f"spec.loss_fn: must return a scalar tensor, got {type(loss).__name__}")
+        loss.reshape(()).backward()  # .grad adds up: the gradient of the summed loss
+        used.add(name)
     products = {name: (p * p.grad if p.grad is not None else torch.zeros_like(p)).detach()
                 for name, p in model.named_parameters(remove_duplicate=False)}
-    notes.append("score: taylor gradients taken in eval mode on one calibration batch")
+    notes.append(f"score: taylor gradients taken in eval mode on {count} calibration batch(es), "
+                 f"loss: {', '.join(sorted(used))}")
     return {g.id: np.abs(_per_unit(g, products, ("out", "in"), lambda x: x)[0])
             for g in graph.prunable_groups}
+
+
+@register_score("activation")
+def activation(graph: DependencyGraph, *, calibration=None, notes: list[str], **_) -> dict[int, np.ndarray]:
+    """Sum over the unit's consumer columns j of sum_i |W[i, j]| * ||X_j|| (Wanda-sp)."""
+    if calibration is None:
+        check_data_needs("activation", None, None, None)
+    norms = input_norms(graph.gm, graph_batches(graph, calibration), graph.state.canonical)
+    params, fallback, out = _params(graph), _MagnitudeFallback(graph, "activation", notes), {}
+    for g in graph.prunable_groups:
+        score, seen, missed = np.zeros(g.size), np.zeros(g.size, dtype=bool), set()
+        for key, dim, idx, units in unit_entries(g, ("in",)):
+            if (key, dim) not in norms or key not in params:
+                missed.add(key)
+                continue
+            w = params[key].detach().float().index_select(dim, torch.as_tensor(idx)).movedim(dim, 0)
+            column = w.reshape(len(idx), -1).abs().sum(1).double().numpy()
+            np.add.at(score, units, column * norms[key, dim][idx])
+            seen[units] = True
+        if not seen.all():
+            out[g.id] = fallback(g, "has units whose consuming layers (linear/conv inputs) were not observed")
+            continue
+        if missed:
+            notes.append(f"score: group {g.id} activation score leaves out consumers it could not "
+                         f"observe: {', '.join(sorted(missed)[:3])}")
+        out[g.id] = score
+    return out
 
 
 @register_score("l0")

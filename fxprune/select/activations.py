@@ -1,0 +1,142 @@
+"""Input activation norms of the layers that consume channels, over calibration batches.
+
+An interpreter runs the batches through ``graph.gm`` (eval mode, no gradients) and, at
+every node that multiplies an activation by a weight read from the model (``nn.Linear``
+and ``nn.Conv*`` modules under torch.fx; ``aten.linear``, ``aten.conv*``,
+``aten.addmm``, ``aten.mm``/``matmul`` with a ``get_attr`` weight under torch.export),
+adds up the squares of each input channel over every token, pixel and sample. Only
+those per-channel sums are kept, never an activation, so memory is one vector per
+weight. The result is keyed like the analysis' bindings, ``(state_dict key, weight dim)``,
+the dim whose index ``j`` multiplies input channel ``j``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxprune._util import eval_mode
+from fxprune.capture.inputs import ExampleInputs
+from fxprune.errors import SpecError
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class _Consumer:
+    """Where a node's activation and weight are, and which weight dim meets the channels."""
+
+    act: int  # argument index of the activation
+    weight_dim: int  # weight dim indexed by the activation's channels
+    conv: bool  # channels on dim 1 (dim 0 unbatched), else on the last dim
+
+
+_LINEAR, _ADDMM, _CONV = _Consumer(0, 1, False), _Consumer(1, 0, False), _Consumer(0, 1, True)
+_FUNCTIONS = {  # target -> (consumer, argument index of the get_attr weight)
+    F.linear: (_LINEAR, 1), aten.linear.default: (_LINEAR, 1),
+    aten.addmm.default: (_ADDMM, 2),
+    aten.mm.default: (_Consumer(0, 0, False), 1), aten.matmul.default: (_Consumer(0, 0, False), 1),
+    **{f: (_CONV, 1) for f in (F.conv1d, F.conv2d, F.conv3d, aten.conv1d.default, aten.conv2d.default,
+                               aten.conv3d.default, aten.convolution.default)},
+}
+
+
+def consumers(gm: torch.fx.GraphModule, canonical: dict[str, str]) -> dict[torch.fx.Node, tuple[_Consumer, str]]:
+    """``{node: (consumer, weight key)}`` for the nodes whose activation meets a model weight.
+
+    ``canonical`` maps every state_dict key to the one the analysis binds (tied weights).
+
+    Example:
+        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 3), nn.ReLU()))
+        >>> [(n.name, key) for n, (_, key) in consumers(gm, {}).items()]
+        [('_0', '0.weight')]
+    """
+    modules = dict(gm.named_modules())
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = modules.get(node.target)
+            kind = _LINEAR if isinstance(module, nn.Linear) else _CONV if isinstance(
+                module, nn.modules.conv._ConvNd) and not module.transposed else None
+            key = f"{node.target}.weight"
+        elif node.op == "call_function" and node.target in _FUNCTIONS:
+            kind, at = _FUNCTIONS[node.target]
+            weight = node.args[at] if at < len(node.args) else node.kwargs.get("weight")
+            if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+                continue  # a product of two activations (attention scores) has no weight
+            if node.target is aten.convolution.default and node.args[6]:
+                continue  # transposed: its weight holds input channels on dim 0
+            key = weight.target
+        else:
+            continue
+        if kind is not None:
+            found[node] = (kind, canonical.get(key, key))
+    return found
+
+
+class _NormRecorder(torch.fx.Interpreter):
+    """Runs the graph and adds each consumer input's per-channel sum of squares."""
+
+    def __init__(self, gm: torch.fx.GraphModule, watch: dict, weights: dict[str, torch.Tensor]):
+        super().__init__(gm, garbage_collect_values=True)
+        self.watch, self.weights = watch, weights
+        self.sums: dict[tuple[str, int], torch.Tensor] = {}
+
+    def run_node(self, n: torch.fx.Node):
+        if n in self.watch:
+            kind, key = self.watch[n]
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            x = args[kind.act] if kind.act < len(args) else kwargs.get("input")
+            self._add(x, kind, key)
+        return super().run_node(n)
+
+    def _add(self, x, kind: _Consumer, key: str) -> None:
+        w = self.weights.get(key)
+        if not isinstance(x, torch.Tensor) or w is None or w.ndim <= kind.weight_dim:
+            return
+        axis = (1 if x.ndim == w.ndim else 0) if kind.conv else x.ndim - 1
+        width = w.shape[kind.weight_dim]
+        if x.ndim == 0 or x.shape[axis] != width:
+            return  # a grouped conv: its units tie input and output blocks, scored elsewhere
+        squares = x.detach().float().movedim(axis, -1).reshape(-1, width).square().sum(0)
+        slot = (key, kind.weight_dim)
+        self.sums[slot] = self.sums[slot] + squares if slot in self.sums else squares
+
+
+def input_norms(gm: torch.fx.GraphModule, batches: Iterable[ExampleInputs],
+                canonical: dict[str, str] | None = None) -> dict[tuple[str, int], np.ndarray]:
+    """``{(weight key, weight dim): L2 norm of each input channel over every batch}``.
+
+    ``gm`` runs in eval mode with no gradients; its (and every submodule's) training flag
+    is restored afterwards, and nothing else of it changes.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> gm = torch.fx.symbolic_trace(net)
+        >>> norms = input_norms(gm, [ExampleInputs((torch.tensor([[3.0, 0.0], [4.0, 0.0]]),))])
+        >>> norms[("0.weight", 1)].tolist()
+        [5.0, 0.0]
+    """
+    canonical = canonical or {}
+    weights = {canonical.get(k, k): v for k, v in
+               [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]}
+    recorder = _NormRecorder(gm, consumers(gm, canonical), weights)
+    device = next((t.device for t in weights.values()), torch.device("cpu"))
+    with eval_mode(gm), torch.no_grad():
+        for i, batch in enumerate(batches):
+            try:
+                recorder.run(*batch.to(device).flat(gm), enable_io_processing=False)
+            except Exception as error:  # the model's own error, on the user's batch
+                raise SpecError(f"spec.calibration[{i}]: the model fails on this batch "
+                                f"({batch.describe()}): {type(error).__name__}: "
+                                f"{str(error).strip()[:300]}; give batches the model accepts, "
+                                "like example_inputs") from error
+    return {slot: total.sqrt().double().cpu().numpy() for slot, total in recorder.sums.items()}
+
+
+__all__ = ["input_norms", "consumers"]
