@@ -48,7 +48,7 @@ def prune(encoder: torch.nn.Module, inputs: dict, score: str, global_pruning: bo
     pruner = tp.pruner.MetaPruner(
         model, inputs, importance=_importance(score), global_pruning=global_pruning,
         pruning_ratio=mlp_ratio, num_heads=heads, prune_num_heads=True, prune_head_dims=False,
-        head_pruning_ratio=head_ratio, output_transform=lambda out: out.sum(),
+        head_pruning_ratio=head_ratio, output_transform=lambda out: out[0].sum(),
         ignored_layers=[model.bert.embeddings, model.bert.pooler])
     pruner.step()
     for m in attention:

@@ -58,22 +58,24 @@ MAX_LENGTH = 256  # the model's max_seq_length (sentence_bert_config.json)
 DATA = REPO / "benchmarks" / "data"
 MASKED = 0.15  # share of a calibration sentence's tokens hidden in its second view
 SCALE = 20.0  # MultipleNegativesRankingLoss's similarity scale
-STEPS, QUICK_STEPS = 300, 60  # distillation steps per model
-LR = 1e-4
+STEPS, QUICK_STEPS = 150, 40  # distillation steps per model
+LR = 5e-4
 
 
 class SentenceEncoder(torch.nn.Module):
-    """BERT, mean pooling over the attention mask, L2 normalisation: the sentence embedding."""
+    """BERT, mean pooling over the attention mask, L2 normalisation: the sentence embedding,
+    returned with the last hidden states (the distillation matches both; the hidden size is
+    frozen either way, it is the embedding's)."""
 
     def __init__(self, bert: torch.nn.Module):
         super().__init__()
         self.bert = bert
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(mean, dim=-1)
+        return torch.nn.functional.normalize(mean, dim=-1), hidden
 
 
 def load_minilm():
@@ -132,16 +134,16 @@ def view_batches(batches: list[dict], seed: int = 0) -> list[dict[str, torch.Ten
     return out
 
 
-def contrastive_loss(embeddings: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(output: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """In-batch contrastive loss of the two views (MultipleNegativesRankingLoss, scale 20)."""
-    a, b = embeddings.chunk(2)
+    a, b = output[0].chunk(2)
     return torch.nn.functional.cross_entropy(SCALE * a @ b.T, torch.arange(len(a)))
 
 
 @torch.no_grad()
 def embed(model: torch.nn.Module, batches: list[dict], n: int) -> torch.Tensor:
     """The first ``n`` rows of the embeddings of ``batches`` (padding rows dropped)."""
-    return torch.cat([model(**b) for b in batches])[:n]
+    return torch.cat([model(**b)[0] for b in batches])[:n]
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
@@ -172,14 +174,18 @@ def whole_model_target(model: torch.nn.Module, budget: float) -> float:
     return (total - (1 - budget) * encoder) / total
 
 
-def prune_fxprune(encoder, inputs, budget, score, scope, calib):
-    """fxprune's pruned model: export front end, params target, calibration for taylor."""
+def prune_fxprune(encoder, inputs, budget, score, scope, calib, views):
+    """fxprune's pruned model: export front end, params target; activation reads the
+    calibration batches, taylor the contrastive loss on their two-view batches."""
     import fxprune
 
     spec = {"example_inputs": inputs, "capture": "export", "score": score, "scope": scope,
             "target": {"params": whole_model_target(encoder, budget)}}
-    if score == "taylor":
-        spec.update(calib_inputs=calib[0], loss_fn=contrastive_loss)
+    if score == "activation":
+        spec.update(calibration=calib)
+    elif score == "taylor":
+        # the default loss, mean squared output, is constant on normalised embeddings
+        spec.update(calibration=views, loss_fn=contrastive_loss)
     return fxprune.compress(encoder, spec).model, {}
 
 
@@ -191,21 +197,37 @@ def taylor_grads(encoder, calib) -> dict[str, torch.Tensor]:
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+@torch.no_grad()
+def teacher_outputs(model: torch.nn.Module, batches: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The dense model's (embedding, last hidden states) of each batch: the distillation targets."""
+    return [model(**b) for b in batches]
+
+
+def distill_loss(out, target, mask: torch.Tensor, real: int) -> torch.Tensor:
+    """Squared distance of the normalised embeddings, plus the relative squared error of the
+    last hidden states over the real tokens (far more signal per sentence than one vector)."""
+    (emb, hidden), (emb_t, hidden_t) = out, target
+    tokens = mask[:real].unsqueeze(-1).to(hidden.dtype)
+    token_error = (((hidden[:real] - hidden_t[:real]) ** 2) * tokens).sum() / ((hidden_t[:real] ** 2) * tokens).sum()
+    return ((emb[:real] - emb_t[:real]) ** 2).sum(-1).mean() + token_error
+
+
 def distill(model, batches, targets, n, steps, lr=LR, seed=0):
-    """A copy of ``model`` trained ``steps`` steps to match ``targets`` (the dense embeddings)."""
+    """A copy of ``model`` whose encoder is trained ``steps`` steps (AdamW, warm-up then linear decay) towards
+    ``targets``, the dense model's outputs of ``batches``; rows past ``n`` are filler."""
     model = copy.deepcopy(model).eval()  # eval: no dropout, the same for both tools' models
-    params = [p for p in model.parameters() if p.requires_grad]
+    # only the pruned encoder learns: the 11.7M-entry word embedding would cost most of each
+    # step, and 1,320 sentences would move the rows of few words
+    params = [p for name, p in model.named_parameters() if name.startswith("bert.encoder.")]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, (steps - s) / (steps - warm)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, (steps - s) / max(1, steps - warm)))
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     for _ in range(steps):
         order = order or torch.randperm(len(batches), generator=gen).tolist()
         i = order.pop()
-        real = min(BATCH, n - i * BATCH)  # rows past n are filler
-        out = model(**batches[i])[:real]
-        loss = ((out - targets[i * BATCH:i * BATCH + real]) ** 2).sum(-1).mean()
+        loss = distill_loss(model(**batches[i]), targets[i], batches[i]["attention_mask"], min(BATCH, n - i * BATCH))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -240,11 +262,11 @@ def main(argv=None) -> int:
     text = {split: read_sentences(args.data, split) for split in ("eval", "calib", "train")}
     length = fixed_length(tokenizer, [s for lines in text.values() for s in lines])
     batches = {split: make_batches(tokenizer, lines, length) for split, lines in text.items()}
-    calib = view_batches(batches["calib"])
+    views = view_batches(batches["calib"])
     n_eval, n_train = len(text["eval"]), len(text["train"])
     inputs = batches["eval"][0]  # the example inputs every graph is exported with
     dense_eval = embed(encoder, batches["eval"], n_eval)
-    dense_train = embed(encoder, batches["train"], n_train)
+    dense_train = teacher_outputs(encoder, batches["train"])
     dense_count = encoder_params(encoder)
 
     rows = [{"budget": 1.0, "tool": "dense", "score": "", "scope": "", "encoder_params": dense_count,
@@ -256,10 +278,10 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             if tool == "fxprune":
-                model, extra = prune_fxprune(encoder, inputs, budget, score, scope, calib)
+                model, extra = prune_fxprune(encoder, inputs, budget, score, scope, batches["calib"], views)
             else:
                 if score == "taylor" and grads is None:
-                    grads = taylor_grads(encoder, calib[:1])
+                    grads = taylor_grads(encoder, views)
                 peer = next((r for r in rows if r["tool"] == "fxprune" and r["budget"] == budget
                              and r["score"] == score and r["scope"] == scope and "encoder_params" in r), None)
                 goal = peer["encoder_params"] if peer else round(budget * dense_count)
