@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, help=f"distillation steps per model (default {STEPS}, quick {QUICK_STEPS})")
     parser.add_argument("--lr", type=float, default=LR, help="distillation learning rate (AdamW)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--data", type=Path, default=DATA, help="folder holding minilm_{eval,calib,train}.txt")
+    parser.add_argument("--data", default=str(DATA), help="folder holding minilm_{eval,calib,train}.txt")
     add_json_option(parser, "minilm")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else STEPS)
 
     tokenizer, encoder = load_minilm()
-    text = {split: read_sentences(args.data, split) for split in ("eval", "calib", "train")}
+    text = {split: read_sentences(Path(args.data), split) for split in ("eval", "calib", "train")}
     length = fixed_length(tokenizer, [s for lines in text.values() for s in lines])
     batches = {split: make_batches(tokenizer, lines, length) for split, lines in text.items()}
     views = view_batches(batches["calib"])
