@@ -29,8 +29,8 @@ distance to the dense normalised embeddings, sentences of ``minilm_train.txt``) 
 measured again. Exported graphs are specialised to their example shapes, so every batch
 is padded to one (batch, length) with the attention mask, for every model.
 
-    python benchmarks/minilm.py --quick            # 0.5 only, magnitude, fewer steps (~3 min)
-    python benchmarks/minilm.py --json             # everything (~30 min on 2 cores)
+    python benchmarks/minilm.py --quick            # 0.5 only, magnitude, 40 steps (about 1 min on 2 cores)
+    python benchmarks/minilm.py --json             # everything (about 9 min on 2 free cores)
 """
 from __future__ import annotations
 
