@@ -278,6 +278,26 @@ def shards(rows: list[dict]) -> Table:
     return head, body
 
 
+def minilm(rows: list[dict]) -> Table:
+    """minilm.py's rows: encoder parameters kept, similarity to the dense embeddings before and
+    after distillation, seconds. A row that failed shows its error."""
+    def num(value: Any, spec: str = ".3f") -> str:
+        return format(value, spec) if isinstance(value, (int, float)) else ""
+
+    head = ["budget", "tool", "score", "scope", "encoder params kept", "mean cosine", "Spearman",
+            "distilled cosine", "distilled Spearman", "prune s", "distil s"]
+    body = []
+    for r in rows:
+        budget = "dense" if r["tool"] == "dense" else f"{r['budget']:g}"
+        kept = (f"{r['encoder_fraction']:.3f} ({r['encoder_params']:,})" if "encoder_params" in r
+                else f"fails: {r.get('error', '')}")
+        body.append([budget, r["tool"] if r["tool"] != "dense" else "", r.get("score", ""), r.get("scope", ""), kept,
+                     num(r.get("cosine")), num(r.get("spearman")),
+                     num(r.get("distilled_cosine")) or r.get("distill_error", ""), num(r.get("distilled_spearman")),
+                     num(r.get("prune_s"), ".1f"), num(r.get("distill_s"), ".0f")])
+    return head, body
+
+
 TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "timm_sweep": ("timm_sweep", timm_sweep),
     "timm_summary": ("timm_sweep", timm_summary),
@@ -293,4 +313,5 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "zoo_sweep": ("zoo_sweep", zoo_sweep),
     "zoo_summary": ("zoo_sweep", zoo_summary),
     "nm_gpu": ("nm_gpu", nm_gpu),
+    "minilm": ("minilm", minilm),
 }
