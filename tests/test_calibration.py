@@ -70,6 +70,24 @@ def _batches(inputs, n):
 # ---------------------------------------------------------------- activation score
 
 
+def test_activation_ignores_what_padding_tokens_hold():
+    """Two batches with the same real tokens and different padding ids (attention_mask 0)
+    give the same scores: padded positions say nothing about a channel."""
+    from hf_models import tiny_models
+
+    model, inputs, _ = tiny_models()["bert"]
+    graph = fxprune.analyze(model, inputs)
+    ids, mask = inputs["input_ids"].clone(), torch.ones_like(inputs["input_ids"])
+    mask[:, 5:] = 0
+    scores = []
+    for pad in (0, 7):
+        batch = {"input_ids": torch.where(mask.bool(), ids, pad), "attention_mask": mask}
+        scores.append(score_groups(graph, "activation", calibration=[batch]))
+    assert scores[0].keys() == scores[1].keys()
+    for gid in scores[0]:
+        np.testing.assert_allclose(scores[0][gid], scores[1][gid], rtol=1e-5)
+
+
 def test_activation_ranks_a_silent_channel_lowest_despite_large_weights_fx():
     net = _mlp().train()
     before, training = _state(net), [m.training for m in net.modules()]

@@ -4,7 +4,8 @@ An interpreter runs the batches through ``graph.gm`` (eval mode, no gradients) a
 every node that multiplies an activation by a weight read from the model (``nn.Linear``
 and ``nn.Conv*`` modules under torch.fx; ``aten.linear``, ``aten.conv*``,
 ``aten.addmm``, ``aten.mm``/``matmul`` with a ``get_attr`` weight under torch.export),
-adds up the squares of each input channel over every token, pixel and sample. Only
+adds up the squares of each input channel over every token, pixel and sample (tokens a
+batch's ``attention_mask`` marks as padding count for nothing). Only
 those per-channel sums are kept, never an activation, so memory is one vector per
 weight. The result is keyed like the analysis' bindings, ``(state_dict key, weight dim)``,
 the dim whose index ``j`` multiplies input channel ``j``.
@@ -86,6 +87,7 @@ class _NormRecorder(torch.fx.Interpreter):
         super().__init__(gm, garbage_collect_values=True)
         self.watch, self.weights = watch, weights
         self.sums: dict[tuple[str, int], torch.Tensor] = {}
+        self.mask: torch.Tensor | None = None  # [batch, tokens]: 1 for a real token, 0 for padding
 
     def run_node(self, n: torch.fx.Node):
         if n in self.watch:
@@ -104,7 +106,10 @@ class _NormRecorder(torch.fx.Interpreter):
         if x.ndim == 0 or x.shape[axis] != width:
             return  # a grouped conv: its units tie input and output blocks, scored elsewhere
         others = [d for d in range(x.ndim) if d != axis % x.ndim]
-        squares = x.detach().float().square().sum(others)  # one temporary the size of x, then C numbers
+        x = x.detach().float()
+        if self.mask is not None and not kind.conv and x.ndim == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
+            x = x * self.mask.unsqueeze(-1)  # padded positions carry no information about the channel
+        squares = x.square().sum(others)  # one temporary the size of x, then C numbers
         slot = (key, kind.weight_dim)
         self.sums[slot] = self.sums[slot] + squares if slot in self.sums else squares
 
@@ -130,8 +135,11 @@ def input_norms(gm: torch.fx.GraphModule, batches: Iterable[ExampleInputs],
     device = next((t.device for t in weights.values()), torch.device("cpu"))
     with eval_mode(gm), torch.no_grad():
         for i, batch in enumerate(batches):
+            batch = batch.to(device)
+            mask = batch.kwargs.get("attention_mask")  # the Hugging Face name for the padding mask
+            recorder.mask = mask.float() if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
             try:
-                recorder.run(*batch.to(device).flat(gm), enable_io_processing=False)
+                recorder.run(*batch.flat(gm), enable_io_processing=False)
             except Exception as error:  # the model's own error, on the user's batch
                 raise SpecError(f"spec.calibration[{i}]: the model fails on this batch "
                                 f"({batch.describe()}): {type(error).__name__}: "
