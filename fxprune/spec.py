@@ -21,15 +21,17 @@ from fxprune._check import (check_bool, check_choice, check_int, check_keys, did
 from fxprune._util import read_config
 from fxprune.errors import SpecError
 from fxprune.measure import LatencySettings
+from fxprune.capture import FRONT_ENDS
 from fxprune.capture.inputs import ExampleInputs
+from fxprune.channels.analysis import ATTENTION_UNITS
+from fxprune.passes.emit import EMITS as PRUNE_EMITS
 from fxprune.select.calibration import Calibration, as_calibration, check_data_needs
 from fxprune.select.metrics import TARGET_METRICS
 from fxprune.select.score import known_scores
 
 SCOPES = ("global", "local", "latency")
-CAPTURES = ("auto", "fx", "export")  # fxprune.capture.FRONT_ENDS
-EMITS = ("auto", "graph", "module")
-ATTENTION_UNITS = ("heads", "query_slots", "head_dim")  # fxprune.channels.analysis.ATTENTION_UNITS  # fxprune.passes.emit.EMITS, plus "auto"
+CAPTURES = FRONT_ENDS
+EMITS = ("auto", *PRUNE_EMITS)  # "auto": graph for fx captures, module for export ones
 _CODE_ONLY = ("example_inputs", "calib_inputs", "loss_fn")  # cannot live in a file
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 

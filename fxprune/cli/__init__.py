@@ -28,6 +28,7 @@ from fxprune.cli.commands import cmd_check, cmd_compress, cmd_demo, cmd_graph, c
 from fxprune.errors import FxpruneError
 from fxprune.measure import LatencySettings
 from fxprune.models import load_plugin
+from fxprune.spec import ATTENTION_UNITS, CAPTURES, EMITS
 
 MODEL_HELP = ("model reference: torchvision:NAME, timm:NAME, package.module:factory, "
               "path/to/file.py:factory, or a file saved by `fxprune compress -o` / torch.save")
@@ -52,14 +53,14 @@ def _model_args(parser, optional: bool = False) -> None:
 
 
 def _units_arg(parser) -> None:
-    parser.add_argument("--attention-units", choices=("heads", "query_slots", "head_dim"), default=None,
+    parser.add_argument("--attention-units", choices=ATTENTION_UNITS, default=None,
                         help="one unit of an attention group: a whole head (default; with grouped-query "
                              "attention a key/value head and its query heads), query_slots (the same "
                              "query head of every key/value group) or head_dim (a position in every head)")
 
 
 def _capture_arg(parser) -> None:
-    parser.add_argument("--capture", choices=("auto", "fx", "export"), default=None,
+    parser.add_argument("--capture", choices=CAPTURES, default=None,
                         help="front end: auto (default: torch.fx, falling back to torch.export), fx, export")
 
 
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _capture_arg(p)
     _units_arg(p)
-    p.add_argument("--emit", choices=("auto", "graph", "module"), default=None,
+    p.add_argument("--emit", choices=EMITS, default=None,
                    help="the saved model: graph (a torch.fx GraphModule), module (your own class, "
                         "pruned), auto (default: graph for fx captures, module for export ones)")
     p.add_argument("--spec", metavar="FILE", help="spec file: .toml, .json or pyproject.toml "
