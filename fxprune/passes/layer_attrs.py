@@ -48,7 +48,8 @@ def attention_heads(graph, shape_after) -> dict[str, Heads]:
     innermost module on the reshape's ``nn_module_stack`` that names a head attribute.
     """
     found: dict[str, list[tuple[int, int, int, int]]] = {}
-    splits = head_reshapes(graph.gm)
+    # the analysis found them already unless it ran with head_dim units
+    splits = graph.state.head_reshapes or head_reshapes(graph.gm)
     modules = dict(graph.model.named_modules()) if graph.model is not None else {}
     for node in graph.gm.graph.nodes:
         meta = node.meta.get("tensor_meta")
