@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import WriteBackError
-from .layer_attrs import Heads
+from .layer_attrs import Heads, replace_int_attrs
 
 INTERMEDIATE = ("intermediate_size", "n_inner", "d_ff", "ffn_dim")
 WIDTH_ATTRS = {"hidden_size": "hidden_size", "embed_dim": "hidden_size", "d_model": "hidden_size",
@@ -91,11 +91,9 @@ def _uniform(field: str, per_layer: dict[str, int]) -> int:
 
 def _sync_width_attrs(model, old_hidden, old_width, new_hidden, new_width) -> None:
     """Modules that copy a config width into an attribute (``LlamaMLP.intermediate_size``)."""
+    widths = {"hidden_size": (old_hidden, new_hidden), "intermediate": (old_width, new_width)}
     for module in model.modules():
-        for attr, kind in WIDTH_ATTRS.items():
-            old, new = (old_hidden, new_hidden) if kind == "hidden_size" else (old_width, new_width)
-            if new is not None and getattr(module, attr, None) == old and isinstance(old, int):
-                setattr(module, attr, new)
+        replace_int_attrs(module, {attr: widths[kind] for attr, kind in WIDTH_ATTRS.items()})
 
 
 def check_config(model: torch.nn.Module, changed: list[str]) -> None:

@@ -87,9 +87,16 @@ def sync_head_attrs(model: torch.nn.Module, heads: dict[str, Heads]) -> None:
         wanted = {**{n: (q0, q1) for n in HEAD_COUNT}, **{n: (kv0, kv1) for n in KV_HEAD_COUNT},
                   **{n: (q0 // kv0, q1 // max(kv1, 1)) for n in KV_GROUPS},
                   **{n: (d0, d1) for n in HEAD_DIM}, **{n: (q0 * d0, q1 * d1) for n in QUERY_WIDTH}}
-        for name, (old, new) in wanted.items():
-            if isinstance(getattr(module, name, None), int) and getattr(module, name) == old:
-                setattr(module, name, new)
+        replace_int_attrs(module, wanted)
+
+
+def replace_int_attrs(module: torch.nn.Module, wanted: dict[str, tuple[int, int]]) -> None:
+    """``{attribute: (old, new)}``: set each integer attribute that still holds ``old``
+    (a name that means something else in this module keeps its value)."""
+    for name, (old, new) in wanted.items():
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value == old and new is not None:
+            setattr(module, name, new)
 
 
 def sync_layer_sizes(model: torch.nn.Module, pruned: torch.fx.GraphModule) -> None:
@@ -144,4 +151,4 @@ def _conv_groups(gm: torch.fx.GraphModule) -> dict[str, int]:
     return out
 
 
-__all__ = ["Heads", "attention_heads", "sync_head_attrs", "sync_layer_sizes", "ATTENTION_ATTRS"]
+__all__ = ["Heads", "attention_heads", "sync_head_attrs", "sync_layer_sizes", "replace_int_attrs", "ATTENTION_ATTRS"]
