@@ -84,3 +84,16 @@ def read_config(path: Path, error: type[Exception], where: str) -> Any:
         return json.loads(text) if is_json else tomllib.loads(text)
     except (OSError, ValueError) as failure:  # TOML/JSON/Unicode decode errors are ValueErrors
         raise error(f"{where}: cannot parse {path}: {failure}") from None
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, cut at ``limit`` characters, for error
+    messages that must stay short (some export errors are a whole graph dump on one line).
+
+    >>> first_line(ValueError("a\nb")), first_line(KeyError()), first_line(ValueError("x" * 400))[-5:]
+    ('a', 'KeyError', 'x ...')
+    """
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[:limit - 4] + " ..."
+

@@ -24,7 +24,7 @@ from fxprune.channels.graph import DependencyGraph
 from fxprune.errors import WeightError, WriteBackError
 from fxprune.measure import LatencySettings
 from fxprune.passes.fuse import fuse
-from fxprune.passes.prune import prune_graph
+from fxprune.passes.prune import prune_graph, verify_values
 from fxprune.passes.writeback import write_back
 from fxprune.progress import reporting, step
 from fxprune.report import Report, build_report, group_row
@@ -142,7 +142,10 @@ def _compress(model: torch.nn.Module, spec, loaded: Spec, measure_latency: bool 
     plan, small = select_and_prune(graph, scores, loaded, notes=notes)
     step("pruning")
     if small is None or small is graph.gm:
-        small = prune_graph(graph, plan) if plan else copy.deepcopy(graph.gm)
+        small = prune_graph(graph, plan, verify="shapes") if plan else copy.deepcopy(graph.gm)
+    if plan and loaded.verify == "values":
+        step("verifying values")
+        notes.append(f"verify: {verify_values(graph, plan, small).note}")
     small = emit_model(graph, plan, small, loaded.emit, notes)
     nm = None
     if loaded.nm_pair is not None:

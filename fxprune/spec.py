@@ -25,6 +25,7 @@ from fxprune.capture import FRONT_ENDS
 from fxprune.capture.inputs import ExampleInputs
 from fxprune.channels.analysis import ATTENTION_UNITS
 from fxprune.passes.emit import EMITS as PRUNE_EMITS
+from fxprune.passes.prune import VERIFY
 from fxprune.select.calibration import Calibration, as_calibration, check_data_needs
 from fxprune.select.metrics import TARGET_METRICS
 from fxprune.select.score import known_scores
@@ -135,6 +136,9 @@ class Spec:
             against the graph) or "auto" (default): "graph" for an fx capture, "module"
             for an export capture, falling back to "graph" with a note when the class
             cannot carry the result (an exported graph is fixed to the example shapes).
+        verify: "values" (default): the pruned model is checked against the original with
+            the removed units masked on the example inputs (``VerificationError`` on a
+            mismatch); "shapes": only shapes are re-propagated (saves two forward passes).
         nm: None (default) or "N:M" semi-structured sparsity on top, e.g. "2:4".
         latency: a LatencySpec (``fxprune.measure.LatencySettings``: device, batch_size,
             threads, warmup, repeats, compile, compile_backend), or a dict of its fields
@@ -171,6 +175,7 @@ class Spec:
     ignore: list[str] = field(default_factory=list)
     fuse: bool = True
     emit: str = "auto"
+    verify: str = "values"
     nm: str | None = None
     latency: LatencySpec = field(default_factory=LatencySpec)
     calibration: Calibration | None = field(default=None, repr=False, compare=False)
@@ -192,6 +197,7 @@ class Spec:
         self.ignore = list(self.ignore)
         check_bool("spec.fuse", self.fuse)
         check_choice("spec.emit", self.emit, EMITS)
+        check_choice("spec.verify", self.verify, VERIFY)
         self.nm = None if self.nm is None else _nm("spec.nm", self.nm)
         if not isinstance(self.latency, LatencySettings):
             self.latency = LatencySettings.from_dict(self.latency, where="spec")

@@ -15,7 +15,8 @@ from typing import Iterable
 import torch
 import torch.fx
 
-from ..errors import TraceError
+from .._util import eval_mode, first_line
+from ..errors import AnalysisError, FxpruneError, TraceError
 from .export import export_graph
 from .fx import trace
 from .gc import gc_paused
@@ -58,13 +59,18 @@ def capture(model, example_inputs, *, capture: str = "auto", leaf_modules: Itera
                 raise
             fx_error = exc
         else:
-            propagate_shapes(gm, inputs)
-            attention_calls = plan_calls(gm)
-            if attention_calls:  # trace through nn.MultiheadAttention, written for the shapes seen
-                gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                           attention_calls=attention_calls)
+            try:
                 propagate_shapes(gm, inputs)
-            return Captured(gm, inputs, "fx")
+                attention_calls = plan_calls(gm)
+                if attention_calls:  # trace through nn.MultiheadAttention, written for the shapes seen
+                    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                               attention_calls=attention_calls)
+                    propagate_shapes(gm, inputs)
+                return Captured(gm, inputs, "fx")
+            except AnalysisError as exc:
+                fx_error = _blame(model, inputs, exc)  # the inputs, or the fx graph
+                if capture == "fx" or isinstance(fx_error, AnalysisError):
+                    raise fx_error from exc
     try:
         gm = export_graph(model, inputs)
     except TraceError as exc:
@@ -73,6 +79,26 @@ def capture(model, example_inputs, *, capture: str = "auto", leaf_modules: Itera
         raise TraceError(f"neither front end could capture {type(model).__name__}:\n"
                          f"[fx] {fx_error}\n[export] {exc}") from exc
     return Captured(gm, inputs, "export")
+
+
+def _blame(model, inputs: ExampleInputs, exc: AnalysisError) -> FxpruneError:
+    """The graph failed on the example inputs: if the model itself fails on them too, the
+    inputs are at fault (``AnalysisError``); if it runs, the fx graph is (``TraceError``:
+    a traced function that mutates a list, a value baked in at trace time), and
+    ``capture="auto"`` goes on to torch.export."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            inputs.clone().call(model)
+    except Exception as own:
+        return AnalysisError(
+            f"example inputs {inputs.describe()} do not fit {type(model).__name__}: calling it raises "
+            f"{type(own).__name__}: {first_line(own)}\n"
+            "  fix: pass example_inputs with the shapes and dtypes the model's forward expects")
+    return TraceError(
+        f"the torch.fx graph of {type(model).__name__} cannot run on the example inputs although the model "
+        f"does: {str(exc).splitlines()[0].removeprefix(f'example inputs {inputs.describe()} do not fit the model: ')}\n"
+        "  fix: capture with torch.export (capture=\"export\", or \"auto\" which falls back to it), or mark "
+        "the module that holds that call a leaf (leaf_modules=[...])")
 
 
 __all__ = ["capture", "Captured", "ExampleInputs", "as_example_inputs", "trace", "export_graph",

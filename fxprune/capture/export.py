@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from .._util import eval_mode
+from .._util import eval_mode, first_line
 from ..errors import TraceError
+from .effects import has_effect
 from .inputs import ExampleInputs
 from .shapes import shapes_from_fake_values
 
@@ -51,7 +52,7 @@ def export_graph(model, inputs: ExampleInputs) -> torch.fx.GraphModule:
         # analysis and every rewrite are verified on inputs of these shapes anyway.
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=has_effect)
     # torch.load rebuilds a GraphModule by tracing its code with the recorded tracer class;
     # export's own tracer needs arguments it cannot be given there, the default one does not.
     graph._tracer_cls, graph._tracer_extras = None, None
@@ -64,7 +65,7 @@ def export_graph(model, inputs: ExampleInputs) -> torch.fx.GraphModule:
 
 
 def export_error(model, exc: Exception) -> TraceError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc)
     hint = ""
     if "Cache" in str(exc) and "pytree" in str(exc):
         hint = "the model returns a key/value cache: pass use_cache=False (in the inputs or the config); "

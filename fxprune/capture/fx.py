@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.fx
 
+from .._util import first_line
 from ..errors import TraceError
 from .mha import LEAF_REASON, MhaCall, mha_forward
 
@@ -115,7 +116,7 @@ def _trace_error(model, tracer: _Tracer, exc: Exception) -> TraceError:
     path = where[0] or "<root>"
     frame = _user_frame(exc.__traceback__)
     line = f"{frame.filename}:{frame.lineno}: {frame.line}" if frame else "(no user source line found)"
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc)
     return TraceError(
         f"cannot trace {type(model).__name__} with torch.fx: {first}\n"
         f"  in module '{path}' ({where[1]})\n"

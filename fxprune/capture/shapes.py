@@ -14,9 +14,10 @@ import torch.fx
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .._util import eval_mode
+from .._util import eval_mode, first_line
 from ..errors import AnalysisError
 from .inputs import ExampleInputs
+from .effects import input_versions, note_mutation
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, inputs: ExampleInputs) -> None:
@@ -30,7 +31,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, inputs: ExampleInputs) -> None:
         raise AnalysisError(
             f"example inputs {inputs.describe()} do not fit the model: node '{node.name if node else '?'}' "
             f"({node.format_node() if node else ''}) failed with {type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}\n"
+            f"{first_line(exc)}\n"
             "  fix: pass example_inputs with the shapes and dtypes the model's forward expects"
         ) from exc
 
@@ -77,7 +78,13 @@ class ShapeRecorder(torch.fx.Interpreter):
 
     def run_node(self, n):
         self.current = n
-        result = super().run_node(n)
+        if n.op in ("call_function", "call_method", "call_module"):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            before = input_versions(n, args, kwargs)
+            result = super().run_node(n)
+            note_mutation(n, before)  # a rewrite must keep this call (capture/effects.py)
+        else:
+            result = super().run_node(n)
         _set_meta(n, result)
         return result
 

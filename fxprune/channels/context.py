@@ -51,6 +51,9 @@ class AnalysisState:
     bindings: dict[tuple[str, int], Binding] = field(default_factory=dict)
     frozen: list[tuple[np.ndarray, str]] = field(default_factory=list)
     zi_breaks: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    # indices into zi_breaks after which removing the channels still equals zeroing their
+    # consumers' input slices (query slots: a slot's only consumer is the output projection)
+    consumer_oracle: set[int] = field(default_factory=set)
     rewrites: list[tuple[str, Callable]] = field(default_factory=list)
     nonempty: list[tuple[np.ndarray, str]] = field(default_factory=list)  # must keep >= 1 channel
     env: dict[torch.fx.Node, object] = field(default_factory=dict)
@@ -237,13 +240,19 @@ class RuleContext:
         for leaf in flatten_values(value):
             self.freeze(leaf.all_ids() if isinstance(leaf, TensorChannels) else leaf.ids, reason)
 
-    def break_zi(self, dim_map: DimMap | None, reason: str, only_non_zi: bool = True) -> None:
-        """Record that pruning these channels changes the function (not zero-invariant)."""
+    def break_zi(self, dim_map: DimMap | None, reason: str, only_non_zi: bool = True,
+                 consumers_equal_removal: bool = False) -> None:
+        """Record that pruning these channels changes the function (not zero-invariant).
+
+        ``consumers_equal_removal``: removing them still equals zeroing the input slices of
+        the layers that consume them (``Group.oracle_role == "in"``), as for query slots."""
         if dim_map is None:
             return
         ids = dim_map.ids[~dim_map.zi] if only_non_zi else dim_map.ids
         ids = ids[ids >= 0]
         if ids.size:
+            if consumers_equal_removal:
+                self.state.consumer_oracle.add(len(self.state.zi_breaks))
             self.state.zi_breaks.append((ids, f"{reason} at {self.where()}"))
 
     def unify(self, a: DimMap | None, b: DimMap | None, why: str = "") -> DimMap | None:

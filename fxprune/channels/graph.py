@@ -32,6 +32,9 @@ class Group:
     spaces: list[Space]
     classes: np.ndarray = field(repr=False)  # root id of every unit, in unit order
     bindings: list[Binding] = field(repr=False, default_factory=list)
+    # which slices, zeroed in the original, equal removing units: "out" (producers, a
+    # zero-invariant group), "in" (consumers, e.g. query slots) or None (no such masking)
+    oracle_role: str | None = None
     _roots: np.ndarray = field(repr=False, default=None)
     _aliases: dict = field(repr=False, default_factory=dict)
 
@@ -190,6 +193,10 @@ def build_groups(state: AnalysisState, example_inputs: ExampleInputs, capture: s
     which = np.repeat(np.arange(len(bindings)), [len(t) for t in binding_ids])
     pairs = _split_by(comp_of_id[np.concatenate(binding_ids)] if bindings else np.zeros(0, np.int64), which)
 
+    breaks_of: dict[int, set[int]] = {}  # component -> indices of the zi_breaks touching it
+    for index, (ids, _) in enumerate(state.zi_breaks):
+        for comp in np.unique(comp_of_id[ids]).tolist():
+            breaks_of.setdefault(comp, set()).add(index)
     groups: list[Group] = []
     for comp in sorted(spaces_by_comp):
         if all(s.dropped for s in spaces_by_comp[comp]):
@@ -199,10 +206,11 @@ def build_groups(state: AnalysisState, example_inputs: ExampleInputs, capture: s
         if not reason and classes.size < 2:
             reason = "only one channel: a group keeps at least one"
         broken = _earliest(first_broken, classes, state.zi_breaks)
+        oracle_role = "out" if not broken else ("in" if breaks_of.get(comp, {-1}) <= state.consumer_oracle else None)
         groups.append(Group(
             id=len(groups), size=int(classes.size), prunable=not reason, reason=reason,
             zero_invariant=not broken, zero_invariance_reason=broken, spaces=spaces_by_comp[comp],
-            classes=classes, bindings=[bindings[i] for i in pairs.get(comp, ())],
+            classes=classes, bindings=[bindings[i] for i in pairs.get(comp, ())], oracle_role=oracle_role,
             _roots=roots, _aliases=state.aliases,
         ))
     return DependencyGraph(state.gm, groups, state, roots, example_inputs, capture)

@@ -28,7 +28,7 @@ from fxprune.cli.commands import cmd_check, cmd_compress, cmd_demo, cmd_graph, c
 from fxprune.errors import FxpruneError
 from fxprune.measure import LatencySettings
 from fxprune.models import load_plugin
-from fxprune.spec import ATTENTION_UNITS, CAPTURES, EMITS
+from fxprune.spec import ATTENTION_UNITS, CAPTURES, EMITS, VERIFY
 
 MODEL_HELP = ("model reference: torchvision:NAME, timm:NAME, package.module:factory, "
               "path/to/file.py:factory, or a file saved by `fxprune compress -o` / torch.save")
@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emit", choices=EMITS, default=None,
                    help="the saved model: graph (a torch.fx GraphModule), module (your own class, "
                         "pruned), auto (default: graph for fx captures, module for export ones)")
+    p.add_argument("--verify", choices=VERIFY, default=None,
+                   help="values (default): check the pruned model against the original with the removed "
+                        "units masked, on the example inputs; shapes: only re-propagate shapes")
     p.add_argument("--spec", metavar="FILE", help="spec file: .toml, .json or pyproject.toml "
                                                   "([tool.fxprune.compress])")
     p.add_argument("-o", "--output", metavar="FILE", help="save the compressed model (torch.save; "

@@ -72,7 +72,7 @@ def _spec_dict(args, shape) -> dict:
         raise FxpruneError("no goal: pass --spec FILE, or one of --flops F, --params F, --ratio R")
     for name, value in (("score", args.score), ("scope", args.scope), ("nm", args.nm),
                         ("round_to", args.round_to), ("capture", args.capture),
-                        ("emit", args.emit), ("calibration", args.calibration),
+                        ("emit", args.emit), ("verify", args.verify), ("calibration", args.calibration),
                         ("attention_units", args.attention_units)):
         if value is not None:
             data[name] = value

@@ -13,7 +13,8 @@ from .writeback import write_back
 EMITS = ("graph", "module")
 
 
-def prune(graph: DependencyGraph, plan: Mapping[int, object], *, emit: str = "graph") -> torch.nn.Module:
+def prune(graph: DependencyGraph, plan: Mapping[int, object], *, emit: str = "graph",
+          verify: str = "values") -> torch.nn.Module:
     """Remove the planned channels; the analysed graph and the user's model are not modified.
 
     ``plan`` maps group ids to the channel units to remove (see ``Group.slices``).
@@ -22,7 +23,11 @@ def prune(graph: DependencyGraph, plan: Mapping[int, object], *, emit: str = "gr
     model ``analyze`` was given, of the same class (Hugging Face models keep
     ``generate()`` and ``save_pretrained()``, with their ``config`` updated), checked
     against the pruned graph; :class:`~fxprune.errors.WriteBackError` says why when the
-    class cannot carry the result.
+    class cannot carry the result. ``verify="values"`` (default) checks the result on the
+    example inputs against the original with the removed units masked and raises
+    :class:`~fxprune.errors.VerificationError` naming the first diverging node on a
+    mismatch (``result.meta["fxprune.value_check"]`` on a graph holds what it found);
+    ``"shapes"`` only re-propagates shapes.
 
     >>> import torch, fxprune
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
@@ -35,7 +40,7 @@ def prune(graph: DependencyGraph, plan: Mapping[int, object], *, emit: str = "gr
     if emit not in EMITS:
         raise ValueError(f"emit must be one of {', '.join(map(repr, EMITS))}, got {emit!r}")
     with gc_paused():
-        pruned = prune_graph(graph, plan)
+        pruned = prune_graph(graph, plan, verify=verify)
         return pruned if emit == "graph" else write_back(graph, plan, pruned)
 
 

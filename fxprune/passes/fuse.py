@@ -34,6 +34,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_weights
 
+from ..capture.effects import eliminate_dead_code
 from ..capture.inputs import as_example_inputs
 
 
@@ -257,7 +258,7 @@ def fuse(gm: fx.GraphModule, example_inputs=None) -> FuseResult:
     result = FuseResult(gm=gm)
     _fold_batchnorms(gm, result)
     _remove_passthroughs(gm, result)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)  # keeps mutating calls
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()

@@ -17,10 +17,13 @@ import numpy as np
 import torch
 import torch.fx
 
+from .._util import first_line
 from ..capture import ShapeRecorder, gc_paused
+from ..capture.effects import eliminate_dead_code
 from ..channels.graph import DependencyGraph, _check_units
 from ..channels.values import DimMap, TensorChannels
 from ..errors import PlanError, VerificationError
+from .check_values import ValueCheck, check_values, split_by_masking
 
 
 class PruneContext:
@@ -110,12 +113,20 @@ def resolve_plan(graph: DependencyGraph, plan: Mapping[int, object]) -> np.ndarr
     return removed
 
 
-def prune_graph(graph: DependencyGraph, plan: Mapping[int, object]) -> torch.fx.GraphModule:
+VERIFY = ("values", "shapes")
+VALUE_CHECK = "fxprune.value_check"  # GraphModule.meta key: the ValueCheck of the result
+ORIGIN = "fxprune.origin"  # GraphModule.meta key: {pruned node name: analysed node name}
+
+
+def prune_graph(graph: DependencyGraph, plan: Mapping[int, object], *,
+                verify: str = "values") -> torch.fx.GraphModule:
     """Return a new GraphModule with the planned channels removed (``fxprune.prune``'s
     ``emit="graph"``).
 
     ``plan`` maps group ids to the channel units to remove (see ``Group.slices``).
-    The analysed graph and the original model are not modified.
+    The analysed graph and the original model are not modified. Shapes are always
+    verified; ``verify="values"`` (default) also runs :func:`verify_values`, whose
+    result is in ``gm.meta["fxprune.value_check"]``.
 
     >>> import torch, fxprune
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
@@ -124,8 +135,50 @@ def prune_graph(graph: DependencyGraph, plan: Mapping[int, object]) -> torch.fx.
     >>> small.get_submodule("0").weight.shape
     torch.Size([3, 4])
     """
+    if verify not in VERIFY:
+        raise ValueError(f"verify must be one of {', '.join(map(repr, VERIFY))}, got {verify!r}")
     with gc_paused():
-        return _prune(graph, plan)
+        gm = _prune(graph, plan)
+        if verify == "values":
+            verify_values(graph, plan, gm)
+        return gm
+
+
+def verify_values(graph: DependencyGraph, plan: Mapping[int, object], gm: torch.fx.GraphModule) -> ValueCheck:
+    """Check ``gm`` (``prune_graph(graph, plan)``) by values; raise :class:`VerificationError`
+    on a mismatch (see :mod:`fxprune.passes.check_values`), record the result in
+    ``gm.meta["fxprune.value_check"]`` and return it.
+
+    Groups whose removal equals no masking (a LayerNorm'd stream) cannot be checked by
+    values: the rest of the plan is pruned again on its own and checked, and the note
+    names the groups verified by shape only.
+
+    >>> import torch, fxprune
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    >>> graph = fxprune.analyze(net, torch.randn(2, 4))
+    >>> small = prune_graph(graph, {1: [0, 1, 2]}, verify="shapes")
+    >>> verify_values(graph, {1: [0, 1, 2]}, small).error < 1e-6
+    True
+    """
+    masked, unmasked = split_by_masking(graph, plan)
+    keep = kept_ids(graph, plan)
+    if not unmasked:
+        result = check_values(graph, masked, gm, gm.meta.get(ORIGIN, {}), keep)
+    elif not masked:
+        result = ValueCheck(None, 0.0, f"values not checked: no group of the plan ({_ids(unmasked)}) has a "
+                                       "masking its removal equals (shapes were checked)")
+    else:
+        part = _prune(graph, masked)
+        checked = check_values(graph, masked, part, part.meta.get(ORIGIN, {}), kept_ids(graph, masked))
+        result = ValueCheck(checked.error, checked.tolerance,
+                            f"{checked.note}, for the groups whose removal equals a masking; groups "
+                            f"{_ids(unmasked)} have none and were checked by shape")
+    gm.meta[VALUE_CHECK] = result
+    return result
+
+
+def _ids(gids: list[int]) -> str:
+    return ", ".join(map(str, gids[:8])) + (f" and {len(gids) - 8} more" if len(gids) > 8 else "")
 
 
 def _prune(graph: DependencyGraph, plan: Mapping[int, object]) -> torch.fx.GraphModule:
@@ -136,11 +189,12 @@ def _prune(graph: DependencyGraph, plan: Mapping[int, object]) -> torch.fx.Graph
     nodes = {n.name: n for n in gm.graph.nodes}
     for name, rewrite in graph.state.rewrites:
         rewrite(ctx, nodes[name])
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)  # keeps in-place and other mutating calls (invariant 8)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
     verify_shapes(graph, gm, ctx)
+    gm.meta[ORIGIN] = dict(ctx.renamed)
     return gm
 
 
@@ -254,7 +308,7 @@ def verify_shapes(graph: DependencyGraph, gm: torch.fx.GraphModule, ctx: PruneCo
         ShapeRecorder(gm).record(*inputs)
     except Exception as exc:
         raise VerificationError(
-            f"the pruned graph does not run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            f"the pruned graph does not run: {type(exc).__name__}: {first_line(exc)}. "
             "This is a bug in a channel rule; please report it with the model."
         ) from exc
     for node in gm.graph.nodes:

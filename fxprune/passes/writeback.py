@@ -20,7 +20,7 @@ import torch.fx
 from torch.fx.node import map_aggregate
 from torch.utils._pytree import tree_leaves
 
-from .._util import eval_mode
+from .._util import eval_mode, first_line
 from ..channels.graph import DependencyGraph
 from ..errors import WriteBackError
 from .hf_config import check_config, update_config
@@ -151,7 +151,7 @@ def _check_outputs(new: torch.nn.Module, pruned: torch.fx.GraphModule, graph: De
                     else f"{type(new).__name__}.forward"
                 raise WriteBackError(
                     f"the pruned copy of your {type(new).__name__} fails in {where}: {type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}. Its Python code uses a size the plan "
+                    f"{first_line(exc)}. Its Python code uses a size the plan "
                     f"changed that no attribute carries; {GRAPH_HINT}") from exc
         want = inputs.clone().call(pruned)
     got_t = [t for t in tree_leaves(got) if isinstance(t, torch.Tensor)]

@@ -101,7 +101,7 @@ class Landing:
         if k not in self.tried:
             progress_step(f"target {self.metric}={self.target}: verifying candidate {len(self.tried)}")
             plan = self.plan_at(k)
-            model = prune_graph(self.graph, plan) if plan else self.graph.gm
+            model = prune_graph(self.graph, plan, verify="shapes") if plan else self.graph.gm  # compress checks the final values
             self.tried[k] = (self.measure(model, self.graph.example_inputs) / self.base, model)
         return self.tried[k][0]
 

@@ -98,7 +98,7 @@ def latency_table(graph: DependencyGraph, groups: list[Group], scores: dict[int,
     colour = nx.greedy_color(conflicts, strategy="largest_first")
 
     base = {gid: list(units) for gid, units in (base or {}).items()}
-    base_model = prune_graph(graph, base) if base else graph.gm
+    base_model = prune_graph(graph, base, verify="shapes") if base else graph.gm
     # what every touched module receives in the base model: recorded once, it gives the
     # groups' signatures and the "before" side of every colour's timings
     base_calls = module_calls(base_model, sorted(set().union(*touched.values())), graph.example_inputs,
@@ -119,7 +119,7 @@ def latency_table(graph: DependencyGraph, groups: list[Group], scores: dict[int,
             continue
         names = sorted(set().union(*(touched[gid] for gid, units in extra.items() if units)))
         progress_step(f"scope=latency: timing {len(names)} layer(s) of group(s) {', '.join(str(g.id) for g in members)}")
-        before, after = _time_pairs((base_model, base_calls), prune_graph(graph, plan), graph.example_inputs,
+        before, after = _time_pairs((base_model, base_calls), prune_graph(graph, plan, verify="shapes"), graph.example_inputs,
                                     names, settings, compiled)
         for g in members:
             units = extra[g.id]

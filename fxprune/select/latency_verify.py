@@ -28,7 +28,7 @@ MIN_GAIN = 0.02  # the weighted plan must be this much faster than the local one
 
 
 def _as_emitted(graph, plan: Plan, model: torch.nn.Module | None, fold: bool) -> torch.nn.Module:
-    model = model if model is not None else (prune_graph(graph, plan) if plan else graph.gm)
+    model = model if model is not None else (prune_graph(graph, plan, verify="shapes") if plan else graph.gm)
     return fuse(model, graph.example_inputs).gm if fold else model
 
 

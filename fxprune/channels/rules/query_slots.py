@@ -14,7 +14,8 @@ where they meet the key/value heads. Either way the key/value head channels are 
 
 A slot is not zero-invariant: zeroing its query rows makes its attention uniform over
 the values it shares with the other slots, not zero. Removing it does equal zeroing its
-columns of the output projection (its only consumer), which the tests check instead.
+columns of the output projection (its only consumer): the group's ``oracle_role`` is
+``"in"``, and the value check of every prune holds it.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def slot_channels(ctx, n: int) -> DimMap:
     ids = ctx.new_space(n, f"query slots of {ctx.node.name}")
     ctx.state.spaces[-1].produces = False  # no tensor produces them: they tie the query heads
     slots = DimMap.of(ids, False)
-    ctx.break_zi(slots, NOT_ZERO, only_non_zi=False)
+    ctx.break_zi(slots, NOT_ZERO, only_non_zi=False, consumers_equal_removal=True)
     return slots
 
 
@@ -53,7 +54,7 @@ def tie_query_slots(ctx, q: DimMap | None, kv_heads: int, kv: list[DimMap | None
     if q is None:
         return None
     ctx.tie_blocks(q, kv_heads, across=True)
-    ctx.break_zi(q, NOT_ZERO, only_non_zi=False)
+    ctx.break_zi(q, NOT_ZERO, only_non_zi=False, consumers_equal_removal=True)
     return q.with_zi(False)
 
 
