@@ -90,7 +90,7 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message, cut at ``limit`` characters, for error
     messages that must stay short (some export errors are a whole graph dump on one line).
 
-    >>> first_line(ValueError("a\nb")), first_line(KeyError()), first_line(ValueError("x" * 400))[-5:]
+    >>> first_line(ValueError("a\\nb")), first_line(KeyError()), first_line(ValueError("x" * 400))[-5:]
     ('a', 'KeyError', 'x ...')
     """
     text = str(exc).strip()
