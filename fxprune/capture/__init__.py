@@ -68,6 +68,8 @@ def capture(model, example_inputs, *, capture: str = "auto", leaf_modules: Itera
                     propagate_shapes(gm, inputs)
                 return Captured(gm, inputs, "fx")
             except AnalysisError as exc:
+                if getattr(exc, "node", None) is None:  # the inputs do not match forward's parameters
+                    raise
                 fx_error = _blame(model, inputs, exc)  # the inputs, or the fx graph
                 if capture == "fx" or isinstance(fx_error, AnalysisError):
                     raise fx_error from exc
@@ -91,9 +93,8 @@ def _blame(model, inputs: ExampleInputs, exc: AnalysisError) -> FxpruneError:
             inputs.clone().call(model)
     except Exception as own:
         return AnalysisError(
-            f"example inputs {inputs.describe()} do not fit {type(model).__name__}: calling it raises "
-            f"{type(own).__name__}: {first_line(own)}\n"
-            "  fix: pass example_inputs with the shapes and dtypes the model's forward expects")
+            f"{str(exc).splitlines()[0]}; calling {type(model).__name__} itself raises {type(own).__name__}: "
+            f"{first_line(own)}\n  fix: pass example_inputs with the shapes and dtypes the model's forward expects")
     return TraceError(
         f"the torch.fx graph of {type(model).__name__} cannot run on the example inputs although the model "
         f"does: {str(exc).splitlines()[0].removeprefix(f'example inputs {inputs.describe()} do not fit the model: ')}\n"

@@ -28,12 +28,13 @@ def propagate_shapes(gm: torch.fx.GraphModule, inputs: ExampleInputs) -> None:
         prop.record(*flat)
     except Exception as exc:
         node = prop.current
-        raise AnalysisError(
+        error = AnalysisError(
             f"example inputs {inputs.describe()} do not fit the model: node '{node.name if node else '?'}' "
             f"({node.format_node() if node else ''}) failed with {type(exc).__name__}: "
             f"{first_line(exc)}\n"
-            "  fix: pass example_inputs with the shapes and dtypes the model's forward expects"
-        ) from exc
+            "  fix: pass example_inputs with the shapes and dtypes the model's forward expects")
+        error.node = node  # the graph ran and failed there (capture tells the inputs' fault from the graph's)
+        raise error from exc
 
 
 def shapes_from_fake_values(gm: torch.fx.GraphModule) -> None:

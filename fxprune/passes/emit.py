@@ -26,7 +26,7 @@ def prune(graph: DependencyGraph, plan: Mapping[int, object], *, emit: str = "gr
     class cannot carry the result. ``verify="values"`` (default) checks the result on the
     example inputs against the original with the removed units masked and raises
     :class:`~fxprune.errors.VerificationError` naming the first diverging node on a
-    mismatch (``result.meta["fxprune.value_check"]`` on a graph holds what it found);
+    mismatch (``result.meta["fxprune.value_check"]`` on a graph: a dict of what it found);
     ``"shapes"`` only re-propagates shapes.
 
     >>> import torch, fxprune

@@ -10,6 +10,7 @@ predicts, and the outputs the original shapes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import defaultdict
 from typing import Mapping
 
@@ -126,7 +127,7 @@ def prune_graph(graph: DependencyGraph, plan: Mapping[int, object], *,
     ``plan`` maps group ids to the channel units to remove (see ``Group.slices``).
     The analysed graph and the original model are not modified. Shapes are always
     verified; ``verify="values"`` (default) also runs :func:`verify_values`, whose
-    result is in ``gm.meta["fxprune.value_check"]``.
+    result is in ``gm.meta["fxprune.value_check"]`` (a dict: error, tolerance, note).
 
     >>> import torch, fxprune
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
@@ -147,7 +148,7 @@ def prune_graph(graph: DependencyGraph, plan: Mapping[int, object], *,
 def verify_values(graph: DependencyGraph, plan: Mapping[int, object], gm: torch.fx.GraphModule) -> ValueCheck:
     """Check ``gm`` (``prune_graph(graph, plan)``) by values; raise :class:`VerificationError`
     on a mismatch (see :mod:`fxprune.passes.check_values`), record the result in
-    ``gm.meta["fxprune.value_check"]`` and return it.
+    ``gm.meta["fxprune.value_check"]`` (as a dict) and return it.
 
     Groups whose removal equals no masking (a LayerNorm'd stream) cannot be checked by
     values: the rest of the plan is pruned again on its own and checked, and the note
@@ -173,7 +174,7 @@ def verify_values(graph: DependencyGraph, plan: Mapping[int, object], gm: torch.
         result = ValueCheck(checked.error, checked.tolerance,
                             f"{checked.note}, for the groups whose removal equals a masking; groups "
                             f"{_ids(unmasked)} have none and were checked by shape")
-    gm.meta[VALUE_CHECK] = result
+    gm.meta[VALUE_CHECK] = dataclasses.asdict(result)  # plain data: the graph pickles without fxprune
     return result
 
 
