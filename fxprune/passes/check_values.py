@@ -29,7 +29,6 @@ from .._util import eval_mode
 from ..channels.graph import DependencyGraph
 from ..channels.values import TensorChannels
 from ..errors import VerificationError
-from .verify import _leaves, output_error
 
 # relative to the largest reference output; measured oracle errors in float32 stay below
 # 2e-6 on every torchvision and timm model, a wrong rewrite is off by 1e-2 or more
@@ -171,9 +170,29 @@ def _run(gm: torch.fx.GraphModule, tensors: dict[str, torch.Tensor], args: tuple
         return functional_call(module, tensors, args, strict=False, tie_weights=False)
 
 
+def output_error(a, b) -> float:
+    """Largest absolute difference over all output tensors, relative to the largest output."""
+    flat_a, flat_b = _leaves(a), _leaves(b)
+    if len(flat_a) != len(flat_b) or any(x.shape != y.shape for x, y in zip(flat_a, flat_b)):
+        raise VerificationError(
+            f"output structure differs: {[tuple(x.shape) for x in flat_a]} vs {[tuple(y.shape) for y in flat_b]}")
+    scale = max(max((x.abs().max().item() for x in flat_a if x.numel()), default=0.0), 1e-12)
+    return max((x - y).abs().max().item() / scale for x, y in zip(flat_a, flat_b) if x.numel())
+
+
+def _leaves(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _leaves(v)]
+    if isinstance(value, dict):
+        return [t for k in sorted(value) for t in _leaves(value[k])]
+    return []
+
+
 def _fetch(gm: torch.nn.Module, key: str) -> torch.Tensor:
     path, _, attr = key.rpartition(".")
     return getattr(gm.get_submodule(path), attr)
 
 
-__all__ = ["ValueCheck", "check_values", "split_by_masking", "masked_tensors", "first_divergence", "TOLERANCES"]
+__all__ = ["ValueCheck", "check_values", "output_error", "split_by_masking", "masked_tensors", "first_divergence", "TOLERANCES"]

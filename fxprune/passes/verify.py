@@ -15,6 +15,7 @@ import torch
 from .._util import eval_mode
 from ..channels.graph import DependencyGraph
 from ..errors import PlanError, VerificationError
+from .check_values import output_error
 
 
 def zeroed_copy(model: torch.nn.Module, graph: DependencyGraph, plan: Mapping[int, object]) -> torch.nn.Module:
@@ -28,26 +29,6 @@ def zeroed_copy(model: torch.nn.Module, graph: DependencyGraph, plan: Mapping[in
                 for dim, index in cuts:
                     state[key].index_fill_(dim, torch.as_tensor(index, device=state[key].device), 0)
     return ref
-
-
-def output_error(a, b) -> float:
-    """Largest absolute difference over all output tensors, relative to the largest output."""
-    flat_a, flat_b = _leaves(a), _leaves(b)
-    if len(flat_a) != len(flat_b) or any(x.shape != y.shape for x, y in zip(flat_a, flat_b)):
-        raise VerificationError(
-            f"output structure differs: {[tuple(x.shape) for x in flat_a]} vs {[tuple(y.shape) for y in flat_b]}")
-    scale = max(max((x.abs().max().item() for x in flat_a if x.numel()), default=0.0), 1e-12)
-    return max((x - y).abs().max().item() / scale for x, y in zip(flat_a, flat_b) if x.numel())
-
-
-def _leaves(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _leaves(v)]
-    if isinstance(value, dict):
-        return [t for k in sorted(value) for t in _leaves(value[k])]
-    return []
 
 
 def check_zero_invariance(model: torch.nn.Module, graph: DependencyGraph, plan: Mapping[int, object],
