@@ -241,3 +241,26 @@ def test_a_computed_weight_freezes_the_channels_it_meets():
     graph = fxprune.analyze(Scaled(1, "keyword").eval(), torch.randn(2, 3, 5, 5), capture="fx")
     g = group_of(graph, "a.weight[0]")
     assert not g.prunable and "conv_transpose2d" in g.reason and "has no channel rule" in g.reason
+
+
+@BOTH
+def test_activation_score_reads_what_the_transposed_conv_consumes(capture):
+    """Wanda-sp needs each consumer's input norms: a transposed conv's input meets weight dim 0."""
+    from fxprune.select.activations import input_norms
+    from fxprune.select.score import score_groups
+
+    model = randomize(TinyUNet()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = fxprune.analyze(model, x, capture=capture)
+    norms = input_norms(graph.gm, [graph.example_inputs], graph.state.canonical)
+    with torch.no_grad():
+        mid = model.mid(model.enc(x))
+    assert torch.allclose(torch.as_tensor(norms[("up.weight", 0)]).float(), mid.square().sum((0, 2, 3)).sqrt(),
+                          rtol=1e-5)
+    notes: list[str] = []
+    scores = score_groups(graph, "activation", calibration=[x], notes=notes)
+    mid_group = group_of(graph, "mid.1.weight[0]")  # consumed by the transposed conv alone
+    assert not [n for n in notes if f"group {mid_group.id} " in n], notes
+    w = model.up.weight.detach().abs().reshape(16, -1).sum(1)
+    assert torch.allclose(torch.as_tensor(scores[mid_group.id]).float(), w * mid.square().sum((0, 2, 3)).sqrt(),
+                          rtol=1e-4)

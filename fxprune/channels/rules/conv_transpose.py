@@ -95,7 +95,7 @@ def functional_conv_transpose_rule(ctx):
         ctx.freeze(w.get(1).ids, f"positions inside a transposed conv group keep their count at {ctx.where()}")
     width = ctx.out_shape()[cdim]
     bias = b.get(0) if b is not None else None
-    out = DimMap.of(bias.ids) if bias is not None else DimMap.of(ctx.new_space(width, f"{ctx.node.name} output"))
+    out = DimMap.of(bias.ids) if bias is not None else DimMap.of(ctx.new_space(width, f"{ctx.attr_key(raw_w)}[1]"))
     if x_map is None:
         ctx.freeze(out.ids, f"grouped transposed conv input carries no channels at {ctx.where()}")
         if w.get(0) is not None:
