@@ -73,7 +73,7 @@ def test_module_forms_prune_input_and_output_channels(dims, groups, capture):
     else:
         # whole groups: the input block (2 channels) and output block (3) of each group are one unit
         assert into.size == 4 and {"t.weight[1]", "t.bias[0]"} & set(into.producers)
-        assert into.slices([1], "out")["t.weight"] == [(0, [2, 3])]
+        assert into.slices([1], "in")["t.weight"] == [(0, [2, 3])]
         assert into.slices([1], "out")["t.bias"] == [(0, [3, 4, 5])]
         expect_w, expect_groups = (4, 3) + k, 2  # 2 of 4 groups left, each still 2 in / 3 out
     state = small.state_dict()
@@ -134,6 +134,19 @@ def test_functional_and_aten_forms(groups, spelling, bias, capture):
     if bias:
         assert tuple(state["bias"].shape) == (6,)
     assert tuple(state["b.weight"].shape[:2]) == (4, 6)
+
+
+@BOTH
+def test_a_grouped_one_reading_a_sigmoid_is_prunable_but_not_zero_invariant(capture):
+    class AfterSigmoid(Decoder):
+        def forward(self, x):
+            return self.b(torch.relu(self.t(torch.sigmoid(self.a(x)))))
+
+    model = randomize(AfterSigmoid(2, 4)).eval()
+    graph, small, _ = prune_and_check(model, torch.randn(2, 3, 5, 5), capture=capture)
+    g = group_of(graph, "a.weight[0]")
+    assert g.prunable and not g.zero_invariant and "sigmoid" not in g.reason
+    assert "transposed conv" in g.zero_invariance_reason
 
 
 def test_unbatched_input_has_channels_first():

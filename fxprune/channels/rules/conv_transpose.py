@@ -40,16 +40,15 @@ def conv_transpose_rule(ctx):
     w_key, b_key = ctx.param_key("weight"), ctx.param_key("bias")
     out = DimMap.of(ctx.new_space(conv.out_channels, f"{w_key}[1]"))
     x_map = x.get(cdim)
+    # Weight dim 0 consumes the input in a grouped one too (role "in"): the input's own
+    # producer makes the unit's input zero, and gates and regularisers act on it there.
+    _consume(ctx, x_map, w_key, 0, conv.in_channels, "transposed conv")
     if conv.groups == 1:
-        _consume(ctx, x_map, w_key, 0, conv.in_channels, "transposed conv")
         ctx.bind(w_key, 1, out, "out")
     elif x_map is None:
         ctx.freeze(out.ids, f"grouped transposed conv input carries no channels at {ctx.where()}")
     else:
         _tie_groups(ctx, x_map, out, conv.groups)
-        # Group g's output comes from its rows of weight dim 0 alone: zeroing them (and
-        # its bias) zeroes the group whatever its input holds, so the rows produce it.
-        ctx.bind(w_key, 0, x_map, "out")
     if conv.bias is not None:
         ctx.bind(b_key, 0, out, "out")
     ctx.on_prune(_fix_conv_transpose)
@@ -86,8 +85,8 @@ def functional_conv_transpose_rule(ctx):
     cdim = 1 if x.ndim == w.ndim else 0
     _freeze_other_dims(ctx, x, {cdim})
     x_map = x.get(cdim)
+    _consume_param(ctx, x_map, w, raw_w, 0, "transposed conv")
     if groups == 1:
-        _consume_param(ctx, x_map, w, raw_w, 0, "transposed conv")
         return ctx.out({cdim: _produce(ctx, w, 1, b)})
     # Positions inside a group keep their count: weight dim 1 is out_channels // groups.
     ctx.not_channels(raw_w, [1])
@@ -98,11 +97,8 @@ def functional_conv_transpose_rule(ctx):
     out = DimMap.of(bias.ids) if bias is not None else DimMap.of(ctx.new_space(width, f"{ctx.attr_key(raw_w)}[1]"))
     if x_map is None:
         ctx.freeze(out.ids, f"grouped transposed conv input carries no channels at {ctx.where()}")
-        if w.get(0) is not None:
-            ctx.freeze(w.get(0).ids, f"grouped transposed conv input carries no channels at {ctx.where()}")
     else:
         _tie_groups(ctx, x_map, out, groups)
-        ctx.adopt(raw_w, 0, x_map, "out")  # the group's rows produce it (see conv_transpose_rule)
     rewrite_groups(ctx, groups_at, cdim, width // groups)
     return ctx.out({cdim: out})
 
