@@ -149,6 +149,23 @@ def test_a_grouped_one_reading_a_sigmoid_is_prunable_but_not_zero_invariant(capt
     assert "transposed conv" in g.zero_invariance_reason
 
 
+@BOTH
+def test_aten_convolution_without_transposed_keeps_the_conv_rule(capture):
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.w = nn.Conv2d(3, 8, 1), nn.Parameter(torch.randn(4, 8, 3, 3))  # (out, in, k, k)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            return aten.convolution.default(y, self.w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+
+    graph, small, _ = prune_and_check(randomize(Plain()), torch.randn(2, 3, 5, 5), capture=capture)
+    g = group_of(graph, "a.weight[0]")
+    assert g.prunable and g.slices([0], "in") == {"w": [(1, [0])]}
+    assert tuple(small.state_dict()["w"].shape) == (4, 4, 3, 3)
+
+
 def test_unbatched_input_has_channels_first():
     class Unbatched(nn.Module):
         def __init__(self):

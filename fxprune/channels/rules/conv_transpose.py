@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..registry import register_rule
 from ..values import DimMap
 from .fallback import unknown_rule
-from .layers import _consume, _consume_param, _freeze_other_dims, _produce, functional_conv_rule, rewrite_groups
+from .layers import _consume, _consume_param, _freeze_other_dims, _produce, _rewrite_groups, functional_conv_rule
 
 aten = torch.ops.aten
 
@@ -30,7 +30,17 @@ def _tie_groups(ctx, x_map: DimMap, out: DimMap, groups: int) -> None:
 @register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def conv_transpose_rule(ctx):
     """``nn.ConvTranspose*d``: weight dim 0 meets the input channels, weight dim 1 and the
-    bias own the output's; grouped ones tie each group's input and output blocks."""
+    bias own the output's; grouped ones tie each group's input and output blocks.
+
+    >>> import torch, fxprune
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.ReLU(),
+    ...                           torch.nn.ConvTranspose2d(8, 6, 2, stride=2, groups=2), torch.nn.Conv2d(6, 4, 1))
+    >>> graph = fxprune.analyze(net, torch.randn(1, 3, 4, 4))
+    >>> [(g.size, g.producers) for g in graph.prunable_groups]   # 2 groups: 4 inputs + 3 outputs each
+    [(2, ['0.weight[0]', '2.weight[1]'])]
+    >>> fxprune.prune(graph, {graph.prunable_groups[0].id: [1]}).get_submodule("2")
+    ConvTranspose2d(4, 3, kernel_size=(2, 2), stride=(2, 2))
+    """
     conv = ctx.module
     x = ctx.tensor(0, "input")
     if x is None:
@@ -99,7 +109,7 @@ def functional_conv_transpose_rule(ctx):
         ctx.freeze(out.ids, f"grouped transposed conv input carries no channels at {ctx.where()}")
     else:
         _tie_groups(ctx, x_map, out, groups)
-    rewrite_groups(ctx, groups_at, cdim, width // groups)
+    _rewrite_groups(ctx, groups_at, cdim, width // groups)
     return ctx.out({cdim: out})
 
 

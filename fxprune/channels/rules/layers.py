@@ -172,11 +172,11 @@ def functional_conv_rule(ctx):
             ctx.freeze(out.ids, f"grouped conv input carries no channels at {ctx.where()}")
         else:
             ctx.unify(ctx.tie_blocks(x_map, groups, across=False), ctx.tie_blocks(out, groups, across=False))
-        rewrite_groups(ctx, groups_at, cdim, len(out) // groups)
+        _rewrite_groups(ctx, groups_at, cdim, len(out) // groups)
     return ctx.out({cdim: out})
 
 
-def rewrite_groups(ctx, groups_at: int, cdim: int, per_group: int) -> None:
+def _rewrite_groups(ctx, groups_at: int, cdim: int, per_group: int) -> None:
     """After pruning, a functional/ATen grouped conv's ``groups`` argument (position
     ``groups_at`` or keyword ``groups``) is its new output width over ``per_group``."""
 
