@@ -88,7 +88,7 @@ ELIGIBLE = {
 }
 
 
-OPS = ("conv", "conv_bn", "act", "add", "cat", "split", "gconv", "dwconv", "shuffle", "se", "ln", "attn")
+OPS = ("conv", "conv_bn", "act", "add", "cat", "split", "gconv", "dwconv", "shuffle", "se", "ln", "attn", "tconv")
 # (also "gqa": an attention step that always has several key/value heads, each serving 2-3 query heads)
 
 
@@ -136,6 +136,11 @@ def _step(draw, pool: list[int], ops: tuple[str, ...] = OPS) -> tuple[Step, list
         g = draw(st.sampled_from(_divisors(c)))
         out = g * draw(st.integers(1, max(1, 12 // g)))
         return Step(op, (i,), (out, draw(st.sampled_from((1, 3))), g)), [out]
+    if op == "tconv":  # a stride-1 transposed conv (keeps 8 x 8), grouped or not, maybe dilated
+        g = draw(st.sampled_from([1] + _divisors(c)))
+        out, k, dilation = g * draw(st.integers(1, max(1, 12 // g))), draw(st.sampled_from((1, 3))), draw(
+            st.sampled_from((1, 2)))
+        return Step(op, (i,), (out, k, g, dilation, draw(st.sampled_from(LAYER_FORMS)))), [out]
     if op == "dwconv":
         mult = draw(st.sampled_from((1, 2))) if 2 * c <= MAX_CHANNELS else 1
         return Step(op, (i,), (mult, draw(st.sampled_from((3, 1))))), [c * mult]
@@ -261,6 +266,10 @@ class RandomNet(nn.Module):
             out, k, g = p
             self.layers[name] = nn.Conv2d(c, out, k, padding=k // 2, groups=g)
             return [out]
+        if step.op == "tconv":
+            out, k, g, dilation, _form = p
+            self.layers[name] = nn.ConvTranspose2d(c, out, k, padding=dilation * (k // 2), groups=g, dilation=dilation)
+            return [out]
         if step.op == "dwconv":
             mult, k = p
             self.layers[name] = nn.Conv2d(c, c * mult, k, padding=k // 2, groups=c)
@@ -300,6 +309,11 @@ class RandomNet(nn.Module):
         op = step.op
         if op == "conv" or op == "gconv" or op == "dwconv":
             return [self.layers[name](x)]
+        if op == "tconv":
+            t = self.layers[name]
+            if p[4] == "module":
+                return [t(x)]
+            return [F.conv_transpose2d(x, t.weight, t.bias, 1, t.padding, 0, t.groups, t.dilation)]
         if op == "conv_bn":
             conv, bn = self.layers[name], self.layers[name + "_bn"]
             if p[2] == "module":

@@ -28,6 +28,7 @@ QUERY_WIDTH = ("all_head_size", "inner_dim", "split_size")
 ATTENTION_ATTRS = HEAD_COUNT + KV_HEAD_COUNT + KV_GROUPS + HEAD_DIM + QUERY_WIDTH
 
 _CONV = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+_CONV_TRANSPOSE = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 _NORM_BY_FEATURES = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm)
 
 
@@ -118,6 +119,10 @@ def sync_layer_sizes(model: torch.nn.Module, pruned: torch.fx.GraphModule) -> No
             module.groups = groups.get(f"{path}.weight", module.groups)
             module.out_channels = module.weight.shape[0]
             module.in_channels = module.weight.shape[1] * module.groups
+        elif isinstance(module, _CONV_TRANSPOSE):  # weight: (in, out // groups, *kernel)
+            module.groups = groups.get(f"{path}.weight", module.groups)
+            module.in_channels = module.weight.shape[0]
+            module.out_channels = module.weight.shape[1] * module.groups
         elif isinstance(module, _NORM_BY_FEATURES) and module.weight is not None:
             module.num_features = module.weight.shape[0]
         elif isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) and module.weight is not None:
@@ -140,7 +145,8 @@ def _copy_sizes(src: torch.nn.Module, dst: torch.nn.Module) -> None:
 
 def _conv_groups(gm: torch.fx.GraphModule) -> dict[str, int]:
     """``{weight key: groups}`` of the convolutions in an ATen graph (after the prune pass)."""
-    where = {"conv1d": 6, "conv2d": 6, "conv3d": 6, "convolution": 8}  # position of ``groups``
+    where = {"conv1d": 6, "conv2d": 6, "conv3d": 6, "convolution": 8,  # position of ``groups``
+             "conv_transpose1d": 6, "conv_transpose2d": 6, "conv_transpose3d": 6}
     out = {}
     for node in gm.graph.nodes:
         index = where.get(getattr(getattr(node.target, "overloadpacket", None), "__name__", ""))

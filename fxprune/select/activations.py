@@ -2,7 +2,7 @@
 
 An interpreter runs the batches through ``graph.gm`` (eval mode, no gradients) and, at
 every node that multiplies an activation by a weight read from the model (``nn.Linear``
-and ``nn.Conv*`` modules under torch.fx; ``aten.linear``, ``aten.conv*``,
+and ``nn.Conv*`` / ``nn.ConvTranspose*`` modules under torch.fx; ``aten.linear``, ``aten.conv*``,
 ``aten.addmm``, ``aten.mm``/``matmul`` with a ``get_attr`` weight under torch.export),
 adds up the squares of each input channel over every token, pixel and sample (tokens a
 batch's ``attention_mask`` marks as padding count for nothing). Only
@@ -38,12 +38,16 @@ class _Consumer:
 
 
 _LINEAR, _ADDMM, _CONV = _Consumer(0, 1, False), _Consumer(1, 0, False), _Consumer(0, 1, True)
+_CONV_T = _Consumer(0, 0, True)  # a transposed conv's weight is (in, out // groups, *kernel)
 _FUNCTIONS = {  # target -> (consumer, argument index of the get_attr weight)
     F.linear: (_LINEAR, 1), aten.linear.default: (_LINEAR, 1),
     aten.addmm.default: (_ADDMM, 2),
     aten.mm.default: (_Consumer(0, 0, False), 1), aten.matmul.default: (_Consumer(0, 0, False), 1),
     **{f: (_CONV, 1) for f in (F.conv1d, F.conv2d, F.conv3d, aten.conv1d.default, aten.conv2d.default,
                                aten.conv3d.default, aten.convolution.default)},
+    **{f: (_CONV_T, 1) for f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                                 aten.conv_transpose1d.default, aten.conv_transpose2d.input,
+                                 aten.conv_transpose3d.input)},
 }
 
 
@@ -62,8 +66,11 @@ def consumers(gm: torch.fx.GraphModule, canonical: dict[str, str]) -> dict[torch
     for node in gm.graph.nodes:
         if node.op == "call_module":
             module = modules.get(node.target)
-            kind = _LINEAR if isinstance(module, nn.Linear) else _CONV if isinstance(
-                module, nn.modules.conv._ConvNd) and not module.transposed else None
+            kind = None
+            if isinstance(module, nn.Linear):
+                kind = _LINEAR
+            elif isinstance(module, nn.modules.conv._ConvNd):
+                kind = _CONV_T if module.transposed else _CONV
             key = f"{node.target}.weight"
         elif node.op == "call_function" and node.target in _FUNCTIONS:
             kind, at = _FUNCTIONS[node.target]
@@ -71,7 +78,7 @@ def consumers(gm: torch.fx.GraphModule, canonical: dict[str, str]) -> dict[torch
             if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
                 continue  # a product of two activations (attention scores) has no weight
             if node.target is aten.convolution.default and node.args[6]:
-                continue  # transposed: its weight holds input channels on dim 0
+                kind = _CONV_T  # transposed: its weight holds input channels on dim 0
             key = weight.target
         else:
             continue

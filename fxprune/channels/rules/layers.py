@@ -145,7 +145,8 @@ _CONV_ARGS = {  # where each spelling keeps its groups argument
 }
 
 
-@register_rule(*_CONV_ARGS)
+# aten.convolution is registered in conv_transpose.py: its ``transposed`` flag picks the rule
+@register_rule(*(t for t in _CONV_ARGS if t is not aten.convolution.default))
 def functional_conv_rule(ctx):
     """``F.conv2d(x, w, b, ..., groups)`` / ``aten.conv2d`` / ``aten.convolution``: the
     functional and ATen forms of :func:`conv_rule`, with w and b read by get_attr."""
@@ -171,20 +172,24 @@ def functional_conv_rule(ctx):
             ctx.freeze(out.ids, f"grouped conv input carries no channels at {ctx.where()}")
         else:
             ctx.unify(ctx.tie_blocks(x_map, groups, across=False), ctx.tie_blocks(out, groups, across=False))
-        old_out = len(out)
-
-        def fix_groups(p, node):
-            per_group = old_out // groups
-            new = p.new_shape(node)[cdim] // per_group
-            args = list(node.args)
-            if len(args) > groups_at:
-                args[groups_at] = new
-                node.args = tuple(args)
-            else:
-                node.kwargs = {**node.kwargs, "groups": new}
-
-        ctx.on_prune(fix_groups)
+        _rewrite_groups(ctx, groups_at, cdim, len(out) // groups)
     return ctx.out({cdim: out})
+
+
+def _rewrite_groups(ctx, groups_at: int, cdim: int, per_group: int) -> None:
+    """After pruning, a functional/ATen grouped conv's ``groups`` argument (position
+    ``groups_at`` or keyword ``groups``) is its new output width over ``per_group``."""
+
+    def fix_groups(p, node):
+        new = p.new_shape(node)[cdim] // per_group
+        args = list(node.args)
+        if len(args) > groups_at:
+            args[groups_at] = new
+            node.args = tuple(args)
+        else:
+            node.kwargs = {**node.kwargs, "groups": new}
+
+    ctx.on_prune(fix_groups)
 
 
 @register_rule(nn.Embedding)
