@@ -3,7 +3,9 @@
 The analysis only needs each node's output shape (``node.meta["tensor_meta"]``). A traced
 graph gets it from one run on the example inputs in eval mode under ``no_grad`` (so nothing
 it runs can change the model: a BatchNorm in training mode would update its running stats).
-An exported graph already carries fake tensors (``node.meta["val"]``) from the export
+While it runs, each function, method and parameter-free module call is also watched for the
+ATen ops it executes (``node.meta["fxprune.aten"]``, :mod:`.aten_calls`): the analysis
+classifies a call by what it runs, not by how it is spelled. An exported graph already carries fake tensors (``node.meta["val"]``) from the export
 itself, so it needs no run at all: analysis then costs no weight memory, and a model on
 the meta device works.
 """
@@ -17,13 +19,14 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from .._util import eval_mode, first_line
 from ..errors import AnalysisError
 from .inputs import ExampleInputs
+from .aten_calls import ATEN_CALLS, AtenCallRecorder, records_calls
 from .effects import input_versions, note_mutation
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, inputs: ExampleInputs) -> None:
     """Run the graph once so every node carries ``meta['tensor_meta']``; clear errors."""
     flat = inputs.flat(gm)
-    prop = ShapeRecorder(gm)
+    prop = ShapeRecorder(gm, aten_calls=True)
     try:
         prop.record(*flat)
     except Exception as exc:
@@ -71,6 +74,11 @@ class ShapeRecorder(torch.fx.Interpreter):
 
     current: torch.fx.Node | None = None
 
+    def __init__(self, gm: torch.fx.GraphModule, aten_calls: bool = False):
+        """``aten_calls``: also record the ATen ops each call runs (for the analysis)."""
+        super().__init__(gm)
+        self.aten_calls = aten_calls
+
     def record(self, *inputs) -> None:
         """Run once in eval mode under no_grad (nothing in the model may change), then
         put every module's training flag back."""
@@ -82,7 +90,13 @@ class ShapeRecorder(torch.fx.Interpreter):
         if n.op in ("call_function", "call_method", "call_module"):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             before = input_versions(n, args, kwargs)
-            result = super().run_node(n)
+            module = self.module.get_submodule(n.target) if n.op == "call_module" else None
+            if self.aten_calls and records_calls(n, module):
+                with AtenCallRecorder([t for t, _ in before]) as recorder:
+                    result = super().run_node(n)
+                n.meta[ATEN_CALLS] = recorder.result()
+            else:
+                result = super().run_node(n)
             note_mutation(n, before)  # a rewrite must keep this call (capture/effects.py)
         else:
             result = super().run_node(n)

@@ -17,6 +17,7 @@ from .heads import head_reshapes, kv_repeats
 from .registry import load_plugins, lookup_rule
 from .rules.basic import get_attr_rule, input_rule, output_rule
 from .rules.fallback import is_size_only, size_arithmetic_rule, unknown_rule
+from .rules.pointwise import is_pointwise_node, pointwise_rule
 from .values import TensorChannels
 
 ATTENTION_UNITS = ("heads", "query_slots", "head_dim")  # see analyze()
@@ -42,6 +43,8 @@ def run_rules(gm: torch.fx.GraphModule, attention_units: str = "heads") -> Analy
             rule = output_rule
         else:
             rule = lookup_rule(node, state.modules)
+            if rule is None and is_pointwise_node(node):
+                rule = pointwise_rule  # known from what the op is (rules/pointwise.py)
             if rule is None:
                 rule = size_arithmetic_rule if is_size_only(ctx) else unknown_rule
         try:

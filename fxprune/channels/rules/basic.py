@@ -53,34 +53,22 @@ ZERO_PRESERVING_MODULES = (
     nn.CELU, nn.Mish, nn.Hardtanh, nn.Softshrink, nn.Hardshrink, nn.Tanhshrink,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
 )
+# Calls that move or copy values without computing (not all carry the pointwise tag).
+# Element-wise math (relu, gelu, erf, sigmoid, ...) needs no list: rules/pointwise.py
+# knows it from ATen's tags and evaluates f(0) for zero-invariance.
 ZERO_PRESERVING_FUNCTIONS = (
-    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.tanh, F.leaky_relu, F.elu, F.selu, F.celu,
-    F.mish, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.relu, torch.tanh,
-    torch.relu_, F.relu_, torch.clone, torch.dropout, operator.neg, torch.neg, torch.abs, torch.sin,
-    torch.sqrt,
-    aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.silu_.default,
-    aten.tanh.default, aten.hardswish.default, aten.hardswish_.default, aten.hardtanh.default,
-    aten.hardtanh_.default, aten.leaky_relu.default, aten.elu.default, aten.mish.default,
-    aten.dropout.default, aten.dropout_.default, aten.gelu_.default, aten.leaky_relu_.default,
-    aten.elu_.default, aten.mish_.default, aten.tanh_.default, aten.alias.default, aten.clone.default, aten.contiguous.default,
-    aten.detach.default, aten.lift_fresh_copy.default, aten.to.dtype, aten.to.device,
-    aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default, aten.neg.default,
-    aten.abs.default, aten.sin.default, aten.sqrt.default, aten.sign.default, aten.relu6.default,
-    aten.selu.default, aten.celu.default,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.clone, torch.dropout,
+    aten.dropout.default, aten.dropout_.default, aten.alias.default, aten.clone.default,
+    aten.contiguous.default, aten.detach.default, aten.lift_fresh_copy.default, aten.to.dtype,
+    aten.to.device, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default,
+    aten.hardswish.default, aten.hardswish_.default, aten.gelu_.default,
 )
 ZERO_PRESERVING_METHODS = (
-    "relu", "relu_", "tanh", "contiguous", "clone", "detach", "float", "half", "double",
-    "bfloat16", "to", "type_as", "neg", "abs", "cpu", "cuda", "requires_grad_",
+    "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type_as", "cpu",
+    "cuda", "requires_grad_",
 )
-# f(0) != 0: a zeroed channel comes out non-zero, so pruning it is not invariant.
-NONZERO_AT_ZERO = (
-    nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid, torch.sigmoid, F.sigmoid,
-    F.hardsigmoid, F.softplus, F.logsigmoid, torch.exp, torch.cos, torch.cosh, torch.rsqrt, "sigmoid",
-    "exp", "cos", "rsqrt",
-    aten.sigmoid.default, aten.hardsigmoid.default, aten.softplus.default, aten.exp.default,
-    aten.cos.default, aten.rsqrt.default, aten.log.default, aten.reciprocal.default,
-    aten.log_sigmoid_forward.default, aten.erf.default,
-)
+# Modules whose f(0) != 0: a zeroed channel comes out non-zero, so pruning it is not invariant.
+NONZERO_AT_ZERO = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid, aten.log_sigmoid_forward.default)
 
 
 @register_rule(*ZERO_PRESERVING_MODULES, *ZERO_PRESERVING_FUNCTIONS, *ZERO_PRESERVING_METHODS)
@@ -214,9 +202,10 @@ def dim_rule(ctx):
     return None
 
 
-@register_rule(torch._assert, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge)
+@register_rule(torch._assert)
 def size_check_rule(ctx):
-    """Assertions and comparisons on shapes would break if a channel count changed."""
+    """Assertions on shapes would break if a channel count changed (comparisons of
+    numbers read off shapes freeze too: see :func:`.elementwise.comparison_rule`)."""
     for leaf in flatten_values(ctx.inputs()):
         ids = leaf.ids if isinstance(leaf, SizeValue) else leaf.all_ids()
         ctx.freeze(ids, f"a channel count is checked by {ctx.where()}")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..registry import op_name, register_rule
-from ..values import DimMap, TensorChannels
+from ..values import DimMap, SizeValue, TensorChannels
 from .fallback import size_arithmetic_rule, unknown_rule
 
 aten = torch.ops.aten
@@ -33,7 +33,7 @@ COMPARISONS = (aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar, a
                aten.ge.Tensor, aten.ge.Scalar, aten.__and__.Tensor, aten.__or__.Tensor,
                aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.logical_and.default,
                aten.logical_or.default, aten.logical_not.default, aten.bitwise_not.default,
-               aten.minimum.default, aten.maximum.default, aten.min.other, aten.max.other)
+               operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge)
 
 
 def broadcast_combine(ctx, operands: list, zero_rule: str) -> TensorChannels | None:
@@ -117,15 +117,27 @@ def division_rule(ctx):
 @register_rule(torch.where, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf,
                aten.where.Scalar)
 def where_rule(ctx):
+    """``where(cond, a, b)``: element-wise in all three. An entry is zero where a and b
+    both are, whatever cond says there (``where(x > 0, x, 0.1 * x)`` keeps x's zeros)."""
     cond, a, b = (ctx.value(ctx.arg(i)) for i in range(3))
-    return broadcast_combine(ctx, [cond, a, b], "all")
+    out = broadcast_combine(ctx, [cond, a, b], "all")
+    if out is None or not isinstance(cond, TensorChannels):
+        return out
+    values = broadcast_combine(ctx, [a, b], "all")  # the same ties again; zeros from a and b
+    return out.with_dims({d: m.with_zi(values.get(d).zi if values is not None and values.get(d) is not None
+                                       else False) for d, m in out.dims.items()})
 
 
 @register_rule(*COMPARISONS)
 def comparison_rule(ctx):
+    """Tensor comparisons are element-wise (a mask for ``where`` or ``masked_fill``); a
+    comparison of numbers read off shapes is a size check: those channels keep their count."""
     operands = _operands(ctx)
+    sizes = SizeValue.merge(operands)
+    if sizes is not None:
+        ctx.freeze(sizes.ids, f"a channel count is checked by {ctx.where()}")
     if not any(isinstance(o, TensorChannels) for o in operands):
-        return size_arithmetic_rule(ctx)
+        return ctx.out() if ctx.out_shape() is not None else None
     out = broadcast_combine(ctx, operands, "all")
     return out.map_zi(False) if out is not None else None
 
