@@ -73,3 +73,45 @@ def test_pointwise_op_keeps_channels_prunable(name, capture):
         graph = fxprune.analyze(model, x, capture=capture)
         middle = _middle(graph)
         assert middle.prunable and not middle.zero_invariant, middle.reason
+
+
+def _tagged_unary_functions() -> list[str]:
+    """``torch.X`` / ``F.X`` whose ATen op ``aten.X.default`` is tagged pointwise, takes one
+    tensor and returns one floating-point tensor of its shape: drawn from the tags, not listed."""
+    found = []
+    for space, prefix in ((torch, "torch"), (F, "F")):
+        for name in sorted(dir(space)):
+            packet = getattr(torch.ops.aten, name, None)
+            if name.startswith("_") or name.endswith("_") or packet is None or "default" not in packet.overloads():
+                continue
+            op = packet.default
+            required = [a for a in op._schema.arguments if not a.has_default_value() and not a.kwarg_only]
+            if torch.Tag.pointwise not in op.tags or len(required) != 1 or str(required[0].type) != "Tensor":
+                continue
+            try:
+                out = getattr(space, name)(torch.randn(2, 3))
+            except Exception:
+                continue
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == (2, 3):
+                found.append(f"{prefix}.{name}")
+    return found
+
+
+TAGGED = _tagged_unary_functions()
+
+
+def test_tags_draw_the_usual_functions():
+    assert len(TAGGED) >= 40 and {"torch.erf", "torch.square", "F.relu6", "torch.sigmoid"} <= set(TAGGED)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("name", TAGGED)
+def test_every_tagged_function_keeps_channels_prunable(name, capture):
+    space, attr = name.split(".")
+    f = getattr(torch if space == "torch" else F, attr)
+    model = ConvOpConv(f).eval()
+    x = torch.randn(1, 3, 10, 10)
+    middle = _middle(fxprune.analyze(model, x, capture=capture))
+    assert middle.prunable, middle.reason
+    with torch.no_grad():
+        assert middle.zero_invariant == bool((f(torch.zeros(3)) == 0).all())

@@ -30,6 +30,7 @@ class AtenCalls:
 
     ops: tuple[str, ...]
     closed: bool
+    returns_input: bool = False  # no op ran and an input came back (``conj`` of a real tensor)
 
 
 class AtenCallRecorder(TorchDispatchMode):
@@ -45,7 +46,8 @@ class AtenCallRecorder(TorchDispatchMode):
 
     def __init__(self, inputs):
         super().__init__()
-        self._known = {id(t) for t in inputs if isinstance(t, torch.Tensor)}
+        self._inputs = {id(t) for t in inputs if isinstance(t, torch.Tensor)}
+        self._known = set(self._inputs)
         self._keep = list(inputs)  # ids stay unique while the tensors live
         self._ops: list[str] = []
         self._closed = True
@@ -63,8 +65,10 @@ class AtenCallRecorder(TorchDispatchMode):
                 self._keep.append(t)
         return out
 
-    def result(self) -> AtenCalls:
-        return AtenCalls(tuple(self._ops), self._closed)
+    def result(self, output=None) -> AtenCalls:
+        """What ran; ``output``: what the call returned."""
+        returns_input = not self._ops and isinstance(output, torch.Tensor) and id(output) in self._inputs
+        return AtenCalls(tuple(self._ops), self._closed, returns_input)
 
 
 def records_calls(node: torch.fx.Node, module: torch.nn.Module | None) -> bool:

@@ -94,7 +94,7 @@ class ShapeRecorder(torch.fx.Interpreter):
             if self.aten_calls and records_calls(n, module):
                 with AtenCallRecorder([t for t, _ in before]) as recorder:
                     result = super().run_node(n)
-                n.meta[ATEN_CALLS] = recorder.result()
+                n.meta[ATEN_CALLS] = recorder.result(result)
             else:
                 result = super().run_node(n)
             note_mutation(n, before)  # a rewrite must keep this call (capture/effects.py)

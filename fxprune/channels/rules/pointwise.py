@@ -35,6 +35,9 @@ UNTAGGED_POINTWISE = frozenset(map(str, (
     aten.hardswish.default, aten.hardswish_.default, aten.log_sigmoid.default, aten.log_sigmoid_forward.default,
     aten._to_copy.default, aten.alias.default, aten.detach.default, aten.clone.default,
     aten.lift_fresh_copy.default, aten.lift_fresh.default, aten.to.dtype, aten.type_as.default,
+    aten.rrelu_with_noise.default,  # F.rrelu's kernel: a leaky relu with a slope per entry
+    # tensors shaped like an operand (rrelu's noise buffer): they follow its channels
+    aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
 )))
 
 
@@ -68,8 +71,9 @@ def is_pointwise_node(node: torch.fx.Node) -> bool:
     if isinstance(node.target, torch._ops.OpOverload):
         return is_pointwise_op(node.target)
     calls = node.meta.get(ATEN_CALLS)
-    return (isinstance(calls, AtenCalls) and calls.closed and bool(calls.ops)
-            and all(is_pointwise_op(op) for op in calls.ops))
+    if not isinstance(calls, AtenCalls) or not calls.closed:
+        return False
+    return calls.returns_input if not calls.ops else all(is_pointwise_op(op) for op in calls.ops)
 
 
 def zero_at_zero(ctx) -> bool:
