@@ -115,3 +115,14 @@ def test_every_tagged_function_keeps_channels_prunable(name, capture):
     assert middle.prunable, middle.reason
     with torch.no_grad():
         assert middle.zero_invariant == bool((f(torch.zeros(3)) == 0).all())
+
+
+def test_timm_filter_response_norm_prunes_with_the_oracle():
+    """timm's FRN (``x.square()``, then ``torch.maximum(x, tau)``) froze every group before."""
+    timm = pytest.importorskip("timm")
+    from helpers import randomize
+
+    model = randomize(timm.create_model("resnetv2_50d_frn", pretrained=False, layers=[1, 1, 1, 1],
+                                        channels=(32, 64, 96, 128), stem_chs=16, num_classes=10))
+    graph, _, error = prune_and_check(model, torch.randn(1, 3, 64, 64), expect_prunable=10, capture="fx")
+    assert all(g.zero_invariant for g in graph.prunable_groups) and error < 1e-4
