@@ -372,6 +372,33 @@ def check_ignore(patterns: list[str], names: list[str]) -> None:
                   "with `fxprune graph MODEL`)")
 
 
+def check_ratio_keys(ratio: Mapping[str, float], names: list[str], ids: list[int]) -> None:
+    """Raise a SpecError for the first key of a ``spec.ratio`` dict that is neither a group
+    id in ``ids`` nor an fnmatch pattern matching one of ``names`` (the modules that produce
+    the groups' channels), naming the closest: a typo would otherwise prune nothing there.
+
+    Example:
+        >>> check_ratio_keys({"layer1.*": 0.5, "2": 0.25}, ["conv1", "layer1.0.conv1"], [0, 1, 2])
+        >>> check_ratio_keys({"layr1.*": 0.5}, ["conv1", "layer1.0.conv1"], [0, 1, 2])
+        Traceback (most recent call last):
+        ...
+        fxprune.errors.SpecError: spec.ratio['layr1.*']: matches no group: no module that produces a group's channels matches it; closest module names: 'layer1.0.conv1'; keys are group ids or fnmatch patterns on module names (list them with `fxprune graph MODEL`)
+    """
+    for key in ratio:
+        if (key.isdigit() and int(key) in ids) or any(fnmatch(name, key) for name in names):
+            continue
+        if key.isdigit():
+            hint = (f"group ids run from {min(ids)} to {max(ids)}" if ids else "the model has no groups")
+            fail(f"spec.ratio[{key!r}]", f"matches no group: there is no group {key}; {hint} (list them "
+                 "with `fxprune graph MODEL`)")
+        close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+        hint = (f"closest module names: {', '.join(map(repr, close))}" if close
+                else f"module names look like {', '.join(map(repr, names[:3]))}")
+        fail(f"spec.ratio[{key!r}]", f"matches no group: no module that produces a group's channels "
+             f"matches it; {hint}; keys are group ids or fnmatch patterns on module names (list them "
+             "with `fxprune graph MODEL`)")
+
+
 def _exactly_one(path: str, first: Any, second: Any, what: str) -> None:
     if (first is None) == (second is None):
         fail(path, f"give exactly one: {what}; {'neither' if first is None else 'both'} given")

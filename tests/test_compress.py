@@ -329,3 +329,23 @@ def test_api_is_quiet_unless_progress_is_asked(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "compress:" in err and "verifying candidate" in err and "measuring the report" in err
     assert loud.plan == quiet.plan  # progress changes what is shown, not what is done
+
+
+def test_ratio_dict_prunes_the_groups_its_keys_name(resnet_graph):
+    scores = score_groups(resnet_graph, "magnitude")
+    plan = select(resnet_graph, scores, Spec(example_inputs=(X,), ratio={"layer4.*": 0.5}))
+    named = {g.id for g in resnet_graph.prunable_groups
+             if any(p.startswith("layer4.") for p in g.producers)}
+    assert plan and set(plan) == named
+
+
+@pytest.mark.parametrize("ratio, fragment", [
+    ({"layr4.*": 0.5}, "closest module names: 'layer4."),   # a typo in a module pattern
+    ({"layer4.*": 0.5, "999": 0.5}, "there is no group 999; group ids run from 0 to"),
+])
+def test_ratio_keys_that_match_no_group_raise(resnet_graph, ratio, fragment):
+    scores = score_groups(resnet_graph, "magnitude")
+    with pytest.raises(SpecError, match="matches no group") as err:
+        select(resnet_graph, scores, Spec(example_inputs=(X,), ratio=ratio))
+    assert str(err.value).startswith(f"spec.ratio[{next(k for k in ratio if k != 'layer4.*')!r}]")
+    assert fragment in str(err.value)

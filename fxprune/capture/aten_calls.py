@@ -41,7 +41,7 @@ class AtenCallRecorder(TorchDispatchMode):
     >>> with AtenCallRecorder([x]) as rec:
     ...     _ = torch.square(x).clamp_min(0)
     >>> rec.result()
-    AtenCalls(ops=('aten.pow.Tensor_Scalar', 'aten.clamp_min.default'), closed=True)
+    AtenCalls(ops=('aten.pow.Tensor_Scalar', 'aten.clamp_min.default'), closed=True, returns_input=False)
     """
 
     def __init__(self, inputs):

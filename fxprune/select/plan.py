@@ -55,7 +55,7 @@ from fxprune.select.latency_table import efficiency, latency_table
 from fxprune.select.latency_verify import faster_plan
 from fxprune.select.metrics import TARGET_METRICS, unit_costs
 from fxprune.select.ranking import Plan, rank, rounded_count, take_first, unit_multiples
-from fxprune.spec import check_ignore
+from fxprune.spec import check_ignore, check_ratio_keys
 # scope="latency": a group's share scales with efficiency ** EFFICIENCY_POWER. On resnet50
 # at 3.9x fewer FLOPs (compiled, 2 CPU threads), with an early table measured from full
 # width, power 1 gave a latency/FLOPs quotient of 0.76, power 2 0.84, power 4 0.82,
@@ -88,6 +88,9 @@ def select_and_prune(graph: DependencyGraph, scores: dict[int, np.ndarray], spec
     """``select``, plus the pruned model when target mode already built it (else None)."""
     notes = [] if notes is None else notes
     check_ignore(spec.ignore, [name for name, _ in graph.gm.named_modules() if name])
+    if isinstance(spec.ratio, dict):
+        check_ratio_keys(spec.ratio, sorted({n for g in graph.groups for n in _module_names(g)}),
+                         [g.id for g in graph.groups])
     groups = _eligible(graph, scores, spec, notes)
     limit = {g.id: min(g.size - 1, int(math.floor(spec.max_ratio * g.size + 1e-9))) for g in groups}
     if spec.target is not None:
