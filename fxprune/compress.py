@@ -131,6 +131,7 @@ def _compress(model: torch.nn.Module, spec, loaded: Spec, measure_latency: bool 
     notes: list[str] = []
     graph = analyze(model, inputs, capture=loaded.capture, attention_units=loaded.attention_units)  # ``model`` itself is never touched
     notes.append(f"capture: {'torch.fx symbolic trace' if graph.capture == 'fx' else 'torch.export'}")
+    notes.extend(f"capture: {k}={v!r} for the capture" for k, v in graph.capture_kwargs.items())
     check_finite(graph.gm)
     step(f"scoring ({loaded.score_method})")
     if loaded.score == "auto":

@@ -9,7 +9,8 @@ Under fx, ``nn.MultiheadAttention`` calls are traced through as functional ops
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
@@ -20,6 +21,7 @@ from ..errors import AnalysisError, FxpruneError, TraceError
 from .export import export_graph
 from .fx import trace
 from .gc import gc_paused
+from .identity_views import fold_identity_reshapes
 from .inputs import ExampleInputs, as_example_inputs
 from .mha import plan_calls
 from .shapes import ShapeRecorder, propagate_shapes
@@ -34,6 +36,7 @@ class Captured:
     gm: torch.fx.GraphModule
     inputs: ExampleInputs
     front_end: str  # "fx" or "export"
+    added: dict = field(default_factory=dict)  # keyword inputs the capture set ({"use_cache": False})
 
 
 def capture(model, example_inputs, *, capture: str = "auto", leaf_modules: Iterable = (),
@@ -47,7 +50,7 @@ def capture(model, example_inputs, *, capture: str = "auto", leaf_modules: Itera
     """
     if capture not in FRONT_ENDS:
         raise TraceError(f"capture must be one of {', '.join(FRONT_ENDS)}, got {capture!r}")
-    inputs = as_example_inputs(example_inputs)
+    inputs, added = without_cache(model, as_example_inputs(example_inputs))
     if isinstance(model, torch.export.ExportedProgram):
         capture = "export"
     fx_error = None
@@ -66,7 +69,8 @@ def capture(model, example_inputs, *, capture: str = "auto", leaf_modules: Itera
                     gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
                                attention_calls=attention_calls)
                     propagate_shapes(gm, inputs)
-                return Captured(gm, inputs, "fx")
+                fold_identity_reshapes(gm)
+                return Captured(gm, inputs, "fx", added)
             except AnalysisError as exc:
                 if getattr(exc, "node", None) is None:  # the inputs do not match forward's parameters
                     raise
@@ -80,7 +84,36 @@ def capture(model, example_inputs, *, capture: str = "auto", leaf_modules: Itera
             raise
         raise TraceError(f"neither front end could capture {type(model).__name__}:\n"
                          f"[fx] {fx_error}\n[export] {exc}") from exc
-    return Captured(gm, inputs, "export")
+    fold_identity_reshapes(gm)
+    return Captured(gm, inputs, "export", added)
+
+
+CACHE_OFF = {"use_cache": False}
+
+
+def without_cache(model, inputs: ExampleInputs) -> tuple[ExampleInputs, dict]:
+    """The inputs with ``use_cache=False`` added when ``model.forward`` takes ``use_cache``
+    and the caller did not pass it: a key/value cache in the output is no graph value
+    (Hugging Face's default config has ``use_cache=True``), and the model's config stays
+    as it is. Returns the inputs and the keywords added.
+
+    >>> import torch
+    >>> class Decoder(torch.nn.Module):
+    ...     def forward(self, input_ids, use_cache=None):
+    ...         return input_ids
+    >>> without_cache(Decoder(), as_example_inputs(torch.zeros(1, 4)))[1]
+    {'use_cache': False}
+    """
+    forward = getattr(model, "forward", None) if isinstance(model, torch.nn.Module) else None
+    try:
+        params = inspect.signature(forward).parameters if forward is not None else {}
+    except (TypeError, ValueError):  # a builtin or C forward: nothing to read
+        params = {}
+    names = list(params)
+    if ("use_cache" not in params or "use_cache" in inputs.kwargs
+            or names.index("use_cache") < len(inputs.args)):
+        return inputs, {}
+    return ExampleInputs(inputs.args, {**inputs.kwargs, **CACHE_OFF}), dict(CACHE_OFF)
 
 
 def _blame(model, inputs: ExampleInputs, exc: AnalysisError) -> FxpruneError:
@@ -102,5 +135,5 @@ def _blame(model, inputs: ExampleInputs, exc: AnalysisError) -> FxpruneError:
         "the module that holds that call a leaf (leaf_modules=[...])")
 
 
-__all__ = ["capture", "Captured", "ExampleInputs", "as_example_inputs", "trace", "export_graph",
+__all__ = ["capture", "Captured", "without_cache", "ExampleInputs", "as_example_inputs", "trace", "export_graph",
            "propagate_shapes", "ShapeRecorder", "gc_paused", "FRONT_ENDS"]

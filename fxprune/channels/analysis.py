@@ -95,6 +95,7 @@ def analyze(model, example_inputs, *, capture: str = "auto", attention_units: st
                                  concrete_args=concrete_args)
         state = run_rules(captured.gm, attention_units)
         graph = build_groups(state, captured.inputs, captured.front_end)
+    graph.capture_kwargs = captured.added  # in graph.example_inputs, not given by the caller
     if isinstance(model, torch.nn.Module):
         graph.model = model
     return graph

@@ -99,6 +99,7 @@ class DependencyGraph:
         self.state = state
         self.roots = roots
         self.example_inputs = example_inputs
+        self.capture_kwargs: dict = {}  # keyword inputs the capture added ({"use_cache": False})
         self._group_of_root = np.full(len(roots), -1, dtype=np.int64)
         for g in groups:
             self._group_of_root[g.classes] = g.id

@@ -137,6 +137,11 @@ def as_batch(where: str, value: Any, like: ExampleInputs | None = None) -> Examp
         fail(where, f"a batch is a tensor, a tuple of tensors or a dict of keyword inputs "
                     f"(like example_inputs), {got(value)}")
     if like is not None:
+        # keywords that are settings, not data (use_cache=False, which the capture may add)
+        # come from example_inputs when a batch leaves them out
+        settings = {k: v for k, v in like.kwargs.items() if k not in batch.kwargs and not isinstance(v, torch.Tensor)}
+        if settings:
+            batch = ExampleInputs(batch.args, {**batch.kwargs, **settings})
         _same_form(where, batch, like)
     return batch
 

@@ -85,7 +85,47 @@ def matmul_rule(ctx):
                 dims[d - shift] = full.dims[d]
         return ctx.out(dims)
     batch = out_nd - 2
-    return einsum_maps(ctx, _matmul_equation(a.ndim, b.ndim, batch), [a, b])
+    out = einsum_maps(ctx, _matmul_equation(a.ndim, b.ndim, batch), [a, b])
+    weight = _weight_operand(ctx.arg(1, "other"), b.shape)
+    if weight is not None:
+        _consume_like_linear(ctx, a.get(-1), *weight)
+    return out
+
+
+# ``w.T`` and friends on a 2-D tensor: the op, and which dim of w becomes dim 0 of the result.
+_TRANSPOSES = {aten.numpy_T.default: 1, aten.t.default: 1, aten.mT.default: 1, aten.adjoint.default: 1,
+               aten.mH.default: 1, torch.t: 1, "t": 1}
+
+
+def _weight_operand(raw, shape) -> tuple[torch.fx.Node, int] | None:
+    """A 2-D parameter as the right operand of ``x @ w`` / ``x @ w.T`` (Falcon's linear
+    layers): the ``get_attr`` node and its dim that the product contracts, else None."""
+    if not isinstance(raw, torch.fx.Node) or len(shape) != 2:
+        return None
+    if raw.op == "get_attr":
+        return raw, 0
+    src = raw.args[0] if raw.args else None
+    if not isinstance(src, torch.fx.Node) or src.op != "get_attr":
+        return None
+    if raw.op == "call_function" and raw.target is getattr and raw.args[1] in ("T", "mT", "H", "mH"):
+        return src, 1
+    if raw.op in ("call_function", "call_method") and raw.target in _TRANSPOSES:
+        return src, _TRANSPOSES[raw.target]
+    if raw.target in (aten.transpose.int, torch.transpose, "transpose") and \
+            {d % 2 for d in raw.args[1:3]} == {0, 1}:
+        return src, 1
+    return None
+
+
+def _consume_like_linear(ctx, x_map: DimMap | None, raw_w: torch.fx.Node, dim: int) -> None:
+    """The contracted dim of a weight consumes the input's channels, as a linear layer's
+    input dim does (role "in"): a channel that is not zero-invariant ends zero-invariance
+    there, and zeroing a channel's producers does not zero the weight's columns."""
+    if x_map is None:
+        return
+    ctx.set_role(raw_w, dim, "in")
+    ctx.break_zi(x_map, "a channel that is non-zero when zeroed is consumed by a matmul with a weight")
+    ctx.require_nonempty(x_map, "the input of a matmul with a weight")
 
 
 def _einsum_shape(eq: str, operands: list[TensorChannels]) -> tuple:

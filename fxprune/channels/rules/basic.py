@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ..registry import op_name, register_rule
 from ..values import DimMap, SizeValue, TensorChannels, flatten_values
 from .fallback import size_arithmetic_rule, unknown_rule
+from .shape import reversed_dims, transposed_last_two
 
 aten = torch.ops.aten
 
@@ -115,9 +116,8 @@ def no_op_rule(ctx):
 
 
 # New tensors whose values do not depend on any input's values.
-@register_rule(aten.arange.default, aten.arange.start, aten.arange.start_step, aten.full.default,
-               aten.zeros.default, aten.ones.default, aten.empty.memory_format, aten.scalar_tensor.default,
-               aten.new_ones.default, aten.new_zeros.default, aten.new_full.default,
+@register_rule(aten.arange.default, aten.arange.start, aten.arange.start_step,
+               aten.empty.memory_format, aten.scalar_tensor.default,
                aten.new_empty.default, torch.arange, torch.zeros, torch.ones, torch.full)
 def creation_rule(ctx):
     """The result carries no channels, and anything it meets keeps its width. A size read
@@ -127,6 +127,41 @@ def creation_rule(ctx):
         if isinstance(leaf, SizeValue):
             ctx.freeze(leaf.ids, f"a channel count is used as the size of a new tensor at {ctx.where()}")
     return ctx.out() if ctx.out_shape() is not None else None
+
+
+_SIZED_FILLS = {  # target -> (position of the size list, fill value; None: read the argument after it)
+    aten.zeros.default: (0, 0), aten.ones.default: (0, 1), aten.full.default: (0, None),
+    aten.new_zeros.default: (1, 0), aten.new_ones.default: (1, 1), aten.new_full.default: (1, None),
+}
+
+
+@register_rule(*_SIZED_FILLS)
+def fill_rule(ctx):
+    """A constant fill of a constant size (Mamba's zero recurrent state ``zeros([B, C, N])``
+    under export): each dim may take the channels it meets element-wise. It opens a space
+    per dim that is no group on its own (like a kernel dim), and the size list is rewritten
+    when the channels it joined shrink. Entries are zero-invariant for a zero fill."""
+    at, fill = _SIZED_FILLS[ctx.node.target]
+    size = ctx.node.args[at] if len(ctx.node.args) > at else None
+    if (ctx.out_shape() is None or not isinstance(size, (list, tuple))
+            or not all(isinstance(n, int) for n in size)):
+        return creation_rule(ctx)
+    fill = ctx.arg(at + 1, "fill_value") if fill is None else fill
+    dims = {}
+    for d, n in enumerate(ctx.out_shape()):
+        if n > 1:
+            origin = f"{ctx.node.name}[{d}]"
+            dims[d] = DimMap.of(ctx.new_space(n, origin), fill == 0)
+            for space in ctx.state.spaces_at[(ctx.node.name, origin)]:
+                space.dropped, space.produces = True, False
+
+    def fix_size(p, node):
+        args = list(node.args)
+        args[at] = list(p.new_shape(node))
+        node.args = tuple(args)
+
+    ctx.on_prune(fix_size)
+    return ctx.out(dims)
 
 
 @register_rule(aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
@@ -192,6 +227,10 @@ def getattr_rule(ctx):
     attr = ctx.arg(1)
     if x is not None and attr == "shape":
         return tuple(_dim_size_value(x, d) for d in range(x.ndim))
+    if x is not None and attr in ("T", "H"):  # ``self.weight.T`` (Falcon's linear layers)
+        return reversed_dims(x, ctx.out_shape())
+    if x is not None and attr in ("mT", "mH"):
+        return transposed_last_two(x, ctx.out_shape())
     if x is not None and attr in ("dtype", "device", "ndim", "is_cuda"):
         return None
     return unknown_rule(ctx)

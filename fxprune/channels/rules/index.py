@@ -44,6 +44,24 @@ def cat_rule(ctx):
     return ctx.out(dims)
 
 
+@register_rule(torch.stack, aten.stack.default)
+def stack_rule(ctx):
+    """``stack(tensors, dim)``: a new dim (no channels) in front of ``dim``; the tensors'
+    aligned dims share channels, as for a concat along the new dim (Mamba's scan steps)."""
+    tensors = ctx.value(ctx.arg(0, "tensors"))
+    shape = ctx.out_shape()
+    new = ctx.arg(1, "dim", 0) % len(shape)
+    parts = [t for t in tensors if isinstance(t, TensorChannels)]
+    dims: dict[int, DimMap] = {}
+    for d in range(len(shape) - 1):
+        maps = [t.get(d) for t in parts]
+        merged = ctx.unify_all(maps, " (stacked tensors)")
+        if merged is not None:
+            zi = np.logical_and.reduce([m.zi for m in maps if m is not None]) & (len(parts) == len(tensors))
+            dims[d if d < new else d + 1] = DimMap(merged.ids, zi)
+    return ctx.out(dims)
+
+
 @register_rule(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split",
                aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.tensor_split.sections,
                aten.tensor_split.indices, aten.unsafe_split.Tensor)

@@ -258,10 +258,30 @@ def transpose_rule(ctx):
     return _permuted(x, order, ctx.out_shape())
 
 
-@register_rule("t", torch.t, aten.t.default)
+@register_rule("t", torch.t, aten.t.default, aten.numpy_T.default, aten.adjoint.default)
 def t_rule(ctx):
+    """``t``, ``.T`` (``aten.numpy_T``) reverse the dims; ``mT``/``adjoint`` swap the last two."""
     x = ctx.tensor(0)
+    if ctx.node.target is aten.adjoint.default:
+        return transposed_last_two(x, ctx.out_shape())
     return _permuted(x, list(reversed(range(x.ndim))), ctx.out_shape())
+
+
+@register_rule(aten.mT.default, aten.mH.default)
+def mt_rule(ctx):
+    return transposed_last_two(ctx.tensor(0), ctx.out_shape())
+
+
+def transposed_last_two(x: TensorChannels, shape) -> TensorChannels:
+    """The maps of ``x.mT``: its last two dims swapped."""
+    order = list(range(x.ndim))
+    order[-2:] = order[-1], order[-2]
+    return _permuted(x, order, shape)
+
+
+def reversed_dims(x: TensorChannels, shape) -> TensorChannels:
+    """The maps of ``x.T``: every dim reversed."""
+    return _permuted(x, list(reversed(range(x.ndim))), shape)
 
 
 @register_rule(nn.PixelShuffle, torch.pixel_shuffle, aten.pixel_shuffle.default)
