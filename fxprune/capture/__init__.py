@@ -18,7 +18,7 @@ import torch.fx
 
 from .._util import eval_mode, first_line
 from ..errors import AnalysisError, FxpruneError, TraceError
-from .export import export_graph
+from .export import drop_setting_inputs, export_graph
 from .fx import trace
 from .gc import gc_paused
 from .identity_views import fold_identity_reshapes
@@ -85,6 +85,7 @@ def capture(model, example_inputs, *, capture: str = "auto", leaf_modules: Itera
         raise TraceError(f"neither front end could capture {type(model).__name__}:\n"
                          f"[fx] {fx_error}\n[export] {exc}") from exc
     fold_identity_reshapes(gm)
+    drop_setting_inputs(gm, added)  # the graph is called with or without use_cache, as the model is
     return Captured(gm, inputs, "export", added)
 
 

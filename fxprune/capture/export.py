@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._util import eval_mode, first_line
 from ..errors import TraceError
@@ -64,6 +65,31 @@ def export_graph(model, inputs: ExampleInputs) -> torch.fx.GraphModule:
     return gm
 
 
+def drop_setting_inputs(gm: torch.fx.GraphModule, settings: dict) -> None:
+    """Turn keyword inputs the capture added (``use_cache=False``), which export
+    specialised away, into defaults of ``forward``: the graph is then called as the
+    model is, with or without them.
+
+    Each setting whose placeholder has no user leaves the graph and the input spec; the
+    generated signature gets ``name=value`` after the other inputs. A setting the graph
+    still reads stays an input.
+    """
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    unused = {k: v for k, v in settings.items() if k in placeholders and not placeholders[k].users}
+    if info is None or info.in_spec is None or not unused:
+        return
+    args, kwargs = tree_unflatten([n.target for n in placeholders.values()], info.in_spec)
+    for name in unused:
+        kwargs.pop(name, None)
+        gm.graph.erase_node(placeholders[name])
+    in_spec = tree_flatten((args, kwargs))[1]
+    orig_args = [a for a in info.orig_args if a not in unused] + [f"{k}={v!r}" for k, v in unused.items()]
+    codegen.pytree_info = info._replace(orig_args=orig_args, in_spec=in_spec)
+    gm.recompile()
+
+
 def export_error(model, exc: Exception) -> TraceError:
     first = first_line(exc)
     hint = ""
@@ -76,4 +102,4 @@ def export_error(model, exc: Exception) -> TraceError:
     )
 
 
-__all__ = ["export_graph", "export_error"]
+__all__ = ["export_graph", "export_error", "drop_setting_inputs"]
