@@ -73,6 +73,15 @@ def drop_setting_inputs(gm: torch.fx.GraphModule, settings: dict) -> None:
     Each setting whose placeholder has no user leaves the graph and the input spec; the
     generated signature gets ``name=value`` after the other inputs. A setting the graph
     still reads stays an input.
+
+    >>> from fxprune.capture.inputs import as_example_inputs
+    >>> class Net(torch.nn.Module):
+    ...     def forward(self, x, use_cache=None):
+    ...         return x * 2
+    >>> gm = export_graph(Net(), as_example_inputs({"x": torch.ones(2), "use_cache": False}))
+    >>> drop_setting_inputs(gm, {"use_cache": False})
+    >>> gm(x=torch.ones(2)), gm(x=torch.ones(2), use_cache=False)
+    (tensor([2., 2.]), tensor([2., 2.]))
     """
     codegen = gm.graph._codegen
     info = getattr(codegen, "pytree_info", None)
