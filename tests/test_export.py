@@ -97,12 +97,14 @@ def test_an_exported_program_is_accepted():
     assert graph.capture == "export" and graph.prunable_groups
 
 
-def test_a_model_that_returns_its_cache_is_told_to_turn_it_off():
+def test_a_model_that_returns_its_cache_is_captured_with_it_off_unless_asked_for_it():
     config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=64,
                                      bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2Model(config).eval()
-    with pytest.raises(fxprune.TraceError, match="use_cache=False"):
-        fxprune.analyze(model, {"input_ids": torch.zeros(1, 4, dtype=torch.long)})
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    assert fxprune.analyze(model, {"input_ids": ids}).capture_kwargs == {"use_cache": False}
+    with pytest.raises(fxprune.TraceError, match="use_cache=False"):  # the caller's own choice stands
+        fxprune.analyze(model, {"input_ids": ids, "use_cache": True})
 
 
 class FunctionalBlock(nn.Module):
