@@ -144,7 +144,8 @@ def test_activation_falls_back_to_magnitude_with_a_note_for_unobserved_groups():
     notes = []
     scores = score_groups(graph, "activation", calibration=[torch.randn(2, 4)], notes=notes)
     assert np.array_equal(scores[group.id], score_groups(graph, "magnitude")[group.id])
-    assert notes == [f"score: group {group.id} (lin.weight[0], mix[0]) has units whose consuming layers "
+    # mix consumes the hidden channels (x @ mix binds it like a linear layer's weight)
+    assert notes == [f"score: group {group.id} (lin.weight[0]) has units whose consuming layers "
                      "(linear/conv inputs) were not observed; scored by magnitude instead of activation"]
 
 

@@ -167,6 +167,12 @@ def _names(batch: ExampleInputs) -> str:
     return ", ".join(batch.kwargs) if batch.kwargs else batch.describe()
 
 
+def _shapes(batch: ExampleInputs) -> str:
+    """The tensors' shapes only (``input_ids=(2, 8)``), without settings such as use_cache."""
+    return ExampleInputs(tuple(a for a in batch.args if isinstance(a, torch.Tensor)),
+                         {k: v for k, v in batch.kwargs.items() if isinstance(v, torch.Tensor)}).describe()
+
+
 def graph_batches(graph, calibration: Calibration) -> Iterator[ExampleInputs]:
     """The batches for ``graph.gm``: checked against the example inputs, and for a graph
     captured by torch.export (specialised to the example shapes) against their shapes.
@@ -183,8 +189,8 @@ def graph_batches(graph, calibration: Calibration) -> Iterator[ExampleInputs]:
             shapes = [tuple(t.shape) for t in batch.tensors()]
             expected = [tuple(t.shape) for t in like.tensors()]
             if shapes != expected:
-                fail(f"{WHERE}[{i}]", f"shapes {batch.describe()} differ from example_inputs "
-                                      f"{like.describe()}, and the graph was captured by torch.export, "
+                fail(f"{WHERE}[{i}]", f"shapes {_shapes(batch)} differ from example_inputs "
+                                      f"{_shapes(like)}, and the graph was captured by torch.export, "
                                       "which specialises it to those shapes; pad or cut every batch to "
                                       "the example shapes (or use capture='fx' where it works)")
         yield batch
