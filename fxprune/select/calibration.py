@@ -185,8 +185,13 @@ def graph_batches(graph, calibration: Calibration) -> Iterator[ExampleInputs]:
         >>> [b.describe() for b in graph_batches(graph, as_calibration([torch.randn(5, 4)]))]
         ['(5, 4)']
     """
-    like = graph.example_inputs
+    like = graph.model_inputs
     for i, batch in enumerate(calibration.batches(like)):
+        if graph.parts is not None:  # the model runs the batch; its parts' inputs feed graph.gm
+            from fxprune.capture.parts import record_parts
+
+            yield ExampleInputs(record_parts(graph.model, batch, graph.parts)[0])
+            continue
         if graph.capture == "export":
             shapes = [tuple(t.shape) for t in batch.tensors()]
             expected = [tuple(t.shape) for t in like.tensors()]
