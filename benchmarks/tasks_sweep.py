@@ -52,7 +52,7 @@ MODELS: dict[str, tuple] = {
     "r3d_18": ("video", {}, "clip", ("fc",)),
     "mc3_18": ("video", {}, "clip", ("fc",)),
     "r2plus1d_18": ("video", {}, "clip", ("fc",)),
-    "s3d": ("video", {}, "clip16", ("classifier",)),
+    "s3d": ("video", {}, "clip224", ("classifier",)),
     "mvit_v1_b": ("video", {}, "clip224", ("head",)),
     "mvit_v2_s": ("video", {}, "clip224", ("head",)),
     "swin3d_t": ("video", {}, "clip", ("head",)),
@@ -98,7 +98,7 @@ def make_inputs(name: str) -> tuple:
         return ([torch.rand(3, 128, 128, generator=g)],)
     if kind == "pair":
         return (torch.randn(1, 3, 128, 128, generator=g), torch.randn(1, 3, 128, 128, generator=g))
-    frames, side = {"clip": (4, 64), "clip16": (16, 112), "clip224": (16, 224)}[kind]
+    frames, side = {"clip": (4, 64), "clip224": (16, 224)}[kind]
     return (torch.randn(1, 3, frames, side, side, generator=g),)
 
 
