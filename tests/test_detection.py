@@ -120,12 +120,30 @@ def test_yolo_style_detector_is_pruned_through_its_parts():
     assert [p.path for p in graph.parts] == ["backbone", "neck", "head"]
     targets = {n.target for n in graph.gm.graph.nodes if n.op == "call_module"}
     assert "backbone.stage1.0.0" in targets  # the model's own state_dict paths
-    # the parts' interfaces are graph inputs and outputs: their channels stay (c3 and c4 are
-    # read by the neck's concat), the channels inside each part shrink
+    # a tensor one part returns and only other parts take is an edge of the graph: c3 and c4
+    # cross into the neck's concat and their channels shrink with it; the head's output,
+    # which the decode reads, stays whole
     widths = {g.producers[0]: g.size for g in graph.prunable_groups}
-    assert widths["backbone.stem.0.weight[0]"] == 16 and widths["neck.fuse.0.0.weight[0]"] == 48
-    assert widths["head.small.0.0.weight[0]"] == 32
-    assert not any(p.startswith("backbone.stage1.1") for p in widths)
+    assert widths["backbone.stage1.1.0.weight[0]"] == 32 and widths["backbone.stage2.1.0.weight[0]"] == 64
+    assert graph.parts[0].outputs == () and graph.parts[2].outputs == (0,)
+    assert [g.size for g in graph.groups if not g.prunable] == [3, 8]
+
+
+def test_a_part_output_other_code_reads_stays_whole():
+    class Scored(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 1))
+            self.head = nn.Conv2d(6, 2, 1)
+
+        def forward(self, images):
+            feats = self.body(torch.stack(images))
+            scores = self.head(feats).flatten(1)
+            return [s[s > 0] + f.mean() for s, f in zip(scores, feats)]  # feats read outside the parts
+
+    graph = fxprune.analyze(Scored().eval(), ([torch.randn(3, 8, 8)],), capture="parts")
+    assert graph.parts[0].outputs == (0,)  # body's output is a graph output: the code above reads it
+    assert {g.producers[0]: g.size for g in graph.prunable_groups} == {"body.0.weight[0]": 8}
 
 
 def test_small_fcos_keeps_detecting():

@@ -12,10 +12,13 @@ inputs with forward hooks on its submodules, then takes, top-down, every submodu
 
 and builds ONE GraphModule rooted at the user's model (its ``get_attr`` and
 ``call_module`` targets are the model's own ``state_dict`` paths, e.g.
-``backbone.body.layer1.0.conv1``): its placeholders are the parts' recorded input tensors,
-its output the tuple of their output tensors, one instance per call. The analysis runs on
-it unchanged; the parts' interfaces are graph inputs and outputs, so their channels stay
-(post-processing code that fxprune never saw reads them). The model's own ``forward``
+``backbone.body.layer1.0.conv1``), one instance per call, in the order they ran. A tensor
+one part returns and another takes (the same object, e.g. the FPN's maps into the heads)
+is an edge, so channels flow across; every other tensor a part takes is a placeholder,
+and every tensor it returns that other code reads (a torch op outside the parts, or the
+model's output; reading only sizes, as anchor generators do, does not count) is an
+output, so its channels stay. The analysis runs on it unchanged. Were the linked graph
+to compute anything else than the parts did, the parts are left unlinked. The model's own ``forward``
 keeps running everything else, so ``emit="module"`` (a pruned copy of the user's class)
 is how a parts capture is used: :func:`record_parts` re-records the parts of such a copy
 to check it, and the zero-invariance oracle compares a pruned graph with the zeroed
@@ -29,6 +32,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 from torch.fx.node import map_arg
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._util import eval_mode
@@ -41,17 +45,19 @@ _ROOT = "part"  # the attribute under which a part sits while it is traced
 
 @dataclass(frozen=True)
 class PartCall:
-    """One captured call of a submodule: where its tensors sit in the combined graph.
+    """One captured call of a submodule: which of its tensors the combined graph holds.
 
     ``path``: the submodule's name in the model; ``call``: which of its calls (0 = first)
-    in one forward; ``inputs``/``outputs``: how many tensors of the combined graph's
-    placeholders / output tuple are its (in order, after the previous parts').
+    in one forward; ``inputs``/``outputs``: the positions, among the tensors the call
+    took / returned, of those that are the combined graph's placeholders / outputs (in
+    order, after the previous calls'). A tensor that one part returns and only other parts
+    take is an edge inside the graph instead.
     """
 
     path: str
     call: int
-    inputs: int
-    outputs: int
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
 
 
 def _wrapper(part: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.nn.Module, list]:
@@ -174,6 +180,87 @@ def select_parts(model: torch.nn.Module, calls: dict, leaf_modules: Iterable = (
     return chosen, refused
 
 
+# Reading these off a tensor outside the parts does not tie its channels to that code: a
+# detector's anchor generator reads the feature maps' sizes. (Were a channel count read,
+# the pruned model's check against its graph would fail, never pass silently.)
+_SHAPE_READS = {torch.Tensor.shape, torch.Tensor.dtype, torch.Tensor.device, torch.Tensor.ndim,
+                torch.Tensor.is_cuda, torch.Tensor.layout}
+_SHAPE_CALLS = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.__len__, torch.Tensor.get_device,
+                torch.Tensor.is_floating_point}
+
+
+def _shape_only(func) -> bool:
+    return func in _SHAPE_CALLS or getattr(func, "__self__", None) in _SHAPE_READS
+
+
+class _OutsideUses(TorchFunctionMode):
+    """Marks the watched tensors that a torch op reads while no part is running."""
+
+    def __init__(self, watched: dict[int, tuple], depth: list[int]):
+        super().__init__()
+        self.watched, self.depth, self.used = watched, depth, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.depth[0] and not _shape_only(func):
+            for leaf in tree_flatten((args, kwargs))[0]:
+                if isinstance(leaf, torch.Tensor) and id(leaf) in self.watched:
+                    self.used.add(self.watched[id(leaf)])
+        return func(*args, **kwargs)
+
+
+def find_links(model: torch.nn.Module, inputs: ExampleInputs, paths: list[str]) -> tuple[list, dict, set]:
+    """Run ``model`` once and see how the parts' tensors flow: the calls in the order they
+    ran, ``{(path, call, input position): (path, call, output position)}`` for every
+    tensor a part took that an earlier part returned (the same object), and the part
+    outputs that other code reads (a torch op outside the parts, or the model's output).
+    """
+    order: list[tuple[str, int]] = []
+    produced: dict[int, tuple] = {}  # id of a part's output tensor -> (path, call, position)
+    keep_alive: list[torch.Tensor] = []  # no id is reused while we watch
+    links: dict[tuple, tuple] = {}
+    depth = [0]
+    seen: dict[str, int] = {}
+
+    def before(path):
+        def hook(module, args, kwargs):
+            if depth[0] == 0:
+                call = seen[path] = seen.get(path, -1) + 1
+                order.append((path, call))
+                tensors = [v for v in tree_flatten((args, kwargs))[0] if isinstance(v, torch.Tensor)]
+                for i, t in enumerate(tensors):
+                    if id(t) in produced:
+                        links[(path, call, i)] = produced[id(t)]
+            depth[0] += 1
+        return hook
+
+    def after(path):
+        def hook(module, args, kwargs, output):
+            depth[0] -= 1
+            if depth[0] == 0:
+                tensors = [v for v in tree_flatten(output)[0] if isinstance(v, torch.Tensor)]
+                for j, t in enumerate(tensors):
+                    produced[id(t)] = (path, seen[path], j)
+                    keep_alive.append(t)
+        return hook
+
+    handles = []
+    for path in paths:
+        module = model.get_submodule(path)
+        handles.append(module.register_forward_pre_hook(before(path), with_kwargs=True))
+        handles.append(module.register_forward_hook(after(path), with_kwargs=True))
+    mode = _OutsideUses(produced, depth)
+    try:
+        with eval_mode(model), torch.no_grad(), mode:
+            output = inputs.clone().call(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    used = set(mode.used)
+    used.update(produced[id(t)] for t in tree_flatten(output)[0] if id(t) in produced)
+    return order, links, used
+
+
 def _retarget(target: str, path: str) -> str | None:
     if target == _ROOT:
         return path
@@ -182,42 +269,60 @@ def _retarget(target: str, path: str) -> str | None:
     return None
 
 
-def combine(model: torch.nn.Module, chosen: list) -> tuple[torch.fx.GraphModule, list[torch.Tensor], list[PartCall]]:
-    """One GraphModule over every chosen call, rooted at ``model``'s own paths."""
+def combine(model: torch.nn.Module, traced: dict, order: list, links: dict,
+            used: set) -> tuple[torch.fx.GraphModule, list[torch.Tensor], list[PartCall]]:
+    """One GraphModule over every chosen call (``traced[(path, call)]``, in ``order``),
+    rooted at ``model``'s own paths; a tensor in ``links`` is an edge from the part that
+    returned it, and a linked output that no other code reads (``used``) is no output."""
     graph = torch.fx.Graph()
     owners: dict[str, Any] = {}
     flat_inputs: list[torch.Tensor] = []
     outputs: list[torch.fx.Node] = []
+    returned: dict[tuple, torch.fx.Node] = {}  # (path, call, position) -> node in the combined graph
+    consumed = set(links.values())
     parts: list[PartCall] = []
-    for path, traced in chosen:
-        stem = path.replace(".", "_")
-        for call, (gm, tensors, tensor_out) in enumerate(traced):
-            env: dict[torch.fx.Node, Any] = {}
-            placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-            for node in placeholders:
-                env[node] = graph.placeholder(f"{stem}_{call}_{node.name}" if len(traced) > 1 else f"{stem}_{node.name}")
-            result = None
-            for node in gm.graph.nodes:
-                if node.op == "placeholder":
-                    continue
-                if node.op == "output":
-                    result = map_arg(node.args[0], lambda n: env[n])
-                    break
-                new = graph.node_copy(node, lambda n: env[n])
-                if node.op in ("get_attr", "call_module"):
-                    target = _retarget(node.target, path)
-                    if target is None:  # a constant the tracer put on the wrapper
-                        target = f"_{stem}_{call}_{node.target}"
-                        owners[target] = getattr(gm, node.target)
-                    else:
-                        owners[target] = _resolve(model, target)
-                    new.target = target
-                _retarget_meta(new, path)
-                env[node] = new
-            mine = [n for n, t in zip(tree_flatten(result)[0], tensor_out) if t]
-            outputs += mine
-            flat_inputs += tensors
-            parts.append(PartCall(path, call, len(tensors), len(mine)))
+    calls_of = {}
+    for path, call in order:
+        calls_of[path] = calls_of.get(path, 0) + 1
+    for path, call in order:
+        gm, tensors, tensor_out = traced[(path, call)]
+        stem = path.replace(".", "_") + (f"_{call}" if calls_of[path] > 1 else "")
+        env: dict[torch.fx.Node, Any] = {}
+        kept_in = []
+        for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+            source = links.get((path, call, i))
+            if source in returned:
+                env[node] = returned[source]
+            else:
+                env[node] = graph.placeholder(f"{stem}_{node.name}")
+                kept_in.append(i)
+                flat_inputs.append(tensors[i])
+        result = None
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                result = map_arg(node.args[0], lambda n: env[n])
+                break
+            new = graph.node_copy(node, lambda n: env[n])
+            if node.op in ("get_attr", "call_module"):
+                target = _retarget(node.target, path)
+                if target is None:  # a constant the tracer put on the wrapper
+                    target = f"_{stem}_{node.target}"
+                    owners[target] = getattr(gm, node.target)
+                else:
+                    owners[target] = _resolve(model, target)
+                new.target = target
+            _retarget_meta(new, path)
+            env[node] = new
+        mine = [n for n, t in zip(tree_flatten(result)[0], tensor_out) if t]
+        kept_out = []
+        for j, node in enumerate(mine):
+            returned[(path, call, j)] = node
+            if (path, call, j) not in consumed or (path, call, j) in used:
+                kept_out.append(j)
+                outputs.append(node)
+        parts.append(PartCall(path, call, tuple(kept_in), tuple(kept_out)))
     graph.output(tuple(outputs))
     combined = torch.fx.GraphModule(owners, graph, type(model).__name__)
     combined.eval()
@@ -270,8 +375,27 @@ def capture_parts(model: torch.nn.Module, inputs: ExampleInputs,
         raise TraceError(f"no submodule of {type(model).__name__} could be captured as a part ({why})\n"
                          "  fix: make the submodules that hold the weights take and return tensors, "
                          "or mark the blocking module a leaf (leaf_modules=[...])")
-    gm, flat, parts = combine(model, chosen)
+    traced = {(path, call): one for path, calls_ in chosen for call, one in enumerate(calls_)}
+    order, links, used = find_links(model, inputs, [path for path, _ in chosen])
+    gm, flat, parts = combine(model, traced, order, links, used)
+    if links and not _reproduces(gm, flat, parts, calls):  # correctness first: parts stay apart
+        gm, flat, parts = combine(model, traced, order, {}, set())
     return gm, ExampleInputs(tuple(flat)), parts
+
+
+def _reproduces(gm: torch.fx.GraphModule, flat: list, parts: list[PartCall], calls: dict) -> bool:
+    """The combined graph returns what the parts returned in the eager run."""
+    want = []
+    for part in parts:
+        output = calls[part.path][part.call][2]
+        tensors = [v for v in tree_flatten(output)[0] if isinstance(v, torch.Tensor)]
+        want += [tensors[j] for j in part.outputs]
+    try:
+        with torch.no_grad():
+            got = gm(*flat)
+    except Exception:  # noqa: BLE001 - any failure means "do not link"
+        return False
+    return len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want))
 
 
 def record_parts(model: torch.nn.Module, inputs: ExampleInputs, parts: list[PartCall]) -> tuple[tuple, tuple, Any]:
@@ -280,7 +404,7 @@ def record_parts(model: torch.nn.Module, inputs: ExampleInputs, parts: list[Part
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
-    >>> ins, outs, _ = record_parts(net, ExampleInputs((torch.randn(2, 4),)), [PartCall("0", 0, 1, 1)])
+    >>> ins, outs, _ = record_parts(net, ExampleInputs((torch.randn(2, 4),)), [PartCall("0", 0, (0,), (0,))])
     >>> [tuple(t.shape) for t in ins + outs]
     [(2, 4), (2, 3)]
     """
@@ -295,12 +419,12 @@ def record_parts(model: torch.nn.Module, inputs: ExampleInputs, parts: list[Part
         args, kwargs, output = mine[part.call]
         ins = [v for v in tree_flatten((args, kwargs))[0] if isinstance(v, torch.Tensor)]
         outs = [v for v in tree_flatten(output)[0] if isinstance(v, torch.Tensor)]
-        if len(ins) != part.inputs or len(outs) != part.outputs:
-            raise TraceError(f"'{part.path}' took {len(ins)} and returned {len(outs)} tensors, the captured "
-                             f"graph has {part.inputs} and {part.outputs}")
-        flat_in += ins
-        flat_out += outs
+        if max(part.inputs, default=-1) >= len(ins) or max(part.outputs, default=-1) >= len(outs):
+            raise TraceError(f"'{part.path}' took {len(ins)} and returned {len(outs)} tensors, fewer than "
+                             "when it was captured; pass the inputs the model was analysed with")
+        flat_in += [ins[i] for i in part.inputs]
+        flat_out += [outs[j] for j in part.outputs]
     return tuple(flat_in), tuple(flat_out), calls[""][0][2]
 
 
-__all__ = ["capture_parts", "record_parts", "record_calls", "select_parts", "combine", "PartCall"]
+__all__ = ["capture_parts", "record_parts", "record_calls", "select_parts", "find_links", "combine", "PartCall"]
