@@ -139,6 +139,7 @@ def _compress(model: torch.nn.Module, spec, loaded: Spec, measure_latency: bool 
                   "parts": f"parts ({', '.join(dict.fromkeys(p.path for p in graph.parts or ()))}; "
                            "the rest of forward runs as your code)"}
     notes.append(f"capture: {front_ends[graph.capture]}")
+    notes.extend(f"capture: {note}" for note in graph.capture_notes)
     check_finite(graph.gm)
     step(f"scoring ({loaded.score_method})")
     if loaded.score == "auto":

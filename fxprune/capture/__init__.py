@@ -12,7 +12,7 @@ Under fx, ``nn.MultiheadAttention`` calls are traced through as functional ops
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
@@ -43,6 +43,7 @@ class Captured:
     front_end: str  # "fx", "export" or "parts"
     model_inputs: ExampleInputs | None = None
     parts: list[PartCall] | None = None
+    notes: list[str] = field(default_factory=list)  # why "auto" went past fx and export
 
 
 def capture(model, example_inputs, *, capture: str = "auto", leaf_modules: Iterable = (),
@@ -91,7 +92,11 @@ def capture(model, example_inputs, *, capture: str = "auto", leaf_modules: Itera
         raise TraceError(f"no front end could capture {type(model).__name__}:\n"
                          f"[fx] {fx_error}\n[export] {export_error}\n[parts] {exc}") from exc
     propagate_shapes(gm, part_inputs)
-    return Captured(gm, part_inputs, "parts", inputs, parts)
+    captured = Captured(gm, part_inputs, "parts", inputs, parts)
+    if capture == "auto":  # say why the whole model was not captured
+        captured.notes = [f"{name} could not capture the whole model: {str(error).splitlines()[0]}"
+                          for name, error in (("fx", fx_error), ("export", export_error))]
+    return captured
 
 
 __all__ = ["capture", "Captured", "capture_parts", "record_parts", "PartCall", "ExampleInputs", "as_example_inputs", "trace", "export_graph",
