@@ -32,7 +32,7 @@ from fxprune.select.score import known_scores
 
 SCOPES = ("global", "local", "latency")
 CAPTURES = FRONT_ENDS
-EMITS = ("auto", *PRUNE_EMITS)  # "auto": graph for fx captures, module for export ones
+EMITS = ("auto", *PRUNE_EMITS)  # "auto": graph for fx captures, module for export and parts ones
 _CODE_ONLY = ("example_inputs", "calib_inputs", "loss_fn")  # cannot live in a file
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -112,8 +112,10 @@ class Spec:
             (0, 1]; a metric of the registry ``fxprune.select.metrics.TARGET_METRICS``
             ("flops", "params", "latency", or one added with ``register_metric``).
     Options:
-        capture: front end, "auto" (default: torch.fx, falling back to torch.export),
-            "fx" or "export" (Hugging Face transformers need export).
+        capture: front end, "auto" (default: torch.fx, falling back to torch.export, then
+            to parts), "fx", "export" (Hugging Face transformers need export) or "parts"
+            (the learnable submodules in one graph, e.g. a detector's backbone and heads;
+            the rest of forward stays your code, so the result is your class).
         attention_units: what one unit of an attention group is: "heads" (default: a
             whole head; with grouped-query attention a key/value head and its query
             heads), "query_slots" (the same query head of every key/value group; the
@@ -144,8 +146,9 @@ class Spec:
         emit: what ``result.model`` is: "graph" (a ``torch.fx.GraphModule``), "module" (a
             pruned copy of your own class, Hugging Face ``config`` updated, checked
             against the graph) or "auto" (default): "graph" for an fx capture, "module"
-            for an export capture, falling back to "graph" with a note when the class
-            cannot carry the result (an exported graph is fixed to the example shapes).
+            for an export or parts capture, falling back to "graph" with a note when the
+            class cannot carry the result (an exported graph is fixed to the example
+            shapes; a parts graph holds only the parts, so there it is an error).
         nm: None (default) or "N:M" semi-structured sparsity on top, e.g. "2:4".
         latency: a LatencySpec (``fxprune.measure.LatencySettings``: device, batch_size,
             threads, warmup, repeats, compile, compile_backend), or a dict of its fields
