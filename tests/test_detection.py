@@ -156,8 +156,11 @@ def test_compress_writes_a_detector_back_into_its_class():
     torch.manual_seed(0)
     model = randomize(TinyYolo()).eval()
     images = [torch.rand(3, 64, 64)]
-    result = fxprune.compress(model, {"ratio": 0.5, "fuse": False}, example_inputs=(images,))
+    calibration = [([torch.rand(3, 64, 64)],), ([torch.rand(3, 64, 64), torch.rand(3, 64, 64)],)]
+    result = fxprune.compress(model, {"ratio": 0.5, "fuse": False}, example_inputs=(images,),
+                              calibration=calibration)  # activation norms: batches reach the parts
     assert type(result.model) is TinyYolo
+    assert any("auto chose activation" in n for n in result.notes)
     assert any(n.startswith("capture: parts") for n in result.notes)
     assert result.model.neck.fuse[0][0].out_channels == 24
     with torch.no_grad():
@@ -198,3 +201,20 @@ def test_torchvision_detectors(name):
     keywords = {} if name.startswith("ssd") else {"min_size": 128, "max_size": 128}
     model = torchvision.models.get_model(name, weights=None, weights_backbone=None, **keywords)
     check_detector(model, [torch.rand(3, 128, 128)], capture="parts")
+
+
+def test_a_module_whose_weight_other_code_reads_is_no_part():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+            self.head = nn.Sequential(nn.Conv2d(4, 6, 1), nn.ReLU(), nn.Conv2d(6, 2, 1))
+
+        def forward(self, images):
+            scores = self.head(self.body(torch.stack(images))).flatten(1)
+            bias = self.body[0].bias.sum()  # body's weight read by the code around the parts
+            return [s[s > 0] + bias for s in scores]
+
+    graph = fxprune.analyze(Shared().eval(), ([torch.randn(3, 8, 8)],), capture="parts")
+    assert [p.path for p in graph.parts] == ["head"]
+    assert {g.producers[0]: g.size for g in graph.prunable_groups} == {"head.0.weight[0]": 6}

@@ -194,26 +194,34 @@ def _shape_only(func) -> bool:
 
 
 class _OutsideUses(TorchFunctionMode):
-    """Marks the watched tensors that a torch op reads while no part is running."""
+    """Marks the watched tensors (the parts' outputs) and the parts whose weights a torch
+    op reads while no part is running."""
 
-    def __init__(self, watched: dict[int, tuple], depth: list[int]):
+    def __init__(self, watched: dict[int, tuple], weights: dict[int, str], depth: list[int]):
         super().__init__()
-        self.watched, self.depth, self.used = watched, depth, set()
+        self.watched, self.weights, self.depth = watched, weights, depth
+        self.used: set[tuple] = set()
+        self.touched: set[str] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not self.depth[0] and not _shape_only(func):
             for leaf in tree_flatten((args, kwargs))[0]:
-                if isinstance(leaf, torch.Tensor) and id(leaf) in self.watched:
-                    self.used.add(self.watched[id(leaf)])
+                if isinstance(leaf, torch.Tensor):
+                    if id(leaf) in self.watched:
+                        self.used.add(self.watched[id(leaf)])
+                    if id(leaf) in self.weights:
+                        self.touched.add(self.weights[id(leaf)])
         return func(*args, **kwargs)
 
 
-def find_links(model: torch.nn.Module, inputs: ExampleInputs, paths: list[str]) -> tuple[list, dict, set]:
+def find_links(model: torch.nn.Module, inputs: ExampleInputs, paths: list[str]) -> tuple[list, dict, set, set]:
     """Run ``model`` once and see how the parts' tensors flow: the calls in the order they
     ran, ``{(path, call, input position): (path, call, output position)}`` for every
-    tensor a part took that an earlier part returned (the same object), and the part
-    outputs that other code reads (a torch op outside the parts, or the model's output).
+    tensor a part took that an earlier part returned (the same object), the part outputs
+    that other code reads (a torch op outside the parts, or the model's output), and the
+    parts whose parameters or buffers code outside the parts reads (they cannot be parts:
+    pruning them would change that code's input unseen).
     """
     order: list[tuple[str, int]] = []
     produced: dict[int, tuple] = {}  # id of a part's output tensor -> (path, call, position)
@@ -249,7 +257,9 @@ def find_links(model: torch.nn.Module, inputs: ExampleInputs, paths: list[str]) 
         module = model.get_submodule(path)
         handles.append(module.register_forward_pre_hook(before(path), with_kwargs=True))
         handles.append(module.register_forward_hook(after(path), with_kwargs=True))
-    mode = _OutsideUses(produced, depth)
+    weights = {id(t): path for path in paths for t in (*model.get_submodule(path).parameters(),
+                                                          *model.get_submodule(path).buffers())}
+    mode = _OutsideUses(produced, weights, depth)
     try:
         with eval_mode(model), torch.no_grad(), mode:
             output = inputs.clone().call(model)
@@ -258,7 +268,7 @@ def find_links(model: torch.nn.Module, inputs: ExampleInputs, paths: list[str]) 
             handle.remove()
     used = set(mode.used)
     used.update(produced[id(t)] for t in tree_flatten(output)[0] if id(t) in produced)
-    return order, links, used
+    return order, links, used, mode.touched
 
 
 def _retarget(target: str, path: str) -> str | None:
@@ -376,7 +386,15 @@ def capture_parts(model: torch.nn.Module, inputs: ExampleInputs,
                          "  fix: make the submodules that hold the weights take and return tensors, "
                          "or mark the blocking module a leaf (leaf_modules=[...])")
     traced = {(path, call): one for path, calls_ in chosen for call, one in enumerate(calls_)}
-    order, links, used = find_links(model, inputs, [path for path, _ in chosen])
+    while True:
+        order, links, used, touched = find_links(model, inputs, [path for path, _ in chosen])
+        if not touched:
+            break
+        chosen = [(path, calls_) for path, calls_ in chosen if path not in touched]
+        if not chosen:
+            raise TraceError(f"no submodule of {type(model).__name__} could be captured as a part: code "
+                             f"outside them reads the weights of {', '.join(sorted(touched))}\n  fix: read "
+                             "those weights only inside their module's forward")
     gm, flat, parts = combine(model, traced, order, links, used)
     if links and not _reproduces(gm, flat, parts, calls):  # correctness first: parts stay apart
         gm, flat, parts = combine(model, traced, order, {}, set())
