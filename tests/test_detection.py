@@ -85,8 +85,7 @@ def small_fcos() -> nn.Module:
 
     backbone = BackboneWithFPN(torchvision.models.resnet18(weights=None), {"layer2": "0", "layer3": "1", "layer4": "2"},
                                [128, 256, 512], 64, extra_blocks=LastLevelP6P7(64, 64))
-    return torchvision.models.detection.FCOS(backbone, num_classes=3, min_size=128, max_size=128,
-                                             score_thresh=0.0)
+    return torchvision.models.detection.FCOS(backbone, num_classes=3, min_size=128, max_size=128)
 
 
 def check_detector(model: nn.Module, images: list[torch.Tensor], capture: str = "auto") -> fxprune.DependencyGraph:
