@@ -217,3 +217,11 @@ def test_a_module_whose_weight_other_code_reads_is_no_part():
     graph = fxprune.analyze(Shared().eval(), ([torch.randn(3, 8, 8)],), capture="parts")
     assert [p.path for p in graph.parts] == ["head"]
     assert {g.producers[0]: g.size for g in graph.prunable_groups} == {"head.0.weight[0]": 6}
+
+
+def test_export_error_is_short_and_keeps_the_details():
+    # SSD's export error is a 4,900-character graph dump: the message keeps its first line
+    with pytest.raises(TraceError) as info:
+        fxprune.analyze(TinyYolo().eval(), ([torch.rand(3, 64, 64)],), capture="export")
+    assert len(str(info.value)) < 600 and 'capture="parts"' in str(info.value)
+    assert info.value.details.splitlines()[0][:60] in str(info.value)  # the full text, from its first line

@@ -63,7 +63,7 @@ def export_graph(model, inputs: ExampleInputs) -> torch.fx.GraphModule:
     return gm
 
 
-FIRST_LINE = 300  # characters of the front end's own message kept in ours
+FIRST_LINE = 200  # characters of the front end's own message kept in ours
 
 
 def export_error(model, exc: Exception) -> TraceError:
