@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from fxprune._check import fail, got
 from fxprune.capture.inputs import ExampleInputs, bad_leaf
+from fxprune.capture.parts import record_parts
 from fxprune.errors import SpecError
 
 WHERE = "spec.calibration"
@@ -188,8 +189,6 @@ def graph_batches(graph, calibration: Calibration) -> Iterator[ExampleInputs]:
     like = graph.model_inputs
     for i, batch in enumerate(calibration.batches(like)):
         if graph.parts is not None:  # the model runs the batch; its parts' inputs feed graph.gm
-            from fxprune.capture.parts import record_parts
-
             yield ExampleInputs(record_parts(graph.model, batch, graph.parts)[0])
             continue
         if graph.capture == "export":
