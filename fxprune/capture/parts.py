@@ -84,7 +84,7 @@ def _tensors_only(value: Any) -> bool:
     return bad_leaf(value) is None and any(isinstance(v, torch.Tensor) for v in leaves)
 
 
-def record_calls(model: torch.nn.Module, inputs: ExampleInputs, paths: Iterable[str] | None = None) -> dict:
+def _record_calls(model: torch.nn.Module, inputs: ExampleInputs, paths: Iterable[str] | None = None) -> dict:
     """``{path: [(args, kwargs, output), ...]}``: every call of the named submodules (all
     when ``paths`` is None) in one eager forward of ``model`` on ``inputs`` (eval mode, no
     grad), tensors cloned when they are recorded (a later in-place op cannot change them).
@@ -154,7 +154,7 @@ def _same(a: Any, b: Any) -> bool:
     return not a.is_floating_point() or torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def select_parts(model: torch.nn.Module, calls: dict, leaf_modules: Iterable = ()) -> tuple[list, dict]:
+def _select_parts(model: torch.nn.Module, calls: dict, leaf_modules: Iterable = ()) -> tuple[list, dict]:
     """The top-most submodules that can be parts, with their traced calls; and why the
     others (the top-most ones that have parameters) could not."""
     chosen: list[tuple[str, list]] = []
@@ -181,8 +181,9 @@ def select_parts(model: torch.nn.Module, calls: dict, leaf_modules: Iterable = (
 
 
 # Reading these off a tensor outside the parts does not tie its channels to that code: a
-# detector's anchor generator reads the feature maps' sizes. (Were a channel count read,
-# the pruned model's check against its graph would fail, never pass silently.)
+# detector's anchor generator reads the feature maps' sizes. The assumption (documented):
+# such code reads spatial sizes. A channel count read there and used on other tensors is
+# not seen; where it reaches a reshape or a part's weights, the pruned copy fails its check.
 _SHAPE_READS = {torch.Tensor.shape, torch.Tensor.dtype, torch.Tensor.device, torch.Tensor.ndim,
                 torch.Tensor.is_cuda, torch.Tensor.layout}
 _SHAPE_CALLS = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.__len__, torch.Tensor.get_device,
@@ -215,7 +216,7 @@ class _OutsideUses(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def find_links(model: torch.nn.Module, inputs: ExampleInputs, paths: list[str]) -> tuple[list, dict, set, set]:
+def _find_links(model: torch.nn.Module, inputs: ExampleInputs, paths: list[str]) -> tuple[list, dict, set, set]:
     """Run ``model`` once and see how the parts' tensors flow: the calls in the order they
     ran, ``{(path, call, input position): (path, call, output position)}`` for every
     tensor a part took that an earlier part returned (the same object), the part outputs
@@ -279,7 +280,7 @@ def _retarget(target: str, path: str) -> str | None:
     return None
 
 
-def combine(model: torch.nn.Module, traced: dict, order: list, links: dict,
+def _combine(model: torch.nn.Module, traced: dict, order: list, links: dict,
             used: set) -> tuple[torch.fx.GraphModule, list[torch.Tensor], list[PartCall]]:
     """One GraphModule over every chosen call (``traced[(path, call)]``, in ``order``),
     rooted at ``model``'s own paths; a tensor in ``links`` is an edge from the part that
@@ -373,13 +374,13 @@ def capture_parts(model: torch.nn.Module, inputs: ExampleInputs,
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"capture='parts' needs a torch.nn.Module, got {type(model).__name__}")
     try:
-        calls = record_calls(model, inputs)
+        calls = _record_calls(model, inputs)
     except Exception as exc:  # noqa: BLE001 - the model itself fails on the inputs
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise TraceError(f"{type(model).__name__} fails on the example inputs {inputs.describe()}: "
                          f"{type(exc).__name__}: {first[:200]}\n  fix: pass example_inputs the "
                          "model's forward runs on") from exc
-    chosen, refused = select_parts(model, calls, leaf_modules)
+    chosen, refused = _select_parts(model, calls, leaf_modules)
     if not chosen:
         why = "; ".join(f"'{p}': {w}" for p, w in list(refused.items())[:3]) or "it has no submodule with weights"
         raise TraceError(f"no submodule of {type(model).__name__} could be captured as a part ({why})\n"
@@ -387,7 +388,7 @@ def capture_parts(model: torch.nn.Module, inputs: ExampleInputs,
                          "or mark the blocking module a leaf (leaf_modules=[...])")
     traced = {(path, call): one for path, calls_ in chosen for call, one in enumerate(calls_)}
     while True:
-        order, links, used, touched = find_links(model, inputs, [path for path, _ in chosen])
+        order, links, used, touched = _find_links(model, inputs, [path for path, _ in chosen])
         if not touched:
             break
         chosen = [(path, calls_) for path, calls_ in chosen if path not in touched]
@@ -395,9 +396,9 @@ def capture_parts(model: torch.nn.Module, inputs: ExampleInputs,
             raise TraceError(f"no submodule of {type(model).__name__} could be captured as a part: code "
                              f"outside them reads the weights of {', '.join(sorted(touched))}\n  fix: read "
                              "those weights only inside their module's forward")
-    gm, flat, parts = combine(model, traced, order, links, used)
+    gm, flat, parts = _combine(model, traced, order, links, used)
     if links and not _reproduces(gm, flat, parts, calls):  # correctness first: parts stay apart
-        gm, flat, parts = combine(model, traced, order, {}, set())
+        gm, flat, parts = _combine(model, traced, order, {}, set())
     return gm, ExampleInputs(tuple(flat)), parts
 
 
@@ -426,7 +427,7 @@ def record_parts(model: torch.nn.Module, inputs: ExampleInputs, parts: list[Part
     >>> [tuple(t.shape) for t in ins + outs]
     [(2, 4), (2, 3)]
     """
-    calls = record_calls(model, inputs, {p.path for p in parts})
+    calls = _record_calls(model, inputs, {p.path for p in parts})
     flat_in: list[torch.Tensor] = []
     flat_out: list[torch.Tensor] = []
     for part in parts:
@@ -445,4 +446,4 @@ def record_parts(model: torch.nn.Module, inputs: ExampleInputs, parts: list[Part
     return tuple(flat_in), tuple(flat_out), calls[""][0][2]
 
 
-__all__ = ["capture_parts", "record_parts", "record_calls", "select_parts", "find_links", "combine", "PartCall"]
+__all__ = ["capture_parts", "record_parts", "PartCall"]
