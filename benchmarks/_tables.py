@@ -201,6 +201,34 @@ def zoo_summary(rows: list[dict]) -> Table:
                    sum(r["frozen"] for r in passed), f"{max(errors):.1e}" if errors else ""]]
 
 
+def tasks_sweep(rows: list[dict]) -> Table:
+    """tasks_sweep.py's rows: fxprune (front end, groups, oracle) and Torch-Pruning, per model."""
+    def fmt(value: Any, spec: str = ".3g") -> str:
+        return format(value, spec) if isinstance(value, float) else ("" if value is None else str(value))
+
+    head = ["model", "family", "M params", "front end", "groups", "prunable", "zero-inv.", "oracle error",
+            "kept", "fxprune", "Torch-Pruning", "TP shape", "TP kept"]
+    body = [[r["model"], r["family"], fmt(r.get("params_M")), r.get("front_end", ""), r.get("groups", ""),
+             r.get("prunable", ""), r.get("zero_invariant", ""), fmt(r.get("oracle_error"), ".1e"),
+             fmt(r.get("kept")), "pass" if r["status"] == "pass" else f"FAIL {r.get('why', '')}"[:70],
+             "ran" if r.get("tp_ran") else f"FAIL {r.get('tp_why', '')}"[:60] if "tp_ran" in r else "",
+             {True: "kept", False: "changed"}.get(r.get("tp_shape_ok"), ""), fmt(r.get("tp_kept"))]
+            for r in rows]
+    return head, body
+
+
+def tasks_summary(rows: list[dict]) -> Table:
+    """The tasks sweep per family: models whose oracle holds, and Torch-Pruning's runs that keep the shape."""
+    body = []
+    for family in [*dict.fromkeys(r["family"] for r in rows), "all"]:
+        mine = [r for r in rows if family in ("all", r["family"])]
+        errors = [r["oracle_error"] for r in mine if r["status"] == "pass"]
+        body.append([family, f"{sum(r['status'] == 'pass' for r in mine)}/{len(mine)}",
+                     f"{max(errors):.1e}" if errors else "",
+                     f"{sum(bool(r.get('tp_ran') and r.get('tp_shape_ok')) for r in mine)}/{len(mine)}"])
+    return ["family", "fxprune: oracle holds", "largest oracle error", "Torch-Pruning: runs, shape kept"], body
+
+
 NM_MODES = {"eager": "eager", "graph": "CUDA graph", "compiled": 'torch.compile(mode="reduce-overhead")'}
 
 
@@ -312,6 +340,8 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "digits_capacity": ("digits_capacity", digits_capacity),
     "zoo_sweep": ("zoo_sweep", zoo_sweep),
     "zoo_summary": ("zoo_sweep", zoo_summary),
+    "tasks_sweep": ("tasks_sweep", tasks_sweep),
+    "tasks_summary": ("tasks_sweep", tasks_summary),
     "nm_gpu": ("nm_gpu", nm_gpu),
     "minilm": ("minilm", minilm),
 }

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from fxprune._check import (check_bool, check_choice, check_int, check_keys, did_you_mean, fail,
                              got)
@@ -22,7 +23,7 @@ from fxprune._util import read_config
 from fxprune.errors import SpecError
 from fxprune.measure import LatencySettings
 from fxprune.capture import FRONT_ENDS
-from fxprune.capture.inputs import ExampleInputs
+from fxprune.capture.inputs import ExampleInputs, bad_leaf
 from fxprune.channels.analysis import ATTENTION_UNITS
 from fxprune.passes.emit import EMITS as PRUNE_EMITS
 from fxprune.passes.prune import VERIFY
@@ -32,7 +33,7 @@ from fxprune.select.score import known_scores
 
 SCOPES = ("global", "local", "latency")
 CAPTURES = FRONT_ENDS
-EMITS = ("auto", *PRUNE_EMITS)  # "auto": graph for fx captures, module for export ones
+EMITS = ("auto", *PRUNE_EMITS)  # "auto": graph for fx captures, module for export and parts ones
 _CODE_ONLY = ("example_inputs", "calib_inputs", "loss_fn")  # cannot live in a file
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -59,16 +60,25 @@ def _list_of(value: Any, kind: type | tuple[type, ...]) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, kind) for v in value)
 
 
-def _tensors(path: str, value: Any, hint: str) -> tuple[torch.Tensor, ...] | dict[str, Any]:
+def _tensors(path: str, value: Any, hint: str) -> tuple[Any, ...] | dict[str, Any]:
     """Positional inputs (a tensor or a tuple of them), or keyword inputs (a dict by name,
-    how Hugging Face models are called)."""
+    how Hugging Face models are called); each may nest tensors in tuples, lists and dicts
+    (a detector takes a list of images: ``([image],)``)."""
     if isinstance(value, Mapping) and value and all(isinstance(k, str) for k in value):
-        return dict(value)
-    value = (value,) if isinstance(value, torch.Tensor) else value
-    if not _list_of(value, torch.Tensor):
-        fail(path, f"expected a non-empty tuple of torch.Tensor or a dict of keyword inputs, "
-                   f"{got(value)}; {hint}")
-    return tuple(value)
+        value = dict(value)
+    else:
+        value = (value,) if isinstance(value, torch.Tensor) else value
+        if not isinstance(value, (list, tuple)) or not value:
+            fail(path, f"expected a non-empty tuple of inputs (tensors, or tuples, lists and dicts of "
+                       f"them) or a dict of keyword inputs, {got(value)}; {hint}")
+        value = tuple(value)
+    bad = bad_leaf(value)
+    if bad is not None:
+        fail(f"{path}{bad[0]}", f"expected a tensor (or a number, a string or None), {got(bad[1])}; "
+                                "inputs nest tensors in tuples, lists and dicts")
+    if not tree_leaves(value) or not any(isinstance(t, torch.Tensor) for t in tree_leaves(value)):
+        fail(path, f"holds no tensor; {hint}")
+    return value
 
 
 def _shape(path: str, value: Any, nested: bool = True) -> list[int] | list[list[int]]:
@@ -92,7 +102,8 @@ class Spec:
 
     Inputs, exactly one of:
         example_inputs: tuple of tensors to trace with (one tensor is wrapped), or a dict of
-            keyword inputs (``{"input_ids": ids}``); Python only.
+            keyword inputs (``{"input_ids": ids}``); either may nest tensors in tuples,
+            lists and dicts (a detector: ``([image],)``); Python only.
         input_shape: the input's shape, ``[1, 3, 224, 224]``, or a list of shapes for
             several inputs; ``make_example_inputs()`` draws float32 normal tensors.
     Goal, exactly one of:
@@ -102,8 +113,10 @@ class Spec:
             (0, 1]; a metric of the registry ``fxprune.select.metrics.TARGET_METRICS``
             ("flops", "params", "latency", or one added with ``register_metric``).
     Options:
-        capture: front end, "auto" (default: torch.fx, falling back to torch.export),
-            "fx" or "export" (Hugging Face transformers need export).
+        capture: front end, "auto" (default: torch.fx, falling back to torch.export, then
+            to parts), "fx", "export" (Hugging Face transformers need export) or "parts"
+            (the learnable submodules in one graph, e.g. a detector's backbone and heads;
+            the rest of forward stays your code, so the result is your class).
         attention_units: what one unit of an attention group is: "heads" (default: a
             whole head; with grouped-query attention a key/value head and its query
             heads), "query_slots" (the same query head of every key/value group; the
@@ -134,8 +147,9 @@ class Spec:
         emit: what ``result.model`` is: "graph" (a ``torch.fx.GraphModule``), "module" (a
             pruned copy of your own class, Hugging Face ``config`` updated, checked
             against the graph) or "auto" (default): "graph" for an fx capture, "module"
-            for an export capture, falling back to "graph" with a note when the class
-            cannot carry the result (an exported graph is fixed to the example shapes).
+            for an export or parts capture, falling back to "graph" with a note when the
+            class cannot carry the result (an exported graph is fixed to the example
+            shapes; a parts graph holds only the parts, so there it is an error).
         verify: "values" (default): the pruned model is checked against the original with
             the removed units masked on the example inputs (``VerificationError`` on a
             mismatch); "shapes": only shapes are re-propagated (saves two forward passes).
@@ -302,6 +316,8 @@ class Spec:
             if name == "input_shape" and value is None:
                 if isinstance(self.example_inputs, dict):
                     continue  # keyword inputs have no file form
+                if not all(isinstance(t, torch.Tensor) for t in self.example_inputs):
+                    continue  # nested inputs have no file form either
                 shapes = [list(t.shape) for t in self.example_inputs]
                 value = shapes[0] if len(shapes) == 1 else shapes
             if isinstance(value, LatencySpec):

@@ -102,7 +102,7 @@ def test_a_model_that_returns_its_cache_is_told_to_turn_it_off():
                                      bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2Model(config).eval()
     with pytest.raises(fxprune.TraceError, match="use_cache=False"):
-        fxprune.analyze(model, {"input_ids": torch.zeros(1, 4, dtype=torch.long)})
+        fxprune.analyze(model, {"input_ids": torch.zeros(1, 4, dtype=torch.long)}, capture="export")
 
 
 class FunctionalBlock(nn.Module):

@@ -94,7 +94,11 @@ class DependencyGraph:
                  roots: np.ndarray, example_inputs: ExampleInputs, capture: str = "fx"):
         self.gm = gm
         self.model = None  # the user's model (a reference, never modified); emit="module" copies it
-        self.capture = capture  # the front end that captured gm: "fx" or "export"
+        self.capture = capture  # the front end that captured gm: "fx", "export" or "parts"
+        # the model's own inputs; under "parts" example_inputs are the parts' tensors (what gm takes)
+        self.model_inputs = example_inputs
+        self.parts = None  # under "parts": the submodule calls gm holds (capture.parts.PartCall)
+        self.capture_notes: list[str] = []  # under "auto" -> "parts": why fx and export could not
         self.groups = groups
         self.state = state
         self.roots = roots

@@ -61,7 +61,9 @@ def _units_arg(parser) -> None:
 
 def _capture_arg(parser) -> None:
     parser.add_argument("--capture", choices=CAPTURES, default=None,
-                        help="front end: auto (default: torch.fx, falling back to torch.export), fx, export")
+                        help="front end: auto (default: torch.fx, falling back to torch.export, then "
+                             "parts), fx, export, parts (the learnable submodules, e.g. a detector's "
+                             "backbone and heads)")
 
 
 def _latency_args(parser) -> None:
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _units_arg(p)
     p.add_argument("--emit", choices=EMITS, default=None,
                    help="the saved model: graph (a torch.fx GraphModule), module (your own class, "
-                        "pruned), auto (default: graph for fx captures, module for export ones)")
+                        "pruned), auto (default: graph for fx captures, module for export and parts ones)")
     p.add_argument("--verify", choices=VERIFY, default=None,
                    help="values (default): check the pruned model against the original with the removed "
                         "units masked, on the example inputs; shapes: only re-propagate shapes")
