@@ -326,6 +326,13 @@ def minilm(rows: list[dict]) -> Table:
     return head, body
 
 
+def value_check(rows: list[dict]) -> Table:
+    """value_check.py's rows: prune time with shapes only and with the value check."""
+    head = ["model", "analyze (s)", "prune, shapes (s)", "prune, values (s)", "values / shapes", "error found"]
+    return head, [[r["model"], f"{r['analyze_s']:.2f}", f"{r['prune_shapes_s']:.2f}", f"{r['prune_values_s']:.2f}",
+                   f"{r['overhead']:.2f}", f"{r['error']:.1e}"] for r in rows]
+
+
 TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "timm_sweep": ("timm_sweep", timm_sweep),
     "timm_summary": ("timm_sweep", timm_summary),
@@ -344,4 +351,5 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "tasks_summary": ("tasks_sweep", tasks_summary),
     "nm_gpu": ("nm_gpu", nm_gpu),
     "minilm": ("minilm", minilm),
+    "value_check": ("value_check", value_check),
 }
