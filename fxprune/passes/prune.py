@@ -18,9 +18,11 @@ import torch
 import torch.fx
 
 from ..capture import ShapeRecorder, gc_paused
+from ..channels.branches import split_plan
 from ..channels.graph import DependencyGraph, _check_units
 from ..channels.values import DimMap, TensorChannels
 from ..errors import PlanError, VerificationError
+from .remove_branches import remove_branches
 
 
 class PruneContext:
@@ -87,6 +89,7 @@ def resolve_plan(graph: DependencyGraph, plan: Mapping[int, object]) -> np.ndarr
     """Validate ``{group id: channels to remove}``; return the removed class roots."""
     if not isinstance(plan, Mapping):
         raise PlanError(f"a plan is a dict {{group id: [channels to remove]}}, got {type(plan).__name__}")
+    plan = split_plan(graph, plan)[0]  # branch ids are depth units (passes.remove_branches)
     removed = []
     for gid, channels in plan.items():
         group = graph.group(gid)
@@ -136,6 +139,7 @@ def _prune(graph: DependencyGraph, plan: Mapping[int, object]) -> torch.fx.Graph
     nodes = {n.name: n for n in gm.graph.nodes}
     for name, rewrite in graph.state.rewrites:
         rewrite(ctx, nodes[name])
+    remove_branches(ctx, split_plan(graph, plan)[1])
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
