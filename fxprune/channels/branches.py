@@ -175,9 +175,13 @@ def find_branches(gm: torch.fx.GraphModule, first_id: int = 0, canonical: dict |
     for i, (_, join, out, other) in enumerate(found):
         members = order[tin[index[out]]:tout[index[out]]]
         span = (int(tin[index[out]]), int(tout[index[out]]))
-        producer, reason = _last_producer(out, set(members), modules)
-        out_keys = _param_keys(producer, gm, modules, canonical, params_only=True) if producer is not None else {}
         inside = set(members)
+        producer, reason = _last_producer(out, inside, modules)
+        out_keys = _param_keys(producer, gm, modules, canonical, params_only=True) if producer is not None else {}
+        if producer is not None and out_keys != _param_keys(producer, gm, modules, canonical, params_only=True,
+                                                            owned_by=(inside, calls)):
+            producer, out_keys = None, {}  # zeroing them would change the layers outside too
+            reason = f"the parameters of its last producer are also read outside the branch"
         all_keys = {}
         for n in members:
             all_keys.update(_param_keys(n, gm, modules, canonical, params_only=False, owned_by=(inside, calls)))

@@ -48,14 +48,18 @@ def remove_branches(ctx, branches: list[Branch]) -> None:
 
     erased_attrs: set[str] = set()
     doomed: set[torch.fx.Node] = set()
+    moved: dict[torch.fx.Node, torch.fx.Node] = {}
     for branch in branches:
         if _inside_removed(branch, removed, ctx.graph):
             continue  # an enclosing branch goes, and this one with it
         join, shortcut = current(branch.join), current(branch.shortcut)
+        while shortcut in moved:  # the shortcut is itself a removed branch's join: take what replaced it
+            shortcut = moved[shortcut]
         if join is None or shortcut is None:
             raise VerificationError(f"branch {branch.id}: node '{branch.join}' or '{branch.shortcut}' vanished "
                                     "before the branch was removed. This is a bug; please report it with the model.")
         join.replace_all_uses_with(shortcut)
+        moved[join] = shortcut
         doomed.add(join)
         doomed.update(n for n in map(current, branch.nodes) if n is not None and n.op != "placeholder")
     for node in reversed(list(gm.graph.nodes)):  # users before what they use

@@ -21,6 +21,7 @@ from torch.fx.node import map_aggregate
 from torch.utils._pytree import tree_leaves
 
 from .._util import eval_mode
+from ..channels.branches import split_plan
 from ..channels.graph import DependencyGraph
 from ..errors import WriteBackError
 from .hf_config import check_config, update_config
@@ -44,6 +45,9 @@ def write_back(graph: DependencyGraph, plan: Mapping[int, object], pruned: torch
     if model is None:
         raise WriteBackError("emit='module' needs the nn.Module that fxprune.analyze was given (an "
                              f"ExportedProgram has no class of its own to write into); {GRAPH_HINT}")
+    if split_plan(graph, plan)[1]:
+        raise WriteBackError("emit='module' cannot remove residual branches yet (the class's forward "
+                             f"still calls every block); {GRAPH_HINT}")
     keep = kept_ids(graph, plan)
     cuts_by_key = tensor_cuts(graph, keep)
     _refuse_multihead_attention(model, cuts_by_key)
