@@ -303,7 +303,7 @@ def test_units_channels_and_branches_compete():
                                       "units": ["channels", "branches"]})
     n = len(result.graph.groups)
     branches = {gid for gid in result.plan if gid >= n}
-    assert branches and branches <= {n + 1, n + 3}, result.plan  # only the negligible ones
+    assert branches == {n + 1, n + 3}, result.plan  # exactly the negligible ones
     assert any(gid < n for gid in result.plan), result.plan  # and channels too
     assert abs(result.report.ratios()["flops"] - 0.35) <= 0.02
     with torch.no_grad():
@@ -324,9 +324,24 @@ def test_units_spec_errors():
     assert spec.units == ["channels", "branches"] and fxprune.Spec.from_dict(spec.to_dict()).units == spec.units
 
 
-def test_emit_module_refuses_branches():
-    graph = fxprune.analyze(Plain(), VECTOR)
-    with pytest.raises(fxprune.WriteBackError, match="emit='graph'"):
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_emit_module_drops_sequential_blocks(capture):
+    model = randomize(Plain()).eval()
+    graph = fxprune.analyze(model, VECTOR, capture=capture)
+    first, _, last = graph.branches
+    hidden = {p.split(".")[1]: g.id for g in graph.groups for p in g.producers[:1] if p.endswith("fc1.weight[0]")}
+    # blocks 0 and 2 go; block 1 loses two hidden channels, and so would block 0 (removed anyway)
+    plan = {first.id: [0], last.id: [0], hidden["1"]: [0, 1], hidden["0"]: [3]}
+    mine = fxprune.prune(graph, plan, emit="module")
+    assert type(mine) is Plain and len(mine.blocks) == 1 and len(model.blocks) == 3
+    assert mine.blocks[0].fc1.out_features == 14 and list(mine.state_dict())[0] == "blocks.0.fc1.weight"
+    with torch.no_grad():
+        assert torch.allclose(mine(VECTOR), fxprune.prune(graph, plan)(VECTOR))
+
+
+def test_emit_module_refuses_a_block_that_does_more():
+    graph = fxprune.analyze(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32))
+    with pytest.raises(fxprune.WriteBackError, match=r"module 'layer1.0' computes more .* 'layer1_0_relu_1'"):
         fxprune.prune(graph, {graph.branches[0].id: [0]}, emit="module")
 
 

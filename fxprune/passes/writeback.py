@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_leaves
 
 from .._util import eval_mode
 from ..channels.branches import split_plan
+from .branch_modules import drop_blocks, removed_blocks
 from ..channels.graph import DependencyGraph
 from ..errors import WriteBackError
 from .hf_config import check_config, update_config
@@ -45,9 +46,7 @@ def write_back(graph: DependencyGraph, plan: Mapping[int, object], pruned: torch
     if model is None:
         raise WriteBackError("emit='module' needs the nn.Module that fxprune.analyze was given (an "
                              f"ExportedProgram has no class of its own to write into); {GRAPH_HINT}")
-    if split_plan(graph, plan)[1]:
-        raise WriteBackError("emit='module' cannot remove residual branches yet (the class's forward "
-                             f"still calls every block); {GRAPH_HINT}")
+    blocks = removed_blocks(graph, split_plan(graph, plan)[1])  # modules that become the identity
     keep = kept_ids(graph, plan)
     cuts_by_key = tensor_cuts(graph, keep)
     _refuse_multihead_attention(model, cuts_by_key)
@@ -58,6 +57,7 @@ def write_back(graph: DependencyGraph, plan: Mapping[int, object], pruned: torch
         tensor = _tensor_at(model, key)
         memo[id(tensor)] = cut_tensor(tensor, cuts)  # deepcopy then reuses the cut tensor, ties kept
     new = copy.deepcopy(model, memo)
+    drop_blocks(new, blocks)
     heads = attention_heads(graph, PruneContext(graph, pruned, keep).new_shape)
     sync_layer_sizes(new, pruned)
     sync_head_attrs(new, heads)
