@@ -354,3 +354,9 @@ def test_cli_graph_lists_branches():
 
     data = json.loads(graph_json(graph, "resnet18", [1, 3, 32, 32]))
     assert [b["id"] for b in data["branches"]] == [b.id for b in graph.branches]
+
+
+def test_max_ratio_caps_the_branches_removed():
+    spec = {"example_inputs": IMAGE, "target": {"flops": 0.2}, "units": "branches", "max_ratio": 0.5}
+    with pytest.raises(fxprune.SpecError, match="impossible"):  # two of four blocks are not enough
+        fxprune.compress(_scaled(), spec)

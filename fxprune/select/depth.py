@@ -20,7 +20,8 @@
   score per cost.
 
 Branches are coarse: a target may land only within the granularity of the smallest
-branch; ``result.notes`` says how close it came.
+branch; ``result.notes`` says how close it came. ``spec.max_ratio`` caps the share of
+branches removed, as it caps each channel group's.
 """
 from __future__ import annotations
 
@@ -100,6 +101,9 @@ def land_with_branches(graph, groups, keys: dict[int, np.ndarray], costs: dict[i
     per_cost = {b.id: scores[b.id] / cost[b.id] if cost[b.id] > 0 else np.inf for b in branches}
     finite = [v for v in per_cost.values() if np.isfinite(v)]
     mean = float(np.mean(finite)) if finite else 1.0
+    # spec.max_ratio caps the share of branches too: only the lowest keys are candidates
+    cap = int(np.floor(spec.max_ratio * len(branches) + 1e-9))
+    branches = sorted(branches, key=lambda b: (per_cost[b.id], b.id))[:cap]
     for b in branches:
         keys[b.id] = np.array([per_cost[b.id] / mean if mean > 0 else per_cost[b.id]])
         costs[b.id] = np.array([cost[b.id]])
@@ -108,7 +112,7 @@ def land_with_branches(graph, groups, keys: dict[int, np.ndarray], costs: dict[i
                             costs, keys, branch_ids=tuple(b.id for b in branches))
     plan, model, _ = land(problem, notes)
     removed = sum(1 for gid in plan if gid >= len(graph.groups))
-    notes.append(f"select: the plan removes {removed} of {len(branches)} branch(es)"
+    notes.append(f"select: the plan removes {removed} of {len(graph.branches)} branch(es)"
                  + (f" and channels of {len(plan) - removed} group(s)" if groups else ""))
     return plan, model
 
