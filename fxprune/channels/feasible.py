@@ -51,7 +51,7 @@ def feasible_plan(graph: DependencyGraph, candidates: Iterable[tuple[int, int]],
     caps: dict[int, int] = {}
     n_groups = len(graph.groups)
     for gid, unit in candidates:
-        if gid >= n_groups:  # a branch (depth unit): one unit, nothing else to keep
+        if isinstance(gid, (int, np.integer)) and gid >= n_groups:  # a branch (depth unit): one unit
             check_branch_units(branch_unit(graph, gid), [unit])
             plan[gid] = [0]
             continue

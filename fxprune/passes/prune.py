@@ -3,7 +3,8 @@
 Works on a deep copy of the analysed GraphModule: every parameter and buffer bound to
 a removed channel is sliced, module attributes (``out_channels``, ``groups``,
 ``num_features``...) and graph constants (reshape sizes, split sizes, slice bounds)
-are rewritten by the hooks the op rules registered, and the result is verified by
+are rewritten by the hooks the op rules registered, residual branches the plan names
+are cut out (``fxprune.passes.remove_branches``), and the result is verified by
 propagating shapes again: every node must have exactly the shape the analysis
 predicts, and the outputs the original shapes.
 """

@@ -6,8 +6,10 @@ Users of Hugging Face transformers need their own class back (``generate()``,
 the planned channels sliced out of every parameter and buffer (the same cuts the prune
 pass makes), sets layer attributes and attention head counts from the analysis, updates
 a Hugging Face ``config`` and proves it builds the same shapes, and finally checks the
-copy against the pruned GraphModule on the example inputs. Where the class cannot carry
-the result, a :class:`~fxprune.errors.WriteBackError` names the module or config field.
+copy against the pruned GraphModule on the example inputs. Removed residual branches
+take whole blocks with them where a block computes only ``input + branch(input)``
+(``fxprune.passes.branch_modules``). Where the class cannot carry the result, a
+:class:`~fxprune.errors.WriteBackError` names the module or config field.
 """
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ from torch.utils._pytree import tree_leaves
 
 from .._util import eval_mode
 from ..channels.branches import split_plan
-from .branch_modules import drop_blocks, removed_blocks
 from ..channels.graph import DependencyGraph
 from ..errors import WriteBackError
+from .branch_modules import drop_blocks, removed_blocks
 from .hf_config import check_config, update_config
 from .layer_attrs import attention_heads, sync_head_attrs, sync_layer_sizes
 from .prune import PruneContext, cut_tensor, kept_ids, tensor_cuts
