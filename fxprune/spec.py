@@ -28,10 +28,12 @@ from fxprune.channels.analysis import ATTENTION_UNITS
 from fxprune.passes.emit import EMITS as PRUNE_EMITS
 from fxprune.passes.prune import VERIFY
 from fxprune.select.calibration import Calibration, as_calibration, check_data_needs
+from fxprune.select.branch_score import BRANCH_SCORES
 from fxprune.select.metrics import TARGET_METRICS
 from fxprune.select.score import known_scores
 
 SCOPES = ("global", "local", "latency")
+UNIT_KINDS = ("channels", "branches")  # what competes for the budget (docs/depth.md)
 CAPTURES = FRONT_ENDS
 EMITS = ("auto", *PRUNE_EMITS)  # "auto": graph for fx captures, module for export and parts ones
 _CODE_ONLY = ("example_inputs", "calib_inputs", "loss_fn")  # cannot live in a file
@@ -166,6 +168,14 @@ class Spec:
             and ``loss_fn(model output) -> scalar tensor`` for score="taylor" (optional
             with calibration: ``fxprune.select.calibration.default_loss``).
         seed: int >= 0 for every random draw (default 0).
+        units: which kinds of unit compete for the budget: "channels" (default),
+            "branches" (residual branches, whole blocks: ``graph.branches``) or
+            ``["channels", "branches"]`` (one ranking, scores normalised within each
+            kind and divided by cost; docs/depth.md). Not with scope="latency".
+        branch_score: how branches are ranked: "output_norm" (default: the branch's
+            output norm relative to the stream), "block_influence" (1 - cos of the
+            stream before and after) or "group_lasso" (the L2 norm of its weights);
+            ``fxprune.select.branch_score``.
 
     Files hold the same fields in a table (TOML) or object (JSON); in a file named
     pyproject.toml the spec is the ``[tool.fxprune.compress]`` table.
@@ -196,6 +206,8 @@ class Spec:
     calib_inputs: tuple[torch.Tensor, ...] | None = field(default=None, repr=False, compare=False)
     loss_fn: Callable[[Any], torch.Tensor] | None = field(default=None, repr=False, compare=False)
     seed: int = 0
+    units: str | list[str] = "channels"
+    branch_score: str = "output_norm"
 
     def __post_init__(self) -> None:
         check_choice("spec.capture", self.capture, CAPTURES)
@@ -229,6 +241,24 @@ class Spec:
         self.ratio = None if self.ratio is None else self._check_ratio()
         self.target = None if self.target is None else _target("spec.target", self.target)
         self._check_taylor()
+        self.units = _units("spec.units", self.units)
+        check_choice("spec.branch_score", self.branch_score, BRANCH_SCORES)
+        if "branches" in self.unit_kinds and self.scope == "latency":
+            fail("spec.scope", "scope='latency' times channel groups only; with units including "
+                 "'branches' use scope='local' or 'global' (branches are ranked per unit of cost)")
+        if "branches" in self.unit_kinds and isinstance(self.ratio, Mapping):
+            fail("spec.ratio", "a ratio per group or module applies to channels; with units including "
+                 "'branches' give one float ratio (the share of branches removed) or a target")
+
+    @property
+    def unit_kinds(self) -> tuple[str, ...]:
+        """``units`` as a tuple of kinds.
+
+        Example:
+            >>> Spec(input_shape=[1, 4], ratio=0.5, units=["branches", "channels"]).unit_kinds
+            ('channels', 'branches')
+        """
+        return (self.units,) if isinstance(self.units, str) else tuple(self.units)
 
     def _check_ratio(self) -> float | dict[str, float]:
         def one(path: str, value: Any) -> float:
@@ -386,6 +416,15 @@ def check_ignore(patterns: list[str], names: list[str]) -> None:
             fail("spec.ignore", f"pattern {pattern!r} matches no module of the model; {hint}; "
                   "patterns are fnmatch patterns on module names, e.g. 'layer1.*' (list them "
                   "with `fxprune graph MODEL`)")
+
+
+def _units(path: str, value: Any) -> str | list[str]:
+    """One kind as a string, several as a list in ``UNIT_KINDS`` order."""
+    kinds = [value] if isinstance(value, str) else value
+    if not _list_of(kinds, str) or any(k not in UNIT_KINDS for k in kinds):
+        fail(path, f"expected {' or '.join(map(repr, UNIT_KINDS))} or a list of them, {got(value)}")
+    kinds = [k for k in UNIT_KINDS if k in kinds]
+    return kinds[0] if len(kinds) == 1 else kinds
 
 
 def _exactly_one(path: str, first: Any, second: Any, what: str) -> None:

@@ -117,6 +117,16 @@ class DependencyGraph:
         return self.groups[group_id]
 
     @property
+    def branches(self) -> list:
+        """Residual branches (depth units, ``fxprune.channels.branches``), found on first use;
+        their ids follow the last group id, so one plan can name groups and branches."""
+        if getattr(self, "_branches", None) is None:
+            from .branches import find_branches  # branches reads graphs; graph must not import it first
+
+            self._branches = find_branches(self.gm, len(self.groups), self.state.canonical)
+        return self._branches
+
+    @property
     def prunable_groups(self) -> list[Group]:
         return [g for g in self.groups if g.prunable]
 

@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "widths on multiples of 8-64: fast and deterministic), latency (times each "
                         "group's kernels and keeps the result only if it runs faster; slower to run), "
                         "global (ranked across groups by score per FLOP; thins cheap early layers)")
+    p.add_argument("--units", choices=("channels", "branches", "both"),
+                   help="what competes for the budget: channels (default), branches (whole residual "
+                        "blocks: depth) or both (docs/depth.md)")
+    p.add_argument("--branch-score", choices=("output_norm", "block_influence", "group_lasso"),
+                   help="how branches rank (default output_norm: |f(x)| / |x| over the inputs)")
     p.add_argument("--round-to", type=int, metavar="K",
                    help="kept channel counts are multiples of K (default 8; 1: exact counts)")
     p.add_argument("--latency", action="store_true", help="also measure latency before/after (the "

@@ -15,6 +15,7 @@ import torch.fx
 
 from .._util import eval_mode
 from ..capture.parts import record_parts
+from ..channels.branches import unit
 from ..channels.graph import DependencyGraph
 from ..errors import PlanError, VerificationError
 from .check_values import output_error
@@ -27,7 +28,7 @@ def zeroed_copy(model: torch.nn.Module, graph: DependencyGraph, plan: Mapping[in
     state = dict(ref.named_parameters(remove_duplicate=False)) | dict(ref.named_buffers(remove_duplicate=False))
     with torch.no_grad():
         for gid, channels in plan.items():
-            for key, cuts in graph.group(gid).slices(channels, "out").items():
+            for key, cuts in unit(graph, gid).slices(channels, "out").items():
                 for dim, index in cuts:
                     state[key].index_fill_(dim, torch.as_tensor(index, device=state[key].device), 0)
     return ref
@@ -52,9 +53,10 @@ def check_zero_invariance(model: torch.nn.Module, graph: DependencyGraph, plan: 
     True
     """
     for gid in plan:
-        group = graph.group(gid)
+        group = unit(graph, gid)  # a channel group or a branch (zeroing its last producer = removing it)
         if not group.zero_invariant:
-            raise PlanError(f"group {gid} is not zero-invariant ({group.zero_invariance_reason}); "
+            why = getattr(group, "zero_invariance_reason", None) or getattr(group, "reason", "")
+            raise PlanError(f"{type(group).__name__.lower()} {gid} is not zero-invariant ({why}); "
                             "the oracle does not apply to it")
     from .prune import prune_graph
 

@@ -6,8 +6,10 @@ Users of Hugging Face transformers need their own class back (``generate()``,
 the planned channels sliced out of every parameter and buffer (the same cuts the prune
 pass makes), sets layer attributes and attention head counts from the analysis, updates
 a Hugging Face ``config`` and proves it builds the same shapes, and finally checks the
-copy against the pruned GraphModule on the example inputs. Where the class cannot carry
-the result, a :class:`~fxprune.errors.WriteBackError` names the module or config field.
+copy against the pruned GraphModule on the example inputs. Removed residual branches
+take whole blocks with them where a block computes only ``input + branch(input)``
+(``fxprune.passes.branch_modules``). Where the class cannot carry the result, a
+:class:`~fxprune.errors.WriteBackError` names the module or config field.
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ from torch.utils._pytree import tree_leaves
 
 from .._util import eval_mode, first_line
 from ..capture.parts import record_parts
+from ..channels.branches import split_plan
 from ..channels.graph import DependencyGraph
 from ..errors import WriteBackError
+from .branch_modules import drop_blocks, removed_blocks
 from .hf_config import check_config, update_config
 from .layer_attrs import attention_heads, sync_head_attrs, sync_layer_sizes
 from .prune import PruneContext, cut_tensor, kept_ids, tensor_cuts
@@ -45,6 +49,7 @@ def write_back(graph: DependencyGraph, plan: Mapping[int, object], pruned: torch
     if model is None:
         raise WriteBackError("emit='module' needs the nn.Module that fxprune.analyze was given (an "
                              f"ExportedProgram has no class of its own to write into); {GRAPH_HINT}")
+    blocks = removed_blocks(graph, split_plan(graph, plan)[1])  # modules that become the identity
     keep = kept_ids(graph, plan)
     cuts_by_key = tensor_cuts(graph, keep)
     _refuse_multihead_attention(model, cuts_by_key)
@@ -55,6 +60,7 @@ def write_back(graph: DependencyGraph, plan: Mapping[int, object], pruned: torch
         tensor = _tensor_at(model, key)
         memo[id(tensor)] = cut_tensor(tensor, cuts)  # deepcopy then reuses the cut tensor, ties kept
     new = copy.deepcopy(model, memo)
+    drop_blocks(new, blocks)
     heads = attention_heads(graph, PruneContext(graph, pruned, keep).new_shape)
     sync_layer_sizes(new, pruned)
     sync_head_attrs(new, heads)
