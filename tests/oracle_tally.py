@@ -18,7 +18,11 @@ TALLY: dict[str, list[int]] = defaultdict(lambda: [0, 0])
 
 def moved(reference: torch.Tensor, zeroed: torch.Tensor, tolerance: float) -> bool:
     """Whether zeroing the planned units moved the output by more than ``tolerance``
-    (relative): only then would a pruned model that forgot the plan fail the oracle."""
+    (relative): only then would a pruned model that forgot the plan fail the oracle.
+
+    >>> moved(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.9]), 1e-4), moved(torch.ones(2), torch.ones(2), 1e-4)
+    (True, False)
+    """
     scale = reference.abs().max().clamp_min(1e-6)
     return bool((reference - zeroed).abs().max() / scale > tolerance)
 

@@ -216,7 +216,7 @@ def test_input_model_is_not_mutated(arch, data, training):
 
 
 @SETTINGS
-@given(arch=architectures(min_steps=2, max_steps=4, ops=("conv", "act", "attn")), data=st.data(),
+@given(arch=architectures(min_steps=2, max_steps=4, ops=("conv", "act", "attn"), ensure="attn"), data=st.data(),
        capture=FRONT_ENDS)
 def test_attention_blocks_pass_the_oracle(arch, data, capture):
     """Multi-head and grouped-query attention, with and without rotary embeddings, with
