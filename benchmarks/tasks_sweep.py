@@ -17,7 +17,6 @@ it run, did the output keep its shape, the parameters left.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ import fxprune
 from fxprune.passes.verify import check_zero_invariance
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from forked import call_forked  # noqa: E402
 from helpers import count_params, half_plan  # noqa: E402
 from timm_zoo import reason_kind  # noqa: E402
 
@@ -173,25 +173,9 @@ def _tp_worker(name: str, conn) -> None:
 
 def check_torch_pruning(name: str, timeout: float) -> dict:
     """Torch-Pruning in a forked process killed after ``timeout`` s (its group building can stall)."""
-    ctx = multiprocessing.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_tp_worker, args=(name, child), daemon=True)
-    start = time.perf_counter()
-    proc.start()
-    child.close()
-    result = None
-    if parent.poll(timeout):
-        try:
-            result = parent.recv()
-        except EOFError:
-            result = None
-    proc.join(5)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
+    result, why = call_forked(_tp_worker, (name,), timeout)
     if result is None:
-        late = time.perf_counter() - start >= timeout
-        result = {"tp_ran": False, "tp_why": f"timeout {timeout:.0f} s" if late else f"died (exit {proc.exitcode})"}
+        result = {"tp_ran": False, "tp_why": why}
     return result
 
 

@@ -8,7 +8,6 @@ in a forked process with a time limit, since its group building can stall.
 """
 from __future__ import annotations
 
-import multiprocessing
 import time
 import traceback
 from collections import Counter
@@ -17,6 +16,7 @@ import torch
 
 import fxprune
 from fxprune.passes.verify import check_zero_invariance, output_error
+from forked import call_forked
 from helpers import count_params, half_plan, unit_scale
 
 # The sweep's list: every family the issue names, plus the common ones; each < 60M params.
@@ -150,26 +150,10 @@ def _tp_worker(model, x, conn) -> None:
 def check_torch_pruning(model: torch.nn.Module, x: torch.Tensor, timeout: float = 120.0) -> dict:
     """Torch-Pruning's MetaPruner at 50% per layer, classifier ignored, in a forked process
     that is killed after ``timeout`` seconds. Shape-checked only: it has no oracle."""
-    ctx = multiprocessing.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_tp_worker, args=(model, x, child), daemon=True)
     start = time.perf_counter()
-    proc.start()
-    child.close()
-    result = None
-    if parent.poll(timeout):
-        try:
-            result = parent.recv()
-        except EOFError:
-            result = None
-    proc.join(5)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
+    result, why = call_forked(_tp_worker, (model, x), timeout)
     if result is None:
-        timed_out = time.perf_counter() - start >= timeout
-        result = {"tp_ok": False, "tp_why": f"timeout {timeout:.0f} s" if timed_out else
-                  f"process died (exit {proc.exitcode})"}
+        result = {"tp_ok": False, "tp_why": why}
     result.setdefault("tp_s", round(time.perf_counter() - start, 1))
     return result
 
