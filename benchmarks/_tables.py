@@ -180,25 +180,64 @@ def digits_capacity(rows: list[dict]) -> Table:
     return ["widths", "FLOPs reduction", "params", "accuracy %"], [line for _, line in out]
 
 
+NO_ORACLE = "no zero-invariant group"  # a row on which the oracle had nothing to check
+
+
+def zoo_oracle(row: dict) -> str:
+    """Whether the oracle ran on a zoo_sweep.py row: only where a group is zero-invariant
+    (rows written before the sweep said so carry an error of 0.0 there)."""
+    return "ran" if row.get("zero_invariant") else NO_ORACLE
+
+
 def zoo_sweep(rows: list[dict]) -> Table:
     """One line per torchvision model: groups, why frozen, the oracle's error and the time."""
     head = ["model", "fx nodes", "groups", "prunable", "zero-inv.", "frozen", "why frozen (kind × count)",
             "oracle error", "s", "status"]
     body = [[r["model"], r.get("nodes", ""), r.get("groups", ""), r.get("prunable", ""), r.get("zero_invariant", ""),
              r.get("frozen", ""), r.get("frozen_why", ""),
-             f"{r['oracle_error']:.1e}" if isinstance(r.get("oracle_error"), float) else "",
+             (f"{r['oracle_error']:.1e}" if zoo_oracle(r) == "ran" else NO_ORACLE)
+             if isinstance(r.get("oracle_error"), float) else "",
              r.get("seconds", ""), r["status"]] for r in rows]
     return head, body
 
 
 def zoo_summary(rows: list[dict]) -> Table:
-    """The sweep in one line: models passing, groups, and the largest oracle error."""
-    passed = [r for r in rows if r["status"] == "pass"]
+    """The sweep in one line: models passing (the oracle ran and held), groups, and the
+    largest oracle error. A model with no zero-invariant group does not count as passing."""
+    passed = [r for r in rows if r["status"] == "pass" and zoo_oracle(r) == "ran"]
     errors = [r["oracle_error"] for r in passed if isinstance(r.get("oracle_error"), float)]
     head = ["models passing", "groups", "prunable", "zero-invariant", "frozen", "largest oracle error"]
     return head, [[f"{len(passed)}/{len(rows)}", sum(r["groups"] for r in passed),
                    sum(r["prunable"] for r in passed), sum(r["zero_invariant"] for r in passed),
                    sum(r["frozen"] for r in passed), f"{max(errors):.1e}" if errors else ""]]
+
+
+def tasks_sweep(rows: list[dict]) -> Table:
+    """tasks_sweep.py's rows: fxprune (front end, groups, oracle) and Torch-Pruning, per model."""
+    def fmt(value: Any, spec: str = ".3g") -> str:
+        return format(value, spec) if isinstance(value, float) else ("" if value is None else str(value))
+
+    head = ["model", "family", "M params", "front end", "groups", "prunable", "zero-inv.", "oracle error",
+            "kept", "fxprune", "Torch-Pruning", "TP shape", "TP kept"]
+    body = [[r["model"], r["family"], fmt(r.get("params_M")), r.get("front_end", ""), r.get("groups", ""),
+             r.get("prunable", ""), r.get("zero_invariant", ""), fmt(r.get("oracle_error"), ".1e"),
+             fmt(r.get("kept")), "pass" if r["status"] == "pass" else f"FAIL {r.get('why', '')}"[:70],
+             "ran" if r.get("tp_ran") else f"FAIL {r.get('tp_why', '')}"[:60] if "tp_ran" in r else "",
+             {True: "kept", False: "changed"}.get(r.get("tp_shape_ok"), ""), fmt(r.get("tp_kept"))]
+            for r in rows]
+    return head, body
+
+
+def tasks_summary(rows: list[dict]) -> Table:
+    """The tasks sweep per family: models whose oracle holds, and Torch-Pruning's runs that keep the shape."""
+    body = []
+    for family in [*dict.fromkeys(r["family"] for r in rows), "all"]:
+        mine = [r for r in rows if family in ("all", r["family"])]
+        errors = [r["oracle_error"] for r in mine if r["status"] == "pass"]
+        body.append([family, f"{sum(r['status'] == 'pass' for r in mine)}/{len(mine)}",
+                     f"{max(errors):.1e}" if errors else "",
+                     f"{sum(bool(r.get('tp_ran') and r.get('tp_shape_ok')) for r in mine)}/{len(mine)}"])
+    return ["family", "fxprune: oracle holds", "largest oracle error", "Torch-Pruning: runs, shape kept"], body
 
 
 NM_MODES = {"eager": "eager", "graph": "CUDA graph", "compiled": 'torch.compile(mode="reduce-overhead")'}
@@ -228,6 +267,14 @@ def nm_gpu_layers(rows: list[dict]) -> Table:
 
 
 # name in the docs' markers -> (results file, table)
+def timm_oracle(row: dict) -> str:
+    """Whether the oracle ran on a timm_sweep.py row (its "oracle" column; rows written
+    before it existed: an error was recorded)."""
+    if "oracle" in row:
+        return row["oracle"]
+    return "ran" if row.get("oracle_error") is not None else NO_ORACLE
+
+
 def timm_sweep(rows: list[dict]) -> Table:
     """timm_sweep.py's rows: fxprune (front end, groups, parameters kept, oracle) and Torch-Pruning."""
     def fmt(value: Any, spec: str = ".3g") -> str:
@@ -236,22 +283,29 @@ def timm_sweep(rows: list[dict]) -> Table:
     head = ["model", "M params", "front end", "groups", "prunable", "kept", "oracle error", "fxprune",
             "Torch-Pruning", "TP kept"]
     body = [[r["model"], fmt(r.get("params_M")), r.get("front_end", ""), r.get("groups", ""), r.get("prunable", ""),
-             fmt(r.get("kept")), fmt(r.get("oracle_error"), ".1e") if r.get("oracle_error") is not None else "n/a",
-             "ok" if r.get("fx_ok") else f"FAIL {r.get('fx_why', '')}"[:60],
+             fmt(r.get("kept")), fmt(r.get("oracle_error"), ".1e") if timm_oracle(r) == "ran" else timm_oracle(r),
+             ("ok" if timm_oracle(r) == "ran" else "ok, shape only") if r.get("fx_ok")
+             else f"FAIL {r.get('fx_why', '')}"[:60],
              "ok" if r.get("tp_ok") else f"FAIL {r.get('tp_why', '')}"[:60], fmt(r.get("tp_kept"))]
             for r in rows]
     return head, body
 
 
 def timm_summary(rows: list[dict]) -> Table:
-    """How many models each tool prunes below 80% of their parameters, same list, same run."""
+    """How many models each tool prunes below 80% of their parameters, same list, same run.
+    fxprune's count is of models the oracle checked; those with no zero-invariant group
+    (shape and parameter count checked only, as Torch-Pruning's) are a line of their own."""
     n = len(rows)
-    fx = sum(bool(r.get("fx_ok")) for r in rows)
+    checked = [r for r in rows if r.get("fx_ok") and timm_oracle(r) == "ran"]
+    unchecked = [r["model"] for r in rows if r.get("fx_ok") and timm_oracle(r) != "ran"]
     tp = sum(bool(r.get("tp_ok")) for r in rows)
-    exported = sum(r.get("front_end") == "export" for r in rows)
-    return (["tool", "models pruned below 80% of their parameters", "notes"],
-            [["fxprune", f"{fx}/{n}", f"oracle exact; {exported} captured with torch.export"],
-             ["Torch-Pruning 1.6", f"{tp}/{n}", "shape-checked only (no oracle)"]])
+    exported = sum(r.get("front_end") == "export" for r in checked)
+    body = [["fxprune", f"{len(checked)}/{n}", f"oracle ran and held; {exported} captured with torch.export"]]
+    if unchecked:
+        body.append(["fxprune, no zero-invariant group", f"{len(unchecked)}/{n}",
+                     f"shape checked only, the oracle had nothing to check: {', '.join(unchecked)}"])
+    body.append(["Torch-Pruning 1.6", f"{tp}/{n}", "shape-checked only (no oracle)"])
+    return ["tool", "models pruned below 80% of their parameters", "notes"], body
 
 
 def llm_scale(rows: list[dict]) -> Table:
@@ -298,6 +352,13 @@ def minilm(rows: list[dict]) -> Table:
     return head, body
 
 
+def value_check(rows: list[dict]) -> Table:
+    """value_check.py's rows: prune time with shapes only and with the value check."""
+    head = ["model", "analyze (s)", "prune, shapes (s)", "prune, values (s)", "values / shapes", "error found"]
+    return head, [[r["model"], f"{r['analyze_s']:.2f}", f"{r['prune_shapes_s']:.2f}", f"{r['prune_values_s']:.2f}",
+                   f"{r['overhead']:.2f}", f"{r['error']:.1e}"] for r in rows]
+
+
 TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "timm_sweep": ("timm_sweep", timm_sweep),
     "timm_summary": ("timm_sweep", timm_summary),
@@ -312,6 +373,9 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "digits_capacity": ("digits_capacity", digits_capacity),
     "zoo_sweep": ("zoo_sweep", zoo_sweep),
     "zoo_summary": ("zoo_sweep", zoo_summary),
+    "tasks_sweep": ("tasks_sweep", tasks_sweep),
+    "tasks_summary": ("tasks_sweep", tasks_summary),
     "nm_gpu": ("nm_gpu", nm_gpu),
     "minilm": ("minilm", minilm),
+    "value_check": ("value_check", value_check),
 }

@@ -5,7 +5,9 @@ input or the model's own size when it refuses that): fxprune analyzes with
 ``capture="auto"`` (the front end that ran is recorded), prunes ~50% of every prunable
 group (the output shape must hold; the parameter fraction kept is reported) and runs the
 zero-invariance oracle on ~50% of every zero-invariant group. A model "prunes as it
-should" when the oracle holds, the shape holds and it keeps under 80% of its parameters.
+should" when the oracle holds, the shape holds and it keeps under 80% of its parameters;
+a model with no zero-invariant group (the oracle has nothing to check) says so in its
+oracle column and is counted on a line of its own, as shape-checked only.
 Torch-Pruning's MetaPruner (L1 magnitude, ``pruning_ratio=0.5``, classifier ignored,
 ``global_pruning=False``) runs on a fresh copy in a forked process with a time limit;
 it counts when its model runs, keeps the output shape and is under 80% (it has no oracle).
@@ -24,7 +26,7 @@ import torch
 
 from _results import add_json_option, header, write
 from _tables import timm_sweep as sweep_table
-from _tables import show
+from _tables import show, timm_summary
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from timm_zoo import MODELS, check_model  # noqa: E402
@@ -49,9 +51,7 @@ def main() -> int:
         if args.json:  # rewrite as it goes so a long sweep leaves partial results
             write(args.json, rows, header(args, timm=metadata.version("timm")))
     show(sweep_table(rows))
-    fx = sum(bool(r.get("fx_ok")) for r in rows)
-    tp = sum(bool(r.get("tp_ok")) for r in rows)
-    print(f"\nfxprune {fx}/{len(rows)}" + ("" if args.no_tp else f", Torch-Pruning {tp}/{len(rows)}"))
+    show(timm_summary(rows))  # fxprune's count is of rows the oracle checked
     return 0
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from helpers import half_plan, randomize  # noqa: E402
 
 from _results import add_json_option, header, write  # noqa: E402
-from _tables import show  # noqa: E402
+from _tables import show, value_check  # noqa: E402
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v3_large", "convnext_tiny", "vit_b_16", "densenet121")
 
@@ -56,12 +56,6 @@ def measure(name: str, repeats: int) -> dict:
             "error": float(f"{check:.2g}")}
 
 
-def table(rows: list[dict]) -> tuple[list[str], list[list]]:
-    head = ["model", "analyze (s)", "prune, shapes (s)", "prune, values (s)", "values / shapes", "error found"]
-    return head, [[r["model"], r["analyze_s"], r["prune_shapes_s"], r["prune_values_s"], r["overhead"],
-                   f"{r['error']:.1e}"] for r in rows]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision names")
@@ -70,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     rows = [measure(name, args.repeats) for name in args.models.split(",")]
-    show(table(rows))
+    show(value_check(rows))
     if args.json:
         write(args.json, rows, header(args))
     return 0

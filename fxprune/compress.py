@@ -85,13 +85,18 @@ def check_finite(model: torch.nn.Module) -> None:
 
 def emit_model(graph, plan: dict, pruned: torch.fx.GraphModule, emit: str, notes: list[str]) -> torch.nn.Module:
     """The model ``compress`` returns: the pruned graph, or your class with the plan
-    written back (``emit``: "graph", "module", or "auto": module for export captures)."""
+    written back (``emit``: "graph", "module", or "auto": module for export and parts
+    captures). A parts capture's graph holds only the parts (the model's own forward runs
+    the rest), so it is always written back."""
+    if graph.capture == "parts" and emit == "graph":
+        raise WriteBackError("emit='graph' cannot return a model captured as parts: the graph holds only "
+                             "its learnable parts, your forward runs the rest; use emit='module' or 'auto'")
     if emit == "graph" or (emit == "auto" and graph.capture == "fx"):
         return pruned
     try:
         model = write_back(graph, plan, pruned)
     except WriteBackError as exc:
-        if emit == "module":
+        if emit == "module" or graph.capture == "parts":
             raise
         notes.append(f"emit: a GraphModule (fixed to the example input shapes), not your class: {exc}")
         return pruned
@@ -130,7 +135,11 @@ def _compress(model: torch.nn.Module, spec, loaded: Spec, measure_latency: bool 
     step("analysing")
     notes: list[str] = []
     graph = analyze(model, inputs, capture=loaded.capture, attention_units=loaded.attention_units)  # ``model`` itself is never touched
-    notes.append(f"capture: {'torch.fx symbolic trace' if graph.capture == 'fx' else 'torch.export'}")
+    front_ends = {"fx": "torch.fx symbolic trace", "export": "torch.export",
+                  "parts": f"parts ({', '.join(dict.fromkeys(p.path for p in graph.parts or ()))}; "
+                           "the rest of forward runs as your code)"}
+    notes.append(f"capture: {front_ends[graph.capture]}")
+    notes.extend(f"capture: {note}" for note in graph.capture_notes)
     notes.extend(f"capture: {k}={v!r} for the capture" for k, v in graph.capture_kwargs.items())
     check_finite(graph.gm)
     step(f"scoring ({loaded.score_method})")

@@ -6,7 +6,13 @@ class FxpruneError(Exception):
 
 
 class TraceError(FxpruneError):
-    """The model could not be captured as a torch.fx graph."""
+    """The model could not be captured as a torch.fx graph.
+
+    The message is short (the reason and the fix); ``details`` holds the front end's full
+    error text when it was cut (torch.export's can be pages of graph).
+    """
+
+    details: str | None = None
 
 
 class AnalysisError(FxpruneError):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from fxprune._check import (check_bool, check_choice, check_int, check_keys, did_you_mean, fail,
                              got)
@@ -22,17 +23,19 @@ from fxprune._util import read_config
 from fxprune.errors import SpecError
 from fxprune.measure import LatencySettings
 from fxprune.capture import FRONT_ENDS
-from fxprune.capture.inputs import ExampleInputs
+from fxprune.capture.inputs import ExampleInputs, bad_leaf
 from fxprune.channels.analysis import ATTENTION_UNITS
 from fxprune.passes.emit import EMITS as PRUNE_EMITS
 from fxprune.passes.prune import VERIFY
 from fxprune.select.calibration import Calibration, as_calibration, check_data_needs
+from fxprune.select.branch_score import BRANCH_SCORES
 from fxprune.select.metrics import TARGET_METRICS
 from fxprune.select.score import known_scores
 
 SCOPES = ("global", "local", "latency")
+UNIT_KINDS = ("channels", "branches")  # what competes for the budget (docs/depth.md)
 CAPTURES = FRONT_ENDS
-EMITS = ("auto", *PRUNE_EMITS)  # "auto": graph for fx captures, module for export ones
+EMITS = ("auto", *PRUNE_EMITS)  # "auto": graph for fx captures, module for export and parts ones
 _CODE_ONLY = ("example_inputs", "calib_inputs", "loss_fn")  # cannot live in a file
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -59,16 +62,25 @@ def _list_of(value: Any, kind: type | tuple[type, ...]) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, kind) for v in value)
 
 
-def _tensors(path: str, value: Any, hint: str) -> tuple[torch.Tensor, ...] | dict[str, Any]:
+def _tensors(path: str, value: Any, hint: str) -> tuple[Any, ...] | dict[str, Any]:
     """Positional inputs (a tensor or a tuple of them), or keyword inputs (a dict by name,
-    how Hugging Face models are called)."""
+    how Hugging Face models are called); each may nest tensors in tuples, lists and dicts
+    (a detector takes a list of images: ``([image],)``)."""
     if isinstance(value, Mapping) and value and all(isinstance(k, str) for k in value):
-        return dict(value)
-    value = (value,) if isinstance(value, torch.Tensor) else value
-    if not _list_of(value, torch.Tensor):
-        fail(path, f"expected a non-empty tuple of torch.Tensor or a dict of keyword inputs, "
-                   f"{got(value)}; {hint}")
-    return tuple(value)
+        value = dict(value)
+    else:
+        value = (value,) if isinstance(value, torch.Tensor) else value
+        if not isinstance(value, (list, tuple)) or not value:
+            fail(path, f"expected a non-empty tuple of inputs (tensors, or tuples, lists and dicts of "
+                       f"them) or a dict of keyword inputs, {got(value)}; {hint}")
+        value = tuple(value)
+    bad = bad_leaf(value)
+    if bad is not None:
+        fail(f"{path}{bad[0]}", f"expected a tensor (or a number, a string or None), {got(bad[1])}; "
+                                "inputs nest tensors in tuples, lists and dicts")
+    if not tree_leaves(value) or not any(isinstance(t, torch.Tensor) for t in tree_leaves(value)):
+        fail(path, f"holds no tensor; {hint}")
+    return value
 
 
 def _shape(path: str, value: Any, nested: bool = True) -> list[int] | list[list[int]]:
@@ -92,7 +104,8 @@ class Spec:
 
     Inputs, exactly one of:
         example_inputs: tuple of tensors to trace with (one tensor is wrapped), or a dict of
-            keyword inputs (``{"input_ids": ids}``); Python only.
+            keyword inputs (``{"input_ids": ids}``); either may nest tensors in tuples,
+            lists and dicts (a detector: ``([image],)``); Python only.
         input_shape: the input's shape, ``[1, 3, 224, 224]``, or a list of shapes for
             several inputs; ``make_example_inputs()`` draws float32 normal tensors.
     Goal, exactly one of:
@@ -102,8 +115,10 @@ class Spec:
             (0, 1]; a metric of the registry ``fxprune.select.metrics.TARGET_METRICS``
             ("flops", "params", "latency", or one added with ``register_metric``).
     Options:
-        capture: front end, "auto" (default: torch.fx, falling back to torch.export),
-            "fx" or "export" (Hugging Face transformers need export).
+        capture: front end, "auto" (default: torch.fx, falling back to torch.export, then
+            to parts), "fx", "export" (Hugging Face transformers need export) or "parts"
+            (the learnable submodules in one graph, e.g. a detector's backbone and heads;
+            the rest of forward stays your code, so the result is your class).
         attention_units: what one unit of an attention group is: "heads" (default: a
             whole head; with grouped-query attention a key/value head and its query
             heads), "query_slots" (the same query head of every key/value group; the
@@ -134,8 +149,9 @@ class Spec:
         emit: what ``result.model`` is: "graph" (a ``torch.fx.GraphModule``), "module" (a
             pruned copy of your own class, Hugging Face ``config`` updated, checked
             against the graph) or "auto" (default): "graph" for an fx capture, "module"
-            for an export capture, falling back to "graph" with a note when the class
-            cannot carry the result (an exported graph is fixed to the example shapes).
+            for an export or parts capture, falling back to "graph" with a note when the
+            class cannot carry the result (an exported graph is fixed to the example
+            shapes; a parts graph holds only the parts, so there it is an error).
         verify: "values" (default): the pruned model is checked against the original with
             the removed units masked on the example inputs (``VerificationError`` on a
             mismatch); "shapes": only shapes are re-propagated (saves two forward passes).
@@ -152,6 +168,14 @@ class Spec:
             and ``loss_fn(model output) -> scalar tensor`` for score="taylor" (optional
             with calibration: ``fxprune.select.calibration.default_loss``).
         seed: int >= 0 for every random draw (default 0).
+        units: which kinds of unit compete for the budget: "channels" (default),
+            "branches" (residual branches, whole blocks: ``graph.branches``) or
+            ``["channels", "branches"]`` (one ranking, scores normalised within each
+            kind and divided by cost; docs/depth.md). Not with scope="latency".
+        branch_score: how branches are ranked: "output_norm" (default: the branch's
+            output norm relative to the stream), "block_influence" (1 - cos of the
+            stream before and after) or "group_lasso" (the L2 norm of its weights);
+            ``fxprune.select.branch_score``.
 
     Files hold the same fields in a table (TOML) or object (JSON); in a file named
     pyproject.toml the spec is the ``[tool.fxprune.compress]`` table.
@@ -182,6 +206,8 @@ class Spec:
     calib_inputs: tuple[torch.Tensor, ...] | None = field(default=None, repr=False, compare=False)
     loss_fn: Callable[[Any], torch.Tensor] | None = field(default=None, repr=False, compare=False)
     seed: int = 0
+    units: str | list[str] = "channels"
+    branch_score: str = "output_norm"
 
     def __post_init__(self) -> None:
         check_choice("spec.capture", self.capture, CAPTURES)
@@ -215,6 +241,24 @@ class Spec:
         self.ratio = None if self.ratio is None else self._check_ratio()
         self.target = None if self.target is None else _target("spec.target", self.target)
         self._check_taylor()
+        self.units = _units("spec.units", self.units)
+        check_choice("spec.branch_score", self.branch_score, BRANCH_SCORES)
+        if "branches" in self.unit_kinds and self.scope == "latency":
+            fail("spec.scope", "scope='latency' times channel groups only; with units including "
+                 "'branches' use scope='local' or 'global' (branches are ranked per unit of cost)")
+        if "branches" in self.unit_kinds and isinstance(self.ratio, Mapping):
+            fail("spec.ratio", "a ratio per group or module applies to channels; with units including "
+                 "'branches' give one float ratio (the share of branches removed) or a target")
+
+    @property
+    def unit_kinds(self) -> tuple[str, ...]:
+        """``units`` as a tuple of kinds.
+
+        Example:
+            >>> Spec(input_shape=[1, 4], ratio=0.5, units=["branches", "channels"]).unit_kinds
+            ('channels', 'branches')
+        """
+        return (self.units,) if isinstance(self.units, str) else tuple(self.units)
 
     def _check_ratio(self) -> float | dict[str, float]:
         def one(path: str, value: Any) -> float:
@@ -302,6 +346,8 @@ class Spec:
             if name == "input_shape" and value is None:
                 if isinstance(self.example_inputs, dict):
                     continue  # keyword inputs have no file form
+                if not all(isinstance(t, torch.Tensor) for t in self.example_inputs):
+                    continue  # nested inputs have no file form either
                 shapes = [list(t.shape) for t in self.example_inputs]
                 value = shapes[0] if len(shapes) == 1 else shapes
             if isinstance(value, LatencySpec):
@@ -397,6 +443,15 @@ def check_ratio_keys(ratio: Mapping[str, float], names: list[str], ids: list[int
         fail(f"spec.ratio[{key!r}]", f"matches no group: no module that produces a group's channels "
              f"matches it; {hint}; keys are group ids or fnmatch patterns on module names (list them "
              "with `fxprune graph MODEL`)")
+
+
+def _units(path: str, value: Any) -> str | list[str]:
+    """One kind as a string, several as a list in ``UNIT_KINDS`` order."""
+    kinds = [value] if isinstance(value, str) else value
+    if not _list_of(kinds, str) or any(k not in UNIT_KINDS for k in kinds):
+        fail(path, f"expected {' or '.join(map(repr, UNIT_KINDS))} or a list of them, {got(value)}")
+    kinds = [k for k in UNIT_KINDS if k in kinds]
+    return kinds[0] if len(kinds) == 1 else kinds
 
 
 def _exactly_one(path: str, first: Any, second: Any, what: str) -> None:

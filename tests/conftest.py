@@ -27,3 +27,14 @@ def import_benchmark(monkeypatch):
     torch.set_num_threads(threads)
     for name in imported:
         sys.modules.pop(name, None)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print how many property-test examples ran an oracle that could fail (tests/oracle_tally.py)."""
+    import oracle_tally
+
+    lines = oracle_tally.summary()
+    if lines:
+        terminalreporter.section("oracle examples")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -176,9 +176,11 @@ def attention_units(arch: "Arch") -> st.SearchStrategy[str]:
 
 
 @st.composite
-def architectures(draw, min_steps: int = 3, max_steps: int = 8, ops: tuple[str, ...] = OPS) -> Arch:
+def architectures(draw, min_steps: int = 3, max_steps: int = 8, ops: tuple[str, ...] = OPS,
+                  ensure: str | None = None) -> Arch:
     """Random DAG descriptions: ``min_steps..max_steps`` steps drawn from ``ops`` (some may
-    be skipped)."""
+    be skipped); with ``ensure`` (an op every pool can take, such as ``"attn"``), one step of
+    that op is added where the draw has none, so no example misses what a test is about."""
     seed = draw(st.integers(0, 2**16))
     pool = [INPUT_SHAPE[1]]
     steps = []
@@ -187,6 +189,10 @@ def architectures(draw, min_steps: int = 3, max_steps: int = 8, ops: tuple[str, 
         if drawn is None:
             continue
         step, outs = drawn
+        steps.append(step)
+        pool.extend(outs)
+    if ensure and not any(s.op == ensure for s in steps):
+        step, outs = draw(_step(pool, (ensure,)))
         steps.append(step)
         pool.extend(outs)
     if draw(st.booleans()):

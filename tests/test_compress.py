@@ -134,10 +134,16 @@ def test_flops_target_global_thins_cheap_groups_more(resnet, resnet_graph):
     assert max(kept) - min(kept) > 0.25, kept  # ranked by score per FLOP, not uniform
 
 
-def test_ignore_skips_groups(resnet_graph):
+def test_ignore_skips_the_named_group_and_prunes_the_others(resnet_graph):
     scores = score_groups(resnet_graph, "magnitude")
-    plan = select(resnet_graph, scores, Spec(example_inputs=(X,), ratio=0.5, scope="local", ignore=["conv1"]))
-    assert 0 not in plan  # group 0 is produced by conv1 (with the layer1 residual)
+    spec = dict(example_inputs=(X,), ratio=0.5, scope="local")
+    free = select(resnet_graph, scores, Spec(**spec))
+    plan = select(resnet_graph, scores, Spec(**spec, ignore=["conv1"]))
+    (conv1,) = [g for g in resnet_graph.prunable_groups if "conv1.weight[0]" in g.producers]
+    assert conv1.id in free and conv1.id not in plan  # conv1's group (with the layer1 residual) is kept
+    # every other group is pruned as without ``ignore`` (local scope: each group on its own)
+    assert len(plan) == len(free) - 1 >= 5
+    assert plan == {gid: units for gid, units in free.items() if gid != conv1.id}
 
 
 @pytest.mark.parametrize("method", ["magnitude", "group_lasso", "bn_scale", "taylor"])
@@ -176,14 +182,16 @@ def test_errors_name_the_field(resnet):
         score_groups(graph, "taylor")
 
 
-def test_latency_target_prunes_until_measured_latency_drops(resnet):
-    """Timing is noisy, so the assertion is loose; the pass aims for 5% of the target."""
+def test_latency_target_prunes_and_reports_measured_latency(resnet):
+    """Timing on a shared CI machine is too noisy to assert that latency dropped (the pass
+    aims for 5% of the target; benchmarks/latency.py measures it): this checks the target
+    drives pruning and the report carries measured latencies."""
     x = torch.randn(1, 3, 128, 128)
     result = compress(resnet, {"example_inputs": (x,), "target": {"latency": 0.6},
                                "latency": {"threads": 1, "repeats": 5, "warmup": 2}})
     assert result.plan and any("target latency=0.6" in n for n in result.notes)
     stats = result.report.to_dict()
-    assert stats["after"]["latency_ms"] is not None
+    assert stats["before"]["latency_ms"] > 0 and stats["after"]["latency_ms"] > 0
     assert stats["after"]["flops"] < 0.9 * stats["before"]["flops"]
 
 

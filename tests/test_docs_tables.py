@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import make_docs  # noqa: E402
-from _tables import TABLES  # noqa: E402
+from _tables import TABLES, timm_summary, zoo_summary  # noqa: E402
 
 
 def test_docs_tables_are_up_to_date(capsys):
@@ -35,6 +35,24 @@ def test_a_stale_table_is_rewritten_and_an_unknown_one_is_refused(tmp_path):
     doc.write_text("<!-- table:nope -->\n<!-- /table -->\n", encoding="utf-8")
     with pytest.raises(SystemExit, match="unknown table 'nope'"):
         make_docs.regenerate(doc)
+
+
+def test_a_model_the_oracle_did_not_check_is_not_counted_as_passing_it():
+    """A sweep row with no zero-invariant group passed on its shape only: the summaries count
+    it apart (timm) or not at all (torchvision zoo), never as oracle-checked."""
+    timm_rows = [{"model": "a", "fx_ok": True, "oracle": "ran", "oracle_error": 1e-7, "tp_ok": True},
+                 {"model": "b", "fx_ok": True, "oracle": "no zero-invariant group", "oracle_error": None},
+                 {"model": "c", "fx_ok": True, "oracle_error": None},  # a row written before the column
+                 {"model": "d", "fx_ok": False, "oracle": "ran", "oracle_error": 0.5}]
+    _, body = timm_summary(timm_rows)
+    assert body[0][:2] == ["fxprune", "1/4"]
+    assert body[1][:2] == ["fxprune, no zero-invariant group", "2/4"] and body[1][2].endswith(": b, c")
+    assert body[2][:2] == ["Torch-Pruning 1.6", "1/4"]
+    zoo_row = dict(groups=3, prunable=2, frozen=1, status="pass")
+    zoo_rows = [{**zoo_row, "model": "a", "zero_invariant": 2, "oracle_error": 1e-6},
+                {**zoo_row, "model": "b", "zero_invariant": 0, "oracle_error": 0.0}]
+    _, (line,) = zoo_summary(zoo_rows)
+    assert line[0] == "1/2" and line[3] == 2 and line[-1] == "1.0e-06"
 
 
 def test_readme_fits_on_a_few_screens():

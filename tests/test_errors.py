@@ -31,7 +31,7 @@ class Branchy(nn.Module):
 
 def test_untraceable_forward_names_module_line_and_fix():
     with pytest.raises(fxprune.TraceError) as info:
-        fxprune.analyze(DataDependentIf(), torch.randn(1, 3, 4, 4))
+        fxprune.analyze(DataDependentIf(), torch.randn(1, 3, 4, 4), capture="fx")
     msg = str(info.value)
     assert "in module 'inner.1' (Branchy)" in msg
     assert "test_errors.py" in msg and "if x.sum() > 0" in msg
@@ -59,16 +59,36 @@ def test_concrete_args_fix_a_python_flag():
     assert graph.capture == "export" and [g.size for g in graph.prunable_groups] == [6]
 
 
-def test_both_front_ends_failing_gives_both_reasons():
+class WeightInTheBranch(nn.Module):
+    """Its only weight is read by the value-dependent code itself: no part to capture."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * self.scale[:, None, None]
+        return x
+
+
+def test_every_front_end_failing_gives_every_reason():
     with pytest.raises(fxprune.TraceError) as info:
-        fxprune.analyze(DataDependentIf(), torch.randn(1, 3, 4, 4))
+        fxprune.analyze(WeightInTheBranch(), torch.randn(1, 3, 4, 4))
     msg = str(info.value)
-    assert "neither front end" in msg and "[fx]" in msg and "[export]" in msg
-    assert msg.count("fix:") >= 2
+    assert "no front end" in msg and "[fx]" in msg and "[export]" in msg and "[parts]" in msg
+    assert msg.count("fix:") >= 3
+
+
+def test_auto_captures_the_parts_around_value_dependent_code_and_says_why():
+    graph = fxprune.analyze(DataDependentIf(), torch.randn(1, 3, 4, 4))
+    assert graph.capture == "parts" and [p.path for p in graph.parts] == ["inner.0"]
+    assert [n.split(":")[0] for n in graph.capture_notes] == ["fx could not capture the whole model",
+                                                              "export could not capture the whole model"]
 
 
 def test_unknown_capture_names_the_choices():
-    with pytest.raises(fxprune.TraceError, match="auto, fx, export"):
+    with pytest.raises(fxprune.TraceError, match="auto, fx, export, parts"):
         fxprune.analyze(nn.Linear(2, 2), torch.randn(1, 2), capture="jit")
 
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from helpers import half_plan, prune_and_check, randomize
+from helpers import half_plan, prune_and_check, unit_scale
 
 transformers = pytest.importorskip("transformers")
 from hf_models import tiny_models  # noqa: E402
@@ -104,7 +104,7 @@ def test_a_model_that_returns_its_cache_is_captured_with_it_off_unless_asked_for
     ids = torch.zeros(1, 4, dtype=torch.long)
     assert fxprune.analyze(model, {"input_ids": ids}).capture_kwargs == {"use_cache": False}
     with pytest.raises(fxprune.TraceError, match="use_cache=False"):  # the caller's own choice stands
-        fxprune.analyze(model, {"input_ids": ids, "use_cache": True})
+        fxprune.analyze(model, {"input_ids": ids, "use_cache": True}, capture="export")
 
 
 class FunctionalBlock(nn.Module):
@@ -133,7 +133,7 @@ class FunctionalBlock(nn.Module):
 
 @pytest.mark.parametrize("capture", ["fx", "export"])
 def test_functional_layers_and_shape_computed_splits(capture):
-    model = randomize(FunctionalBlock())
+    model = unit_scale(FunctionalBlock())
     graph, _, error = prune_and_check(model, torch.randn(2, 3, 8, 8), capture=capture)
     assert graph.capture == capture
     conv_group = [g for g in graph.prunable_groups if "conv.weight[0]" in g.producers]
@@ -146,7 +146,7 @@ def test_torchvision_models_through_export_match_fx(name):
     import torchvision
 
     size = 224 if name.startswith("vit") else 64
-    model = randomize(torchvision.models.get_model(name, weights=None)).eval()
+    model = unit_scale(torchvision.models.get_model(name, weights=None)).eval()
     x = torch.randn(1, 3, size, size)
     fx_graph = fxprune.analyze(model, x, capture="fx")
     graph, _, error = prune_and_check(model, x, capture="export")

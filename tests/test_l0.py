@@ -192,26 +192,31 @@ def test_compress_with_l0_score_and_flops_target(setup):
     assert result.model(x).shape == (4, 5)
 
 
-@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
-def test_training_with_optimizers_closes_gates(opt_name):
+# learning rate and L0 weight large enough that a gate's log_alpha falls below the point where
+# its deterministic value clamps to 0 (sigmoid(log_alpha) <= -gamma / (zeta - gamma)) within the steps
+@pytest.mark.parametrize("opt_name, lr, penalty, steps", [("sgd", 0.5, 0.3, 20), ("adam", 0.3, 0.05, 12)])
+def test_training_with_optimizers_closes_gates(opt_name, lr, penalty, steps):
     torch.manual_seed(0)
     model = _model().train()
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 5, (8,))
     gated = l0_gate(model, x)
     gated.train()
     assert len(gated.gate_parameters()) == 4
+    assert not any((z == 0).any() for z in gated.deterministic_gates().values())  # all open at the start
     if opt_name == "sgd":
-        opt = torch.optim.SGD(gated.parameters(), lr=0.05, momentum=0.9)
+        opt = torch.optim.SGD(gated.parameters(), lr=lr, momentum=0.9)
     else:
-        opt = torch.optim.Adam(gated.parameters(), lr=0.05)
+        opt = torch.optim.Adam(gated.parameters(), lr=lr)
     before = gated.expected_l0().item()
-    for _ in range(12):
+    for _ in range(steps):
         opt.zero_grad()
-        loss = F.cross_entropy(gated(x), y) + 0.05 * gated.expected_l0()
+        loss = F.cross_entropy(gated(x), y) + penalty * gated.expected_l0()
         loss.backward()
         opt.step()
     assert all(p.grad is not None for p in gated.gate_parameters())
     assert gated.expected_l0().item() < before
+    closed = sum(int((z == 0).sum()) for z in gated.deterministic_gates().values())
+    assert closed > 0, "no gate reached zero"
     gated.eval()
     folded = fold_gates(gated).eval()
     torch.testing.assert_close(folded(x), gated(x), rtol=1e-4, atol=1e-5)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import fxprune
 from fxprune.passes.verify import output_error, zeroed_copy
-from helpers import half_plan, randomize
+from helpers import half_plan, unit_scale
 
 transformers = pytest.importorskip("transformers")
 from hf_models import tiny_models  # noqa: E402
@@ -116,7 +116,7 @@ def check_query_slots(model, graph, layers: dict[str, tuple[int, int, int]]) -> 
 @pytest.mark.parametrize("form", ["repeat_kv", "enable_gqa"])
 @pytest.mark.parametrize("heads, kv_heads", [(4, 2), (6, 2)])
 def test_hand_written_gqa_under_fx(form, heads, kv_heads):
-    model = randomize(GqaBlock(heads, kv_heads, form)).eval()
+    model = unit_scale(GqaBlock(heads, kv_heads, form)).eval()
     x = torch.randn(2, TOKENS, WIDTH)
     graph = fxprune.analyze(model, x, capture="fx", attention_units="query_slots")
     assert graph.capture == "fx"
@@ -139,7 +139,7 @@ def test_without_gqa_query_slots_are_heads():
     sizes = {units: sorted(g.size for g in fxprune.analyze(model, inputs, attention_units=units).prunable_groups)
              for units in ("heads", "query_slots")}
     assert sizes["heads"] == sizes["query_slots"] and 4 in sizes["heads"]
-    block = randomize(GqaBlock(4, 4, "repeat_kv")).eval()
+    block = unit_scale(GqaBlock(4, 4, "repeat_kv")).eval()
     x = torch.randn(2, TOKENS, WIDTH)
     graph = fxprune.analyze(block, x, attention_units="query_slots")
     (group,) = slot_groups(graph, "q_proj.weight")

@@ -5,7 +5,13 @@ architecture: zeroing the producer slices of the pruned channels in the original
 must give the pruned model's output. The other properties: output shape kept, same
 plan -> same pruned weights, the caller's model untouched.
 
-``FXPRUNE_HYPOTHESIS_EXAMPLES`` sets the number of examples per test (default 200).
+Every example whose model has a group that can lose a unit removes at least one
+(``draw_removal``); the oracle tests reject the others, since their oracle would compare a
+model with itself, and record how many examples ran an oracle that could fail
+(tests/oracle_tally.py, printed at the end of the session).
+
+``FXPRUNE_HYPOTHESIS_EXAMPLES`` sets the number of examples per test (default 100; a
+nightly run sets more).
 """
 from __future__ import annotations
 
@@ -15,15 +21,16 @@ import sys
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 
 import fxprune
 
 sys.path.insert(0, os.path.dirname(__file__))
 from strategies import architectures, attention_units, build, example_input, gqa_blocks  # noqa: E402
+import oracle_tally  # noqa: E402
 
-EXAMPLES = int(os.environ.get("FXPRUNE_HYPOTHESIS_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("FXPRUNE_HYPOTHESIS_EXAMPLES", "100"))
 RELATIVE_TOLERANCE = 1e-4
 
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
@@ -40,12 +47,22 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def draw_candidates(data, groups) -> list[tuple[int, int]]:
-    """A hypothesis-drawn ordered subset of the ``(group id, unit)`` pairs of ``groups``."""
+def draw_removal(data, graph, groups, first_from=None, require: bool = True) -> list[tuple[int, int]]:
+    """A hypothesis-drawn candidate list over ``groups`` whose first unit can be removed on its
+    own (``feasible_plan`` keeps it: a unit whose removal would empty a layer, such as one of
+    two channels split in two, cannot), so the plan it gives is never empty; the first unit
+    comes from ``first_from`` where one of those can be removed. Without a removable unit
+    the example is rejected (``assume``: its oracle would compare the model with itself),
+    or, with ``require=False``, the list is empty."""
     pairs = [(g.id, u) for g in groups for u in range(g.size)]
-    if not pairs:
+    removable = [p for p in pairs if fxprune.feasible_plan(graph, [p])]
+    if not require and not removable:
         return []
-    return data.draw(st.lists(st.sampled_from(pairs), unique=True, max_size=len(pairs)), label="candidates")
+    assume(removable)
+    preferred = [(gid, u) for gid, u in removable if first_from and gid in {g.id for g in first_from}]
+    first = data.draw(st.sampled_from(preferred or removable), label="first removed unit")
+    rest = data.draw(st.lists(st.sampled_from(pairs), unique=True, max_size=len(pairs)), label="candidates")
+    return [first] + [p for p in rest if p != first]
 
 
 def zero_out_slices(model: torch.nn.Module, graph, plan: dict[int, list[int]], role: str = "out") -> torch.nn.Module:
@@ -91,15 +108,18 @@ def test_zero_invariance_oracle(arch, data, capture):
     assert graph.capture == capture
     assert graph.groups, "analysis found no groups at all"
     zero_invariant = [g for g in graph.groups if g.prunable and g.zero_invariant]
-    plan = fxprune.feasible_plan(graph, draw_candidates(data, zero_invariant))
+    plan = fxprune.feasible_plan(graph, draw_removal(data, graph, zero_invariant))
     note(f"groups: {[(g.id, g.size, g.prunable, g.zero_invariant) for g in graph.groups]}")
     note(f"plan: {plan}")
+    assert plan, "the first drawn unit can always be removed"
     small = fxprune.prune(graph, plan)
     zeroed = zero_out_slices(model, graph, plan).eval()
     small.eval()
     with torch.no_grad():
         expected = zeroed(x)
         actual = small(x)
+        oracle_tally.record("test_zero_invariance_oracle",
+                            bool(plan) and oracle_tally.moved(model(x), expected, RELATIVE_TOLERANCE))
     assert actual.shape == expected.shape == (x.shape[0], 5)
     error = relative_error(actual, expected)
     assert error < RELATIVE_TOLERANCE, f"pruned output differs from the zeroed model: relative error {error:.3g}"
@@ -124,8 +144,9 @@ def test_pruning_all_groups_keeps_output_shape(arch, data, capture):
     prunable = graph.prunable_groups
     if not prunable:  # nothing to prune: analysis still worked and prune({}) is a copy
         assert all(g.reason for g in graph.groups)
-    plan = fxprune.feasible_plan(graph, draw_candidates(data, prunable))
+    plan = fxprune.feasible_plan(graph, draw_removal(data, graph, prunable, require=False))
     note(f"plan: {plan}")
+    assert bool(plan) == any(fxprune.feasible_plan(graph, [(g.id, u)]) for g in prunable for u in range(g.size))
     for gid, units in plan.items():
         assert 0 < len(units) < graph.group(gid).size
     small = fxprune.prune(graph, plan).eval()
@@ -154,7 +175,7 @@ def test_same_model_same_plan_same_result(arch, data):
     first, second = fxprune.analyze(model, x), fxprune.analyze(model, x)
     describe = lambda graph: [(g.id, g.size, g.prunable, g.zero_invariant, g.reason) for g in graph.groups]
     assert describe(first) == describe(second)
-    candidates = draw_candidates(data, first.prunable_groups)
+    candidates = draw_removal(data, first, first.prunable_groups, require=False)
     plan = fxprune.feasible_plan(first, candidates)
     assert fxprune.feasible_plan(second, candidates) == plan
     for group in first.groups:
@@ -180,7 +201,7 @@ def test_input_model_is_not_mutated(arch, data, training):
         reference = copy.deepcopy(model).eval()(x)
     graph = fxprune.analyze(model, x)
     assert_same_state(before, snapshot(model), "analyze")
-    plan = fxprune.feasible_plan(graph, draw_candidates(data, graph.prunable_groups))
+    plan = fxprune.feasible_plan(graph, draw_removal(data, graph, graph.prunable_groups, require=False))
     small = fxprune.prune(graph, plan)
     assert_same_state(before, snapshot(model), "prune")
     assert {name: m.training for name, m in model.named_modules()} == modes, "module training flags changed"
@@ -195,7 +216,7 @@ def test_input_model_is_not_mutated(arch, data, training):
 
 
 @SETTINGS
-@given(arch=architectures(min_steps=2, max_steps=4, ops=("conv", "act", "attn")), data=st.data(),
+@given(arch=architectures(min_steps=2, max_steps=4, ops=("conv", "act", "attn"), ensure="attn"), data=st.data(),
        capture=FRONT_ENDS)
 def test_attention_blocks_pass_the_oracle(arch, data, capture):
     """Multi-head and grouped-query attention, with and without rotary embeddings, with
@@ -206,12 +227,20 @@ def test_attention_blocks_pass_the_oracle(arch, data, capture):
     x = example_input(arch.seed)
     graph = fxprune.analyze(model, x, capture=capture, attention_units=units)
     zero_invariant = [g for g in graph.groups if g.prunable and g.zero_invariant]
-    plan = fxprune.feasible_plan(graph, draw_candidates(data, zero_invariant))
+    # the first unit removed is an attention unit (a head, head_dim position) where one is
+    # zero-invariant: that is what this test is for
+    attention = [g for g in zero_invariant if any(b.key.endswith(("_q.weight", "_k.weight")) for b in g.bindings)]
+    plan = fxprune.feasible_plan(graph, draw_removal(data, graph, zero_invariant, first_from=attention))
     note(f"plan: {plan}")
+    assert plan, "the first drawn unit can always be removed"
     small = fxprune.prune(graph, plan).eval()
     with torch.no_grad():
         expected = zero_out_slices(model, graph, plan).eval()(x)
         actual = small(x)
+        moved = oracle_tally.moved(model(x), expected, RELATIVE_TOLERANCE)
+        oracle_tally.record("test_attention_blocks_pass_the_oracle", bool(plan) and moved)
+        oracle_tally.record("test_attention_blocks_pass_the_oracle, an attention unit removed",
+                            moved and any(g.id in plan for g in attention))
     assert actual.shape == expected.shape
     assert relative_error(actual, expected) < RELATIVE_TOLERANCE
     for step_index, step in enumerate(arch.steps):
@@ -223,7 +252,7 @@ def test_attention_blocks_pass_the_oracle(arch, data, capture):
         for g in groups:  # a head is one unit: head_dim rows of the query projection
             assert [len(rows) for dim, rows in g.slices([0], "out")[key]] == [head_dim * (heads // g.size)]
     if units == "query_slots":
-        check_query_slots(arch, graph, model, x, data)
+        check_query_slots(arch, graph, model, x, data, "query slots in test_attention_blocks_pass_the_oracle")
 
 
 @SETTINGS
@@ -233,10 +262,10 @@ def test_query_slots_pass_the_consumer_oracle(arch, data, capture):
     model = build(arch)
     x = example_input(arch.seed)
     graph = fxprune.analyze(model, x, capture=capture, attention_units="query_slots")
-    check_query_slots(arch, graph, model, x, data)
+    check_query_slots(arch, graph, model, x, data, "test_query_slots_pass_the_consumer_oracle", require=True)
 
 
-def check_query_slots(arch, graph, model, x, data) -> None:
+def check_query_slots(arch, graph, model, x, data, test: str, require: bool = False) -> None:
     """Each grouped-query block's query heads form one group of r slots (a unit: kv_heads x
     head_dim query rows); a slot's only consumer is the output projection, so removing
     slots equals zeroing their columns there (the producer oracle does not apply: zeroed
@@ -255,12 +284,15 @@ def check_query_slots(arch, graph, model, x, data) -> None:
                                                   for b in g.bindings)]
         assert all(not g.prunable for g in k_rows), "query_slots keeps key/value heads"
         slots += [group] if group.prunable else []
-    # a drawn plan, or slot 0 of every group when the draw is empty
-    plan = fxprune.feasible_plan(graph, draw_candidates(data, slots) or [(g.id, 0) for g in slots])
+    if require:  # an example without a prunable slot group checks nothing here
+        assume(slots)
+    plan = fxprune.feasible_plan(graph, draw_removal(data, graph, slots, require=False))
     event(f"query slots removed: {bool(plan)}")  # --hypothesis-show-statistics: how often this ran
     note(f"query-slot plan: {plan}")
     small = fxprune.prune(graph, plan).eval()
     with torch.no_grad():
         expected = zero_out_slices(model, graph, plan, role="in").eval()(x)
         actual = small(x)
+        oracle_tally.record(test,
+                            bool(plan) and oracle_tally.moved(model(x), expected, RELATIVE_TOLERANCE))
     assert relative_error(actual, expected) < RELATIVE_TOLERANCE

@@ -78,7 +78,14 @@ def test_example_inputs_tuple_list_and_single_tensor():
 
 @pytest.mark.parametrize("bad", [(), [1, 2], ("a",), 3, "x"])
 def test_example_inputs_invalid(bad):
-    assert_spec_error("spec.example_inputs", "tuple of torch.Tensor", "input_shape", input_shape=None, example_inputs=bad)
+    assert_spec_error("spec.example_inputs", "tensor", "input_shape", input_shape=None, example_inputs=bad)
+
+
+def test_example_inputs_nest_and_name_the_bad_leaf():
+    image = torch.randn(3, 8, 8)
+    assert make(input_shape=None, example_inputs=([image],)).example_inputs == ([image],)
+    assert_spec_error("spec.example_inputs[0]['mask']", "expected a tensor", input_shape=None,
+                      example_inputs=({"mask": {1, 2}},))
 
 
 @pytest.mark.parametrize("shape, shapes", [
@@ -350,7 +357,7 @@ def test_taylor_needs_calib_inputs_and_loss_fn():
 
 
 def test_taylor_fields_invalid():
-    assert_spec_error("spec.calib_inputs", "tuple of torch.Tensor", calib_inputs=[1, 2])
+    assert_spec_error("spec.calib_inputs", "holds no tensor", calib_inputs=[1, 2])
     assert_spec_error("spec.loss_fn", "expected a callable", loss_fn="mse")
     assert make(calib_inputs=torch.randn(1, 3)).calib_inputs[0].shape == (1, 3)  # wrapped
 

@@ -4,9 +4,16 @@ Hugging Face models must stay Hugging Face models: same class, config updated, a
 round trips a user tries (save_pretrained / from_pretrained, generate() with a KV cache)
 give what the pruned model computes. Where the class cannot carry the result, the error
 names the config field or the module and the way out.
+
+The written-back model is compared with the ORIGINAL model whose removed units are zeroed
+(``zeroed_copy``; for query slots, their output-projection columns), not with the pruned
+graph, which ``write_back`` already checks against with the same cutting code. The models
+have unit-scale weights and randomized norm statistics (helpers.unit_scale), so a norm
+indexed with the wrong channels changes the output.
 """
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -16,7 +23,9 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.errors import SpecError, WriteBackError
-from helpers import assert_state_unchanged, state_snapshot
+from fxprune.passes import writeback
+from fxprune.passes.verify import output_error, zeroed_copy
+from helpers import assert_state_unchanged, half_plan, state_snapshot, unit_scale
 
 transformers = pytest.importorskip("transformers")
 from hf_models import tiny_models  # noqa: E402
@@ -42,6 +51,33 @@ def _hidden(out) -> torch.Tensor:
     return out["logits"] if "logits" in out else out["last_hidden_state"]
 
 
+def zeroed_original(model, graph, plan, role: str = "out") -> torch.nn.Module:
+    """The original with the plan's ``role`` slices zeroed: producers (``zeroed_copy``, for
+    zero-invariant groups) or consumers (``"in"``: query slots, whose only consumer is the
+    output projection)."""
+    if role == "out":
+        return zeroed_copy(model, graph, plan).eval()
+    ref = copy.deepcopy(model)
+    tensors = dict(ref.named_parameters())
+    with torch.no_grad():
+        for gid, units in plan.items():
+            for key, cuts in graph.group(gid).slices(units, role).items():
+                for dim, index in cuts:
+                    tensors[key].index_fill_(dim, torch.as_tensor(index), 0)
+    return ref.eval()
+
+
+def assert_equals_zeroed_original(mine, model, graph, plan, inputs, role: str = "out") -> torch.Tensor:
+    """``mine`` computes what the original computes with the removed units zeroed, and that
+    zeroing moves the original's output (else the comparison could not fail). Returns the output."""
+    with torch.no_grad():
+        want = _hidden(zeroed_original(model, graph, plan, role)(**inputs))
+        got = _hidden(mine(**inputs))
+        assert output_error(_hidden(model(**inputs)), want) > 1e-3, "the plan does not change the function"
+    assert output_error(want, got) < 1e-4
+    return got
+
+
 def assert_generate_matches_greedy_decoding(model, prompt: torch.Tensor, steps: int) -> None:
     """generate() with its KV cache, at lengths the example inputs never had, gives the tokens
     of greedy decoding that runs the whole sequence at every step without a cache."""
@@ -65,10 +101,8 @@ def test_mlp_write_back_round_trips_through_save_pretrained(name, tmp_path):
     mine = fxprune.prune(graph, plan, emit="module")
     assert type(mine) is type(model)
     assert getattr(mine.config, MLP_FIELD[name]) == width // 2
+    got = assert_equals_zeroed_original(mine, model, graph, plan, inputs)
     with torch.no_grad():
-        want = _hidden(fxprune.prune(graph, plan)(**inputs))
-        got = _hidden(mine(**inputs))
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         mine.save_pretrained(tmp_path)
         loaded = type(model).from_pretrained(tmp_path).eval()
         torch.testing.assert_close(_hidden(loaded(**inputs)), got)
@@ -80,7 +114,9 @@ def test_llama_with_fewer_kv_heads_neurons_and_hidden_size_saves_loads_and_gener
     model, inputs, width = MODELS["llama"]
     graph = fxprune.analyze(model, inputs)
     hidden = [g for g in graph.prunable_groups if g.size == model.config.hidden_size]
-    plan = _first_half(_head_groups(graph, 2) + _mlp_groups(graph, width) + hidden)
+    exact = _first_half(_head_groups(graph, 2) + _mlp_groups(graph, width))  # zero-invariant groups
+    assert_equals_zeroed_original(fxprune.prune(graph, exact, emit="module"), model, graph, exact, inputs)
+    plan = exact | _first_half(hidden)
     mine = fxprune.prune(graph, plan, emit="module")
     config = mine.config
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 1, 8)
@@ -88,6 +124,8 @@ def test_llama_with_fewer_kv_heads_neurons_and_hidden_size_saves_loads_and_gener
     assert mine.model.layers[1].self_attn.num_key_value_groups == 2
     assert model.config.num_key_value_heads == 2  # the caller's config is untouched
     with torch.no_grad():
+        # the hidden size sits behind RMS norms (not zero-invariant: no zeroed original
+        # to compare with), so with it the reference is the pruned graph
         logits = mine(**inputs).logits
         torch.testing.assert_close(logits, fxprune.prune(graph, plan)(**inputs)["logits"], rtol=1e-4, atol=1e-5)
         mine.save_pretrained(tmp_path)
@@ -108,9 +146,8 @@ def test_llama_query_slots_keep_kv_heads_save_load_and_generate(tmp_path):
     assert [layer.self_attn.num_key_value_groups for layer in mine.model.layers] == [1, 1]
     assert mine.model.layers[0].self_attn.k_proj.out_features == 16  # key/value heads untouched
     assert model.model.layers[0].self_attn.num_key_value_groups == 2  # the caller's model is untouched
+    logits = assert_equals_zeroed_original(mine, model, graph, plan, inputs, role="in")
     with torch.no_grad():
-        logits = mine(**inputs).logits
-        torch.testing.assert_close(logits, fxprune.prune(graph, plan)(**inputs)["logits"], rtol=1e-4, atol=1e-5)
         mine.save_pretrained(tmp_path)
         loaded = type(model).from_pretrained(tmp_path).eval()
         assert loaded.model.layers[1].self_attn.num_key_value_groups == 1
@@ -125,6 +162,7 @@ def test_qwen2_head_size_survives_a_config_that_derives_it():
     mine = fxprune.prune(graph, _first_half(_head_groups(graph, 2)), emit="module")
     assert (mine.config.num_attention_heads, mine.config.num_key_value_heads, mine.config.head_dim) == (2, 1, 8)
     assert mine.model.layers[0].self_attn.q_proj.out_features == 16
+    assert_equals_zeroed_original(mine, model, graph, _first_half(_head_groups(graph, 2)), inputs)
 
 
 @pytest.mark.parametrize("name, needle", [("bert", "num_attention_heads=2"), ("gpt2", "c_attn")])
@@ -135,7 +173,8 @@ def test_heads_a_config_cannot_express_name_the_field_and_the_way_out(name, need
     with pytest.raises(WriteBackError, match="emit='graph'") as info:
         fxprune.prune(graph, plan, emit="module")
     assert needle in str(info.value) and "from_pretrained would fail" in str(info.value)
-    assert fxprune.prune(graph, plan)(**inputs) is not None  # the graph still carries it
+    # the graph still carries it: it computes the original with those heads zeroed
+    assert_equals_zeroed_original(fxprune.prune(graph, plan), model, graph, plan, inputs)
 
 
 def test_per_layer_widths_in_a_one_width_config_name_the_field():
@@ -164,12 +203,10 @@ def test_weightless_model_on_the_meta_device_gets_its_config():
 def test_fx_cnn_keeps_its_class_with_layer_attributes_matching_their_weights():
     import torchvision
 
-    model = torchvision.models.mobilenet_v3_small(weights=None).eval()
+    model = unit_scale(torchvision.models.mobilenet_v3_small(weights=None)).eval()  # BatchNorm stats randomized
     x = torch.randn(1, 3, 64, 64)
     before = state_snapshot(model)
     graph = fxprune.analyze(model, x)
-    from helpers import half_plan
-
     plan = half_plan(graph)
     mine = fxprune.prune(graph, plan, emit="module")
     assert type(mine) is type(model)
@@ -179,8 +216,13 @@ def test_fx_cnn_keeps_its_class_with_layer_attributes_matching_their_weights():
         assert (c.out_channels, c.in_channels) == (c.weight.shape[0], c.weight.shape[1] * c.groups)
     for bn in (m for m in mine.modules() if isinstance(m, nn.BatchNorm2d)):
         assert bn.num_features == bn.weight.shape[0] == bn.running_mean.shape[0]
+    exact = half_plan(graph, [g for g in graph.prunable_groups if g.zero_invariant])
+    assert len(exact) > 5
     with torch.no_grad():
-        torch.testing.assert_close(mine(x), fxprune.prune(graph, plan)(x))
+        zeroed = zeroed_copy(model, graph, exact).eval()(x)
+        got = fxprune.prune(graph, exact, emit="module")(x)
+        assert output_error(model(x), zeroed) > 1e-3
+        assert output_error(zeroed, got) < 1e-4
     assert_state_unchanged(model, before)
 
 
@@ -208,6 +250,26 @@ def test_a_size_hard_coded_in_python_names_the_module_and_the_fix():
     with pytest.raises(WriteBackError, match=r"module 'head' \(Head.forward\) hard-codes .*288.*144.*x.flatten\(1\)"):
         fxprune.prune(graph, {0: [0, 1, 2, 3]}, emit="module")
     assert fxprune.prune(graph, {0: [0, 1, 2, 3]})(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_a_size_hard_coded_in_python_fails_the_output_check_under_export():
+    """Under torch.export the graph's constant is rewritten but the class keeps its literal:
+    running the written-back copy fails, and the error names the module that raised (the
+    view to 288 still runs on a batch of 2; head.fc then gets 288 features for 144)."""
+    graph = fxprune.analyze(Net(), torch.randn(2, 1, 8, 8), capture="export")
+    with pytest.raises(WriteBackError, match=r"fails in module 'head.fc' \(Linear\): RuntimeError"):
+        fxprune.prune(graph, {0: [0, 1, 2, 3]}, emit="module")
+
+
+def test_a_wrongly_cut_tensor_is_caught_by_the_output_check(monkeypatch):
+    """write_back's own check catches a copy whose values are wrong (here every cut tensor
+    is perturbed by 1%)."""
+    net = unit_scale(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))).eval()
+    graph = fxprune.analyze(net, torch.randn(3, 4))
+    cut = writeback.cut_tensor
+    monkeypatch.setattr(writeback, "cut_tensor", lambda tensor, cuts: cut(tensor, cuts) * 1.01)
+    with pytest.raises(WriteBackError, match="differs from the pruned graph in output 0"):
+        fxprune.prune(graph, {graph.prunable_groups[0].id: [0, 1]}, emit="module")
 
 
 def test_an_exported_program_has_no_class_to_write_into():

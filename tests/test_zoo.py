@@ -15,11 +15,11 @@ def test_every_family_is_listed_in_the_zoo():
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family(name):
     row = check_model(name)
-    assert row["prunable"] > 0 and row["oracle_error"] < 1e-4
+    assert row["prunable"] > 0 and row["zero_invariant"] > 0 and row["oracle_error"] < 1e-4
 
 
 @pytest.mark.zoo
 @pytest.mark.parametrize("name", sorted(set(ALL_MODELS) - set(FAMILIES)))
 def test_rest_of_zoo(name):
     row = check_model(name)
-    assert row["prunable"] > 0 and row["oracle_error"] < 1e-4
+    assert row["prunable"] > 0 and row["zero_invariant"] > 0 and row["oracle_error"] < 1e-4

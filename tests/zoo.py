@@ -7,7 +7,7 @@ from collections import Counter
 import torch
 import torchvision
 
-from helpers import prune_and_check, randomize
+from helpers import prune_and_check, unit_scale
 
 # One model of every family runs in CI; the full sweep runs all of them.
 FAMILIES = [
@@ -42,16 +42,18 @@ def reason_kind(reason: str) -> str:
 
 def check_model(name: str) -> dict:
     """Analyze, prune half of every prunable group, run the oracle. Returns a table row."""
-    model = randomize(torchvision.models.get_model(name, weights=None)).eval()
+    model = unit_scale(torchvision.models.get_model(name, weights=None)).eval()
     x = input_for(name)
     start = time.perf_counter()
     graph, _, error = prune_and_check(model, x)
     frozen = [g for g in graph.groups if not g.prunable]
+    zero_invariant = sum(g.zero_invariant for g in graph.prunable_groups)
     kinds = Counter(reason_kind(g.reason) for g in frozen)
     return {
         "model": name, "nodes": len(graph.gm.graph.nodes), "groups": len(graph.groups),
         "prunable": len(graph.prunable_groups),
-        "zero_invariant": sum(g.zero_invariant for g in graph.prunable_groups),
+        "zero_invariant": zero_invariant,
         "frozen": len(frozen), "frozen_why": ", ".join(f"{k} x{v}" for k, v in kinds.most_common()),
-        "oracle_error": error, "seconds": round(time.perf_counter() - start, 2),
+        # prune_and_check reports 0.0 when no group is zero-invariant: no oracle ran then
+        "oracle_error": error if zero_invariant else None, "seconds": round(time.perf_counter() - start, 2),
     }

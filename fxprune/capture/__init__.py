@@ -1,9 +1,12 @@
 """Capture: a model becomes a ``torch.fx.GraphModule`` with a shape on every node.
 
-Two front ends feed one analysis: :mod:`.fx` (``torch.fx`` symbolic trace: fast,
-module-level, readable) and :mod:`.export` (``torch.export``: ATen graphs of what
-symbolic tracing cannot take, such as Hugging Face transformers). ``capture="auto"``
-tries fx first and falls back to export; when both fail the error gives both reasons.
+Three front ends feed one analysis: :mod:`.fx` (``torch.fx`` symbolic trace: fast,
+module-level, readable), :mod:`.export` (``torch.export``: ATen graphs of what
+symbolic tracing cannot take, such as Hugging Face transformers) and :mod:`.parts` (the
+learnable submodules of a model whose forward branches on values, such as a detector's
+backbone and heads, combined into one graph; the rest stays the model's own code).
+``capture="auto"`` tries fx, then export, then parts; when all fail the error gives
+every reason.
 Under fx, ``nn.MultiheadAttention`` calls are traced through as functional ops
 (:mod:`.mha`), written for the shapes a first trace records.
 """
@@ -24,18 +27,26 @@ from .gc import gc_paused
 from .identity_views import fold_identity_reshapes
 from .inputs import ExampleInputs, as_example_inputs
 from .mha import plan_calls
+from .parts import PartCall, capture_parts, record_parts
 from .shapes import ShapeRecorder, propagate_shapes
 
-FRONT_ENDS = ("auto", "fx", "export")
+FRONT_ENDS = ("auto", "fx", "export", "parts")
 
 
 @dataclass
 class Captured:
-    """A captured graph with shapes on its nodes, the inputs it ran on and the front end used."""
+    """A captured graph with shapes on its nodes, the inputs it ran on and the front end used.
+
+    A parts capture also keeps the model's own inputs (``model_inputs``; ``inputs`` are the
+    parts' recorded tensors, what ``gm`` takes) and which submodule calls it holds.
+    """
 
     gm: torch.fx.GraphModule
     inputs: ExampleInputs
-    front_end: str  # "fx" or "export"
+    front_end: str  # "fx", "export" or "parts"
+    model_inputs: ExampleInputs | None = None
+    parts: list[PartCall] | None = None
+    notes: list[str] = field(default_factory=list)  # why "auto" went past fx and export
     added: dict = field(default_factory=dict)  # keyword inputs the capture set ({"use_cache": False})
 
 
@@ -70,23 +81,38 @@ def capture(model, example_inputs, *, capture: str = "auto", leaf_modules: Itera
                                attention_calls=attention_calls)
                     propagate_shapes(gm, inputs)
                 fold_identity_reshapes(gm)
-                return Captured(gm, inputs, "fx", added)
+                return Captured(gm, inputs, "fx", added=added)
             except AnalysisError as exc:
                 if getattr(exc, "node", None) is None:  # the inputs do not match forward's parameters
                     raise
                 fx_error = _blame(model, inputs, exc)  # the inputs, or the fx graph
                 if capture == "fx" or isinstance(fx_error, AnalysisError):
                     raise fx_error from exc
+    export_error = None
+    if capture in ("auto", "export"):
+        try:
+            gm = export_graph(model, inputs)
+        except TraceError as exc:
+            if capture == "export":
+                raise
+            export_error = exc
+        else:
+            fold_identity_reshapes(gm)
+            drop_setting_inputs(gm, added)  # the graph is called with or without use_cache, as the model is
+            return Captured(gm, inputs, "export", added=added)
     try:
-        gm = export_graph(model, inputs)
+        gm, part_inputs, parts = capture_parts(model, inputs, leaf_modules)
     except TraceError as exc:
-        if fx_error is None:
+        if capture == "parts":
             raise
-        raise TraceError(f"neither front end could capture {type(model).__name__}:\n"
-                         f"[fx] {fx_error}\n[export] {exc}") from exc
-    fold_identity_reshapes(gm)
-    drop_setting_inputs(gm, added)  # the graph is called with or without use_cache, as the model is
-    return Captured(gm, inputs, "export", added)
+        raise TraceError(f"no front end could capture {type(model).__name__}:\n"
+                         f"[fx] {fx_error}\n[export] {export_error}\n[parts] {exc}") from exc
+    propagate_shapes(gm, part_inputs)
+    captured = Captured(gm, part_inputs, "parts", inputs, parts, added=added)
+    if capture == "auto":  # say why the whole model was not captured
+        captured.notes = [f"{name} could not capture the whole model: {str(error).splitlines()[0]}"
+                          for name, error in (("fx", fx_error), ("export", export_error))]
+    return captured
 
 
 CACHE_OFF = {"use_cache": False}
@@ -136,5 +162,5 @@ def _blame(model, inputs: ExampleInputs, exc: AnalysisError) -> FxpruneError:
         "the module that holds that call a leaf (leaf_modules=[...])")
 
 
-__all__ = ["capture", "Captured", "without_cache", "ExampleInputs", "as_example_inputs", "trace", "export_graph",
+__all__ = ["capture", "Captured", "without_cache", "capture_parts", "record_parts", "PartCall", "ExampleInputs", "as_example_inputs", "trace", "export_graph",
            "propagate_shapes", "ShapeRecorder", "gc_paused", "FRONT_ENDS"]

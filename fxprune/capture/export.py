@@ -17,7 +17,7 @@ import torch
 import torch.fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._util import eval_mode, first_line
+from .._util import eval_mode
 from ..errors import TraceError
 from .effects import has_effect
 from .inputs import ExampleInputs
@@ -99,16 +99,32 @@ def drop_setting_inputs(gm: torch.fx.GraphModule, settings: dict) -> None:
     gm.recompile()
 
 
+FIRST_LINE = 200  # characters of the front end's own message kept in ours
+
+
 def export_error(model, exc: Exception) -> TraceError:
-    first = first_line(exc)
+    """A short TraceError for a failed export: the first line of its message (cut to
+    ``FIRST_LINE`` characters) and the fix; the full text is on ``error.details``.
+
+    >>> error = export_error(torch.nn.Identity(), RuntimeError("bad\\n" + "graph dump " * 500))
+    >>> len(str(error)) < 400, len(error.details) > 5000
+    (True, True)
+    """
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if len(first) > FIRST_LINE:
+        first = first[:FIRST_LINE] + " ..."
     hint = ""
-    if "Cache" in str(exc) and "pytree" in str(exc):
+    if "Cache" in text and "pytree" in text:
         hint = "the model returns a key/value cache: pass use_cache=False (in the inputs or the config); "
-    return TraceError(
+    error = TraceError(
         f"cannot capture {type(model).__name__} with torch.export: {type(exc).__name__}: {first}\n"
         f"  fix: {hint}make forward() run on the example inputs without data-dependent Python control "
-        "flow, or pass an ExportedProgram you exported yourself"
+        "flow, pass an ExportedProgram you exported yourself, or capture its learnable parts "
+        "(capture=\"parts\"); the full message is on this error's .details"
     )
+    error.details = text
+    return error
 
 
 __all__ = ["export_graph", "export_error", "drop_setting_inputs"]

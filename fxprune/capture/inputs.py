@@ -1,9 +1,11 @@
-"""Example inputs: positional arguments, keyword arguments, or both.
+"""Example inputs: positional arguments, keyword arguments, or both, nested as forward takes them.
 
 Hugging Face models are called with keywords (``input_ids=..., attention_mask=...``),
-torchvision models with one tensor. :class:`ExampleInputs` holds either, calls a model
-with them, and lays them out as the flat positional values a captured graph's
-placeholders take (an exported graph flattens ``(args, kwargs)`` with its input spec).
+torchvision classifiers with one tensor, its detectors with a list of images
+(``([image],)``). :class:`ExampleInputs` holds any nesting of tensors in tuples, lists
+and dicts (numbers, strings and None may sit among them), calls a model with them, and
+lays them out as the flat positional values a captured graph's placeholders take (an
+exported graph flattens ``(args, kwargs)`` with its input spec).
 """
 from __future__ import annotations
 
@@ -14,6 +16,23 @@ import torch.fx
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import AnalysisError
+
+
+def describe_value(value) -> str:
+    """A value for messages: tensors by their shape, containers by their items.
+
+    >>> import torch
+    >>> describe_value(([torch.zeros(3, 8, 8)], {"k": 2}))
+    "([(3, 8, 8)], {'k': 2})"
+    """
+    if isinstance(value, torch.Tensor):
+        return str(tuple(value.shape))
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(describe_value(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {describe_value(v)}" for k, v in value.items()) + "}"
+    return repr(value)
 
 
 @dataclass(frozen=True)
@@ -47,10 +66,8 @@ class ExampleInputs:
         return tree_map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v, self)
 
     def describe(self) -> str:
-        """Shapes for messages: ``(1, 3, 224, 224)`` or ``input_ids=(2, 8)``."""
-        def one(v):
-            return str(tuple(v.shape)) if isinstance(v, torch.Tensor) else repr(v)
-        parts = [one(a) for a in self.args] + [f"{k}={one(v)}" for k, v in self.kwargs.items()]
+        """Shapes for messages: ``(1, 3, 224, 224)``, ``input_ids=(2, 8)`` or ``[(3, 64, 64)]``."""
+        parts = [describe_value(a) for a in self.args] + [f"{k}={describe_value(v)}" for k, v in self.kwargs.items()]
         return ", ".join(parts)
 
     def flat(self, gm: torch.fx.GraphModule) -> tuple:
@@ -97,6 +114,11 @@ def as_example_inputs(example_inputs) -> ExampleInputs:
     """
     if isinstance(example_inputs, ExampleInputs):
         return example_inputs
+    bad = bad_leaf(example_inputs)
+    if bad is not None:
+        raise AnalysisError(f"example_inputs{bad[0]} is a {type(bad[1]).__name__}; inputs may nest tensors in "
+                            "tuples, lists and dicts, with numbers, strings or None among them: pass a "
+                            "tensor there (or bake the object into the model)")
     if isinstance(example_inputs, torch.Tensor):
         return ExampleInputs((example_inputs,))
     if isinstance(example_inputs, (tuple, list)):
@@ -110,4 +132,29 @@ def as_example_inputs(example_inputs) -> ExampleInputs:
     )
 
 
-__all__ = ["ExampleInputs", "as_example_inputs"]
+_LEAVES = (torch.Tensor, int, float, bool, complex, str, type(None))
+
+
+def bad_leaf(value, path: str = "") -> tuple[str, object] | None:
+    """``(where, value)`` of the first value in ``value`` that is not a tensor, a number, a
+    string or None, looking through tuples, lists and dicts; None when there is none.
+
+    >>> import torch
+    >>> bad_leaf(([torch.zeros(3)], {"scale": 2.0}))
+    >>> bad_leaf(([torch.zeros(3), object()],))[0]
+    '[0][1]'
+    """
+    if isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    elif isinstance(value, dict):
+        items = value.items()
+    else:
+        return None if isinstance(value, _LEAVES) else (path, value)
+    for key, item in items:
+        found = bad_leaf(item, f"{path}[{key!r}]" if isinstance(value, dict) else f"{path}[{key}]")
+        if found is not None:
+            return found
+    return None
+
+
+__all__ = ["ExampleInputs", "as_example_inputs", "bad_leaf"]

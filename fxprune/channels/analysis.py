@@ -67,8 +67,11 @@ def analyze(model, example_inputs, *, capture: str = "auto", attention_units: st
 
     ``example_inputs``: a tensor, a tuple of positional inputs, or a dict of keyword inputs
     (``{"input_ids": ids, "attention_mask": mask}``) with the shapes ``forward`` takes.
-    ``capture``: ``"auto"`` (torch.fx symbolic trace, falling back to torch.export),
-    ``"fx"`` or ``"export"``; ``graph.capture`` says which ran. An ``ExportedProgram``
+    ``capture``: ``"auto"`` (torch.fx symbolic trace, falling back to torch.export, then
+    to parts), ``"fx"``, ``"export"`` or ``"parts"`` (the submodules that hold the weights
+    and take and return tensors, e.g. a detector's backbone and heads, in one graph whose
+    inputs and outputs are theirs; see :mod:`fxprune.capture.parts`); ``graph.capture``
+    says which ran. An ``ExportedProgram``
     is accepted as ``model``.
     ``attention_units``: where a reshape splits channels into heads x head_dim in front of
     an attention product, ``"heads"`` (default) makes a whole head one unit (with grouped-
@@ -95,6 +98,9 @@ def analyze(model, example_inputs, *, capture: str = "auto", attention_units: st
                                  concrete_args=concrete_args)
         state = run_rules(captured.gm, attention_units)
         graph = build_groups(state, captured.inputs, captured.front_end)
+        if captured.front_end == "parts":
+            graph.model_inputs, graph.parts = captured.model_inputs, captured.parts
+            graph.capture_notes = captured.notes
     graph.capture_kwargs = captured.added  # in graph.example_inputs, not given by the caller
     if isinstance(model, torch.nn.Module):
         graph.model = model

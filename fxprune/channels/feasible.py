@@ -13,12 +13,17 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from .branches import check_branch_units
+from .branches import unit as branch_unit
 from .graph import DependencyGraph
 
 
 def feasible_plan(graph: DependencyGraph, candidates: Iterable[tuple[int, int]],
                   limit: Mapping[int, int] | None = None) -> dict[int, list[int]]:
     """Take ``(group id, unit)`` candidates in order while every layer keeps a channel.
+
+    A branch id (``graph.branches``) is taken as ``(branch id, 0)``: removing a branch
+    empties no layer that stays.
 
     ``limit[gid]``: at most this many units of group ``gid`` (always at most size-1).
 
@@ -44,7 +49,12 @@ def feasible_plan(graph: DependencyGraph, candidates: Iterable[tuple[int, int]],
     plan: dict[int, list[int]] = defaultdict(list)
     taken: dict[int, set[int]] = defaultdict(set)
     caps: dict[int, int] = {}
+    n_groups = len(graph.groups)
     for gid, unit in candidates:
+        if isinstance(gid, (int, np.integer)) and gid >= n_groups:  # a branch (depth unit): one unit
+            check_branch_units(branch_unit(graph, gid), [unit])
+            plan[gid] = [0]
+            continue
         cap = caps.get(gid)
         if cap is None:
             group = graph.group(gid)

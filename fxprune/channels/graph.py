@@ -94,7 +94,11 @@ class DependencyGraph:
                  roots: np.ndarray, example_inputs: ExampleInputs, capture: str = "fx"):
         self.gm = gm
         self.model = None  # the user's model (a reference, never modified); emit="module" copies it
-        self.capture = capture  # the front end that captured gm: "fx" or "export"
+        self.capture = capture  # the front end that captured gm: "fx", "export" or "parts"
+        # the model's own inputs; under "parts" example_inputs are the parts' tensors (what gm takes)
+        self.model_inputs = example_inputs
+        self.parts = None  # under "parts": the submodule calls gm holds (capture.parts.PartCall)
+        self.capture_notes: list[str] = []  # under "auto" -> "parts": why fx and export could not
         self.groups = groups
         self.state = state
         self.roots = roots
@@ -112,6 +116,16 @@ class DependencyGraph:
         if not isinstance(group_id, (int, np.integer)) or not 0 <= group_id < len(self.groups):
             raise PlanError(f"no group {group_id!r}: this graph has groups 0..{len(self.groups) - 1}")
         return self.groups[group_id]
+
+    @property
+    def branches(self) -> list:
+        """Residual branches (depth units, ``fxprune.channels.branches``), found on first use;
+        their ids follow the last group id, so one plan can name groups and branches."""
+        if getattr(self, "_branches", None) is None:
+            from .branches import find_branches  # branches reads graphs; graph must not import it first
+
+            self._branches = find_branches(self.gm, len(self.groups), self.state.canonical)
+        return self._branches
 
     @property
     def prunable_groups(self) -> list[Group]:

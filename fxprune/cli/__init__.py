@@ -61,7 +61,9 @@ def _units_arg(parser) -> None:
 
 def _capture_arg(parser) -> None:
     parser.add_argument("--capture", choices=CAPTURES, default=None,
-                        help="front end: auto (default: torch.fx, falling back to torch.export), fx, export")
+                        help="front end: auto (default: torch.fx, falling back to torch.export, then "
+                             "parts), fx, export, parts (the learnable submodules, e.g. a detector's "
+                             "backbone and heads)")
 
 
 def _latency_args(parser) -> None:
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _units_arg(p)
     p.add_argument("--emit", choices=EMITS, default=None,
                    help="the saved model: graph (a torch.fx GraphModule), module (your own class, "
-                        "pruned), auto (default: graph for fx captures, module for export ones)")
+                        "pruned), auto (default: graph for fx captures, module for export and parts ones)")
     p.add_argument("--verify", choices=VERIFY, default=None,
                    help="values (default): check the pruned model against the original with the removed "
                         "units masked, on the example inputs; shapes: only re-propagate shapes")
@@ -144,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "widths on multiples of 8-64: fast and deterministic), latency (times each "
                         "group's kernels and keeps the result only if it runs faster; slower to run), "
                         "global (ranked across groups by score per FLOP; thins cheap early layers)")
+    p.add_argument("--units", choices=("channels", "branches", "both"),
+                   help="what competes for the budget: channels (default), branches (whole residual "
+                        "blocks: depth) or both (docs/depth.md)")
+    p.add_argument("--branch-score", choices=("output_norm", "block_influence", "group_lasso"),
+                   help="how branches rank (default output_norm: |f(x)| / |x| over the inputs)")
     p.add_argument("--round-to", type=int, metavar="K",
                    help="kept channel counts are multiples of K (default 8; 1: exact counts)")
     p.add_argument("--latency", action="store_true", help="also measure latency before/after (the "

@@ -73,7 +73,8 @@ def _spec_dict(args, shape) -> dict:
     for name, value in (("score", args.score), ("scope", args.scope), ("nm", args.nm),
                         ("round_to", args.round_to), ("capture", args.capture),
                         ("emit", args.emit), ("verify", args.verify), ("calibration", args.calibration),
-                        ("attention_units", args.attention_units)):
+                        ("attention_units", args.attention_units), ("branch_score", args.branch_score),
+                        ("units", ["channels", "branches"] if args.units == "both" else args.units)):
         if value is not None:
             data[name] = value
     if args.input or "input_shape" not in data:

@@ -24,6 +24,9 @@ def graph_json(graph, model_ref: str, input_shape) -> str:
         "groups": [{"id": r["id"], "channels": r["channels"], "prunable": r["prunable"],
                     "zero_invariant": r["zero_invariant"], "reason": r["reason"],
                     "producers": r["producers"], "consumers": r["consumers"]} for r in rows],
+        "branches": [{"id": b.id, "join": b.join, "shortcut": b.shortcut, "parent": b.parent,
+                      "zero_invariant": b.zero_invariant, "reason": b.reason, "modules": b.modules}
+                     for b in graph.branches],
     }, indent=2)
 
 
@@ -167,4 +170,19 @@ def graph_text(graph, model_ref: str) -> str:
     body = tabulate(table, headers=["group", "channels", "state", "zero-inv", "producers",
                                     "consumers", "reason"], disable_numparse=True,
                     colalign=("right", "right", "left", "left", "left", "right", "left"))
-    return f"{head}\n{body}\nproducers: first tensor[dim] (+ how many more); all members: --format json"
+    return (f"{head}\n{body}\nproducers: first tensor[dim] (+ how many more); all members: --format json"
+            + branches_text(graph))
+
+
+def branches_text(graph) -> str:
+    """The residual branches (depth units) as a table, or nothing when there are none."""
+    if not graph.branches:
+        return ""
+    table = [[b.id, b.parent if b.parent is not None else "-", "yes" if b.zero_invariant else "no",
+              b.join, b.shortcut, len(b.modules),
+              (b.modules[0] + (f" +{len(b.modules) - 1}" if len(b.modules) > 1 else "")) if b.modules else "-"]
+             for b in graph.branches]
+    body = tabulate(table, headers=["branch", "in", "zero-inv", "join", "shortcut", "modules", "first module"],
+                    disable_numparse=True)
+    return (f"\n\n{len(graph.branches)} residual branches (remove one with {{id: [0]}}; "
+            f"--units branches in compress)\n{body}")

@@ -26,6 +26,7 @@ import torch.fx
 from torch.func import functional_call
 
 from .._util import eval_mode
+from ..channels.branches import unit
 from ..channels.graph import DependencyGraph
 from ..channels.values import TensorChannels
 from ..errors import VerificationError
@@ -47,7 +48,8 @@ class ValueCheck:
 
 
 def split_by_masking(graph: DependencyGraph, plan: Mapping[int, object]) -> tuple[dict, list[int]]:
-    """The part of ``plan`` whose removal equals a masking, and the ids of the groups without one.
+    """The part of ``plan`` whose removal equals a masking, and the ids of the groups (or
+    branches) without one.
 
     >>> import torch, fxprune
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6), torch.nn.Linear(6, 6),
@@ -59,7 +61,7 @@ def split_by_masking(graph: DependencyGraph, plan: Mapping[int, object]) -> tupl
     masked, unmasked = {}, []
     for gid, units in plan.items():
         if len(units):
-            if graph.group(gid).oracle_role is None:
+            if unit(graph, gid).oracle_role is None:
                 unmasked.append(gid)
             else:
                 masked[gid] = units
@@ -71,7 +73,7 @@ def masked_tensors(graph: DependencyGraph, plan: Mapping[int, object]) -> dict[s
     tensors the masking touches (every key a tied tensor is known by)."""
     tensors: dict[str, torch.Tensor] = {}
     for gid, units in plan.items():
-        group = graph.group(gid)
+        group = unit(graph, gid)  # a channel group or a branch
         for key, cuts in group.slices(units, group.oracle_role).items():
             if key not in tensors:
                 tensors[key] = _fetch(graph.gm, key).detach().clone()

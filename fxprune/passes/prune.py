@@ -3,7 +3,8 @@
 Works on a deep copy of the analysed GraphModule: every parameter and buffer bound to
 a removed channel is sliced, module attributes (``out_channels``, ``groups``,
 ``num_features``...) and graph constants (reshape sizes, split sizes, slice bounds)
-are rewritten by the hooks the op rules registered, and the result is verified by
+are rewritten by the hooks the op rules registered, residual branches the plan names
+are cut out (``fxprune.passes.remove_branches``), and the result is verified by
 propagating shapes again: every node must have exactly the shape the analysis
 predicts, and the outputs the original shapes.
 """
@@ -21,10 +22,12 @@ import torch.fx
 from .._util import first_line
 from ..capture import ShapeRecorder, gc_paused
 from ..capture.effects import eliminate_dead_code
+from ..channels.branches import split_plan
 from ..channels.graph import DependencyGraph, _check_units
 from ..channels.values import DimMap, TensorChannels
 from ..errors import PlanError, VerificationError
 from .check_values import ValueCheck, check_values, split_by_masking
+from .remove_branches import remove_branches
 
 
 class PruneContext:
@@ -91,6 +94,7 @@ def resolve_plan(graph: DependencyGraph, plan: Mapping[int, object]) -> np.ndarr
     """Validate ``{group id: channels to remove}``; return the removed class roots."""
     if not isinstance(plan, Mapping):
         raise PlanError(f"a plan is a dict {{group id: [channels to remove]}}, got {type(plan).__name__}")
+    plan = split_plan(graph, plan)[0]  # branch ids are depth units (passes.remove_branches)
     removed = []
     for gid, channels in plan.items():
         group = graph.group(gid)
@@ -190,6 +194,7 @@ def _prune(graph: DependencyGraph, plan: Mapping[int, object]) -> torch.fx.Graph
     nodes = {n.name: n for n in gm.graph.nodes}
     for name, rewrite in graph.state.rewrites:
         rewrite(ctx, nodes[name])
+    remove_branches(ctx, split_plan(graph, plan)[1])
     eliminate_dead_code(gm)  # keeps in-place and other mutating calls (invariant 8)
     gm.graph.lint()
     gm.recompile()

@@ -11,8 +11,11 @@ import copy
 from typing import Mapping
 
 import torch
+import torch.fx
 
 from .._util import eval_mode
+from ..capture.parts import record_parts
+from ..channels.branches import unit
 from ..channels.graph import DependencyGraph
 from ..errors import PlanError, VerificationError
 from .check_values import output_error
@@ -25,7 +28,7 @@ def zeroed_copy(model: torch.nn.Module, graph: DependencyGraph, plan: Mapping[in
     state = dict(ref.named_parameters(remove_duplicate=False)) | dict(ref.named_buffers(remove_duplicate=False))
     with torch.no_grad():
         for gid, channels in plan.items():
-            for key, cuts in graph.group(gid).slices(channels, "out").items():
+            for key, cuts in unit(graph, gid).slices(channels, "out").items():
                 for dim, index in cuts:
                     state[key].index_fill_(dim, torch.as_tensor(index, device=state[key].device), 0)
     return ref
@@ -34,6 +37,10 @@ def zeroed_copy(model: torch.nn.Module, graph: DependencyGraph, plan: Mapping[in
 def check_zero_invariance(model: torch.nn.Module, graph: DependencyGraph, plan: Mapping[int, object],
                           pruned: torch.nn.Module | None = None, *, tolerance: float = 1e-4) -> float:
     """Prune (or take ``pruned``), compare with the zeroed original; return the relative error.
+
+    Under ``capture="parts"`` the outputs compared are the parts' (a detector's head
+    outputs before post-processing): the zeroed model runs its own forward on the model's
+    inputs, and the pruned graph takes the inputs its parts saw there.
 
     Raises :class:`VerificationError` when the error exceeds ``tolerance`` and
     :class:`PlanError` when the plan touches a group that is not zero-invariant.
@@ -46,16 +53,29 @@ def check_zero_invariance(model: torch.nn.Module, graph: DependencyGraph, plan: 
     True
     """
     for gid in plan:
-        group = graph.group(gid)
+        group = unit(graph, gid)  # a channel group or a branch (zeroing its last producer = removing it)
         if not group.zero_invariant:
-            raise PlanError(f"group {gid} is not zero-invariant ({group.zero_invariance_reason}); "
+            why = getattr(group, "zero_invariance_reason", None) or getattr(group, "reason", "")
+            raise PlanError(f"{type(group).__name__.lower()} {gid} is not zero-invariant ({why}); "
                             "the oracle does not apply to it")
     from .prune import prune_graph
 
     small = pruned if pruned is not None else prune_graph(graph, plan)
     ref = zeroed_copy(model, graph, plan).eval()
     with torch.no_grad(), eval_mode(small):
-        error = output_error(graph.example_inputs.call(ref), graph.example_inputs.call(small))
+        if graph.parts is not None and not isinstance(small, torch.fx.GraphModule):
+            # a pruned copy of the model (emit="module"): both run their own forward; the
+            # parts' outputs are compared (the post-processing's need not be continuous)
+            _, want, _ = record_parts(ref, graph.model_inputs, graph.parts)
+            _, got, _ = record_parts(small, graph.model_inputs, graph.parts)
+        elif graph.parts is not None:
+            # the pruned parts graph on the inputs the zeroed model's parts saw, against
+            # the outputs they gave: the model's own forward is the reference
+            inputs, want, _ = record_parts(ref, graph.model_inputs, graph.parts)
+            got = small(*inputs)
+        else:
+            want, got = graph.example_inputs.call(ref), graph.example_inputs.call(small)
+        error = output_error(want, got)
     if error > tolerance:
         raise VerificationError(f"pruned model differs from the zeroed original by {error:.3g} (relative) "
                                 f"> {tolerance:g}: a channel rule is wrong for this model")

@@ -6,8 +6,10 @@ Users of Hugging Face transformers need their own class back (``generate()``,
 the planned channels sliced out of every parameter and buffer (the same cuts the prune
 pass makes), sets layer attributes and attention head counts from the analysis, updates
 a Hugging Face ``config`` and proves it builds the same shapes, and finally checks the
-copy against the pruned GraphModule on the example inputs. Where the class cannot carry
-the result, a :class:`~fxprune.errors.WriteBackError` names the module or config field.
+copy against the pruned GraphModule on the example inputs. Removed residual branches
+take whole blocks with them where a block computes only ``input + branch(input)``
+(``fxprune.passes.branch_modules``). Where the class cannot carry the result, a
+:class:`~fxprune.errors.WriteBackError` names the module or config field.
 """
 from __future__ import annotations
 
@@ -21,8 +23,11 @@ from torch.fx.node import map_aggregate
 from torch.utils._pytree import tree_leaves
 
 from .._util import eval_mode, first_line
+from ..capture.parts import record_parts
+from ..channels.branches import split_plan
 from ..channels.graph import DependencyGraph
 from ..errors import WriteBackError
+from .branch_modules import drop_blocks, removed_blocks
 from .hf_config import check_config, update_config
 from .layer_attrs import attention_heads, sync_head_attrs, sync_layer_sizes
 from .prune import PruneContext, cut_tensor, kept_ids, tensor_cuts
@@ -44,16 +49,18 @@ def write_back(graph: DependencyGraph, plan: Mapping[int, object], pruned: torch
     if model is None:
         raise WriteBackError("emit='module' needs the nn.Module that fxprune.analyze was given (an "
                              f"ExportedProgram has no class of its own to write into); {GRAPH_HINT}")
+    blocks = removed_blocks(graph, split_plan(graph, plan)[1])  # modules that become the identity
     keep = kept_ids(graph, plan)
     cuts_by_key = tensor_cuts(graph, keep)
     _refuse_multihead_attention(model, cuts_by_key)
-    if graph.capture == "fx":
+    if graph.capture in ("fx", "parts"):  # both run the user's Python code
         _check_python_constants(graph, pruned)
     memo: dict[int, object] = {}
     for key, cuts in cuts_by_key.items():
         tensor = _tensor_at(model, key)
         memo[id(tensor)] = cut_tensor(tensor, cuts)  # deepcopy then reuses the cut tensor, ties kept
     new = copy.deepcopy(model, memo)
+    drop_blocks(new, blocks)
     heads = attention_heads(graph, PruneContext(graph, pruned, keep).new_shape)
     sync_layer_sizes(new, pruned)
     sync_head_attrs(new, heads)
@@ -140,12 +147,18 @@ def _where(node: torch.fx.Node, model: torch.nn.Module) -> str:
 
 
 def _check_outputs(new: torch.nn.Module, pruned: torch.fx.GraphModule, graph: DependencyGraph) -> None:
-    """The copy must compute what the pruned graph computes on the example inputs."""
-    inputs = graph.example_inputs
+    """The copy must compute what the pruned graph computes on the example inputs. Under
+    ``capture="parts"`` the copy runs its own forward on the model's inputs (post-processing
+    included) and its parts' outputs are compared with the pruned graph's on the inputs
+    those parts saw."""
+    inputs = graph.model_inputs if graph.parts is not None else graph.example_inputs
     with torch.no_grad(), eval_mode(new), eval_mode(pruned):
         with _innermost_module(new) as active:
             try:
-                got = inputs.clone().call(new)
+                if graph.parts is not None:
+                    part_inputs, got, _ = record_parts(new, inputs, graph.parts)
+                else:
+                    got = inputs.clone().call(new)
             except Exception as exc:  # noqa: BLE001 - reported with the module that raised it
                 where = f"module '{active[-1]}' ({type(new.get_submodule(active[-1])).__name__})" if active \
                     else f"{type(new).__name__}.forward"
@@ -153,7 +166,7 @@ def _check_outputs(new: torch.nn.Module, pruned: torch.fx.GraphModule, graph: De
                     f"the pruned copy of your {type(new).__name__} fails in {where}: {type(exc).__name__}: "
                     f"{first_line(exc)}. Its Python code uses a size the plan "
                     f"changed that no attribute carries; {GRAPH_HINT}") from exc
-        want = inputs.clone().call(pruned)
+        want = pruned(*part_inputs) if graph.parts is not None else inputs.clone().call(pruned)
     got_t = [t for t in tree_leaves(got) if isinstance(t, torch.Tensor)]
     want_t = [t for t in tree_leaves(want) if isinstance(t, torch.Tensor)]
     if [t.shape for t in got_t] != [t.shape for t in want_t]:
@@ -161,7 +174,7 @@ def _check_outputs(new: torch.nn.Module, pruned: torch.fx.GraphModule, graph: De
                              f"{[tuple(t.shape) for t in got_t]}, the pruned graph "
                              f"{[tuple(t.shape) for t in want_t]}; {GRAPH_HINT}")
     for i, (a, b) in enumerate(zip(got_t, want_t)):
-        if a.device.type == "meta" or not a.is_floating_point():
+        if a.device.type == "meta" or not a.is_floating_point() or not a.numel():  # e.g. no detection
             continue
         scale = max(b.abs().max().item(), 1e-6)
         error = (a - b).abs().max().item() / scale

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
 from fxprune._check import fail, got
-from fxprune.capture.inputs import ExampleInputs
+from fxprune.capture.inputs import ExampleInputs, bad_leaf
+from fxprune.capture.parts import record_parts
 from fxprune.errors import SpecError
 
 WHERE = "spec.calibration"
@@ -131,11 +132,15 @@ def as_batch(where: str, value: Any, like: ExampleInputs | None = None) -> Examp
         batch = ExampleInputs((), dict(value))
     elif isinstance(value, torch.Tensor):
         batch = ExampleInputs((value,))
-    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+    elif isinstance(value, (list, tuple)) and value and any(isinstance(v, torch.Tensor)
+                                                            for v in tree_flatten(value)[0]):
         batch = ExampleInputs(tuple(value))
     else:
         fail(where, f"a batch is a tensor, a tuple of tensors or a dict of keyword inputs "
                     f"(like example_inputs), {got(value)}")
+    bad = bad_leaf((batch.args, batch.kwargs))
+    if bad is not None:
+        fail(f"{where}{bad[0][3:]}", f"expected a tensor (or a number, a string or None), {got(bad[1])}")
     if like is not None:
         # keywords that are settings, not data (use_cache=False, which the capture may add)
         # come from example_inputs when a batch leaves them out
@@ -156,11 +161,20 @@ def _same_form(where: str, batch: ExampleInputs, like: ExampleInputs) -> None:
         fail(where, f"inputs {batch.describe()} do not match example_inputs {like.describe()}; "
                     "give every batch the same inputs as example_inputs (names and count)")
     pairs = list(zip(batch.args, like.args)) + [(v, like.kwargs[k]) for k, v in batch.kwargs.items()]
+    # nested inputs: leaf by leaf where the nesting matches (a detector's list of images may
+    # hold another count of images than the example's)
+    pairs = [leaf for mine, theirs in pairs for leaf in _leaf_pairs(mine, theirs)]
     for mine, theirs in pairs:
         if isinstance(theirs, torch.Tensor) and (not isinstance(mine, torch.Tensor) or mine.ndim != theirs.ndim):
             fail(where, f"inputs {batch.describe()} do not match example_inputs {like.describe()}: "
                         "every tensor needs the number of dims of its example (batch and sequence "
                         "sizes may differ under capture='fx')")
+
+
+def _leaf_pairs(mine: Any, theirs: Any) -> list[tuple[Any, Any]]:
+    mine_leaves, mine_spec = tree_flatten(mine)
+    theirs_leaves, theirs_spec = tree_flatten(theirs)
+    return list(zip(mine_leaves, theirs_leaves)) if mine_spec == theirs_spec else []
 
 
 def _names(batch: ExampleInputs) -> str:
@@ -183,8 +197,11 @@ def graph_batches(graph, calibration: Calibration) -> Iterator[ExampleInputs]:
         >>> [b.describe() for b in graph_batches(graph, as_calibration([torch.randn(5, 4)]))]
         ['(5, 4)']
     """
-    like = graph.example_inputs
+    like = graph.model_inputs
     for i, batch in enumerate(calibration.batches(like)):
+        if graph.parts is not None:  # the model runs the batch; its parts' inputs feed graph.gm
+            yield ExampleInputs(record_parts(graph.model, batch, graph.parts)[0])
+            continue
         if graph.capture == "export":
             shapes = [tuple(t.shape) for t in batch.tensors()]
             expected = [tuple(t.shape) for t in like.tensors()]

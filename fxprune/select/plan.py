@@ -50,6 +50,7 @@ import torch
 
 from fxprune.channels.feasible import feasible_plan
 from fxprune.channels.graph import DependencyGraph, Group
+from fxprune.select.depth import branches_by_ratio, land_with_branches
 from fxprune.select.landing import Landing, land
 from fxprune.select.latency_table import efficiency, latency_table
 from fxprune.select.latency_verify import faster_plan
@@ -93,6 +94,14 @@ def select_and_prune(graph: DependencyGraph, scores: dict[int, np.ndarray], spec
                          [g.id for g in graph.groups])
     groups = _eligible(graph, scores, spec, notes)
     limit = {g.id: min(g.size - 1, int(math.floor(spec.max_ratio * g.size + 1e-9))) for g in groups}
+    if "branches" in spec.unit_kinds:  # depth competes (fxprune.select.depth)
+        groups = groups if "channels" in spec.unit_kinds else []
+        if spec.target is None:
+            return {**_by_ratio(graph, groups, scores, spec, limit), **branches_by_ratio(graph, spec, notes)}, None
+        ((metric, target),) = spec.target.items()
+        costs = unit_costs(graph, groups, metric)
+        return land_with_branches(graph, groups, _cost_keys(_normalised(scores, groups), costs), costs, spec,
+                                  limit, metric, target, notes)
     if spec.target is not None:
         ((metric, target),) = spec.target.items()  # Spec checked it against TARGET_METRICS
         return _by_target(graph, groups, scores, spec, limit, metric, target, notes)

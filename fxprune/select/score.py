@@ -111,7 +111,7 @@ def score_groups(graph: DependencyGraph, method: str, *, calibration=None, calib
                         "register one with fxprune.select.score.register_score")
     notes = [] if notes is None else notes
     check_data_needs(method, calibration, calib_inputs, loss_fn)
-    calibration = as_calibration(calibration if calib_inputs is None else [calib_inputs], graph.example_inputs)
+    calibration = as_calibration(calibration if calib_inputs is None else [calib_inputs], graph.model_inputs)
     return SCORE_METHODS[method](graph, calibration=calibration, calib_inputs=calib_inputs, loss_fn=loss_fn,
                                  notes=notes)
 

@@ -1,0 +1,150 @@
+"""Scores and costs of residual branches (depth units, ``graph.branches``).
+
+Scores, lower = removed first (``BRANCH_SCORES``):
+
+- ``output_norm`` (default): ``||f(x)|| / ||x||``, the branch's output relative to the
+  stream it joins (the shortcut), root of the summed squares over every batch: what the
+  join changes, relative to what passes by. A branch whose output is small next to the
+  stream changes the model least when it goes.
+- ``block_influence``: ``1 - cos(x_in, x_out)`` of the stream before (the shortcut) and
+  after (the join), averaged over positions (ShortGPT's Block Influence, Men et al.
+  2024): the cosine is taken along the channel dim (dim 1 of a 4-d ``N x C x H x W``
+  tensor, the last dim otherwise) at every position.
+- ``group_lasso``: the L2 norm of every parameter the branch removes (SSL's depth-wise
+  group lasso, Wen et al. 2016): no data needed; a branch trained toward zero scores 0.
+
+The data-driven scores run over the ``calibration`` batches when given, else over the
+example inputs. Costs: the FLOPs of the branch's nodes (counted per node with
+``FlopCounterMode`` in one pass) or its parameter count.
+
+Example:
+    >>> import torch, fxprune
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    ...     def forward(self, x):
+    ...         x = x + self.a(x)
+    ...         return x + 0.01 * self.b(x)
+    >>> graph = fxprune.analyze(Net(), torch.randn(8, 4))
+    >>> s = score_branches(graph, "output_norm")
+    >>> s[graph.branches[1].id] < s[graph.branches[0].id]
+    True
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from fxprune.errors import SpecError
+
+BRANCH_SCORES = ("output_norm", "block_influence", "group_lasso")
+
+
+def score_branches(graph, method: str = "output_norm", *, calibration=None) -> dict[int, float]:
+    """``{branch id: score}`` for every branch of ``graph`` (see the module docstring).
+
+    ``calibration``: a ``fxprune.select.calibration.Calibration`` (or None: the example inputs).
+    """
+    if method not in BRANCH_SCORES:
+        raise SpecError(f"spec.branch_score: unknown branch score {method!r}; use one of "
+                        f"{', '.join(BRANCH_SCORES)}")
+    branches = graph.branches
+    if not branches:
+        return {}
+    if method == "group_lasso":
+        tensors = dict(graph.gm.named_parameters(remove_duplicate=False))
+        return {b.id: float(sum(float(tensors[k].detach().double().pow(2).sum()) for k in b.slices([0], "all")
+                                if k in tensors) ** 0.5) for b in branches}
+    stats = {b.id: [0.0, 0.0] for b in branches}
+    watch = {}
+    for b in branches:
+        watch.setdefault(b.output, []).append(("out", b.id))
+        watch.setdefault(b.shortcut, []).append(("in", b.id))
+        watch.setdefault(b.join, []).append(("join", b.id))
+    for values in _node_values(graph, watch, calibration):
+        for b in branches:
+            x, out, joined = values.get(("in", b.id)), values.get(("out", b.id)), values.get(("join", b.id))
+            if method == "output_norm":
+                stats[b.id][0] += float(out.double().pow(2).sum())
+                stats[b.id][1] += float(x.double().pow(2).sum())
+            else:
+                dim = 1 if x.ndim == 4 else -1
+                cos = torch.nn.functional.cosine_similarity(x.double(), joined.double(), dim=dim)
+                stats[b.id][0] += float((1 - cos).sum())
+                stats[b.id][1] += cos.numel()
+    return {bid: (num / den) ** 0.5 if method == "output_norm" else num / den
+            for bid, (num, den) in ((bid, (n, max(d, 1e-30))) for bid, (n, d) in stats.items())}
+
+
+def _batches(graph, calibration) -> Iterator:
+    if calibration is None:
+        yield graph.example_inputs
+        return
+    from fxprune.select.calibration import graph_batches
+
+    yield from graph_batches(graph, calibration)
+
+
+def _node_values(graph, watch: dict[str, list], calibration) -> Iterator[dict]:
+    """For each batch, ``{(role, branch id): tensor}`` of the watched nodes' outputs."""
+    gm = graph.gm
+    was_training = gm.training
+    gm.eval()
+    try:
+        for batch in _batches(graph, calibration):
+            seen: dict = {}
+
+            class Tap(torch.fx.Interpreter):
+                def run_node(self, node):
+                    value = super().run_node(node)
+                    for key in watch.get(node.name, ()):
+                        seen[key] = value.detach()
+                    return value
+
+            with torch.no_grad():
+                Tap(gm).run(*batch.flat(gm))
+            yield seen
+    finally:
+        gm.train(was_training)
+
+
+def node_flops(graph) -> dict[str, float]:
+    """FLOPs of every node on the example inputs (one interpreted pass, counted per node)."""
+    gm = graph.gm
+    flops: dict[str, float] = {}
+
+    class Count(torch.fx.Interpreter):
+        def run_node(self, node):
+            if node.op not in ("call_function", "call_method", "call_module"):
+                return super().run_node(node)
+            with FlopCounterMode(display=False) as counter:
+                value = super().run_node(node)
+            flops[node.name] = float(counter.get_total_flops())
+            return value
+
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            Count(gm).run(*graph.example_inputs.flat(gm))
+    finally:
+        gm.train(was_training)
+    return flops
+
+
+def branch_costs(graph, metric: str) -> dict[int, float]:
+    """``{branch id: cost}``: the FLOPs of its nodes (``metric`` "flops" or "latency") or the
+    parameters it removes ("params")."""
+    if metric == "params":
+        tensors = dict(graph.gm.named_parameters(remove_duplicate=False))
+        return {b.id: float(sum(tensors[k].numel() for k in b.slices([0], "all") if k in tensors))
+                for b in graph.branches}
+    flops = node_flops(graph)
+    return {b.id: sum(flops.get(n, 0.0) for n in b.nodes) for b in graph.branches}
+
+
+__all__ = ["BRANCH_SCORES", "score_branches", "branch_costs", "node_flops"]
