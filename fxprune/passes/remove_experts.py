@@ -1,0 +1,86 @@
+"""Remove experts from a pruned graph (``fxprune.channels.experts``).
+
+For each expert set the plan names: the router's rows of the removed experts go, as
+does index ``e`` (dim 0) of every stacked expert weight, and the nodes that count
+experts (``histc`` over the expert ids, ``one_hot``) count the experts left. Kept experts
+keep their order, so after the router shrinks, the top-k's index ``i`` names the i-th
+kept expert, which is where its weights now are. The shapes that change are recorded in
+``ctx.expert_dims`` for the shape check.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from ..channels.experts import ExpertSet, _TO_ROUTER
+from ..channels.registry import op_name
+from ..channels.rules.experts import _VIEWS
+from .prune import cut_tensor, set_tensor, _fetch
+
+
+def remove_experts(ctx, removed: list[tuple[ExpertSet, list[int]]]) -> None:
+    """Cut the removed experts out of ``ctx.gm`` (the prune pass's graph, channels already cut).
+
+    >>> import torch
+    >>> from fxprune.channels.experts import ExpertSet
+    >>> remove_experts(None, [])  # nothing to remove
+    """
+    if not removed:
+        return
+    gm = ctx.gm
+    nodes = {n.name: n for n in gm.graph.nodes}
+    dims = getattr(ctx, "expert_dims", {})
+    ctx.expert_dims = dims
+    for s, chosen in removed:
+        kept = [e for e in range(s.size) if e not in set(chosen)]
+        left = len(kept)
+        for key in s.router_keys + s.stacked:
+            new = cut_tensor(_fetch(gm, key), [(0, kept)])
+            for alias in ctx.graph.state.aliases.get(key, [key]):
+                set_tensor(gm, alias, new)
+        for name in s.counts:
+            node = ctx.replacement.get(name) or nodes[name]
+            node.args = tuple(_recount(a, s.size, left) for a in node.args)
+            node.kwargs = {k: _recount(v, s.size, left) for k, v in node.kwargs.items()}
+            _mark_down(node, 0, left, dims, ("cumsum", "to", "_to_copy"))
+        router = ctx.replacement.get(s.router) or nodes[s.router]
+        _mark_down(router, -1, left, dims, _TO_ROUTER)
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and ctx.graph.state.canonical.get(node.target, node.target) in s.stacked + s.router_keys:
+                _mark_down(node, 0, left, dims, _VIEWS)
+    gm.graph.lint()
+
+
+def _recount(value, old: int, new: int):
+    """Histogram arguments over expert ids: ``bins=E`` becomes ``E'``, ``max=E-1`` ``E'-1``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if value == old:
+        return type(value)(new)
+    if value == old - 1:
+        return type(value)(new - 1)
+    return value
+
+
+def _mark_down(node: torch.fx.Node, dim: int, size: int, dims: dict, through) -> None:
+    """Record that ``node`` and the view-like ops after it have ``size`` along ``dim``."""
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        dims[n.name] = (dim, size)
+        todo += [u for u in n.users if u.op in ("call_function", "call_method") and op_name(u.target) in through]
+
+
+def expected_shape(ctx, name: str, want: tuple) -> tuple:
+    """``want`` (the channel analysis' prediction) with the expert count of a node whose
+    experts were removed."""
+    entry = getattr(ctx, "expert_dims", {}).get(name)
+    if entry is None or not want:
+        return want
+    dim, size = entry
+    shape = list(want)
+    shape[dim] = size
+    return tuple(shape)
+
+
+__all__ = ["remove_experts", "expected_shape"]
