@@ -17,6 +17,7 @@ order). That is a masking, not a zeroing: ``oracle_role == "router"`` and
 from __future__ import annotations
 
 import contextlib
+import operator
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -50,6 +51,12 @@ class ExpertSet:
     stacked: list[str]
     top_k: int
     counts: list[str] = field(repr=False, default_factory=list)
+    # per-expert code (an fx loop over an nn.ModuleList): for expert e, the comparison
+    # ``indices == e`` that selects its tokens, the add that joins its output to the sum,
+    # and that add's other operand (what the sum is without expert e)
+    switches: list[str] = field(repr=False, default_factory=list)
+    joins: list[tuple[str, str]] = field(repr=False, default_factory=list)
+    owned: list[dict[str, int]] = field(repr=False, default_factory=list)  # per expert: {key: dim-0 size}
     prunable: bool = True
     zero_invariant: bool = False  # removal is a masking of the router, not a zeroing
     reason: str = ""
@@ -91,7 +98,11 @@ class ExpertSet:
             return {}
         keys = (self.router_keys if role in ("out", "router", "all") else []) + \
                (self.stacked if role in ("in", "all") else [])
-        return {k: [(0, list(chosen))] for k in keys}
+        out = {k: [(0, list(chosen))] for k in keys}
+        if role in ("in", "all"):  # experts of their own modules go whole
+            for e in chosen:
+                out.update({k: [(0, list(range(n)))] for k, n in (self.owned[e] if self.owned else {}).items()})
+        return out
 
     def router_mask(self, units: Iterable[int], dtype=torch.float32, device=None) -> torch.Tensor:
         """The additive mask on the router's logits that equals removing ``units``.
@@ -120,16 +131,22 @@ def find_experts(gm: torch.fx.GraphModule, first_id: int = 0, canonical: Mapping
             topk = _nearest_topk(node.args[0])
             if topk is not None:
                 owned.setdefault(topk, ([], []))[1].append(node)
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method") and op_name(node.target) == "topk" and node not in owned:
+            owned[node] = ([], [])
     for topk, (weights, count_nodes) in owned.items():
         router, keys = _router(topk.args[0], modules, canonical)
-        if router is None or not weights:
+        if router is None:
             continue  # a top-k over something that is no router
         size = _last_dim(router)
         stacked = [canonical.get(w.target, w.target) for w in weights if _shape(w)[:1] == (size,)]
         counts = [n.name for n in count_nodes if size in _ints(n)]
+        switches, joins, per_expert = ([], [], []) if stacked else _loop_experts(gm, topk, size, modules, canonical)
+        if not stacked and not switches:
+            continue
         k = topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")
         found.append(ExpertSet(first_id + len(found), size, router.name, keys, list(dict.fromkeys(stacked)),
-                               int(k), counts))
+                               int(k), counts, switches, joins, per_expert))
     return found
 
 
@@ -148,6 +165,71 @@ def _router(node, modules, canonical):
         if all(p.op == "get_attr" for p in params) and params:
             return node, [canonical.get(p.target, p.target) for p in params]
     return None, []
+
+
+def _loop_experts(gm, topk, size, modules, canonical):
+    """Experts written as a loop over modules: ``indices == e`` for every e in 0..E-1,
+    each feeding one add into the running sum. Returns (switches, joins, parameter keys)
+    or empty lists when the code is not of that form."""
+    indices = [u for u in topk.users if u.target is operator.getitem and u.args[1] == 1]
+    switch = {}
+    for idx in indices:
+        for user in idx.users:
+            if op_name(user.target) in ("eq", "__eq__") and isinstance(user.args[1], int) and user.args[0] is idx:
+                switch.setdefault(user.args[1], user)
+    if sorted(switch) != list(range(size)):
+        return [], [], []
+    upstream = _ancestors(topk) | {topk, *indices}
+    joins, per_expert = [], []
+    for e in range(size):
+        join = _join_of(switch[e])
+        if join is None:
+            return [], [], []
+        term, other = (join.args[1], join.args[0]) if _ancestors(join.args[1]) >= {switch[e]} or \
+            join.args[1] is switch[e] or switch[e] in _ancestors(join.args[1]) else (join.args[0], join.args[1])
+        if switch[e] not in _ancestors(term):
+            return [], [], []
+        own = _ancestors(term) - _ancestors(other) - upstream
+        if any(switch[j] in own for j in range(size) if j != e):
+            return [], [], []
+        joins.append((join.name, other.name))
+        per_expert.append({canonical.get(f"{n.target}.{k}", f"{n.target}.{k}"): p.shape[0] if p.ndim else 1
+                           for n in own | {term} if n.op == "call_module"
+                           for k, p in modules[n.target].named_parameters()})
+    return [switch[e].name for e in range(size)], joins, per_expert
+
+
+def _join_of(switch: torch.fx.Node):
+    """The first add below ``switch`` whose other operand does not depend on it."""
+    for node in _descendants(switch):
+        if op_name(node.target) in ("add", "__add__", "iadd") and len(node.args) == 2 \
+                and all(isinstance(a, torch.fx.Node) for a in node.args):
+            inside = [switch in _ancestors(a) or a is switch for a in node.args]
+            if inside.count(True) == 1:
+                return node
+    return None
+
+
+def _ancestors(node) -> set:
+    seen, todo = set(), [node]
+    while todo:
+        for n in todo.pop().all_input_nodes:
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
+    return seen
+
+
+def _descendants(node: torch.fx.Node) -> list:
+    seen, todo, order = {node}, [node], []
+    while todo:
+        n = todo.pop(0)
+        for user in n.users:
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+                order.append(user)
+    return order
 
 
 def _nearest_topk(node) -> torch.fx.Node | None:

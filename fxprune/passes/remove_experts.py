@@ -43,6 +43,12 @@ def remove_experts(ctx, removed: list[tuple[ExpertSet, list[int]]]) -> None:
             node.args = tuple(_recount(a, s.size, left) for a in node.args)
             node.kwargs = {k: _recount(v, s.size, left) for k, v in node.kwargs.items()}
             _mark_down(node, 0, left, dims, ("cumsum", "to", "_to_copy"))
+        for e, (switch, (join, other)) in enumerate(zip(s.switches, s.joins)):
+            if e in chosen:  # the sum without this expert: its nodes then die with dead code
+                ctx.replace(ctx.replacement.get(join) or nodes[join], ctx.replacement.get(other) or nodes[other])
+            else:  # kept experts move to their index among the kept
+                node = ctx.replacement.get(switch) or nodes[switch]
+                node.args = (node.args[0], kept.index(e)) + tuple(node.args[2:])
         router = ctx.replacement.get(s.router) or nodes[s.router]
         _mark_down(router, -1, left, dims, _TO_ROUTER)
         for node in gm.graph.nodes:
