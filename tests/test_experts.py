@@ -152,3 +152,61 @@ def test_uneven_expert_counts_cannot_be_written_to_one_config(tiny_mixtral):
     _, _, graph = tiny_mixtral
     with pytest.raises(WriteBackError, match="num_local_experts.*\\[2, 3\\]"):
         fxprune.prune(graph, {graph.experts[0].id: [0, 1], graph.experts[1].id: [2]}, emit="module")
+
+
+def test_expert_scores(loop_moe):
+    from fxprune.select.expert_score import score_experts
+
+    model, x, graph = loop_moe
+    sid = graph.experts[0].id
+    with torch.no_grad():
+        h = model.inp(x)
+        weights, chosen = model.router(h).softmax(-1).topk(2, dim=-1)
+        share = torch.bincount(chosen.flatten(), minlength=4).double() / chosen.numel()
+        reap = []
+        for e, expert in enumerate(model.experts):
+            gate = (weights * (chosen == e)).sum(-1)
+            routed = gate > 0
+            reap.append(float((gate[routed, None] * expert(h[routed])).norm(dim=-1).sum() / routed.sum()))
+    assert torch.allclose(torch.as_tensor(score_experts(graph, "frequency")[sid]), share)
+    assert torch.allclose(torch.as_tensor(score_experts(graph, "reap")[sid]), torch.tensor(reap, dtype=torch.double))
+    loss = score_experts(graph, "loss")[sid]
+    unused = int(share.argmin())
+    assert (loss > 0).all() if share.min() > 0 else loss[unused] == 0
+
+
+def test_mixtral_reap_and_frequency_agree_with_the_routing(tiny_mixtral):
+    from fxprune.select.expert_score import score_experts
+
+    _, _, graph = tiny_mixtral
+    freq, reap = score_experts(graph, "frequency"), score_experts(graph, "reap")
+    for s in graph.experts:
+        assert abs(freq[s.id].sum() - 1) < 1e-9 and (reap[s.id] > 0).all()
+
+
+def test_compress_half_experts_half_neurons_done_when():
+    """Issue 21's "Done when": compress removes half the experts and half of each expert's
+    neurons of a tiny Mixtral; the expert oracle holds; generate() and save/load work."""
+    from transformers import MixtralForCausalLM
+
+    model, inputs = mixtral()
+    result = fxprune.compress(model, {"example_inputs": inputs, "ratio": 0.5, "units": ["channels", "experts"],
+                                      "capture": "export", "emit": "module", "expert_score": "reap",
+                                      "ignore": ["model.embed_tokens", "model.layers.*.self_attn.*"]})
+    mine = result.model
+    assert (mine.config.num_local_experts, mine.config.intermediate_size, mine.config.hidden_size) == (2, 12, 16)
+    graph = fxprune.analyze(model, inputs, capture="export")
+    assert check_zero_invariance(model, graph, result.plan, mine) < 1e-5
+    assert any("experts scored by reap; removing 4 of 8" in n for n in result.notes)
+    ids = inputs["input_ids"]
+    assert mine.generate(ids, max_new_tokens=2, do_sample=False).shape == (2, 8)
+    with tempfile.TemporaryDirectory() as d:
+        mine.save_pretrained(d)
+        back = MixtralForCausalLM.from_pretrained(d).eval()
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, mine(ids).logits)
+
+
+def test_experts_take_a_float_ratio():
+    with pytest.raises(fxprune.SpecError, match="experts are removed by a float ratio"):
+        fxprune.Spec(input_shape=[1, 4], target={"flops": 0.5}, units=["channels", "experts"])

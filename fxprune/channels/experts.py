@@ -57,6 +57,10 @@ class ExpertSet:
     switches: list[str] = field(repr=False, default_factory=list)
     joins: list[tuple[str, str]] = field(repr=False, default_factory=list)
     owned: list[dict[str, int]] = field(repr=False, default_factory=list)  # per expert: {key: dim-0 size}
+    topk: str = ""  # the top-k node (its indices say which experts each token takes)
+    # nodes holding the routing-weighted expert outputs: one per expert (a loop), or one
+    # whose rows are sorted by expert with counts[0] holding the rows per expert (grouped)
+    weighted: list[str] = field(repr=False, default_factory=list)
     prunable: bool = True
     zero_invariant: bool = False  # removal is a masking of the router, not a zeroing
     reason: str = ""
@@ -121,12 +125,14 @@ def find_experts(gm: torch.fx.GraphModule, first_id: int = 0, canonical: Mapping
     modules = dict(gm.named_modules())
     found = []
     owned: dict[torch.fx.Node, tuple[list, list]] = {}  # top-k -> (stacked keys, count nodes)
+    grouped: dict[torch.fx.Node, list] = {}  # top-k -> its grouped products, in graph order
     for node in gm.graph.nodes:
         name = op_name(node.target) if node.op in ("call_function", "call_method") else ""
         if name in _GROUPED and len(node.args) > 2:
             topk, weight = _nearest_topk(node.args[2]), stacked_weight(node.args[1])
             if topk is not None and weight is not None:
                 owned.setdefault(topk, ([], []))[0].append(weight)
+                grouped.setdefault(topk, []).append(node)
         elif name in ("histc", "one_hot", "bincount") and node.args:
             topk = _nearest_topk(node.args[0])
             if topk is not None:
@@ -145,8 +151,12 @@ def find_experts(gm: torch.fx.GraphModule, first_id: int = 0, canonical: Mapping
         if not stacked and not switches:
             continue
         k = topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")
+        if stacked:
+            weighted = _weighted_rows(grouped[topk][-1])
+        else:
+            weighted = _terms(gm, joins)
         found.append(ExpertSet(first_id + len(found), size, router.name, keys, list(dict.fromkeys(stacked)),
-                               int(k), counts, switches, joins, per_expert))
+                               int(k), counts, switches, joins, per_expert, topk.name, weighted))
     return found
 
 
@@ -197,6 +207,28 @@ def _loop_experts(gm, topk, size, modules, canonical):
                            for n in own | {term} if n.op == "call_module"
                            for k, p in modules[n.target].named_parameters()})
     return [switch[e].name for e in range(size)], joins, per_expert
+
+
+def _weighted_rows(last: torch.fx.Node) -> list[str]:
+    """The product of the last grouped product's rows with the routing weights."""
+    node = last
+    while len(node.users) == 1:
+        (node,) = node.users
+        if op_name(node.target) == "mul":
+            return [node.name]
+        if op_name(node.target) not in _TO_ROUTER:
+            break
+    return []
+
+
+def _terms(gm, joins) -> list[str]:
+    """Each expert's operand of its join (the other operand is the sum without it)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = []
+    for join, other in joins:
+        a, b = nodes[join].args
+        out.append((b if a.name == other else a).name)
+    return out
 
 
 def _join_of(switch: torch.fx.Node):
