@@ -210,3 +210,27 @@ def test_compress_half_experts_half_neurons_done_when():
 def test_experts_take_a_float_ratio():
     with pytest.raises(fxprune.SpecError, match="experts are removed by a float ratio"):
         fxprune.Spec(input_shape=[1, 4], target={"flops": 0.5}, units=["channels", "experts"])
+
+
+def test_qwen2_moe_shared_expert_and_routed_experts():
+    """Qwen2-MoE: routed experts beside a shared expert (a dense MLP with its own gate):
+    experts, routed neurons and shared-expert neurons go together through the oracle, and
+    the config carries num_experts, moe_intermediate_size, shared_expert_intermediate_size."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=24, moe_intermediate_size=12,
+                            shared_expert_intermediate_size=20, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, use_cache=False,
+                            max_position_embeddings=32, decoder_sparse_step=1, mlp_only_layers=[])
+    model = unit_scale(Qwen2MoeForCausalLM(config)).eval()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    graph = fxprune.analyze(model, {"input_ids": ids}, capture="export")
+    [experts] = graph.experts
+    # widths stay multiples of 4: the eager grouped_mm kernel needs 16-byte strides
+    plan = {experts.id: [1], **{g.id: [0, 1, 2, 3] for g in graph.prunable_groups if g.size in (12, 20)}}
+    assert len(plan) == 3
+    mine = fxprune.prune(graph, plan, emit="module")
+    assert check_zero_invariance(model, graph, plan, mine) < 1e-5
+    assert (mine.config.num_experts, mine.config.moe_intermediate_size,
+            mine.config.shared_expert_intermediate_size) == (3, 8, 16)

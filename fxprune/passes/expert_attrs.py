@@ -19,6 +19,9 @@ from ..errors import WriteBackError
 from .hf_config import hf_config
 
 COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+# config fields of expert widths, and what names the groups they size: the routed experts'
+# stacked weights, or a shared expert's modules (Qwen2-MoE)
+WIDTH_FIELDS = {"moe_intermediate_size": "experts.", "shared_expert_intermediate_size": "shared_expert."}
 
 
 def expert_cuts(graph, plan: Mapping, cuts: dict) -> dict:
@@ -66,6 +69,41 @@ def sync_expert_counts(model: torch.nn.Module, graph, plan: Mapping) -> list[str
     return [f"{field}={getattr(config, field)}"]
 
 
+def sync_expert_widths(model: torch.nn.Module, graph, plan: Mapping) -> list[str]:
+    """Set the config's expert widths (``moe_intermediate_size``,
+    ``shared_expert_intermediate_size``) and the experts' ``intermediate_dim`` from the
+    plan; one value holds for every expert of every layer (a stacked weight gives all
+    experts of a layer one width), else a :class:`~fxprune.errors.WriteBackError`.
+
+    >>> sync_expert_widths(torch.nn.Linear(2, 2), None, {})
+    []
+    """
+    config = hf_config(model)
+    if config is None or graph is None:
+        return []
+    changed = []
+    for name, marker in WIDTH_FIELDS.items():
+        old = getattr(config, name, None)
+        if not isinstance(old, int):
+            continue
+        new = {g.id: g.size - len(set(plan.get(g.id, ()))) for g in graph.prunable_groups
+               if g.size == old and any(marker in p for p in g.producers)}
+        widths = set(new.values()) or {old}
+        if len(widths) > 1:
+            raise WriteBackError(f"config.{name} holds one width for every expert, but the plan leaves "
+                                 f"{sorted(widths)}; remove as many neurons in every expert layer "
+                                 "(scope='local'), or write the graph instead (emit='graph')")
+        width = widths.pop()
+        if width != old:
+            setattr(config, name, width)
+            changed.append(f"{name}={width}")
+            if marker == "experts.":
+                for module in model.modules():
+                    if getattr(module, "intermediate_dim", None) == old and hasattr(module, "num_experts"):
+                        module.intermediate_dim = width
+    return changed
+
+
 def _layer_path(keys: list[str]) -> str:
     """The longest module path every key lies under (the routed layer)."""
     parts = [k.split(".")[:-1] for k in keys]
@@ -77,4 +115,4 @@ def _layer_path(keys: list[str]) -> str:
     return ".".join(common)
 
 
-__all__ = ["expert_cuts", "sync_expert_counts"]
+__all__ = ["expert_cuts", "sync_expert_counts", "sync_expert_widths"]

@@ -28,7 +28,7 @@ from ..channels.branches import split_plan
 from ..channels.graph import DependencyGraph
 from ..errors import WriteBackError
 from .branch_modules import drop_blocks, removed_blocks
-from .expert_attrs import expert_cuts, sync_expert_counts
+from .expert_attrs import expert_cuts, sync_expert_counts, sync_expert_widths
 from .hf_config import check_config, update_config
 from .layer_attrs import attention_heads, sync_head_attrs, sync_layer_sizes
 from .prune import PruneContext, cut_tensor, kept_ids, tensor_cuts
@@ -65,7 +65,8 @@ def write_back(graph: DependencyGraph, plan: Mapping[int, object], pruned: torch
     heads = attention_heads(graph, PruneContext(graph, pruned, keep).new_shape)
     sync_layer_sizes(new, pruned)
     sync_head_attrs(new, heads)
-    changed = update_config(new, _group_widths(graph, plan), heads) + sync_expert_counts(new, graph, plan)
+    changed = update_config(new, _group_widths(graph, plan), heads)
+    changed += sync_expert_counts(new, graph, plan) + sync_expert_widths(new, graph, plan)  # mixtures of experts
     check_config(new, changed)
     if not any(t.is_meta for t in new.parameters()):  # weightless (meta) models: shapes and config only
         _check_outputs(new, pruned, graph)
