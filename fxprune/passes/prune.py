@@ -29,6 +29,7 @@ from ..channels.values import DimMap, TensorChannels
 from ..errors import PlanError, VerificationError
 from .check_values import ValueCheck, check_values, split_by_masking
 from .remove_branches import remove_branches
+from .remove_experts import expected_shape, remove_experts
 
 
 class PruneContext:
@@ -196,8 +197,6 @@ def _prune(graph: DependencyGraph, plan: Mapping[int, object]) -> torch.fx.Graph
     for name, rewrite in graph.state.rewrites:
         rewrite(ctx, nodes[name])
     remove_branches(ctx, split_plan(graph, plan)[1])
-    from .remove_experts import remove_experts  # remove_experts reads this module's helpers
-
     remove_experts(ctx, removed_experts(graph, plan))
     eliminate_dead_code(gm)  # keeps in-place and other mutating calls (invariant 8)
     gm.graph.lint()
@@ -321,8 +320,6 @@ def verify_shapes(graph: DependencyGraph, gm: torch.fx.GraphModule, ctx: PruneCo
             f"the pruned graph does not run: {type(exc).__name__}: {first_line(exc)}. "
             "This is a bug in a channel rule; please report it with the model."
         ) from exc
-    from .remove_experts import expected_shape
-
     for node in gm.graph.nodes:
         meta = node.meta.get("tensor_meta")
         if node.op == "output" or not hasattr(meta, "shape"):

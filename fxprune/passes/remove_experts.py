@@ -15,7 +15,6 @@ import torch.fx
 from ..channels.experts import ExpertSet, _TO_ROUTER
 from ..channels.registry import op_name
 from ..channels.rules.experts import _VIEWS
-from .prune import cut_tensor, set_tensor, _fetch
 
 
 def remove_experts(ctx, removed: list[tuple[ExpertSet, list[int]]]) -> None:
@@ -35,9 +34,10 @@ def remove_experts(ctx, removed: list[tuple[ExpertSet, list[int]]]) -> None:
         kept = [e for e in range(s.size) if e not in set(chosen)]
         left = len(kept)
         for key in s.router_keys + s.stacked:
-            new = cut_tensor(_fetch(gm, key), [(0, kept)])
+            new = _keep_rows(_owner(gm, key), key, kept)
             for alias in ctx.graph.state.aliases.get(key, [key]):
-                set_tensor(gm, alias, new)
+                path, _, attr = alias.rpartition(".")
+                setattr(gm.get_submodule(path), attr, new)  # a Parameter stays registered as one
         for name in s.counts:
             node = ctx.replacement.get(name) or nodes[name]
             node.args = tuple(_recount(a, s.size, left) for a in node.args)
@@ -55,6 +55,17 @@ def remove_experts(ctx, removed: list[tuple[ExpertSet, list[int]]]) -> None:
             if node.op == "get_attr" and ctx.graph.state.canonical.get(node.target, node.target) in s.stacked + s.router_keys:
                 _mark_down(node, 0, left, dims, _VIEWS)
     gm.graph.lint()
+
+
+def _owner(gm, key: str):
+    path, _, attr = key.rpartition(".")
+    return getattr(gm.get_submodule(path), attr)
+
+
+def _keep_rows(tensor: torch.Tensor, key: str, kept: list[int]) -> torch.Tensor:
+    """``tensor`` with only the kept experts along dim 0 (a Parameter stays one)."""
+    new = tensor.detach().index_select(0, torch.as_tensor(kept, device=tensor.device)).clone()
+    return torch.nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else new
 
 
 def _recount(value, old: int, new: int):
