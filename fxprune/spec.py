@@ -29,11 +29,12 @@ from fxprune.passes.emit import EMITS as PRUNE_EMITS
 from fxprune.passes.prune import VERIFY
 from fxprune.select.calibration import Calibration, as_calibration, check_data_needs
 from fxprune.select.branch_score import BRANCH_SCORES
+from fxprune.select.expert_score import EXPERT_SCORES
 from fxprune.select.metrics import TARGET_METRICS
 from fxprune.select.score import known_scores
 
 SCOPES = ("global", "local", "latency")
-UNIT_KINDS = ("channels", "branches")  # what competes for the budget (docs/depth.md)
+UNIT_KINDS = ("channels", "branches", "experts")  # what competes for the budget (docs/depth.md, docs/experts.md)
 CAPTURES = FRONT_ENDS
 EMITS = ("auto", *PRUNE_EMITS)  # "auto": graph for fx captures, module for export and parts ones
 _CODE_ONLY = ("example_inputs", "calib_inputs", "loss_fn")  # cannot live in a file
@@ -176,6 +177,12 @@ class Spec:
             output norm relative to the stream), "block_influence" (1 - cos of the
             stream before and after) or "group_lasso" (the L2 norm of its weights);
             ``fxprune.select.branch_score``.
+            Units may include "experts" (a mixture of experts' experts: ``graph.experts``):
+            with a float ``ratio``, each routed layer loses that share of its experts (at
+            most ``E - top_k``), lowest ``expert_score`` first; docs/experts.md.
+        expert_score: how experts are ranked: "frequency" (default: the share of router
+            choices that pick it), "reap" (router weight times expert output norm) or
+            "loss" (the loss with the expert removed); ``fxprune.select.expert_score``.
 
     Files hold the same fields in a table (TOML) or object (JSON); in a file named
     pyproject.toml the spec is the ``[tool.fxprune.compress]`` table.
@@ -208,6 +215,7 @@ class Spec:
     seed: int = 0
     units: str | list[str] = "channels"
     branch_score: str = "output_norm"
+    expert_score: str = "frequency"
 
     def __post_init__(self) -> None:
         check_choice("spec.capture", self.capture, CAPTURES)
@@ -243,6 +251,10 @@ class Spec:
         self._check_taylor()
         self.units = _units("spec.units", self.units)
         check_choice("spec.branch_score", self.branch_score, BRANCH_SCORES)
+        check_choice("spec.expert_score", self.expert_score, EXPERT_SCORES)
+        if "experts" in self.unit_kinds and not isinstance(self.ratio, (int, float)):
+            fail("spec.units", "experts are removed by a float ratio (the share of each routed layer's "
+                 "experts, e.g. ratio=0.5); a target or a ratio per module does not apply to them yet")
         if "branches" in self.unit_kinds and self.scope == "latency":
             fail("spec.scope", "scope='latency' times channel groups only; with units including "
                  "'branches' use scope='local' or 'global' (branches are ranked per unit of cost)")

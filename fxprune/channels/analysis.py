@@ -15,6 +15,7 @@ from .context import AnalysisState, RuleContext
 from .graph import DependencyGraph, build_groups
 from .heads import head_reshapes, kv_repeats
 from .registry import load_plugins, lookup_rule
+from .rules.experts import register_late_ops
 from .rules.basic import get_attr_rule, input_rule, output_rule
 from .rules.fallback import is_size_only, size_arithmetic_rule, unknown_rule
 from .rules.pointwise import is_pointwise_node, pointwise_rule
@@ -93,6 +94,7 @@ def analyze(model, example_inputs, *, capture: str = "auto", attention_units: st
         raise AnalysisError(f"attention_units must be one of {', '.join(map(repr, ATTENTION_UNITS))}, "
                             f"got {attention_units!r}")
     load_plugins()
+    register_late_ops()
     with gc_paused():
         captured = capture_model(model, example_inputs, capture=capture, leaf_modules=leaf_modules,
                                  concrete_args=concrete_args)

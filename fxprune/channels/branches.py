@@ -398,12 +398,19 @@ def unit(graph, unit_id: int):
         return graph.branches[int(unit_id) - n]
     if isinstance(unit_id, (int, np.integer)) and 0 <= unit_id < n:
         return graph.groups[int(unit_id)]
+    from .experts import expert_set  # experts are the third kind of unit, after the branches
+
+    if unit_id is not None and (experts := expert_set(graph, unit_id)) is not None:
+        return experts
     last = f"; branches {n}..{n + len(graph.branches) - 1}" if graph.branches else ""
+    if graph.experts:
+        last += f"; expert sets {graph.experts[0].id}..{graph.experts[-1].id}"
     raise PlanError(f"no unit {unit_id!r}: this graph has channel groups 0..{n - 1}{last}")
 
 
 def split_plan(graph, plan) -> tuple[dict, list[Branch]]:
-    """``plan`` as its channel part ``{group id: units}`` and the branches it removes.
+    """``plan`` as its channel part ``{group id: units}`` and the branches it removes
+    (expert sets are in neither: see ``fxprune.channels.experts.removed_experts``).
 
     >>> import torch, fxprune
     >>> graph = fxprune.analyze(torch.nn.Linear(2, 2), torch.randn(1, 2))
@@ -414,8 +421,11 @@ def split_plan(graph, plan) -> tuple[dict, list[Branch]]:
     removed: list[Branch] = []
     n = len(graph.groups)
     for key, units in plan.items():
-        if isinstance(key, (int, np.integer)) and not isinstance(key, bool) and key >= n and graph.branches:
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool) and key >= n \
+                and (graph.branches or graph.experts):
             branch = unit(graph, key)
+            if not isinstance(branch, Branch):
+                continue  # an expert set (fxprune.channels.experts.removed_experts)
             if check_branch_units(branch, units):
                 removed.append(branch)
         else:

@@ -128,6 +128,16 @@ class DependencyGraph:
         return self._branches
 
     @property
+    def experts(self) -> list:
+        """Expert sets of routed layers (``fxprune.channels.experts``), found on first use;
+        their ids follow the last branch id."""
+        if getattr(self, "_experts", None) is None:
+            from .experts import find_experts  # experts reads graphs; graph must not import it first
+
+            self._experts = find_experts(self.gm, len(self.groups) + len(self.branches), self.state.canonical)
+        return self._experts
+
+    @property
     def prunable_groups(self) -> list[Group]:
         return [g for g in self.groups if g.prunable]
 

@@ -27,6 +27,7 @@ from torch.func import functional_call
 
 from .._util import eval_mode
 from ..channels.branches import unit
+from ..channels.experts import router_overrides
 from ..channels.graph import DependencyGraph
 from ..channels.values import TensorChannels
 from ..errors import VerificationError
@@ -73,7 +74,9 @@ def masked_tensors(graph: DependencyGraph, plan: Mapping[int, object]) -> dict[s
     tensors the masking touches (every key a tied tensor is known by)."""
     tensors: dict[str, torch.Tensor] = {}
     for gid, units in plan.items():
-        group = unit(graph, gid)  # a channel group or a branch
+        group = unit(graph, gid)  # a channel group, a branch or an expert set
+        if group.oracle_role == "router":
+            continue  # a masking of the router's output, not of a tensor: router_overrides
         for key, cuts in group.slices(units, group.oracle_role).items():
             if key not in tensors:
                 tensors[key] = _fetch(graph.gm, key).detach().clone()
@@ -100,24 +103,26 @@ def check_values(graph: DependencyGraph, plan: Mapping[int, object], pruned: tor
     if not has_values(graph.gm, inputs.tensors()):
         return ValueCheck(None, 0.0, "values not checked: the model is on the meta device (shapes were)")
     masked = masked_tensors(graph, plan)
-    reference = _run(graph.gm, masked, inputs.clone().flat(graph.gm))
+    routers = router_overrides(graph, plan)  # removed experts: -inf on their router logits
+    reference = _run(graph.gm, masked, inputs.clone().flat(graph.gm), overrides=routers)
     output = _run(pruned, {}, inputs.clone().flat(pruned))
     tolerance = max(TOLERANCES.get(t.dtype, 1e-4) for t in _leaves(reference)) if _leaves(reference) else 1e-4
     error = output_error(reference, output)
     if error > tolerance:
         raise VerificationError(
             f"the pruned model differs from the original with the removed units masked by {error:.3g} "
-            f"(relative to the largest output) > {tolerance:g}; {first_divergence(graph, masked, pruned, origin, keep)}. "
+            f"(relative to the largest output) > {tolerance:g}; {first_divergence(graph, masked, pruned, origin, keep, plan)}. "
             "This is a bug in a rewrite; please report it with the model (verify='shapes' skips this check)")
     return ValueCheck(error, tolerance, f"values checked on the example inputs: largest difference {error:.2g} "
                                         f"relative to the output (tolerance {tolerance:g})")
 
 
 def first_divergence(graph: DependencyGraph, masked: dict[str, torch.Tensor], pruned: torch.fx.GraphModule,
-                     origin: Mapping[str, str], keep: np.ndarray) -> str:
+                     origin: Mapping[str, str], keep: np.ndarray, plan: Mapping[int, object] | None = None) -> str:
     """Where the two runs part: the first pruned node whose kept channels differ from the
     masked original's (nodes in graph order; nodes the rewrite added are not compared)."""
-    reference = _run(graph.gm, masked, graph.example_inputs.clone().flat(graph.gm), record=True)
+    reference = _run(graph.gm, masked, graph.example_inputs.clone().flat(graph.gm), record=True,
+                     overrides=router_overrides(graph, plan) if plan is not None else {})
     values = _run(pruned, {}, graph.example_inputs.clone().flat(pruned), record=True)
     old_nodes = {n.name: n for n in graph.gm.graph.nodes}
     for node in pruned.graph.nodes:
@@ -140,12 +145,15 @@ def first_divergence(graph: DependencyGraph, masked: dict[str, torch.Tensor], pr
 
 
 class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, overrides: Mapping[str, torch.Tensor] | None = None):
         super().__init__(gm, garbage_collect_values=False)
         self.values: dict[str, object] = {}
+        self.overrides = overrides or {}
 
     def run_node(self, n):
         result = super().run_node(n)
+        if n.name in self.overrides:  # an additive mask on this node's output (a router's)
+            result = result + self.overrides[n.name].to(result.device, result.dtype)
         self.values[n.name] = result
         return result
 
@@ -153,20 +161,28 @@ class _Recorder(torch.fx.Interpreter):
 class _Recorded(torch.nn.Module):
     """Runs a graph through :class:`_Recorder` so ``functional_call`` can swap its tensors."""
 
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, overrides: Mapping[str, torch.Tensor] | None = None,
+                 record: bool = True):
         super().__init__()
         self.gm = gm
+        self.overrides = overrides
+        self.record = record
 
     def forward(self, *args):
-        recorder = _Recorder(self.gm)
-        recorder.run(*args)
-        return recorder.values
+        recorder = _Recorder(self.gm, self.overrides)
+        out = recorder.run(*args)
+        return recorder.values if self.record else out
 
 
-def _run(gm: torch.fx.GraphModule, tensors: dict[str, torch.Tensor], args: tuple, record: bool = False):
+def _run(gm: torch.fx.GraphModule, tensors: dict[str, torch.Tensor], args: tuple, record: bool = False,
+         overrides: Mapping[str, torch.Tensor] | None = None):
     """``gm(*args)`` (every node's value with ``record``) with ``tensors`` swapped in, in
-    eval mode, without gradients, from a fixed random seed."""
-    module, tensors = (_Recorded(gm), {f"gm.{k}": v for k, v in tensors.items()}) if record else (gm, tensors)
+    eval mode, without gradients, from a fixed random seed; ``overrides`` adds a mask to
+    the named nodes' outputs (removed experts' router logits)."""
+    if record or overrides:
+        module, tensors = _Recorded(gm, overrides, record), {f"gm.{k}": v for k, v in tensors.items()}
+    else:
+        module = gm
     with eval_mode(gm), torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         return functional_call(module, tensors, args, strict=False, tie_weights=False)

@@ -19,7 +19,9 @@ from .layer_attrs import Heads, replace_int_attrs
 
 INTERMEDIATE = ("intermediate_size", "n_inner", "d_ff", "ffn_dim")
 WIDTH_ATTRS = {"hidden_size": "hidden_size", "embed_dim": "hidden_size", "d_model": "hidden_size",
-               "intermediate_size": "intermediate"}  # module attributes that copy a config width
+               "hidden_dim": "hidden_size", "intermediate_size": "intermediate",
+               "intermediate_dim": "intermediate"}  # module attributes that copy a config width
+# (hidden_dim, intermediate_dim: mixture-of-experts routers and stacked experts, e.g. Mixtral's)
 HINT = ("write the graph instead (emit='graph'), or prune uniformly: scope='local' removes the same "
         "share of every layer, and per-layer widths then agree")
 

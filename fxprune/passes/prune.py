@@ -23,11 +23,13 @@ from .._util import first_line
 from ..capture import ShapeRecorder, gc_paused
 from ..capture.effects import eliminate_dead_code
 from ..channels.branches import split_plan
+from ..channels.experts import removed_experts
 from ..channels.graph import DependencyGraph, _check_units
 from ..channels.values import DimMap, TensorChannels
 from ..errors import PlanError, VerificationError
 from .check_values import ValueCheck, check_values, split_by_masking
 from .remove_branches import remove_branches
+from .remove_experts import expected_shape, remove_experts
 
 
 class PruneContext:
@@ -195,6 +197,7 @@ def _prune(graph: DependencyGraph, plan: Mapping[int, object]) -> torch.fx.Graph
     for name, rewrite in graph.state.rewrites:
         rewrite(ctx, nodes[name])
     remove_branches(ctx, split_plan(graph, plan)[1])
+    remove_experts(ctx, removed_experts(graph, plan))
     eliminate_dead_code(gm)  # keeps in-place and other mutating calls (invariant 8)
     gm.graph.lint()
     gm.recompile()
@@ -323,7 +326,7 @@ def verify_shapes(graph: DependencyGraph, gm: torch.fx.GraphModule, ctx: PruneCo
             continue
         value = graph.state.env.get(ctx._old_nodes.get(ctx.renamed.get(node.name, node.name)))
         if isinstance(value, TensorChannels):
-            want = ctx.new_shape(node.name)
+            want = expected_shape(ctx, node.name, ctx.new_shape(node.name))
             if tuple(meta.shape) != want:
                 raise VerificationError(
                     f"node '{node.name}' has shape {tuple(meta.shape)} after pruning, the analysis "

@@ -28,6 +28,7 @@ from ..channels.branches import split_plan
 from ..channels.graph import DependencyGraph
 from ..errors import WriteBackError
 from .branch_modules import drop_blocks, removed_blocks
+from .expert_attrs import expert_cuts, sync_expert_counts, sync_expert_widths
 from .hf_config import check_config, update_config
 from .layer_attrs import attention_heads, sync_head_attrs, sync_layer_sizes
 from .prune import PruneContext, cut_tensor, kept_ids, tensor_cuts
@@ -51,7 +52,7 @@ def write_back(graph: DependencyGraph, plan: Mapping[int, object], pruned: torch
                              f"ExportedProgram has no class of its own to write into); {GRAPH_HINT}")
     blocks = removed_blocks(graph, split_plan(graph, plan)[1])  # modules that become the identity
     keep = kept_ids(graph, plan)
-    cuts_by_key = tensor_cuts(graph, keep)
+    cuts_by_key = expert_cuts(graph, plan, tensor_cuts(graph, keep))  # removed experts: dim 0 of their weights
     _refuse_multihead_attention(model, cuts_by_key)
     if graph.capture in ("fx", "parts"):  # both run the user's Python code
         _check_python_constants(graph, pruned)
@@ -65,6 +66,7 @@ def write_back(graph: DependencyGraph, plan: Mapping[int, object], pruned: torch
     sync_layer_sizes(new, pruned)
     sync_head_attrs(new, heads)
     changed = update_config(new, _group_widths(graph, plan), heads)
+    changed += sync_expert_counts(new, graph, plan) + sync_expert_widths(new, graph, plan)  # mixtures of experts
     check_config(new, changed)
     if not any(t.is_meta for t in new.parameters()):  # weightless (meta) models: shapes and config only
         _check_outputs(new, pruned, graph)

@@ -51,6 +51,7 @@ import torch
 from fxprune.channels.feasible import feasible_plan
 from fxprune.channels.graph import DependencyGraph, Group
 from fxprune.select.depth import branches_by_ratio, land_with_branches
+from fxprune.select.expert_score import experts_by_ratio
 from fxprune.select.landing import Landing, land
 from fxprune.select.latency_table import efficiency, latency_table
 from fxprune.select.latency_verify import faster_plan
@@ -94,6 +95,14 @@ def select_and_prune(graph: DependencyGraph, scores: dict[int, np.ndarray], spec
                          [g.id for g in graph.groups])
     groups = _eligible(graph, scores, spec, notes)
     limit = {g.id: min(g.size - 1, int(math.floor(spec.max_ratio * g.size + 1e-9))) for g in groups}
+    if "experts" in spec.unit_kinds:  # experts go by their own ratio; the other kinds as the spec says
+        experts = experts_by_ratio(graph, spec, notes)
+        rest = [k for k in spec.unit_kinds if k != "experts"]
+        if not rest:
+            return experts, None
+        plan, model = select_and_prune(graph, scores, dataclasses.replace(spec, units=rest[0] if len(rest) == 1
+                                                                           else rest), notes=notes)
+        return {**plan, **experts}, None
     if "branches" in spec.unit_kinds:  # depth competes (fxprune.select.depth)
         groups = groups if "channels" in spec.unit_kinds else []
         if spec.target is None:

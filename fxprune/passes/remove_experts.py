@@ -1,0 +1,103 @@
+"""Remove experts from a pruned graph (``fxprune.channels.experts``).
+
+For each expert set the plan names: the router's rows of the removed experts go, as
+does index ``e`` (dim 0) of every stacked expert weight, and the nodes that count
+experts (``histc`` over the expert ids, ``one_hot``) count the experts left. Kept experts
+keep their order, so after the router shrinks, the top-k's index ``i`` names the i-th
+kept expert, which is where its weights now are. The shapes that change are recorded in
+``ctx.expert_dims`` for the shape check.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from ..channels.experts import ExpertSet, _TO_ROUTER
+from ..channels.registry import op_name
+from ..channels.rules.experts import _VIEWS
+
+
+def remove_experts(ctx, removed: list[tuple[ExpertSet, list[int]]]) -> None:
+    """Cut the removed experts out of ``ctx.gm`` (the prune pass's graph, channels already cut).
+
+    >>> import torch
+    >>> from fxprune.channels.experts import ExpertSet
+    >>> remove_experts(None, [])  # nothing to remove
+    """
+    if not removed:
+        return
+    gm = ctx.gm
+    nodes = {n.name: n for n in gm.graph.nodes}
+    dims = getattr(ctx, "expert_dims", {})
+    ctx.expert_dims = dims
+    for s, chosen in removed:
+        kept = [e for e in range(s.size) if e not in set(chosen)]
+        left = len(kept)
+        for key in s.router_keys + s.stacked:
+            new = _keep_rows(_owner(gm, key), key, kept)
+            for alias in ctx.graph.state.aliases.get(key, [key]):
+                path, _, attr = alias.rpartition(".")
+                setattr(gm.get_submodule(path), attr, new)  # a Parameter stays registered as one
+        for name in s.counts:
+            node = ctx.replacement.get(name) or nodes[name]
+            node.args = tuple(_recount(a, s.size, left) for a in node.args)
+            node.kwargs = {k: _recount(v, s.size, left) for k, v in node.kwargs.items()}
+            _mark_down(node, 0, left, dims, ("cumsum", "to", "_to_copy"))
+        for e, (switch, (join, other)) in enumerate(zip(s.switches, s.joins)):
+            if e in chosen:  # the sum without this expert: its nodes then die with dead code
+                ctx.replace(ctx.replacement.get(join) or nodes[join], ctx.replacement.get(other) or nodes[other])
+            else:  # kept experts move to their index among the kept
+                node = ctx.replacement.get(switch) or nodes[switch]
+                node.args = (node.args[0], kept.index(e)) + tuple(node.args[2:])
+        router = ctx.replacement.get(s.router) or nodes[s.router]
+        _mark_down(router, -1, left, dims, _TO_ROUTER)
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and ctx.graph.state.canonical.get(node.target, node.target) in s.stacked + s.router_keys:
+                _mark_down(node, 0, left, dims, _VIEWS)
+    gm.graph.lint()
+
+
+def _owner(gm, key: str):
+    path, _, attr = key.rpartition(".")
+    return getattr(gm.get_submodule(path), attr)
+
+
+def _keep_rows(tensor: torch.Tensor, key: str, kept: list[int]) -> torch.Tensor:
+    """``tensor`` with only the kept experts along dim 0 (a Parameter stays one)."""
+    new = tensor.detach().index_select(0, torch.as_tensor(kept, device=tensor.device)).clone()
+    return torch.nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else new
+
+
+def _recount(value, old: int, new: int):
+    """Histogram arguments over expert ids: ``bins=E`` becomes ``E'``, ``max=E-1`` ``E'-1``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if value == old:
+        return type(value)(new)
+    if value == old - 1:
+        return type(value)(new - 1)
+    return value
+
+
+def _mark_down(node: torch.fx.Node, dim: int, size: int, dims: dict, through) -> None:
+    """Record that ``node`` and the view-like ops after it have ``size`` along ``dim``."""
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        dims[n.name] = (dim, size)
+        todo += [u for u in n.users if u.op in ("call_function", "call_method") and op_name(u.target) in through]
+
+
+def expected_shape(ctx, name: str, want: tuple) -> tuple:
+    """``want`` (the channel analysis' prediction) with the expert count of a node whose
+    experts were removed."""
+    entry = getattr(ctx, "expert_dims", {}).get(name)
+    if entry is None or not want:
+        return want
+    dim, size = entry
+    shape = list(want)
+    shape[dim] = size
+    return tuple(shape)
+
+
+__all__ = ["remove_experts", "expected_shape"]

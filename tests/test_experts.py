@@ -1,0 +1,236 @@
+"""Experts as units (issue 21): found from router -> top-k -> experts, removed by cutting
+router rows and expert weights; the oracle is the original with the removed experts'
+router logits forced to -inf."""
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+from torch import nn
+
+import fxprune
+from fxprune.errors import PlanError, VerificationError, WriteBackError
+from fxprune.passes.check_values import output_error
+from fxprune.passes.verify import check_zero_invariance
+from helpers import unit_scale
+
+
+class Expert(nn.Module):
+    def __init__(self, d: int, h: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class LoopMoE(nn.Module):
+    """A hand-written top-k mixture: router, softmax, top-k, a loop over its experts."""
+
+    def __init__(self, d: int = 8, h: int = 12, experts: int = 4, k: int = 2):
+        super().__init__()
+        self.inp, self.router, self.head = nn.Linear(d, d), nn.Linear(d, experts), nn.Linear(d, 3)
+        self.experts = nn.ModuleList(Expert(d, h) for _ in range(experts))
+        self.k = k
+
+    def forward(self, x):
+        x = self.inp(x)
+        weights, chosen = self.router(x).softmax(-1).topk(self.k, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + (weights * (chosen == e)).sum(-1, keepdim=True) * expert(x)
+        return self.head(x + out)
+
+
+def mixtral(layers: int = 2, experts: int = 4):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=layers,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=experts,
+                           num_experts_per_tok=2, use_cache=False, max_position_embeddings=32)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    return unit_scale(MixtralForCausalLM(config)).eval(), {"input_ids": ids}
+
+
+@pytest.fixture(scope="module")
+def loop_moe():
+    torch.manual_seed(0)
+    model = unit_scale(LoopMoE()).eval()
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    return model, x, fxprune.analyze(model, x, capture="fx")
+
+
+@pytest.fixture(scope="module")
+def tiny_mixtral():
+    model, inputs = mixtral()
+    return model, inputs, fxprune.analyze(model, inputs, capture="export")
+
+
+def test_loop_moe_experts_removed_equal_router_masking(loop_moe):
+    model, x, graph = loop_moe
+    [experts] = graph.experts
+    assert (experts.size, experts.top_k, experts.router) == (4, 2, "router")
+    plan = {experts.id: [0, 2]}
+    small = fxprune.prune(graph, plan)
+    assert small.meta["fxprune.value_check"]["error"] < 1e-5
+    assert check_zero_invariance(model, graph, plan, small) < 1e-5
+    assert not any(k.startswith(("experts.0.", "experts.2.")) for k in small.state_dict())
+    assert small.router.weight.shape == (2, 8)
+    # the oracle can fail: without the masking the outputs differ
+    with torch.no_grad():
+        assert output_error(model(x), small(x)) > 1e-2
+
+
+def test_loop_moe_neurons_inside_experts_with_experts(loop_moe):
+    model, x, graph = loop_moe
+    neurons = [g for g in graph.prunable_groups if g.size == 12]
+    assert len(neurons) == 4  # one group per expert: their widths are independent
+    plan = {graph.experts[0].id: [3], **{g.id: list(range(6)) for g in neurons}}
+    small = fxprune.prune(graph, plan)
+    assert check_zero_invariance(model, graph, plan, small) < 1e-5
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters()) * 0.7
+
+
+def test_top_k_bounds_the_experts_removed(loop_moe):
+    _, _, graph = loop_moe
+    with pytest.raises(PlanError, match="top_k=2.*leaves 1.*at most 2"):
+        fxprune.prune(graph, {graph.experts[0].id: [0, 1, 3]})
+    with pytest.raises(PlanError, match="out of range"):
+        fxprune.prune(graph, {graph.experts[0].id: [7]})
+
+
+def test_mixtral_experts_and_expert_neurons_under_export(tiny_mixtral):
+    model, inputs, graph = tiny_mixtral
+    assert [(s.size, len(s.stacked)) for s in graph.experts] == [(4, 2), (4, 2)]
+    neurons = [g for g in graph.prunable_groups if g.size == 24]
+    assert len(neurons) == 2  # neuron j of every expert of a layer: the stacked weights share it
+    assert any(k.endswith("experts.gate_up_proj") for k in neurons[0].slices([0], "out"))
+    plan = {graph.experts[0].id: [1, 3], graph.experts[1].id: [0], **{g.id: list(range(12)) for g in neurons}}
+    small = fxprune.prune(graph, plan)
+    assert small.meta["fxprune.value_check"]["error"] < 1e-5
+    assert check_zero_invariance(model, graph, plan, small) < 1e-5
+    shapes = {k: tuple(v.shape) for k, v in small.state_dict().items()}
+    assert shapes["model.layers.0.mlp.experts.gate_up_proj"] == (2, 24, 16)
+    assert shapes["model.layers.1.mlp.experts.down_proj"] == (3, 16, 12)
+    assert shapes["model.layers.1.mlp.gate.weight"] == (3, 16)
+
+
+def test_value_check_catches_a_wrong_expert_cut(tiny_mixtral, monkeypatch):
+    _, _, graph = tiny_mixtral
+    from fxprune.channels import experts as ex
+
+    # a masking of the wrong expert is what a wrong cut would be checked against
+    real = ex.ExpertSet.router_mask
+    monkeypatch.setattr(ex.ExpertSet, "router_mask", lambda self, units, **kw: real(self, [u ^ 1 for u in units], **kw))
+    with pytest.raises(VerificationError):
+        fxprune.prune(graph, {graph.experts[0].id: [0]})
+
+
+def test_mixtral_done_when_half_experts_half_neurons_module(tiny_mixtral):
+    from transformers import MixtralForCausalLM
+
+    model, inputs, graph = tiny_mixtral
+    plan = {s.id: [0, 3] for s in graph.experts}
+    plan |= {g.id: list(range(0, 24, 2)) for g in graph.prunable_groups if g.size == 24}
+    mine = fxprune.prune(graph, plan, emit="module")
+    assert type(mine) is MixtralForCausalLM and model.config.num_local_experts == 4
+    assert (mine.config.num_local_experts, mine.config.intermediate_size) == (2, 12)
+    assert mine.model.layers[0].mlp.experts.num_experts == mine.model.layers[0].mlp.gate.num_experts == 2
+    assert check_zero_invariance(model, graph, plan, mine) < 1e-5
+    ids = inputs["input_ids"]
+    assert mine.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 9)
+    with tempfile.TemporaryDirectory() as d:
+        mine.save_pretrained(d)
+        back = MixtralForCausalLM.from_pretrained(d).eval()
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, mine(ids).logits)
+
+
+def test_uneven_expert_counts_cannot_be_written_to_one_config(tiny_mixtral):
+    _, _, graph = tiny_mixtral
+    with pytest.raises(WriteBackError, match="num_local_experts.*\\[2, 3\\]"):
+        fxprune.prune(graph, {graph.experts[0].id: [0, 1], graph.experts[1].id: [2]}, emit="module")
+
+
+def test_expert_scores(loop_moe):
+    from fxprune.select.expert_score import score_experts
+
+    model, x, graph = loop_moe
+    sid = graph.experts[0].id
+    with torch.no_grad():
+        h = model.inp(x)
+        weights, chosen = model.router(h).softmax(-1).topk(2, dim=-1)
+        share = torch.bincount(chosen.flatten(), minlength=4).double() / chosen.numel()
+        reap = []
+        for e, expert in enumerate(model.experts):
+            gate = (weights * (chosen == e)).sum(-1)
+            routed = gate > 0
+            reap.append(float((gate[routed, None] * expert(h[routed])).norm(dim=-1).sum() / routed.sum()))
+    assert torch.allclose(torch.as_tensor(score_experts(graph, "frequency")[sid]), share)
+    assert torch.allclose(torch.as_tensor(score_experts(graph, "reap")[sid]), torch.tensor(reap, dtype=torch.double))
+    loss = score_experts(graph, "loss")[sid]
+    unused = int(share.argmin())
+    assert (loss > 0).all() if share.min() > 0 else loss[unused] == 0
+
+
+def test_mixtral_reap_and_frequency_agree_with_the_routing(tiny_mixtral):
+    from fxprune.select.expert_score import score_experts
+
+    _, _, graph = tiny_mixtral
+    freq, reap = score_experts(graph, "frequency"), score_experts(graph, "reap")
+    for s in graph.experts:
+        assert abs(freq[s.id].sum() - 1) < 1e-9 and (reap[s.id] > 0).all()
+
+
+def test_compress_half_experts_half_neurons_done_when():
+    """Issue 21's "Done when": compress removes half the experts and half of each expert's
+    neurons of a tiny Mixtral; the expert oracle holds; generate() and save/load work."""
+    from transformers import MixtralForCausalLM
+
+    model, inputs = mixtral()
+    result = fxprune.compress(model, {"example_inputs": inputs, "ratio": 0.5, "units": ["channels", "experts"],
+                                      "capture": "export", "emit": "module", "expert_score": "reap",
+                                      "ignore": ["model.embed_tokens", "model.layers.*.self_attn.*"]})
+    mine = result.model
+    assert (mine.config.num_local_experts, mine.config.intermediate_size, mine.config.hidden_size) == (2, 12, 16)
+    graph = fxprune.analyze(model, inputs, capture="export")
+    assert check_zero_invariance(model, graph, result.plan, mine) < 1e-5
+    assert any("experts scored by reap; removing 4 of 8" in n for n in result.notes)
+    ids = inputs["input_ids"]
+    assert mine.generate(ids, max_new_tokens=2, do_sample=False).shape == (2, 8)
+    with tempfile.TemporaryDirectory() as d:
+        mine.save_pretrained(d)
+        back = MixtralForCausalLM.from_pretrained(d).eval()
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, mine(ids).logits)
+
+
+def test_experts_take_a_float_ratio():
+    with pytest.raises(fxprune.SpecError, match="experts are removed by a float ratio"):
+        fxprune.Spec(input_shape=[1, 4], target={"flops": 0.5}, units=["channels", "experts"])
+
+
+def test_qwen2_moe_shared_expert_and_routed_experts():
+    """Qwen2-MoE: routed experts beside a shared expert (a dense MLP with its own gate):
+    experts, routed neurons and shared-expert neurons go together through the oracle, and
+    the config carries num_experts, moe_intermediate_size, shared_expert_intermediate_size."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=24, moe_intermediate_size=12,
+                            shared_expert_intermediate_size=20, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, use_cache=False,
+                            max_position_embeddings=32, decoder_sparse_step=1, mlp_only_layers=[])
+    model = unit_scale(Qwen2MoeForCausalLM(config)).eval()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    graph = fxprune.analyze(model, {"input_ids": ids}, capture="export")
+    [experts] = graph.experts
+    # widths stay multiples of 4: the eager grouped_mm kernel needs 16-byte strides
+    plan = {experts.id: [1], **{g.id: [0, 1, 2, 3] for g in graph.prunable_groups if g.size in (12, 20)}}
+    assert len(plan) == 3
+    mine = fxprune.prune(graph, plan, emit="module")
+    assert check_zero_invariance(model, graph, plan, mine) < 1e-5
+    assert (mine.config.num_experts, mine.config.moe_intermediate_size,
+            mine.config.shared_expert_intermediate_size) == (3, 8, 16)
