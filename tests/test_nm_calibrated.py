@@ -185,3 +185,11 @@ def test_cli_nm_alone(tmp_path):
     assert "SparseGPT" in proc.stdout
     out = torch.load(tmp_path / "out.pt", weights_only=False)
     assert all(check_nm(m.weight, 2, 4) for m in out.modules() if isinstance(m, nn.Linear))
+
+
+def test_cli_without_goal_names_nm(tmp_path):
+    from tests.test_cli import fxprune
+
+    torch.save(_mlp(), tmp_path / "mlp.pt")
+    proc = fxprune("compress", str(tmp_path / "mlp.pt"), "--input", "2,16")
+    assert proc.returncode != 0 and "--nm N:M alone" in proc.stderr

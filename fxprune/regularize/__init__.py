@@ -6,6 +6,8 @@
 * ``BNScaleL1``: network slimming, L1 on BatchNorm scales;
 * ``ProxSparse``: 2:4 masks learned by the proximal step of ``sum |w_i w_j w_k|`` on
   every group of 4 inputs (Liu et al. 2025);
+* ``Spartan``: N:M masks learned through a Sinkhorn soft top-k, hard in the forward
+  pass, soft in the gradients, on an annealed schedule (Tai et al. 2022);
 * ``TargetedGroupLasso``: proximal group lasso on just the channels a compress spec's
   budget removes, growing until they are zero (pruning them is then lossless).
 
@@ -31,6 +33,7 @@ from fxprune.regularize.dwf import DeepFactorization, collapse, factorize
 from fxprune.regularize.group_lasso import GroupLasso
 from fxprune.regularize.lp_decay import LpDecay, lp_decay_params
 from fxprune.regularize.proxsparse import ProxSparse
+from fxprune.regularize.spartan import Spartan
 from fxprune.regularize.targeted import TargetedGroupLasso
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "LpDecay",
     "ParamSlice",
     "ProxSparse",
+    "Spartan",
     "TargetedGroupLasso",
     "channel_slices_from_graph",
     "collapse",
