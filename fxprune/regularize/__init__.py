@@ -8,6 +8,8 @@
   every group of 4 inputs (Liu et al. 2025);
 * ``Spartan``: N:M masks learned through a Sinkhorn soft top-k, hard in the forward
   pass, soft in the gradients, on an annealed schedule (Tai et al. 2022);
+* ``SRigL``: dynamic sparse training with constant fan-in, drop/regrow and neuron
+  ablation (Lasby et al. 2024);
 * ``TargetedGroupLasso``: proximal group lasso on just the channels a compress spec's
   budget removes, growing until they are zero (pruning them is then lossless).
 
@@ -34,6 +36,7 @@ from fxprune.regularize.group_lasso import GroupLasso
 from fxprune.regularize.lp_decay import LpDecay, lp_decay_params
 from fxprune.regularize.proxsparse import ProxSparse
 from fxprune.regularize.spartan import Spartan
+from fxprune.regularize.srigl import SRigL
 from fxprune.regularize.targeted import TargetedGroupLasso
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "LpDecay",
     "ParamSlice",
     "ProxSparse",
+    "SRigL",
     "Spartan",
     "TargetedGroupLasso",
     "channel_slices_from_graph",
