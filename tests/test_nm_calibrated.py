@@ -193,3 +193,20 @@ def test_cli_without_goal_names_nm(tmp_path):
     torch.save(_mlp(), tmp_path / "mlp.pt")
     proc = fxprune("compress", str(tmp_path / "mlp.pt"), "--input", "2,16")
     assert proc.returncode != 0 and "--nm N:M alone" in proc.stderr
+
+
+def test_block_mask_ranked_by_wanda_by_hand():
+    from fxprune.sparsity.block import apply_block, check_block
+    from fxprune.sparsity.calibrated import apply_block_calibrated
+
+    # channel norms (1, 1, 10, 10): block (row 0, cols 0-1) of |W| * norm has L2 norm 5 * sqrt(2),
+    # the others 1 * 10 * sqrt(2), 3 * sqrt(2) and 2 * 10 * sqrt(2): keep (0, 2-3) and (1, 2-3)
+    w = torch.tensor([[5.0, 5.0, 1.0, 1.0], [3.0, 3.0, 2.0, 2.0]])
+    x = torch.tensor([[1.0, 1.0, 10.0, 10.0]])
+    layer = _linear(w)
+    result = apply_block_calibrated(layer, (1, 2), 0.5, calibration=[x])
+    assert torch.equal(layer.weight.detach(), torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 2.0, 2.0]]))
+    assert result.masked[0].density == 0.5 and check_block(layer.weight, (1, 2), 0.5)
+    magnitude = _linear(w)
+    apply_block(magnitude, (1, 2), 0.5)
+    assert magnitude.weight[0, 0] == 5.0  # magnitude keeps the large block reading quiet inputs

@@ -1,5 +1,5 @@
 """Calibrated one-shot N:M masks: Wanda (``score="activation"``) and SparseGPT
-(``score="sparsegpt"``), layer after layer.
+(``score="sparsegpt"``), layer after layer; block masks ranked by Wanda's score.
 
 ``apply_nm_calibrated`` first registers a placeholder N:M mask (all ones) on every
 eligible layer, then visits the layers in the order a forward pass calls them. For each
@@ -26,10 +26,12 @@ from fxprune._util import eval_mode
 from fxprune.capture.inputs import ExampleInputs
 from fxprune.errors import SpecError
 from fxprune.select.calibration import as_calibration
-from fxprune.sparsity.masks import check_model, density, mask_layers, normalize_ignore
+from fxprune.sparsity.block import BlockMask, BlockResult, _check_block, block_mask
+from fxprune.sparsity.masks import (FixedMask, LayerRow, check_model, check_real, density, mask_layers,
+                                    normalize_ignore)
 from fxprune.sparsity.nm import NMMask, NMResult, _check_nm_args, apply_nm
 from fxprune.sparsity.sparsegpt import InputHessian, sparsegpt_prune
-from fxprune.sparsity.wanda import InputNorms, wanda_mask
+from fxprune.sparsity.wanda import InputNorms, wanda_mask, wanda_metric
 
 MASK_SCORES = ("magnitude", "activation", "sparsegpt")
 CALIBRATED = ("activation", "sparsegpt")
@@ -64,7 +66,6 @@ def apply_nm_calibrated(model: nn.Module, n: int, m: int, *, score: str = "activ
     if score == "magnitude":
         return apply_nm(model, n, m, ignore=ignore)
     batches = _batches(calibration, score)
-    patterns = normalize_ignore(ignore)
 
     def plan(name: str, module: nn.Module, weight: torch.Tensor):
         if weight.shape[1] % m:
@@ -74,24 +75,74 @@ def apply_nm_calibrated(model: nn.Module, n: int, m: int, *, score: str = "activ
                           "for convolutions")
         return NMMask(torch.ones_like(weight, dtype=torch.bool), n, m), ""
 
+    def fit(module: nn.Module, weight: torch.Tensor, stats):
+        if score == "sparsegpt":
+            return sparsegpt_prune(weight, stats.hessian(), n, m)
+        return None, wanda_mask(weight, stats.norms(), n, m, getattr(module, "groups", 1))
+
+    rows = _layer_by_layer(model, normalize_ignore(ignore), plan, fit, batches,
+                           InputHessian if score == "sparsegpt" else InputNorms)
+    return NMResult(n, m, False, rows)
+
+
+def apply_block_calibrated(model: nn.Module, block: int | tuple[int, int] = 4, density: float = 0.5, *,
+                           calibration: Any = None, ignore: str | Iterable[str] = ()) -> BlockResult:
+    """Block masks ranked by Wanda's ``|W_ij| * ||X_j||_2`` (the L2 norm of each block of it),
+    IN PLACE, layer after layer like ``apply_nm_calibrated``; otherwise as ``apply_block``.
+
+    Example:
+        >>> torch.manual_seed(0) and None
+        >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        >>> result = apply_block_calibrated(net, 4, 0.5, calibration=[torch.randn(64, 8)])
+        >>> [(r.name, r.density) for r in result.masked]
+        [('0', 0.5), ('2', 0.5)]
+    """
+    check_model(model)
+    dims = _check_block(block)
+    density = check_real(density, "density", low=0.0, high=1.0, low_open=True)
+    batches = _batches(calibration, "activation")
+
+    def plan(name: str, module: nn.Module, weight: torch.Tensor):
+        rows, cols = weight.shape[0], weight[0].numel()
+        if rows % dims[0] or cols % dims[1]:
+            return None, f"shape {tuple(weight.shape)} not divisible into {dims[0]}x{dims[1]} blocks"
+        return BlockMask(torch.ones_like(weight, dtype=torch.bool), dims, density), ""
+
+    def fit(module: nn.Module, weight: torch.Tensor, stats):
+        metric = wanda_metric(weight, stats.norms(), getattr(module, "groups", 1))
+        return None, block_mask(metric, dims, density)
+
+    rows = _layer_by_layer(model, normalize_ignore(ignore), plan, fit, batches, InputNorms)
+    return BlockResult(dims, density, rows)
+
+
+def _layer_by_layer(model: nn.Module, patterns: tuple[str, ...], plan, fit, batches: list[ExampleInputs],
+                    stats_type) -> list[LayerRow]:
+    """Register ``plan``'s placeholder masks, then fit each layer in call order on the inputs
+    the model, masked so far, gives it: ``fit(module, weight, stats) -> (new weight or None, keep mask)``."""
     rows = mask_layers(model, patterns, plan)
     layers = {r.name: model.get_submodule(r.name) for r in rows if r.status == "masked"}
     order, stop_early = _call_order(model, layers, batches[0])
     for name in set(layers) - {name for group in order for name in group}:
         parametrize.remove_parametrizations(layers[name], "weight", leave_parametrized=False)
     for group in order:
-        stats = _record(model, {name: layers[name] for name in group}, batches, score, stop_early)
+        stats = _record(model, {name: layers[name] for name in group}, batches, stats_type, stop_early)
         for name in group:
-            _fit(layers[name], stats[name], n, m, score)
+            holder = layers[name].parametrizations["weight"]
+            weight, keep = fit(layers[name], holder.original.detach(), stats[name])
+            if weight is not None:
+                with torch.no_grad():
+                    holder.original.copy_(weight)
+            next(p for p in holder if isinstance(p, FixedMask)).mask.copy_(keep)
     out = []
     for row in rows:
         if row.status != "masked":
             out.append(row)
-        elif row.name not in layers or not parametrize.is_parametrized(layers[row.name], "weight"):
+        elif not parametrize.is_parametrized(layers[row.name], "weight"):
             out.append(replace(row, status="skipped", reason="not called by the calibration batches"))
         else:
             out.append(replace(row, density=density(layers[row.name].weight.detach())))
-    return NMResult(n, m, False, out)
+    return out
 
 
 def _batches(calibration: Any, score: str) -> list[ExampleInputs]:
@@ -141,10 +192,10 @@ def _device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def _record(model: nn.Module, group: dict[str, nn.Module], batches: list[ExampleInputs], score: str,
+def _record(model: nn.Module, group: dict[str, nn.Module], batches: list[ExampleInputs], stats_type,
             stop_early: bool) -> dict[str, InputNorms | InputHessian]:
     """Each layer of ``group``'s input statistics over every batch, through the model as it is now."""
-    stats = {name: (InputHessian if score == "sparsegpt" else InputNorms)(module) for name, module in group.items()}
+    stats = {name: stats_type(module) for name, module in group.items()}
     last = list(group)[-1]
     tokens: list[torch.Tensor | None] = [None]
 
@@ -175,18 +226,4 @@ def _record(model: nn.Module, group: dict[str, nn.Module], batches: list[Example
     return stats
 
 
-def _fit(module: nn.Module, stats: InputNorms | InputHessian, n: int, m: int, score: str) -> None:
-    """Set the layer's placeholder mask (and, for SparseGPT, its weight) from its input statistics."""
-    holder = module.parametrizations["weight"]
-    mask = next(p for p in holder if isinstance(p, NMMask))
-    original = holder.original
-    if score == "sparsegpt":
-        weight, keep = sparsegpt_prune(original.detach(), stats.hessian(), n, m)
-        with torch.no_grad():
-            original.copy_(weight)
-    else:
-        keep = wanda_mask(original.detach(), stats.norms(), n, m, getattr(module, "groups", 1))
-    mask.mask.copy_(keep)
-
-
-__all__ = ["apply_nm_calibrated", "MASK_SCORES", "CALIBRATED"]
+__all__ = ["apply_nm_calibrated", "apply_block_calibrated", "MASK_SCORES", "CALIBRATED"]
