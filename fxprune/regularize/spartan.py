@@ -22,6 +22,7 @@ deterministic in the weights, so DDP replicas stay identical.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Iterable
 
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fxprune.errors import SpecError
-from fxprune.sparsity.masks import SparsityMask, normalize_ignore
+from fxprune.sparsity.masks import SparsityMask, density, normalize_ignore
 from fxprune.sparsity.nm import NMMask, NMResult, _check_nm_args, apply_nm, check_nm, nm_mask
 
 SINKHORN_ITERS = 50
@@ -187,10 +188,6 @@ class Spartan:
     def finish(self) -> NMResult:
         """Replace every Spartan mask by a fixed N:M mask (the frozen one, or the top N of
         the weights now); ``finalize`` then bakes them."""
-        from dataclasses import replace
-
-        from fxprune.sparsity.masks import density
-
         rows = []
         for row in self.result.rows:
             if row.name in self.masks:
