@@ -58,8 +58,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
                     block: int = BLOCK, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
     """The N:M-pruned and compensated weight ``[out, in]`` and its bool keep-mask.
 
-    ``hessian`` is ``[in, in]`` (``InputHessian.hessian()``); computed in float64, the
-    weight returned in ``weight``'s dtype. Input channels that never fired (zero diagonal)
+    ``hessian`` is ``[in, in]`` (``InputHessian.hessian()``); computed in float32 (float64
+    if either input is), the weight returned in ``weight``'s dtype. Input channels that never fired (zero diagonal)
     carry no information: their weights are dropped first.
 
     Example:
@@ -72,8 +72,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
     if cols % m:
         raise ValueError(f"input features {cols} are not a multiple of m={m}")
     block = m * -(-block // m)  # a group of M never straddles two blocks
-    h = hessian.detach().to(torch.float64).clone()
-    w = weight.detach().to(torch.float64).clone()
+    work = torch.promote_types(torch.promote_types(hessian.dtype, weight.dtype), torch.float32)
+    h = hessian.detach().to(work).clone()
+    w = weight.detach().to(work).clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
