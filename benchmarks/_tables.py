@@ -359,6 +359,31 @@ def value_check(rows: list[dict]) -> Table:
                    f"{r['overhead']:.2f}", f"{r['error']:.1e}"] for r in rows]
 
 
+NM_METHODS = {"magnitude": "magnitude", "wanda": "Wanda (activation)", "sparsegpt": "SparseGPT",
+              "proxsparse": "ProxSparse (learned)", "spartan": "Spartan (learned)", "sr-ste": "SR-STE (learned)"}
+
+
+def nm_quality(rows: list[dict]) -> Table:
+    """nm_quality.py's rows: pattern, mask method, fidelity to the dense embeddings one-shot and
+    after the same distillation, whether the pattern holds on every layer, seconds."""
+    def num(value: Any, spec: str = ".3f") -> str:
+        return format(value, spec) if isinstance(value, (int, float)) else ""
+
+    head = ["pattern", "method", "mean cosine", "Spearman", "distilled cosine", "distilled Spearman",
+            "pattern holds", "mask s", "distil s"]
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append([r["pattern"], NM_METHODS.get(r["method"], r["method"]), f"fails: {r['error']}",
+                         "", "", "", "", "", ""])
+            continue
+        holds = {True: "yes", False: "no"}.get(r.get("pattern_holds"), "")
+        body.append([r["pattern"], NM_METHODS.get(r["method"], r["method"]), num(r.get("cosine")),
+                     num(r.get("spearman")), num(r.get("distilled_cosine")), num(r.get("distilled_spearman")),
+                     holds, num(r.get("mask_s"), ".1f"), num(r.get("distill_s"), ".0f")])
+    return head, body
+
+
 TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "timm_sweep": ("timm_sweep", timm_sweep),
     "timm_summary": ("timm_sweep", timm_summary),
@@ -378,4 +403,5 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "nm_gpu": ("nm_gpu", nm_gpu),
     "minilm": ("minilm", minilm),
     "value_check": ("value_check", value_check),
+    "nm_quality": ("nm_quality", nm_quality),
 }

@@ -2,6 +2,9 @@
 
     spec -> example inputs -> analyze -> score -> select -> prune -> nm -> fuse -> report
 
+With ``nm`` alone (no ratio or target) score/select/prune are skipped: the model keeps
+every channel and only gets N:M masks, chosen by ``spec.mask_method``.
+
 Latency rule: latency is measured (both models timed alternately, see
 ``fxprune.measure.measure_latency``) only when asked for, because timing costs seconds
 and is noisy: pass ``measure_latency=True``, or give a ``latency`` section in the spec
@@ -30,9 +33,15 @@ from fxprune.progress import reporting, step
 from fxprune.report import Report, build_report, group_row
 from fxprune.select.plan import select_and_prune
 from fxprune.select.score import score_groups
+from fxprune.select.calibration import as_calibration, graph_batches
+from fxprune.sparsity.calibrated import apply_nm_calibrated
 from fxprune.sparsity.nm import apply_nm, finalize
 from fxprune.sparsity.report import sparsity_rows
 from fxprune.spec import Spec
+
+
+_MASK_NAMES = {"magnitude": "magnitude", "activation": "Wanda, |W| * ||X||",
+               "sparsegpt": "SparseGPT, compensated on the calibration inputs"}
 
 
 @dataclass
@@ -130,6 +139,27 @@ def compress(model: torch.nn.Module, spec, *, measure_latency: bool | None = Non
         return _compress(model, spec, loaded, measure_latency)
 
 
+def _prune_channels(graph, loaded: Spec, notes: list[str]) -> tuple[dict, torch.nn.Module]:
+    """Score, select and prune channels; the plan and the pruned graph."""
+    step(f"scoring ({loaded.score_method})")
+    if loaded.score == "auto":
+        notes.append(f"score: auto chose {loaded.score_method} "
+                     f"({'calibration batches given' if loaded.score_method == 'activation' else 'no calibration data'})")
+    elif loaded.score != loaded.score_method:
+        notes.append(f"score: {loaded.score} chooses masks only; channels are ranked by {loaded.score_method}")
+    scores = score_groups(graph, loaded.score_method, calibration=loaded.calibration,
+                          calib_inputs=loaded.calib_inputs, loss_fn=loaded.loss_fn, notes=notes)
+    step(f"selecting ({loaded.scope} scope)")
+    plan, small = select_and_prune(graph, scores, loaded, notes=notes)
+    step("pruning")
+    if small is None or small is graph.gm:
+        small = prune_graph(graph, plan, verify="shapes") if plan else copy.deepcopy(graph.gm)
+    if plan and loaded.verify == "values":
+        step("verifying values")
+        notes.append(f"verify: {verify_values(graph, plan, small).note}")
+    return plan, small
+
+
 def _compress(model: torch.nn.Module, spec, loaded: Spec, measure_latency: bool | None) -> Result:
     inputs = loaded.make_example_inputs()
     step("analysing")
@@ -142,27 +172,26 @@ def _compress(model: torch.nn.Module, spec, loaded: Spec, measure_latency: bool 
     notes.extend(f"capture: {note}" for note in graph.capture_notes)
     notes.extend(f"capture: {k}={v!r} for the capture" for k, v in graph.capture_kwargs.items())
     check_finite(graph.gm)
-    step(f"scoring ({loaded.score_method})")
-    if loaded.score == "auto":
-        notes.append(f"score: auto chose {loaded.score_method} "
-                     f"({'calibration batches given' if loaded.score_method == 'activation' else 'no calibration data'})")
-    scores = score_groups(graph, loaded.score_method, calibration=loaded.calibration,
-                          calib_inputs=loaded.calib_inputs, loss_fn=loaded.loss_fn, notes=notes)
-    step(f"selecting ({loaded.scope} scope)")
-    plan, small = select_and_prune(graph, scores, loaded, notes=notes)
-    step("pruning")
-    if small is None or small is graph.gm:
-        small = prune_graph(graph, plan, verify="shapes") if plan else copy.deepcopy(graph.gm)
-    if plan and loaded.verify == "values":
-        step("verifying values")
-        notes.append(f"verify: {verify_values(graph, plan, small).note}")
+    if loaded.prunes_channels:
+        plan, small = _prune_channels(graph, loaded, notes)
+    else:  # nm alone: masks only, every channel stays
+        plan, small = {}, copy.deepcopy(graph.gm)
+        notes.append("nm alone: no ratio or target, so no channel is removed")
     small = emit_model(graph, plan, small, loaded.emit, notes)
     nm = None
     if loaded.nm_pair is not None:
         n, m = loaded.nm_pair
-        nm = apply_nm(small, n, m, ignore=loaded.ignore)
+        method = loaded.mask_method
+        step(f"masking {n}:{m} ({method})")
+        if method == "magnitude":
+            nm = apply_nm(small, n, m, ignore=loaded.ignore)
+        else:
+            calibration = loaded.calibration or as_calibration([loaded.calib_inputs])
+            nm = apply_nm_calibrated(small, n, m, score=method, ignore=loaded.ignore,
+                                     calibration=list(graph_batches(graph, calibration)))
         finalize(small)
-        notes.append(f"nm: {n}:{m} masks on {sum(r.status == 'masked' for r in nm.rows)} layer(s); "
+        notes.append(f"nm: {n}:{m} masks ({_MASK_NAMES[method]}) on "
+                     f"{sum(r.status == 'masked' for r in nm.rows)} layer(s); "
                      "masks give speed only on CUDA sparse kernels "
                      "(fxprune.sparsity.semi_structured.to_semi_structured on a float16/bfloat16 CUDA model)")
         narrow = sum("not a multiple of m" in r.reason for r in nm.rows)

@@ -32,12 +32,14 @@ from fxprune.select.branch_score import BRANCH_SCORES
 from fxprune.select.expert_score import EXPERT_SCORES
 from fxprune.select.metrics import TARGET_METRICS
 from fxprune.select.score import known_scores
+from fxprune.sparsity.calibrated import CALIBRATED, MASK_SCORES
 
 SCOPES = ("global", "local", "latency")
 UNIT_KINDS = ("channels", "branches", "experts")  # what competes for the budget (docs/depth.md, docs/experts.md)
 CAPTURES = FRONT_ENDS
 EMITS = ("auto", *PRUNE_EMITS)  # "auto": graph for fx captures, module for export and parts ones
 _CODE_ONLY = ("example_inputs", "calib_inputs", "loss_fn")  # cannot live in a file
+_MASK_ONLY = tuple(s for s in MASK_SCORES if s not in ("magnitude", "activation"))  # not channel scores
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 # The ``[latency]`` section is ``fxprune.measure.LatencySettings``: one class validates it
@@ -109,7 +111,7 @@ class Spec:
             lists and dicts (a detector: ``([image],)``); Python only.
         input_shape: the input's shape, ``[1, 3, 224, 224]``, or a list of shapes for
             several inputs; ``make_example_inputs()`` draws float32 normal tensors.
-    Goal, exactly one of:
+    Goal, at most one of (and one of them, or ``nm``):
         ratio: fraction of channels to remove from every prunable group, in (0, 1), or
             ``{group id or fnmatch module-name pattern: ratio}`` (keys stored as str).
         target: ``{metric: fraction of the original to keep}``, one key, value in
@@ -128,7 +130,10 @@ class Spec:
             (``fxprune.select.score.SCORE_METHODS``; built in: magnitude, group_lasso,
             bn_scale, taylor, activation, l0; add one with ``register_score``), or "auto"
             (default): "activation" when calibration batches are given (the best score at
-            every budget of ``benchmarks/minilm.py``), else "magnitude".
+            every budget of ``benchmarks/minilm.py``), else "magnitude". With ``nm`` it
+            also names the mask method (``fxprune.sparsity.calibrated.MASK_SCORES``):
+            "magnitude", "activation" (Wanda) or "sparsegpt" (a mask method only: channels
+            are then ranked by "activation"); other channel scores mask by magnitude.
         scope: "local" (default): every group loses the same fraction, lowest scores
             first; under a target the fraction is found by pruning and counting, and
             kept widths are moved onto multiples of 16-64 when that still lands. Uniform,
@@ -156,7 +161,8 @@ class Spec:
         verify: "values" (default): the pruned model is checked against the original with
             the removed units masked on the example inputs (``VerificationError`` on a
             mismatch); "shapes": only shapes are re-propagated (saves two forward passes).
-        nm: None (default) or "N:M" semi-structured sparsity on top, e.g. "2:4".
+        nm: None (default) or "N:M" semi-structured sparsity on top, e.g. "2:4"; alone
+            (no ratio or target) it masks the model without removing channels.
         latency: a LatencySpec (``fxprune.measure.LatencySettings``: device, batch_size,
             threads, warmup, repeats, compile, compile_backend), or a dict of its fields
             (the ``[latency]`` table of a file).
@@ -220,7 +226,7 @@ class Spec:
     def __post_init__(self) -> None:
         check_choice("spec.capture", self.capture, CAPTURES)
         check_choice("spec.attention_units", self.attention_units, ATTENTION_UNITS)
-        check_choice("spec.score", self.score, ("auto", *known_scores()))
+        check_choice("spec.score", self.score, ("auto", *known_scores(), *_MASK_ONLY))
         check_choice("spec.scope", self.scope, SCOPES)
         check_int("spec.round_to", self.round_to, 1)
         self.max_ratio = _fraction("spec.max_ratio", self.max_ratio, True,
@@ -243,9 +249,11 @@ class Spec:
             self.input_shape = _shape("spec.input_shape", self.input_shape)
         _exactly_one("spec.example_inputs, spec.input_shape", self.example_inputs, self.input_shape,
                      "example_inputs (a tuple of tensors) or input_shape (e.g. [1, 3, 224, 224])")
-        _exactly_one("spec.ratio, spec.target", self.ratio, self.target, "ratio (fraction of "
-                     "channels to remove, e.g. 0.3 or {'layer4.*': 0.5}) or target (fraction of "
-                     "the original to keep, e.g. {'flops': 0.5})")
+        if self.nm is None or self.ratio is not None or self.target is not None:
+            _exactly_one("spec.ratio, spec.target", self.ratio, self.target, "ratio (fraction of "
+                         "channels to remove, e.g. 0.3 or {'layer4.*': 0.5}) or target (fraction of "
+                         "the original to keep, e.g. {'flops': 0.5}), or nm alone (masks only, "
+                         "e.g. nm='2:4')")
         self.ratio = None if self.ratio is None else self._check_ratio()
         self.target = None if self.target is None else _target("spec.target", self.target)
         self._check_taylor()
@@ -294,11 +302,33 @@ class Spec:
         return {str(k): one(f"spec.ratio[{str(k)!r}]", v) for k, v in self.ratio.items()}
 
     @property
+    def prunes_channels(self) -> bool:
+        """Whether channels are removed (a ratio or a target); ``nm`` alone only masks."""
+        return self.ratio is not None or self.target is not None
+
+    @property
     def score_method(self) -> str:
-        """The score that runs: ``score``, with "auto" resolved by the data given."""
+        """The channel score that runs: ``score``, with "auto" resolved by the data given
+        (and a mask-only method such as "sparsegpt" ranking channels by "activation")."""
+        if self.score in _MASK_ONLY:
+            return "activation"
         if self.score != "auto":
             return self.score
         return "activation" if self.calibration is not None or self.calib_inputs is not None else "magnitude"
+
+    @property
+    def mask_method(self) -> str | None:
+        """How ``nm`` masks are chosen (None without ``nm``): "magnitude", "activation"
+        (Wanda) or "sparsegpt"; "auto" is "activation" with calibration batches.
+
+        Example:
+            >>> Spec(input_shape=[1, 8], nm="2:4").mask_method
+            'magnitude'
+        """
+        if self.nm is None:
+            return None
+        method = self.score_method if self.score == "auto" else self.score
+        return method if method in MASK_SCORES else "magnitude"
 
     def _check_taylor(self) -> None:
         if self.calib_inputs is not None:
@@ -306,7 +336,15 @@ class Spec:
                                          "pass a batch of real inputs, e.g. calib_inputs=(images,)")
         if self.loss_fn is not None and not callable(self.loss_fn):
             fail("spec.loss_fn", f"expected a callable, output -> scalar, {got(self.loss_fn)}")
-        check_data_needs(self.score_method, self.calibration, self.calib_inputs, self.loss_fn)
+        if self.prunes_channels:
+            check_data_needs(self.score_method, self.calibration, self.calib_inputs, self.loss_fn)
+        elif self.score not in ("auto", *MASK_SCORES):
+            fail("spec.score", f"{self.score!r} ranks channels, and nm alone (no ratio or target) "
+                 f"removes none: there score names the mask method, one of {', '.join(MASK_SCORES)}")
+        if self.mask_method in CALIBRATED and self.calibration is None and self.calib_inputs is None:
+            fail("spec.calibration", f"score={self.score!r} chooses the nm masks on calibration "
+                 "batches: calibration=[x1, x2, ...] (inputs like example_inputs), or in a file "
+                 "calibration = \"calib.pt\" (CLI: --calibration FILE); score='magnitude' needs none")
         self.calibration = as_calibration(self.calibration, self._example_form())
 
     def _example_form(self) -> ExampleInputs:

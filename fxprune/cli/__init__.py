@@ -136,11 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     goal.add_argument("--ratio", type=float, metavar="R", help="remove this fraction of every prunable group, in (0, 1)")
     p.add_argument("--score", help="channel importance: auto (default: activation with --calibration, "
                    "else magnitude), magnitude, bn_scale, group_lasso, l0, activation or taylor (need "
-                   "--calibration), or one registered by a --plugin")
+                   "--calibration), or one registered by a --plugin; with --nm it also picks the masks: "
+                   "magnitude, activation (Wanda) or sparsegpt (need --calibration)")
     p.add_argument("--calibration", metavar="FILE", help="input batches for --score activation/taylor: "
                    "a list saved with torch.save([batch, ...], FILE), each batch a tensor, a tuple "
                    "or a dict of tensors")
-    p.add_argument("--nm", metavar="N:M", help="N:M semi-structured sparsity on top, e.g. 2:4")
+    p.add_argument("--nm", metavar="N:M", help="N:M semi-structured sparsity on top, e.g. 2:4; alone "
+                   "(no --flops/--params/--ratio) it masks without removing channels")
     p.add_argument("--scope", choices=("local", "latency", "global"),
                    help="how channels compete: local (default; every group loses the same share, "
                         "widths on multiples of 8-64: fast and deterministic), latency (times each "

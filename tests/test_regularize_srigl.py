@@ -1,0 +1,71 @@
+"""SRigL: ERK densities, drop/regrow counts and constant fan-in by hand, neuron ablation."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fxprune.errors import SpecError
+from fxprune.regularize.srigl import SRigL, drop_fraction, erk_densities
+
+
+def test_erk_by_hand_with_a_dense_layer():
+    # raw scores: a (4x4) 8/16 = 0.5, b (100x100) 0.02; at density 0.5, a would exceed 1: a is
+    # dense (16 weights), b gets the rest: (0.5 * 10016 - 16) / 10000 = 0.4992
+    d = erk_densities({"a": (4, 4), "b": (100, 100)}, 0.5)
+    assert d["a"] == 1.0 and d["b"] == pytest.approx(0.4992)
+
+
+def _layer():
+    layer = nn.Linear(8, 2, bias=False)
+    layer.weight.data = torch.tensor([[8.0, 7.0, 6.0, 5.0, 0.1, 0.2, 0.3, 0.4],
+                                      [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]])
+    return layer
+
+
+def test_drop_and_regrow_by_hand():
+    layer = _layer()
+    srigl = SRigL(layer, density=0.5, total_steps=200, delta_t=50, t_end=100, erk=False, gamma_sal=0.0)
+    assert srigl.k == {"": 4}
+    mask = srigl.masks[""]
+    mask.mask.copy_(torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 1]], dtype=torch.bool))
+    mask.dense_grad = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.5, 0.1, 0.9, 0.2],
+                                    [0.3, 0.8, 0.1, 0.2, 0.0, 0.0, 0.0, 0.0]])
+    for _ in range(49):
+        assert not srigl.step()
+    assert srigl.step()  # t = 50: fraction 0.3 / 2 * (1 + cos(pi / 2)) = 0.15, drop round(0.6) = 1
+    assert drop_fraction(50, 100, 0.3) == pytest.approx(0.15)
+    # row 0 drops its smallest active |w| (5.0, input 3) and regrows the largest gradient (input 6)
+    # row 1 drops 5.0 (input 4) and regrows input 1 (gradient 0.8)
+    assert mask.mask.int().tolist() == [[1, 1, 1, 0, 0, 0, 1, 0], [0, 1, 0, 0, 0, 1, 1, 1]]
+    assert mask.mask.sum(1).tolist() == [4, 4]  # constant fan-in
+    w = layer.parametrizations["weight"].original.detach()
+    assert w[0, 6] == 0 and w[1, 1] == 0  # regrown weights start at 0
+    assert w[0, 0] == 8.0 and w[1, 7] == 8.0
+
+
+def test_late_steps_do_not_update_and_errors():
+    layer = _layer()
+    srigl = SRigL(layer, density=0.5, total_steps=100, delta_t=10, erk=False)
+    assert srigl.t_end == 75
+    with pytest.raises(SpecError, match="has no gradient yet"):
+        srigl.update()
+    with pytest.raises(SpecError, match="delta_t must be an int >= 1"):
+        SRigL(_layer(), density=0.5, total_steps=10, delta_t=0)
+
+
+def test_neuron_ablation_and_budget_shared_again():
+    layer = nn.Linear(8, 4, bias=False)
+    layer.weight.data = torch.tensor([1.0, 1.1, 1e-4, 1.2])[:, None].expand(4, 8).clone()
+    srigl = SRigL(layer, density=0.25, total_steps=100, delta_t=10, t_end=50, erk=False)
+    assert srigl.k == {"": 2}
+    srigl.masks[""].dense_grad = torch.tensor([0.9, 0.8, 0.0, 0.7])[:, None].expand(4, 8).clone()
+    for _ in range(10):
+        srigl.step()
+    # t = 10: fraction 0.15 * (1 + cos(pi / 5)) = 0.27, d = round(0.54) = 1. Salient: the 4 largest
+    # active |w| (rows 3 and 1, 2 each) and the 4 largest inactive |grad| (row 0): row 2 has
+    # none, fewer than 0.3 * 2, and is ablated
+    assert srigl.ablated() == {"": [2]}
+    counts = srigl.masks[""].mask.sum(1).tolist()
+    assert counts == [2, 2, 0, 2]  # 8 weights over 3 neurons: floor(8 / 3) = 2 each
+    assert float(layer.weight[2].detach().abs().sum()) == 0.0
