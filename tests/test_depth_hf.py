@@ -93,6 +93,36 @@ def test_decoder_loses_every_other_layer_and_keeps_its_class(name, analysed, tmp
     assert_state_unchanged(model, before)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "t5"])
+def test_other_layouts_lose_layers_too(name):
+    """GPT-2 counts its layers in n_layer (the config's attribute_map); a T5 block is a list
+    of two sublayers, each adding its own branch: the block, which holds both, goes."""
+    torch.manual_seed(0)
+    if name == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=100, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=64, use_cache=False, bos_token_id=0,
+            eos_token_id=0))
+    else:
+        model = transformers.T5EncoderModel(transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64,
+                                                                  num_layers=LAYERS, num_heads=4))
+    model = unit_scale(model).eval()
+    graph = fxprune.analyze(model, {"input_ids": IDS})
+    # transformer.h.1..., encoder.block.1...: layers 1 and 3
+    plan = {b.id: [0] for b in graph.branches if int(b.modules[0].split(".")[2]) % 2}
+    assert len(plan) == LAYERS
+    mine = fxprune.prune(graph, plan, emit="module")
+    layers = mine.transformer.h if name == "gpt2" else mine.encoder.block
+    assert type(mine) is type(model) and len(layers) == 2 and mine.config.num_hidden_layers == 2
+    key = "logits" if name == "gpt2" else "last_hidden_state"
+    with torch.no_grad():
+        got = mine(input_ids=IDS)[key]
+        torch.testing.assert_close(got, fxprune.prune(graph, plan)(input_ids=IDS)[key], rtol=1e-5, atol=1e-5)
+        assert output_error(model(input_ids=IDS)[key], got) > 1e-2
+    if name == "gpt2":
+        assert [block.attn.layer_idx for block in layers] == [0, 1]
+        assert_generate_matches_greedy_decoding(mine, IDS[:1, :5], 4)
+
+
 def test_compress_removes_the_negligible_layers_and_keeps_the_class():
     """Layers 1 and 3 write almost nothing into the stream: ranked by their output norm,
     their four branches are the half of the eight that ratio 0.5 removes."""

@@ -61,19 +61,26 @@ def removed_blocks(graph, branches: list) -> list[str]:
             raise WriteBackError(f"branch {b.id} (add '{b.join}') is computed in the model's own forward, not "
                                  f"in a block the copy could drop; {GRAPH_HINT}")
         by_path.setdefault(paths[-1], []).append(b)
+    # a module holds every removed branch whose add runs inside it (a ViT layer adds its
+    # MLP inside its output module): the outermost such module is the one that goes
+    chosen = [b for group in by_path.values() for b in group]
+    by_path = {path: [b for b in chosen if path in _stack_paths(nodes[b.join])] for path in by_path}
     kept_branches = [b for b in graph.branches if b.id not in removed]
-    for path, group in by_path.items():
-        allowed = {name for b in group for name in b.nodes} | {b.join for b in group}
-        inside = [n for n in graph.gm.graph.nodes if path in _stack_paths(n)]
-        dead = set(allowed)
-        for node in reversed(inside):  # users before what they use
-            if node.name in dead:
-                continue
-            if all(u.name in dead or _is_assert(u) for u in node.users) and not _is_assert(node) and node.users:
-                dead.add(node.name)  # it fed only the removed branches: it goes with them
-            elif not _is_assert(node) and not _is_identity(node):
-                raise WriteBackError(_more_than_branches(graph, path, group, node, kept_branches))
-    paths = sorted(by_path, key=_sort_key)
+    accepted = set()
+    for path, group in sorted(by_path.items(), key=lambda item: -len(_sort_key(item[0]))):  # innermost first
+        node = _computes_more(graph, path, group)
+        if node is not None:
+            raise WriteBackError(_more_than_branches(graph, path, group, node, kept_branches))
+        while True:  # climb while the enclosing module is the identity too (a T5 block of two layers)
+            stack = _stack_paths(nodes[group[0].join])
+            outer = stack[stack.index(path) - 1] if stack.index(path) > 0 else ""
+            wider = [b for b in chosen if outer and outer in _stack_paths(nodes[b.join])]
+            if not outer or _computes_more(graph, outer, wider) is not None:
+                break
+            path, group = outer, wider
+        accepted.add(path)
+    by_path = dict.fromkeys(accepted)
+    paths = sorted((p for p in by_path if not any(p.startswith(f"{q}.") for q in by_path)), key=_sort_key)
     _check_lists_run_in_order(graph, paths)
     return paths
 
@@ -95,6 +102,23 @@ def _is_assert(node) -> bool:
     """An exported graph's checks (``aten._assert_tensor_metadata``): they compute nothing."""
     return not node.users and node.op == "call_function" and \
         getattr(node.target, "__name__", "").split(".")[0].startswith("_assert")
+
+
+def _computes_more(graph, path: str, group: list):
+    """The first node run in module ``path`` that is neither in the removed branches of
+    ``group`` (nor one of their adds), nor fed only them, nor a check or a no-op cast:
+    None when the module computes only its input once they go."""
+    allowed = {name for b in group for name in b.nodes} | {b.join for b in group}
+    inside = [n for n in graph.gm.graph.nodes if path in _stack_paths(n)]
+    dead = set(allowed)
+    for node in reversed(inside):  # users before what they use
+        if node.name in dead or _is_assert(node):
+            continue
+        if node.users and all(u.name in dead or _is_assert(u) for u in node.users):
+            dead.add(node.name)  # it fed only the removed branches: it goes with them
+        elif not _is_identity(node):
+            return node
+    return None
 
 
 def _more_than_branches(graph, path: str, group: list, node, kept_branches: list) -> str:
@@ -138,8 +162,8 @@ def _check_lists_run_in_order(graph, paths: list[str]) -> None:
         if runs != list(range(len(container))):
             raise WriteBackError(
                 f"nn.ModuleList '{list_path}' is not run entry after entry in list order (the graph runs its "
-                f"entries as {runs[:12]}{' ...' if len(runs) > 12 else ''} of {len(container)}): deleting entries would "
-                f"change which entry runs where; {GRAPH_HINT}")
+                f"entries as {runs[:12]}{' ...' if len(runs) > 12 else ''} of {len(container)}): deleting entries "
+                f"would change which entry runs where; {GRAPH_HINT}")
 
 
 def removed_layers(model: torch.nn.Module, paths: list[str]) -> dict[str, tuple[int, list[int]]]:

@@ -91,7 +91,8 @@ def _refuse_multihead_attention(model: torch.nn.Module, cuts: Mapping[str, list]
                     f"{GRAPH_HINT}, or pass ignore=['{path}*'] to keep it whole")
 
 
-def _group_widths(graph: DependencyGraph, plan: Mapping[int, object], gone=lambda path: False) -> dict[str, tuple[int, int]]:
+def _group_widths(graph: DependencyGraph, plan: Mapping[int, object],
+                  gone=lambda path: False) -> dict[str, tuple[int, int]]:
     """``{group's first producer: (channels before, after)}`` of every prunable group but
     those whose every tensor lives in a module that left (``gone(module path)``)."""
     return {(g.producers[0] if g.producers else f"group {g.id}"): (g.size, g.size - len(set(plan.get(g.id, ()))))
