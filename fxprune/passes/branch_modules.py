@@ -108,11 +108,11 @@ def _computes_more(graph, path: str, group: list):
     """The first node run in module ``path`` that is neither in the removed branches of
     ``group`` (nor one of their adds), nor fed only them, nor a check or a no-op cast:
     None when the module computes only its input once they go."""
-    allowed = {name for b in group for name in b.nodes} | {b.join for b in group}
+    dead = {name for b in group for name in b.nodes}
+    joins = {b.join for b in group}  # rewritten to their shortcut: what they add stays live
     inside = [n for n in graph.gm.graph.nodes if path in _stack_paths(n)]
-    dead = set(allowed)
     for node in reversed(inside):  # users before what they use
-        if node.name in dead or _is_assert(node):
+        if node.name in dead or node.name in joins or _is_assert(node):
             continue
         if node.users and all(u.name in dead or _is_assert(u) for u in node.users):
             dead.add(node.name)  # it fed only the removed branches: it goes with them
