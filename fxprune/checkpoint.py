@@ -6,6 +6,11 @@ by shard. Each shard's tensors are read one at a time, sliced with the same
 ``tensor_cuts`` / ``cut_tensor`` path that ``prune`` uses, written as the pruned shard and
 freed before the next one, so peak memory follows the largest shard, not the model.
 
+Removed residual branches take whole layers with them, as ``emit="module"`` does (a
+Hugging Face layer whose attention and MLP both go): their keys are not written and the
+later layers' keys are renumbered (``model.layers.5.`` -> ``model.layers.3.``), so the
+checkpoint matches the config write-back computes (``num_hidden_layers``, ``layer_types``).
+
 Everything is checked from the shards' headers before a byte is written: the folders,
 the keys the plan cuts (tied weights may be stored under one name only), and every
 tensor's shape against the analysed model's.
@@ -24,8 +29,10 @@ from typing import Mapping
 import networkx as nx
 import numpy as np
 
+from .channels.branches import split_plan
 from .channels.graph import DependencyGraph
 from .errors import CheckpointError
+from .passes.branch_modules import removed_blocks, removed_layers, renamed_key
 from .passes.emit import prune
 from .passes.hf_config import hf_config
 from .passes.prune import cut_tensor, kept_ids, tensor_cuts
@@ -170,15 +177,50 @@ def check_destination(source: Path, dest: Path) -> None:
                               "or delete this one first (nothing in it is overwritten)")
 
 
-def plan_shards(layout: Layout, nbytes: Mapping[str, int], max_shard_size: int | str | None) -> dict[str, list[str]]:
-    """Output file name -> keys. ``None`` keeps the checkpoint's own shards and names;
-    a size (bytes or ``"2GB"``) packs the pruned tensors anew, as ``save_pretrained``
-    names them."""
+def key_renames(graph: DependencyGraph, plan: Mapping[int, object], layout: Layout) -> dict[str, str | None]:
+    """Each checkpoint key -> its key in the pruned checkpoint, or None where the plan's
+    branches take its layer away (the blocks ``emit="module"`` drops; later entries of a
+    layer list renumber).
+
+    >>> import tempfile, torch, fxprune
+    >>> from safetensors.torch import save_file
+    >>> class Block(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = torch.nn.Linear(4, 4)
+    ...     def forward(self, x):
+    ...         return x + self.fc(x)
+    >>> net = torch.nn.Sequential(Block(), Block())
+    >>> folder = tempfile.mkdtemp()
+    >>> save_file(net.state_dict(), f"{folder}/model.safetensors")
+    >>> graph = fxprune.analyze(net, torch.randn(2, 4))
+    >>> key_renames(graph, {graph.branches[0].id: [0]}, read_layout(folder))
+    {'0.fc.bias': None, '0.fc.weight': None, '1.fc.bias': '0.fc.bias', '1.fc.weight': '0.fc.weight'}
+    """
+    branches = split_plan(graph, plan)[1]
+    if not branches:
+        return {key: key for key in layout.shapes}
+    if graph.model is None:
+        raise CheckpointError("the plan removes residual branches, whose layers only the analysed module's own "
+                              "structure names; analyse the nn.Module (not an ExportedProgram)")
+    blocks = removed_blocks(graph, branches)
+    layers = removed_layers(graph.model, blocks)
+    return {key: renamed_key(key, layers, blocks) for key in layout.shapes}
+
+
+def plan_shards(layout: Layout, nbytes: Mapping[str, int], max_shard_size: int | str | None,
+                renames: Mapping[str, str | None] | None = None) -> dict[str, list[str]]:
+    """Output file name -> (source) keys, without the keys ``renames`` maps to None.
+    ``None`` keeps the checkpoint's own shards and names (a shard left empty is not
+    written); a size (bytes or ``"2GB"``) packs the pruned tensors anew, as
+    ``save_pretrained`` names them."""
+    renames = renames or {}
+    kept = {name: [k for k in keys if renames.get(k, k) is not None] for name, keys in layout.files.items()}
     if max_shard_size is None:
-        return layout.files
+        return {name: keys for name, keys in kept.items() if keys}
     from huggingface_hub import split_state_dict_into_shards_factory
 
-    ordered = {key: nbytes[key] for keys in layout.files.values() for key in keys}
+    ordered = {key: nbytes[key] for keys in kept.values() for key in keys}
     split = split_state_dict_into_shards_factory(ordered, get_storage_size=int, max_shard_size=max_shard_size,
                                                  filename_pattern="model{suffix}.safetensors")
     return dict(split.filename_to_tensors)
@@ -204,13 +246,15 @@ def _config_json(graph: DependencyGraph, plan: Mapping[int, object], source: Pat
 
 def save_pruned(graph: DependencyGraph, plan: Mapping[int, object], source_dir: str | Path, dest_dir: str | Path,
                 *, max_shard_size: int | str | None = None) -> Path:
-    """Write the checkpoint in ``source_dir`` with ``plan``'s channels removed to ``dest_dir``.
+    """Write the checkpoint in ``source_dir`` with ``plan``'s units removed to ``dest_dir``.
 
     ``graph`` is the analysis of the checkpoint's model (built on the meta device, it costs
     no weight memory). Shards are read, cut and written one at a time with their own names
     (or packed anew under ``max_shard_size``, e.g. ``"2GB"``); the index, the pruned
     ``config.json`` (for a Hugging Face model) and the other small files (tokenizer,
-    generation config) follow. ``from_pretrained(dest_dir)`` then loads the pruned model.
+    generation config) follow. Layers the plan's branches remove are not written and later
+    layers' keys renumber, as in the class ``emit="module"`` returns.
+    ``from_pretrained(dest_dir)`` then loads the pruned model.
     Returns ``dest_dir``; raises ``CheckpointError`` before writing anything if the folders,
     keys or shapes do not fit.
 
@@ -229,14 +273,15 @@ def save_pruned(graph: DependencyGraph, plan: Mapping[int, object], source_dir: 
     layout = read_layout(source)
     check_destination(source, dest)
     cuts = checkpoint_cuts(graph, keep, layout)
+    renames = key_renames(graph, plan, layout)
     config = _config_json(graph, plan, source)
-    numel = {k: _numel(shape, cuts.get(k, [])) for k, shape in layout.shapes.items()}
+    numel = {k: _numel(shape, cuts.get(k, [])) for k, shape in layout.shapes.items() if renames[k] is not None}
     nbytes = {k: layout.nbytes[k] // max(_numel(layout.shapes[k], []), 1) * numel[k] for k in numel}
-    shards = plan_shards(layout, nbytes, max_shard_size)
+    shards = plan_shards(layout, nbytes, max_shard_size, renames)
     dest.mkdir(parents=True, exist_ok=True)
-    write_shards(layout, cuts, shards, dest)
+    write_shards(layout, cuts, shards, dest, renames)
     if len(shards) > 1 or (layout.sharded and max_shard_size is None):
-        weight_map = {k: name for name, keys in shards.items() for k in keys}
+        weight_map = {renames[k]: name for name, keys in shards.items() for k in keys}
         index = {"metadata": {"total_parameters": sum(numel.values()), "total_size": sum(nbytes.values())},
                  "weight_map": dict(sorted(weight_map.items()))}
         (dest / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
@@ -248,9 +293,12 @@ def save_pruned(graph: DependencyGraph, plan: Mapping[int, object], source_dir: 
     return dest
 
 
-def write_shards(layout: Layout, cuts: Mapping[str, list], shards: Mapping[str, list[str]], dest: Path) -> None:
-    """Read, cut and write one output shard at a time. A source shard stays open (memory-
-    mapped) only while an output shard still needs a tensor of it."""
+def write_shards(layout: Layout, cuts: Mapping[str, list], shards: Mapping[str, list[str]], dest: Path,
+                 renames: Mapping[str, str | None] | None = None) -> None:
+    """Read, cut and write one output shard at a time, each tensor under its new key
+    (``renames``). A source shard stays open (memory-mapped) only while an output shard
+    still needs a tensor of it."""
+    renames = renames or {}
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -268,7 +316,7 @@ def write_shards(layout: Layout, cuts: Mapping[str, list], shards: Mapping[str, 
             if src not in handles:
                 handles[src] = safe_open(layout.folder / src, framework="pt")
             tensor = handles[src].get_tensor(key)
-            tensors[key] = cut_tensor(tensor, cuts[key]) if key in cuts else tensor
+            tensors[renames.get(key) or key] = cut_tensor(tensor, cuts[key]) if key in cuts else tensor
             del tensor
             left[src] -= 1
             if not left[src]:
@@ -284,4 +332,4 @@ def _numel(shape: tuple[int, ...], cuts: list) -> int:
     return int(np.prod(sizes))
 
 
-__all__ = ["save_pruned", "read_layout", "Layout", "checkpoint_cuts", "tied_keys"]
+__all__ = ["save_pruned", "read_layout", "Layout", "checkpoint_cuts", "tied_keys", "key_renames"]

@@ -122,9 +122,23 @@ def prune_and_check(model: nn.Module, inputs, *, expect_prunable: int = 1, captu
     return graph, small, error
 
 
+def assert_generate_matches_greedy_decoding(model, prompt: torch.Tensor, steps: int) -> None:
+    """generate() with its KV cache, at lengths the example inputs never had, gives the tokens
+    of greedy decoding that runs the whole sequence at every step without a cache."""
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        generated = model.generate(prompt, max_new_tokens=steps, do_sample=False, use_cache=True)
+        sequence = prompt
+        for _ in range(steps):
+            step = model(input_ids=sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, step], dim=1)
+    assert generated.shape == (prompt.shape[0], prompt.shape[1] + steps)
+    assert torch.equal(generated, sequence)
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 __all__ = ["randomize", "unit_scale", "half_plan", "prune_and_check", "state_snapshot", "assert_state_unchanged",
-           "count_params", "copy"]
+           "count_params", "copy", "assert_generate_matches_greedy_decoding"]

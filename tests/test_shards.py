@@ -229,3 +229,35 @@ def test_a_plan_the_config_cannot_hold_fails_before_any_file_is_written(source, 
     with pytest.raises(fxprune.WriteBackError, match="intermediate_size"):
         fxprune.save_pruned(graph, {first.id: range(32), second.id: range(16)}, folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_removed_layers_are_not_written_and_later_keys_renumber(source, tmp_path):
+    """Both branches of layer 0 go (the whole layer) and layer 1 loses half its key/value
+    heads and MLP neurons: layer 1's tensors are written as layer 0's, the config says one
+    layer with layer 1's widths (layer 0's, unpruned, no longer count), and the checkpoint
+    loads into what emit="module" gives on the real weights."""
+    folder, model = source
+    graph = meta_graph(folder)
+    layer0 = [b.id for b in graph.branches if b.modules[0].startswith("model.layers.0.")]
+    kinds = groups_by_kind(graph)
+    assert len(layer0) == 2
+    plan = {gid: [0] for gid in layer0} | {g.id: list(range(0, g.size, 2)) for g in (kinds["kv"][1], kinds["mlp"][1])}
+    fxprune.save_pruned(graph, plan, folder, tmp_path / "out")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    old = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(index) == sorted(k for k in old if not k.startswith("model.layers.1."))  # layer 1 is now 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["num_key_value_heads"], config["intermediate_size"]) == (1, 1, 32)
+    real = fxprune.analyze(model, IDS, capture="export")
+    mine = fxprune.prune(real, plan, emit="module")
+    loaded = load(tmp_path / "out")
+    want = mine.state_dict()
+    assert loaded.state_dict().keys() == want.keys()
+    for key, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, want[key]), key
+    assert loaded.model.layers[0].self_attn.layer_idx == 0
+    with torch.no_grad():
+        got = loaded(**IDS).logits
+        assert torch.equal(got, mine(**IDS).logits)
+        assert torch.allclose(got, fxprune.prune(real, plan)(**IDS).logits, atol=1e-5)
+        assert not torch.allclose(got, model(**IDS).logits, atol=1e-3)

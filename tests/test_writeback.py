@@ -25,7 +25,8 @@ import fxprune
 from fxprune.errors import SpecError, WriteBackError
 from fxprune.passes import writeback
 from fxprune.passes.verify import output_error, zeroed_copy
-from helpers import assert_state_unchanged, half_plan, state_snapshot, unit_scale
+from helpers import (assert_generate_matches_greedy_decoding, assert_state_unchanged, half_plan, state_snapshot,
+                     unit_scale)
 
 transformers = pytest.importorskip("transformers")
 from hf_models import tiny_models  # noqa: E402
@@ -76,20 +77,6 @@ def assert_equals_zeroed_original(mine, model, graph, plan, inputs, role: str = 
         assert output_error(_hidden(model(**inputs)), want) > 1e-3, "the plan does not change the function"
     assert output_error(want, got) < 1e-4
     return got
-
-
-def assert_generate_matches_greedy_decoding(model, prompt: torch.Tensor, steps: int) -> None:
-    """generate() with its KV cache, at lengths the example inputs never had, gives the tokens
-    of greedy decoding that runs the whole sequence at every step without a cache."""
-    model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        generated = model.generate(prompt, max_new_tokens=steps, do_sample=False, use_cache=True)
-        sequence = prompt
-        for _ in range(steps):
-            step = model(input_ids=sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            sequence = torch.cat([sequence, step], dim=1)
-    assert generated.shape == (prompt.shape[0], prompt.shape[1] + steps)
-    assert torch.equal(generated, sequence)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -22,6 +22,7 @@ WIDTH_ATTRS = {"hidden_size": "hidden_size", "embed_dim": "hidden_size", "d_mode
                "hidden_dim": "hidden_size", "intermediate_size": "intermediate",
                "intermediate_dim": "intermediate"}  # module attributes that copy a config width
 # (hidden_dim, intermediate_dim: mixture-of-experts routers and stacked experts, e.g. Mixtral's)
+GRAPH_HINT = "emit='graph' returns the pruned GraphModule, which carries every rewritten constant"
 HINT = ("write the graph instead (emit='graph'), or prune uniformly: scope='local' removes the same "
         "share of every layer, and per-layer widths then agree")
 
@@ -68,6 +69,35 @@ def update_config(model: torch.nn.Module, widths: dict[str, tuple[int, int]], he
     for name, value in changed.items():
         setattr(config, name, value)
     _sync_width_attrs(model, old_hidden, old_width, changed.get("hidden_size"), changed.get(field))
+    return [f"{name}={value}" for name, value in changed.items()]
+
+
+def update_layer_count(model: torch.nn.Module, layers: dict[str, tuple[int, list[int]]]) -> list[str]:
+    """Whole layers left a layer list (``{list path: (old length, old indices kept)}``):
+    set ``num_hidden_layers`` (through the config's ``attribute_map``: ``n_layer``,
+    ``num_layers``) and filter every per-layer list of the config (``layer_types``, any
+    list as long as the old layer count) to the layers kept. Returns ``field=value`` strings.
+    """
+    config = hf_config(model)
+    old = getattr(config, "num_hidden_layers", None) if config is not None else None
+    if not isinstance(old, int):
+        return []
+    counted = {path: kept for path, (length, kept) in layers.items() if length == old}
+    if not counted:
+        return []
+    kept_sets = {tuple(kept) for kept in counted.values()}
+    if len(kept_sets) > 1:
+        shown = ", ".join(f"'{p}' keeps {len(k)}" for p, k in counted.items())
+        raise WriteBackError(f"config.num_hidden_layers holds one layer count, but the plan leaves the layer lists "
+                             f"with different layers ({shown}); remove the same layers from each, or {GRAPH_HINT}")
+    kept = kept_sets.pop()
+    changed = {"num_hidden_layers": len(kept)}
+    for name, value in vars(config).items():
+        if isinstance(value, (list, tuple)) and len(value) == old and old > 1 and not name.startswith("_") \
+                and name not in ("architectures",):
+            changed[name] = type(value)(value[i] for i in kept)
+    for name, value in changed.items():
+        setattr(config, name, value)
     return [f"{name}={value}" for name, value in changed.items()]
 
 
@@ -121,4 +151,4 @@ def check_config(model: torch.nn.Module, changed: list[str]) -> None:
                 f"size from others (BERT's head size is hidden_size / num_attention_heads); {HINT}")
 
 
-__all__ = ["hf_config", "update_config", "check_config"]
+__all__ = ["hf_config", "update_config", "update_layer_count", "check_config"]

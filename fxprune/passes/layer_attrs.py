@@ -8,7 +8,10 @@ write-back slices the tensors, these set the attributes again:
   a grouped convolution, from the ``groups`` the prune pass wrote into the graph);
 - :func:`attention_heads`: the head counts each attention module's reshapes now have,
   read from the analysis, and :func:`sync_head_attrs` sets them by the names attention
-  modules use for them.
+  modules use for them;
+- :func:`renumber_layers`: once whole layers leave a layer list, the position each
+  remaining layer's modules store (a Hugging Face attention's ``layer_idx``, which indexes
+  the KV cache) follows the layer's new position.
 """
 from __future__ import annotations
 
@@ -91,6 +94,30 @@ def sync_head_attrs(model: torch.nn.Module, heads: dict[str, Heads]) -> None:
         replace_int_attrs(module, wanted)
 
 
+LAYER_INDEX = ("layer_idx", "layer_id", "layer_index")  # a module's position in its layer list
+
+
+def renumber_layers(model: torch.nn.Module, layers: dict[str, tuple[int, list[int]]]) -> None:
+    """``layers``: ``{list path: (old length, old indices kept)}`` after the entries went.
+    Every module inside a kept entry whose layer-index attribute holds the entry's old
+    position gets its new one (the KV cache is indexed by it).
+
+    >>> class Attn(torch.nn.Module):
+    ...     def __init__(self, i):
+    ...         super().__init__()
+    ...         self.layer_idx = i
+    >>> net = torch.nn.ModuleList([Attn(0), Attn(2)])  # entry 1 was deleted
+    >>> renumber_layers(net, {"": (3, [0, 2])})
+    >>> [m.layer_idx for m in net]
+    [0, 1]
+    """
+    for path, (_, kept) in layers.items():
+        container = model.get_submodule(path)
+        for new, old in enumerate(kept):
+            for module in container[new].modules():
+                replace_int_attrs(module, {name: (old, new) for name in LAYER_INDEX})
+
+
 def replace_int_attrs(module: torch.nn.Module, wanted: dict[str, tuple[int, int]]) -> None:
     """``{attribute: (old, new)}``: set each integer attribute that still holds ``old``
     (a name that means something else in this module keeps its value)."""
@@ -157,4 +184,5 @@ def _conv_groups(gm: torch.fx.GraphModule) -> dict[str, int]:
     return out
 
 
-__all__ = ["Heads", "attention_heads", "sync_head_attrs", "sync_layer_sizes", "replace_int_attrs", "ATTENTION_ATTRS"]
+__all__ = ["Heads", "attention_heads", "sync_head_attrs", "sync_layer_sizes", "replace_int_attrs", "ATTENTION_ATTRS",
+           "renumber_layers", "LAYER_INDEX"]

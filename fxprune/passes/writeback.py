@@ -8,7 +8,9 @@ pass makes), sets layer attributes and attention head counts from the analysis, 
 a Hugging Face ``config`` and proves it builds the same shapes, and finally checks the
 copy against the pruned GraphModule on the example inputs. Removed residual branches
 take whole blocks with them where a block computes only ``input + branch(input)``
-(``fxprune.passes.branch_modules``). Where the class cannot carry the result, a
+(``fxprune.passes.branch_modules``): a Hugging Face layer whose attention and MLP both go
+leaves its layer list, the later layers' ``layer_idx`` and the config's layer count and
+per-layer lists follow. Where the class cannot carry the result, a
 :class:`~fxprune.errors.WriteBackError` names the module or config field.
 """
 from __future__ import annotations
@@ -27,13 +29,12 @@ from ..capture.parts import record_parts
 from ..channels.branches import split_plan
 from ..channels.graph import DependencyGraph
 from ..errors import WriteBackError
-from .branch_modules import drop_blocks, removed_blocks
+from .branch_modules import drop_blocks, removed_blocks, removed_layers
 from .expert_attrs import expert_cuts, sync_expert_counts, sync_expert_widths
-from .hf_config import check_config, update_config
-from .layer_attrs import attention_heads, sync_head_attrs, sync_layer_sizes
+from .hf_config import GRAPH_HINT, check_config, update_config, update_layer_count
+from .layer_attrs import attention_heads, renumber_layers, sync_head_attrs, sync_layer_sizes
 from .prune import PruneContext, cut_tensor, kept_ids, tensor_cuts
 
-GRAPH_HINT = "emit='graph' returns the pruned GraphModule, which carries every rewritten constant"
 
 
 def write_back(graph: DependencyGraph, plan: Mapping[int, object], pruned: torch.fx.GraphModule) -> torch.nn.Module:
@@ -61,11 +62,15 @@ def write_back(graph: DependencyGraph, plan: Mapping[int, object], pruned: torch
         tensor = _tensor_at(model, key)
         memo[id(tensor)] = cut_tensor(tensor, cuts)  # deepcopy then reuses the cut tensor, ties kept
     new = copy.deepcopy(model, memo)
-    drop_blocks(new, blocks)
     heads = attention_heads(graph, PruneContext(graph, pruned, keep).new_shape)
-    sync_layer_sizes(new, pruned)
+    sync_layer_sizes(new, pruned)  # by the analysed paths, before blocks leave and paths renumber
     sync_head_attrs(new, heads)
-    changed = update_config(new, _group_widths(graph, plan), heads)
+    layers = removed_layers(new, blocks)
+    drop_blocks(new, blocks)
+    renumber_layers(new, layers)
+    gone = lambda path: any(path == b or path.startswith(f"{b}.") for b in blocks)  # noqa: E731
+    changed = update_config(new, _group_widths(graph, plan, gone), {p: h for p, h in heads.items() if not gone(p)})
+    changed += update_layer_count(new, layers)
     changed += sync_expert_counts(new, graph, plan) + sync_expert_widths(new, graph, plan)  # mixtures of experts
     check_config(new, changed)
     if not any(t.is_meta for t in new.parameters()):  # weightless (meta) models: shapes and config only
@@ -87,10 +92,13 @@ def _refuse_multihead_attention(model: torch.nn.Module, cuts: Mapping[str, list]
                     f"{GRAPH_HINT}, or pass ignore=['{path}*'] to keep it whole")
 
 
-def _group_widths(graph: DependencyGraph, plan: Mapping[int, object]) -> dict[str, tuple[int, int]]:
-    """``{group's first producer: (channels before, after)}`` of every prunable group."""
+def _group_widths(graph: DependencyGraph, plan: Mapping[int, object],
+                  gone=lambda path: False) -> dict[str, tuple[int, int]]:
+    """``{group's first producer: (channels before, after)}`` of every prunable group but
+    those whose every tensor lives in a module that left (``gone(module path)``)."""
     return {(g.producers[0] if g.producers else f"group {g.id}"): (g.size, g.size - len(set(plan.get(g.id, ()))))
-            for g in graph.prunable_groups}
+            for g in graph.prunable_groups
+            if not all(gone(key.rpartition(".")[0]) for key in g.slices([0], "all"))}
 
 
 def _tensor_at(model: torch.nn.Module, key: str) -> torch.Tensor:
