@@ -174,8 +174,13 @@ class Spec:
             kind and divided by cost; docs/depth.md). Not with scope="latency".
         branch_score: how branches are ranked: "output_norm" (default: the branch's
             output norm relative to the stream), "block_influence" (1 - cos of the
-            stream before and after) or "group_lasso" (the L2 norm of its weights);
-            ``fxprune.select.branch_score``.
+            stream before and after), "group_lasso" (the L2 norm of its weights),
+            "angular_distance" (arccos(cos) / pi of the stream before and after a run of
+            ``branch_run`` consecutive branches) or "calibration_loss" (SLEB: the loss,
+            ``loss_fn`` or the output's change, with the branch removed, one removal at a
+            time); ``fxprune.select.branch_score``.
+        branch_run: the ``n`` of ``branch_score="angular_distance"``: branches per run
+            (default 1: each branch alone).
 
     Files hold the same fields in a table (TOML) or object (JSON); in a file named
     pyproject.toml the spec is the ``[tool.fxprune.compress]`` table.
@@ -208,6 +213,7 @@ class Spec:
     seed: int = 0
     units: str | list[str] = "channels"
     branch_score: str = "output_norm"
+    branch_run: int = 1
 
     def __post_init__(self) -> None:
         check_choice("spec.capture", self.capture, CAPTURES)
@@ -243,6 +249,7 @@ class Spec:
         self._check_taylor()
         self.units = _units("spec.units", self.units)
         check_choice("spec.branch_score", self.branch_score, BRANCH_SCORES)
+        check_int("spec.branch_run", self.branch_run, 1)
         if "branches" in self.unit_kinds and self.scope == "latency":
             fail("spec.scope", "scope='latency' times channel groups only; with units including "
                  "'branches' use scope='local' or 'global' (branches are ranked per unit of cost)")
