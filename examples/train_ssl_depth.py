@@ -47,10 +47,11 @@ class ResidualDigitsNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def fit(model, data, epochs: int, lam: float, seed: int):
-    """Adam (lr 2e-3, cosine); with ``lam`` > 0 the block group lasso's proximal step after
-    every step. Returns the lasso (or None)."""
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+def fit(model, data, epochs: int, lam: float, seed: int, sgd: bool = True):
+    """SGD (lr 0.05, momentum 0.9, cosine); with ``lam`` > 0 the block group lasso's proximal
+    step after every step. Returns the lasso (or None)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if sgd else \
+        torch.optim.Adam(model.parameters(), lr=2e-3)
     steps = epochs * math.ceil(len(data[0][1]) / 64)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     lasso = None
@@ -93,8 +94,9 @@ def run_seed(data, seed: int, epochs: int, lam: float, width: int, blocks: int) 
     print(f"seed {seed}: block norms after SSL training {[round(v, 3) for v in lasso.channel_norms().tolist()]}")
     small, dead = remove_dead_blocks(ssl, lasso)
     x = data[1][0]
+    ssl.eval(), small.eval()
     with torch.no_grad():
-        gap = float((small(x) - ssl.eval()(x)).abs().max())
+        gap = float((small(x) - ssl(x)).abs().max())
     return {"seed": seed, "dense acc %": accuracy(dense, data), "SSL acc %": accuracy(ssl, data),
             "pruned acc %": accuracy(small, data), "blocks removed": f"{dead}/{blocks}",
             "max |pruned - trained|": gap}
