@@ -1,16 +1,23 @@
 """Depth-wise sparse training (SSL): a group lasso per residual block, then remove the dead blocks.
 
-    python examples/train_ssl_depth.py              # 3 seeds, dense vs SSL; ~2 minutes on one thread
-    python examples/train_ssl_depth.py --seeds 1 --epochs 5
+    python examples/train_ssl_depth.py              # 3 seeds, dense vs SSL; ~3 minutes on one thread
+    python examples/train_ssl_depth.py --seeds 1 --lam 0.02
 
 A small residual CNN on scikit-learn's digits (stem conv, four residual blocks of two
 3x3 convs with BatchNorm, global pool, linear) is trained twice per seed, from the same
-initialisation and batch order: plainly, and with a group lasso whose groups are whole
-residual branches (``branch_slices_from_graph``: every weight of a block). The proximal
-step after each Adam step zeroes whole blocks exactly; ``compress`` with
+initialisation and batch order (SGD with momentum, cosine schedule, 15 epochs): plainly,
+and with a group lasso whose groups are whole residual branches
+(``branch_slices_from_graph``: every weight of a block). The proximal step after each
+SGD step zeroes whole blocks exactly; ``compress`` with
 ``units="branches"`` and ``branch_score="group_lasso"`` then removes them (they score 0),
 and since a zero block adds nothing to the stream, the pruned model computes what the
 trained one does (the depth oracle): no fine-tuning needed.
+
+``lam`` 0.03 was picked on seed 0 from 0.002-0.05: up to 0.02 no block reaches zero
+(their norms fall from ~9 to ~1), 0.05 zeroes all four. Under Adam the switch from "none"
+to "all" was sharper still (0.3 zeroed none and cost 5 points, 0.4 zeroed all): Adam's
+step does not shrink with the gradient, so the prox threshold no longer weighs a block's
+use against its size. SGD keeps that balance, and the last block goes first.
 """
 import argparse
 import math
@@ -102,7 +109,7 @@ def run_seed(data, seed: int, epochs: int, lam: float, width: int, blocks: int) 
             "max |pruned - trained|": gap}
 
 
-def main(seeds: int = 3, epochs: int = 15, lam: float = 0.1, width: int = 24, blocks: int = 4) -> list[dict]:
+def main(seeds: int = 3, epochs: int = 15, lam: float = 0.03, width: int = 24, blocks: int = 4) -> list[dict]:
     torch.set_num_threads(1)
     data = load_data()
     rows = [run_seed(data, seed, epochs, lam, width, blocks) for seed in range(seeds)]
@@ -117,7 +124,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--lam", type=float, default=0.1)
+    ap.add_argument("--lam", type=float, default=0.03)
     ap.add_argument("--width", type=int, default=24)
     ap.add_argument("--blocks", type=int, default=4)
     args = ap.parse_args()
