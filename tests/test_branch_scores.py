@@ -125,3 +125,24 @@ def test_branch_run_must_be_a_positive_int():
     graph = fxprune.analyze(_gains(1.0, 1.0, 1.0), torch.ones(1, 1))
     with pytest.raises(SpecError, match="branch_run"):
         score_branches(graph, "angular_distance", run=0)
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0]]))
+
+    def forward(self, x):
+        x = x * 1.0  # not the caller's tensor
+        x = x.add_(self.a(x))  # the join overwrites the stream it read
+        return x
+
+
+@pytest.mark.parametrize("score", ["block_influence", "angular_distance"])
+def test_an_in_place_join_is_scored_on_the_stream_before_it(score):
+    # (1, 0) -> (1, 1): 1 - cos 45 deg, or 45 deg / 180; reading x after the add_ would give 0
+    graph = fxprune.analyze(InPlace(), torch.tensor([[1.0, 0.0]]))
+    (value,) = score_branches(graph, score).values()
+    assert value == pytest.approx(1 - math.sqrt(0.5) if score == "block_influence" else 0.25)

@@ -185,7 +185,7 @@ def _node_values(graph, watch: dict[str, list], calibration) -> Iterator[dict]:
                 def run_node(self, node):
                     value = super().run_node(node)
                     for key in watch.get(node.name, ()):
-                        seen[key] = value.detach().clone()  # an in-place join (x += f(x)) overwrites x
+                        seen[key] = value.detach().clone()  # an in-place join (x.add_(f(x))) overwrites x
                     return value
 
             with torch.no_grad():
