@@ -181,9 +181,14 @@ class Spec:
             kind and divided by cost; docs/depth.md). Not with scope="latency".
         branch_score: how branches are ranked: "output_norm" (default: the branch's
             output norm relative to the stream), "block_influence" (1 - cos of the
-            stream before and after) or "group_lasso" (the L2 norm of its weights);
-            ``fxprune.select.branch_score``.
-            Units may include "experts" (a mixture of experts' experts: ``graph.experts``):
+            stream before and after), "group_lasso" (the L2 norm of its weights),
+            "angular_distance" (arccos(cos) / pi of the stream before and after a run of
+            ``branch_run`` consecutive branches) or "calibration_loss" (SLEB: the loss,
+            ``loss_fn`` or the output's change, with the branch removed, one removal at a
+            time); ``fxprune.select.branch_score``.
+        branch_run: the ``n`` of ``branch_score="angular_distance"``: branches per run
+            (default 1: each branch alone).
+        units, continued: may include "experts" (a mixture of experts' experts: ``graph.experts``):
             with a float ``ratio``, each routed layer loses that share of its experts (at
             most ``E - top_k``), lowest ``expert_score`` first; docs/experts.md.
         expert_score: how experts are ranked: "frequency" (default: the share of router
@@ -222,6 +227,7 @@ class Spec:
     units: str | list[str] = "channels"
     branch_score: str = "output_norm"
     expert_score: str = "frequency"
+    branch_run: int = 1
 
     def __post_init__(self) -> None:
         check_choice("spec.capture", self.capture, CAPTURES)
@@ -263,6 +269,7 @@ class Spec:
         if "experts" in self.unit_kinds and not isinstance(self.ratio, (int, float)):
             fail("spec.units", "experts are removed by a float ratio (the share of each routed layer's "
                  "experts, e.g. ratio=0.5); a target or a ratio per module does not apply to them yet")
+        check_int("spec.branch_run", self.branch_run, 1)
         if "branches" in self.unit_kinds and self.scope == "latency":
             fail("spec.scope", "scope='latency' times channel groups only; with units including "
                  "'branches' use scope='local' or 'global' (branches are ranked per unit of cost)")

@@ -272,7 +272,8 @@ def _scaled():
     return Scaled().eval()
 
 
-@pytest.mark.parametrize("score", ["output_norm", "block_influence", "group_lasso"])
+@pytest.mark.parametrize("score", ["output_norm", "block_influence", "group_lasso", "angular_distance",
+                                   "calibration_loss"])
 def test_branch_scores_rank_the_small_branches_first(score):
     from fxprune.select.branch_score import score_branches
 

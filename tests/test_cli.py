@@ -360,3 +360,16 @@ def test_saving_a_class_pickle_cannot_import_names_the_fix(tmp_path):
 
     with pytest.raises(FxpruneError, match=r"cannot save the pruned Local .*--emit graph"):
         _save(Local(2, 2), str(tmp_path / "m.pt"))
+
+
+@pytest.mark.parametrize("flags, note", [(["--branch-score", "calibration_loss"], "scored by calibration_loss"),
+                                         (["--branch-score", "angular_distance", "--branch-run", "1"],
+                                          "scored by angular_distance over runs of 1")])
+def test_compress_branch_scores_from_the_cli(tiny, tmp_path, capsys, flags, note):
+    out, spec = tmp_path / "small.pt", tmp_path / "spec.toml"
+    spec.write_text("input_shape = [1, 3, 16, 16]\nmax_ratio = 1.0\n")  # the one block may go
+    assert main(["compress", tiny, "--spec", str(spec), "--flops", "0.2", "--units", "branches", *flags,
+                 "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert note in text
+    assert not any(k.startswith("block.") for k in torch.load(out, weights_only=False).state_dict())

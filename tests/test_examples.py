@@ -59,3 +59,13 @@ def test_prune_minilm_example_shrinks_a_bert_encoder_and_saves_it(tmp_path):
     result.model.save_pretrained(tmp_path)
     reloaded = type(model).from_pretrained(tmp_path).eval()
     torch.testing.assert_close(prune_minilm.embed(reloaded, inputs), prune_minilm.embed(result.model, inputs))
+
+
+def test_ssl_depth_example_runs_and_the_pruned_model_matches(capsys):
+    """The depth-wise SSL example, one short epoch: the table, and pruned == trained."""
+    import train_ssl_depth
+
+    (row,) = train_ssl_depth.main(seeds=1, epochs=1, width=8, blocks=2)
+    assert "blocks removed" in capsys.readouterr().out
+    assert row["pruned acc %"] == row["SSL acc %"] and row["max |pruned - trained|"] == 0.0
+    assert row["dense acc %"] > 15  # above chance (10%) after one epoch

@@ -28,6 +28,7 @@ from fxprune.cli.commands import cmd_check, cmd_compress, cmd_demo, cmd_graph, c
 from fxprune.errors import FxpruneError
 from fxprune.measure import LatencySettings
 from fxprune.models import load_plugin
+from fxprune.select.branch_score import BRANCH_SCORES
 from fxprune.spec import ATTENTION_UNITS, CAPTURES, EMITS, VERIFY
 
 MODEL_HELP = ("model reference: torchvision:NAME, timm:NAME, package.module:factory, "
@@ -151,8 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--units", choices=("channels", "branches", "both"),
                    help="what competes for the budget: channels (default), branches (whole residual "
                         "blocks: depth) or both (docs/depth.md)")
-    p.add_argument("--branch-score", choices=("output_norm", "block_influence", "group_lasso"),
-                   help="how branches rank (default output_norm: |f(x)| / |x| over the inputs)")
+    p.add_argument("--branch-score", choices=BRANCH_SCORES,
+                   help="how branches rank (default output_norm: |f(x)| / |x| over the inputs; "
+                        "angular_distance over runs of --branch-run; calibration_loss: SLEB)")
+    p.add_argument("--branch-run", type=int, metavar="N",
+                   help="branches per run for --branch-score angular_distance (default 1)")
     p.add_argument("--round-to", type=int, metavar="K",
                    help="kept channel counts are multiples of K (default 8; 1: exact counts)")
     p.add_argument("--latency", action="store_true", help="also measure latency before/after (the "

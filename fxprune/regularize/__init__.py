@@ -14,7 +14,9 @@
   budget removes, growing until they are zero (pruning them is then lossless).
 
 Channels are ``ChannelSlices`` (the parameter slices one channel owns), built by hand
-or from an analysis with ``channel_slices_from_graph(model, graph)``.
+or from an analysis with ``channel_slices_from_graph(model, graph)``; residual branches
+are groups too (``branch_slices_from_graph``: every weight of a block, for depth-wise
+sparsity), and ``GroupLasso`` takes either.
 
 Example:
     >>> import torch
@@ -25,6 +27,7 @@ Example:
 """
 
 from fxprune.regularize.bn_l1 import BNScaleL1
+from fxprune.regularize.branches import branch_slices_from_graph
 from fxprune.regularize.channels import (
     ChannelSlices,
     ChannelTable,
@@ -51,6 +54,7 @@ __all__ = [
     "SRigL",
     "Spartan",
     "TargetedGroupLasso",
+    "branch_slices_from_graph",
     "channel_slices_from_graph",
     "collapse",
     "factorize",

@@ -12,6 +12,18 @@ Scores, lower = removed first (``BRANCH_SCORES``):
   tensor, the last dim otherwise) at every position.
 - ``group_lasso``: the L2 norm of every parameter the branch removes (SSL's depth-wise
   group lasso, Wen et al. 2016): no data needed; a branch trained toward zero scores 0.
+- ``angular_distance``: ``arccos(cos(x_l, x_{l+n})) / pi`` between the stream before a run
+  of ``n`` consecutive branches (the first one's shortcut) and after it (the last one's
+  join), per position along the channel dim as for ``block_influence``, averaged over
+  positions (Gromov et al. 2024). Consecutive: siblings (the same ``parent``) in the
+  order of their joins; a run that changes the stream's shape (a projection or a
+  downsampling layer between its branches) is no run. A branch scores the smallest
+  distance of the runs it is in, so the ``n`` branches of the best run score lowest and
+  go together; a branch in no run of ``n`` scores ``inf`` (removed last). ``run`` = 1
+  (``spec.branch_run``) is each branch alone: Block Influence's angle.
+- ``calibration_loss``: the loss with the branch removed, re-evaluated after each
+  removal (SLEB, Song et al. 2024; :mod:`fxprune.select.sleb`): ``loss_fn``, the model's
+  own loss, or the output's change from the full model's.
 
 The data-driven scores run over the ``calibration`` batches when given, else over the
 example inputs. Costs: the FLOPs of the branch's nodes (counted per node with
@@ -40,14 +52,18 @@ import torch.fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.errors import SpecError
+from fxprune.select.sleb import sleb_scores
 
-BRANCH_SCORES = ("output_norm", "block_influence", "group_lasso")
+BRANCH_SCORES = ("output_norm", "block_influence", "group_lasso", "angular_distance", "calibration_loss")
 
 
-def score_branches(graph, method: str = "output_norm", *, calibration=None) -> dict[int, float]:
+def score_branches(graph, method: str = "output_norm", *, calibration=None, run: int = 1,
+                   loss_fn=None) -> dict[int, float]:
     """``{branch id: score}`` for every branch of ``graph`` (see the module docstring).
 
-    ``calibration``: a ``fxprune.select.calibration.Calibration`` (or None: the example inputs).
+    ``calibration``: a ``fxprune.select.calibration.Calibration`` (or None: the example
+    inputs); ``run``: the ``n`` of ``angular_distance``; ``loss_fn``: the loss of
+    ``calibration_loss`` (model output -> scalar tensor).
     """
     if method not in BRANCH_SCORES:
         raise SpecError(f"spec.branch_score: unknown branch score {method!r}; use one of "
@@ -55,6 +71,10 @@ def score_branches(graph, method: str = "output_norm", *, calibration=None) -> d
     branches = graph.branches
     if not branches:
         return {}
+    if method == "calibration_loss":
+        return sleb_scores(graph, calibration=calibration, loss_fn=loss_fn)
+    if method == "angular_distance":
+        return _angular_scores(graph, calibration, run)
     if method == "group_lasso":
         tensors = dict(graph.gm.named_parameters(remove_duplicate=False))
         return {b.id: float(sum(float(tensors[k].detach().double().pow(2).sum()) for k in b.slices([0], "all")
@@ -80,6 +100,69 @@ def score_branches(graph, method: str = "output_norm", *, calibration=None) -> d
             for bid, (num, den) in ((bid, (n, max(d, 1e-30))) for bid, (n, d) in stats.items())}
 
 
+def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``arccos(cos(a, b)) / pi`` at every position: along dim 1 of 4-d tensors (channels of
+    ``N x C x H x W``), the last dim otherwise; 0 = same direction, 0.5 = orthogonal, 1 = opposite.
+
+    >>> d = angular_distance(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[0.0, 2.0], [-1.0, -1.0]]))
+    >>> [round(v, 6) for v in d.tolist()]   # arccos is steep at +-1: exact angles come out within 1e-8
+    [0.5, 1.0]
+    """
+    dim = 1 if a.ndim == 4 else -1
+    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=dim)
+    return torch.arccos(cos.clamp(-1.0, 1.0)) / torch.pi
+
+
+def branch_runs(graph, n: int) -> list[list]:
+    """Every run of ``n`` consecutive branches: siblings (same ``parent``) in the order of
+    their joins in the graph (shapes are checked later, on the values).
+
+    >>> import torch, fxprune
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+    ...     def forward(self, x):
+    ...         for fc in self.fc:
+    ...             x = x + fc(x)
+    ...         return x
+    >>> graph = fxprune.analyze(Net(), torch.randn(2, 4))
+    >>> [[b.modules for b in run] for run in branch_runs(graph, 2)]
+    [[['fc.0'], ['fc.1']], [['fc.1'], ['fc.2']]]
+    """
+    position = {node.name: i for i, node in enumerate(graph.gm.graph.nodes)}
+    siblings: dict = {}
+    for b in sorted(graph.branches, key=lambda b: position[b.join]):
+        siblings.setdefault(b.parent, []).append(b)
+    return [chain[i:i + n] for chain in siblings.values() for i in range(len(chain) - n + 1)]
+
+
+def _angular_scores(graph, calibration, run: int) -> dict[int, float]:
+    if isinstance(run, bool) or not isinstance(run, int) or run < 1:
+        raise SpecError(f"spec.branch_run: expected an integer >= 1 (branches per run), got {run!r}")
+    runs = branch_runs(graph, run)
+    watch: dict = {}
+    for i, r in enumerate(runs):
+        watch.setdefault(r[0].shortcut, []).append(("before", i))
+        watch.setdefault(r[-1].join, []).append(("after", i))
+    total, count, valid = [0.0] * len(runs), [0] * len(runs), [True] * len(runs)
+    for values in _node_values(graph, watch, calibration):
+        for i in range(len(runs)):
+            before, after = values[("before", i)], values[("after", i)]
+            if before.shape != after.shape:  # a downsampling layer between the branches: no run
+                valid[i] = False
+                continue
+            angle = angular_distance(before, after)
+            total[i] += float(angle.sum())
+            count[i] += angle.numel()
+    scores = {b.id: float("inf") for b in graph.branches}
+    for i, r in enumerate(runs):
+        if valid[i]:
+            for b in r:
+                scores[b.id] = min(scores[b.id], total[i] / max(count[i], 1))
+    return scores
+
+
 def _batches(graph, calibration) -> Iterator:
     if calibration is None:
         yield graph.example_inputs
@@ -102,7 +185,7 @@ def _node_values(graph, watch: dict[str, list], calibration) -> Iterator[dict]:
                 def run_node(self, node):
                     value = super().run_node(node)
                     for key in watch.get(node.name, ()):
-                        seen[key] = value.detach()
+                        seen[key] = value.detach().clone()  # an in-place join (x.add_(f(x))) overwrites x
                     return value
 
             with torch.no_grad():
@@ -147,4 +230,4 @@ def branch_costs(graph, metric: str) -> dict[int, float]:
     return {b.id: sum(flops.get(n, 0.0) for n in b.nodes) for b in graph.branches}
 
 
-__all__ = ["BRANCH_SCORES", "score_branches", "branch_costs", "node_flops"]
+__all__ = ["BRANCH_SCORES", "score_branches", "branch_costs", "node_flops", "angular_distance", "branch_runs"]

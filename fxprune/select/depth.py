@@ -47,8 +47,11 @@ def eligible_branches(graph, spec, notes: list[str]) -> list:
 
 
 def _scores(graph, branches, spec, notes) -> dict[int, float]:
-    scores = score_branches(graph, spec.branch_score, calibration=spec.calibration)
-    notes.append(f"select: {len(branches)} residual branch(es) compete, scored by {spec.branch_score}"
+    scores = score_branches(graph, spec.branch_score, calibration=spec.calibration, run=spec.branch_run,
+                            loss_fn=spec.loss_fn)
+    what = f"angular_distance over runs of {spec.branch_run}" if spec.branch_score == "angular_distance" \
+        else spec.branch_score
+    notes.append(f"select: {len(branches)} residual branch(es) compete, scored by {what}"
                  + (" over the calibration batches" if spec.calibration is not None and
                     spec.branch_score != "group_lasso" else ""))
     return {b.id: scores[b.id] for b in branches}
