@@ -384,6 +384,13 @@ def nm_quality(rows: list[dict]) -> Table:
     return head, body
 
 
+def depth(rows: list[dict]) -> Table:
+    """depth.py's rows: width, depth or both at one FLOPs target, and the latency quotient."""
+    head = ["model", "units", "FLOPs kept", "branches removed", "groups cut", "ms", "speedup", "quotient"]
+    return head, [[r["model"], r["units"], f"{r['flops_kept']:.3f}", f"{r['branches_removed']}/{r['branches']}",
+                   r["groups_cut"], f"{r['ms']:.1f}", f"{r['speedup']:.2f}", f"{r['quotient']:.2f}"] for r in rows]
+
+
 TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "timm_sweep": ("timm_sweep", timm_sweep),
     "timm_summary": ("timm_sweep", timm_summary),
@@ -403,5 +410,6 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "nm_gpu": ("nm_gpu", nm_gpu),
     "minilm": ("minilm", minilm),
     "value_check": ("value_check", value_check),
+    "depth": ("depth", depth),
     "nm_quality": ("nm_quality", nm_quality),
 }
