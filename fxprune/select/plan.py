@@ -57,7 +57,7 @@ from fxprune.select.latency_table import efficiency, latency_table
 from fxprune.select.latency_verify import faster_plan
 from fxprune.select.metrics import TARGET_METRICS, unit_costs
 from fxprune.select.ranking import Plan, rank, rounded_count, take_first, unit_multiples
-from fxprune.spec import check_ignore, check_ratio_keys
+from fxprune.select.spec_names import check_ignore, check_ratio_keys
 # scope="latency": a group's share scales with efficiency ** EFFICIENCY_POWER. On resnet50
 # at 3.9x fewer FLOPs (compiled, 2 CPU threads), with an early table measured from full
 # width, power 1 gave a latency/FLOPs quotient of 0.76, power 2 0.84, power 4 0.82,
