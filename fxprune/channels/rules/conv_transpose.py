@@ -17,14 +17,10 @@ import torch.nn.functional as F
 from ..registry import register_rule
 from ..values import DimMap
 from .fallback import unknown_rule
-from .layers import _consume, _consume_param, _freeze_other_dims, _produce, _rewrite_groups, functional_conv_rule
+from .layers import (_consume, _consume_param, _freeze_other_dims, _produce, _rewrite_groups, fix_conv_widths,
+                     functional_conv_rule, tie_groups)
 
 aten = torch.ops.aten
-
-
-def _tie_groups(ctx, x_map: DimMap, out: DimMap, groups: int) -> None:
-    """Group g's input block and output block become one unit (whole groups are removed)."""
-    ctx.unify(ctx.tie_blocks(x_map, groups, across=False), ctx.tie_blocks(out, groups, across=False))
 
 
 @register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -58,7 +54,7 @@ def conv_transpose_rule(ctx):
     elif x_map is None:
         ctx.freeze(out.ids, f"grouped transposed conv input carries no channels at {ctx.where()}")
     else:
-        _tie_groups(ctx, x_map, out, conv.groups)
+        tie_groups(ctx, x_map, out, conv.groups)
     if conv.bias is not None:
         ctx.bind(b_key, 0, out, "out")
     ctx.on_prune(_fix_conv_transpose)
@@ -66,12 +62,7 @@ def conv_transpose_rule(ctx):
 
 
 def _fix_conv_transpose(p, node):
-    conv = p.module(node.target)
-    old_in = conv.in_channels
-    conv.in_channels = conv.weight.shape[0]
-    if conv.groups > 1:
-        conv.groups = conv.groups * conv.in_channels // old_in
-    conv.out_channels = conv.weight.shape[1] * conv.groups
+    fix_conv_widths(p.module(node.target), "in_channels", "out_channels")
 
 
 _GROUPS_AT = {  # where each spelling keeps its groups argument
@@ -108,7 +99,7 @@ def functional_conv_transpose_rule(ctx):
     if x_map is None:
         ctx.freeze(out.ids, f"grouped transposed conv input carries no channels at {ctx.where()}")
     else:
-        _tie_groups(ctx, x_map, out, groups)
+        tie_groups(ctx, x_map, out, groups)
     _rewrite_groups(ctx, groups_at, cdim, width // groups)
     return ctx.out({cdim: out})
 

@@ -53,9 +53,7 @@ def conv_rule(ctx):
         if x_map is None:
             ctx.freeze(out_ids, f"grouped conv input carries no channels at {ctx.where()}")
         else:
-            in_units = ctx.tie_blocks(x_map, conv.groups, across=False)
-            out_units = ctx.tie_blocks(out, conv.groups, across=False)
-            ctx.unify(in_units, out_units)
+            tie_groups(ctx, x_map, out, conv.groups)
     ctx.bind(w_key, 0, out, "out")
     if conv.bias is not None:
         ctx.bind(b_key, 0, out, "out")
@@ -63,13 +61,24 @@ def conv_rule(ctx):
     return ctx.out({cdim: out})
 
 
-def _fix_conv(p, node):
-    conv = p.module(node.target)
-    old_out = conv.out_channels
-    conv.out_channels = conv.weight.shape[0]
+def tie_groups(ctx, x_map: DimMap, out: DimMap, groups: int) -> None:
+    """Group g's input block and output block become one unit (whole groups are removed)."""
+    ctx.unify(ctx.tie_blocks(x_map, groups, across=False), ctx.tie_blocks(out, groups, across=False))
+
+
+def fix_conv_widths(conv: nn.Module, dim0: str, dim1: str) -> None:
+    """Set a pruned conv's width attributes from its weight: ``dim0`` names the attribute
+    weight dim 0 holds (``out_channels`` for a conv, ``in_channels`` for a transposed one),
+    ``dim1`` the one weight dim 1 holds per group; ``groups`` shrinks with whole groups."""
+    old = getattr(conv, dim0)
+    setattr(conv, dim0, conv.weight.shape[0])
     if conv.groups > 1:
-        conv.groups = conv.groups * conv.out_channels // old_out
-    conv.in_channels = conv.weight.shape[1] * conv.groups
+        conv.groups = conv.groups * conv.weight.shape[0] // old
+    setattr(conv, dim1, conv.weight.shape[1] * conv.groups)
+
+
+def _fix_conv(p, node):
+    fix_conv_widths(p.module(node.target), "out_channels", "in_channels")
 
 
 @register_rule(nn.Linear)
@@ -171,7 +180,7 @@ def functional_conv_rule(ctx):
         if x_map is None:
             ctx.freeze(out.ids, f"grouped conv input carries no channels at {ctx.where()}")
         else:
-            ctx.unify(ctx.tie_blocks(x_map, groups, across=False), ctx.tie_blocks(out, groups, across=False))
+            tie_groups(ctx, x_map, out, groups)
         _rewrite_groups(ctx, groups_at, cdim, len(out) // groups)
     return ctx.out({cdim: out})
 
