@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten
 MUTATES = "fxprune.mutates"  # node.meta key set by the shape recorder
 
 
-def input_versions(node: torch.fx.Node, args, kwargs) -> list[tuple[torch.Tensor, int]]:
+def input_versions(args, kwargs) -> list[tuple[torch.Tensor, int]]:
     """The tensors a call is about to receive, with their version counters."""
     return [(t, t._version) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
 

@@ -11,6 +11,8 @@ the meta device works.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.fx
 from torch.fx.node import map_aggregate
@@ -18,9 +20,9 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .._util import eval_mode, first_line
 from ..errors import AnalysisError
-from .inputs import ExampleInputs
 from .aten_calls import ATEN_CALLS, AtenCallRecorder, records_calls
 from .effects import input_versions, note_mutation
+from .inputs import ExampleInputs
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, inputs: ExampleInputs) -> None:
@@ -87,21 +89,22 @@ class ShapeRecorder(torch.fx.Interpreter):
 
     def run_node(self, n):
         self.current = n
-        if n.op in ("call_function", "call_method", "call_module"):
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            before = input_versions(n, args, kwargs)
-            module = self.module.get_submodule(n.target) if n.op == "call_module" else None
-            if self.aten_calls and records_calls(n, module):
-                with AtenCallRecorder([t for t, _ in before]) as recorder:
-                    result = super().run_node(n)
-                n.meta[ATEN_CALLS] = recorder.result(result)
-            else:
-                result = super().run_node(n)
-            note_mutation(n, before)  # a rewrite must keep this call (capture/effects.py)
-        else:
+        if n.op not in ("call_function", "call_method", "call_module"):
             result = super().run_node(n)
+            _set_meta(n, result)
+            return result
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)  # once: the call below takes them
+            before = input_versions(args, kwargs)
+            module = self.module.get_submodule(n.target) if n.op == "call_module" else None
+            recorder = AtenCallRecorder([t for t, _ in before]) if self.aten_calls and records_calls(n, module) \
+                else None
+            with recorder or contextlib.nullcontext():
+                result = getattr(self, n.op)(n.target, args, kwargs)
+        if recorder is not None:
+            n.meta[ATEN_CALLS] = recorder.result(result)
+        note_mutation(n, before)  # a rewrite must keep this call (capture/effects.py)
         _set_meta(n, result)
         return result
-
 
 __all__ = ["propagate_shapes", "shapes_from_fake_values", "ShapeRecorder"]
