@@ -27,10 +27,10 @@ import sys
 
 import torch
 import torchvision
-from tabulate import tabulate
 
 import fxprune
 from _results import add_json_option, header, write
+from _tables import depth as depth_table, show
 from fxprune.measure import LatencySettings, count_flops, measure_latency
 from fxprune.passes.fuse import fuse
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         rows.extend(run(name, args.flops, settings))
         print(f"{name}: done", file=sys.stderr, flush=True)
-    print(tabulate(rows, headers="keys", tablefmt="github"))
+    show(depth_table(rows))
     if args.json:
         write(args.json, rows, header(args))
     return 0

@@ -21,7 +21,6 @@ import os
 import sys
 import time
 import traceback
-from collections import Counter
 
 import torch
 import torchvision
@@ -34,7 +33,7 @@ from fxprune.passes.verify import check_zero_invariance
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from forked import call_forked  # noqa: E402
 from helpers import count_params, half_plan  # noqa: E402
-from timm_zoo import reason_kind  # noqa: E402
+from timm_zoo import analyzed_row  # noqa: E402
 
 from _results import add_json_option, header, load, write  # noqa: E402
 from _tables import tasks_sweep as tasks_table  # noqa: E402
@@ -111,16 +110,9 @@ def _shapes(output) -> list[tuple]:
 
 def check_fxprune(model: torch.nn.Module, inputs: tuple) -> dict:
     """Analyze, prune half of every zero-invariant group, run the oracle; a row (raises on failure)."""
-    row: dict = {}
-    start = time.perf_counter()
-    graph = fxprune.analyze(model, inputs, capture="auto")
-    row["front_end"] = graph.capture
-    row["analyze_s"] = round(time.perf_counter() - start, 1)
+    graph, row = analyzed_row(model, inputs)
     prunable = graph.prunable_groups
     zero_invariant = [g for g in prunable if g.zero_invariant]
-    frozen = Counter(reason_kind(g.reason) for g in graph.groups if not g.prunable)
-    row.update(groups=len(graph.groups), prunable=len(prunable), zero_invariant=len(zero_invariant),
-               frozen_why=", ".join(f"{k} x{v}" for k, v in frozen.most_common(3)))
     if not zero_invariant:
         row["why"] = "no zero-invariant group" if prunable else "no prunable group"
         return row

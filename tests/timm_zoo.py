@@ -78,18 +78,24 @@ def reason_kind(reason: str) -> str:
     return reason[:40]
 
 
-def check_fxprune(model: torch.nn.Module, x: torch.Tensor) -> dict:
-    """Analyze, prune half of every prunable group, run the oracle; a row (raises on failure)."""
-    row: dict = {}
+def analyzed_row(model: torch.nn.Module, inputs) -> tuple:
+    """Analyze with ``capture="auto"``; the graph and a sweep row's first columns (front end,
+    seconds, groups, prunable, zero-invariant, the commonest reasons for freezing)."""
     start = time.perf_counter()
-    graph = fxprune.analyze(model, x, capture="auto")
-    row["front_end"] = graph.capture
-    row["analyze_s"] = round(time.perf_counter() - start, 1)
+    graph = fxprune.analyze(model, inputs, capture="auto")
     prunable = graph.prunable_groups
     frozen = Counter(reason_kind(g.reason) for g in graph.groups if not g.prunable)
-    row.update(groups=len(graph.groups), prunable=len(prunable),
-               zero_invariant=sum(g.zero_invariant for g in prunable),
-               frozen_why=", ".join(f"{k} x{v}" for k, v in frozen.most_common(3)))
+    row = {"front_end": graph.capture, "analyze_s": round(time.perf_counter() - start, 1),
+           "groups": len(graph.groups), "prunable": len(prunable),
+           "zero_invariant": sum(g.zero_invariant for g in prunable),
+           "frozen_why": ", ".join(f"{k} x{v}" for k, v in frozen.most_common(3))}
+    return graph, row
+
+
+def check_fxprune(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    """Analyze, prune half of every prunable group, run the oracle; a row (raises on failure)."""
+    graph, row = analyzed_row(model, x)
+    prunable = graph.prunable_groups
     start = time.perf_counter()
     inputs = graph.example_inputs
     with torch.no_grad():
