@@ -110,7 +110,7 @@ def capture(model, example_inputs, *, capture: str = "auto", leaf_modules: Itera
     propagate_shapes(gm, part_inputs)
     captured = Captured(gm, part_inputs, "parts", inputs, parts, added=added)
     if capture == "auto":  # say why the whole model was not captured
-        captured.notes = [f"{name} could not capture the whole model: {str(error).splitlines()[0]}"
+        captured.notes = [f"{name} could not capture the whole model: {first_line(error)}"
                           for name, error in (("fx", fx_error), ("export", export_error))]
     return captured
 

@@ -17,7 +17,7 @@ import torch
 import torch.fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._util import eval_mode
+from .._util import eval_mode, first_line
 from ..errors import TraceError
 from .effects import has_effect
 from .inputs import ExampleInputs
@@ -111,9 +111,7 @@ def export_error(model, exc: Exception) -> TraceError:
     (True, True)
     """
     text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    if len(first) > FIRST_LINE:
-        first = first[:FIRST_LINE] + " ..."
+    first = first_line(exc, FIRST_LINE)
     hint = ""
     if "Cache" in text and "pytree" in text:
         hint = "the model returns a key/value cache: pass use_cache=False (in the inputs or the config); "

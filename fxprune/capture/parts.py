@@ -35,7 +35,7 @@ from torch.fx.node import map_arg
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._util import eval_mode
+from .._util import eval_mode, first_line
 from ..errors import TraceError
 from .fx import trace
 from .inputs import ExampleInputs, bad_leaf
@@ -376,9 +376,8 @@ def capture_parts(model: torch.nn.Module, inputs: ExampleInputs,
     try:
         calls = _record_calls(model, inputs)
     except Exception as exc:  # noqa: BLE001 - the model itself fails on the inputs
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise TraceError(f"{type(model).__name__} fails on the example inputs {inputs.describe()}: "
-                         f"{type(exc).__name__}: {first[:200]}\n  fix: pass example_inputs the "
+                         f"{type(exc).__name__}: {first_line(exc, 200)}\n  fix: pass example_inputs the "
                          "model's forward runs on") from exc
     chosen, refused = _select_parts(model, calls, leaf_modules)
     if not chosen:
