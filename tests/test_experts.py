@@ -68,6 +68,17 @@ def tiny_mixtral():
     return model, inputs, fxprune.analyze(model, inputs, capture="export")
 
 
+
+def assert_generates_and_round_trips(mine, ids: torch.Tensor, new_tokens: int) -> None:
+    """The emitted Mixtral generates, and save_pretrained / from_pretrained keep its logits."""
+    assert mine.generate(ids, max_new_tokens=new_tokens, do_sample=False).shape == (ids.shape[0],
+                                                                                  ids.shape[1] + new_tokens)
+    with tempfile.TemporaryDirectory() as d:
+        mine.save_pretrained(d)
+        back = type(mine).from_pretrained(d).eval()
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, mine(ids).logits)
+
 def test_loop_moe_experts_removed_equal_router_masking(loop_moe):
     model, x, graph = loop_moe
     [experts] = graph.experts
@@ -139,13 +150,7 @@ def test_mixtral_done_when_half_experts_half_neurons_module(tiny_mixtral):
     assert (mine.config.num_local_experts, mine.config.intermediate_size) == (2, 12)
     assert mine.model.layers[0].mlp.experts.num_experts == mine.model.layers[0].mlp.gate.num_experts == 2
     assert check_zero_invariance(model, graph, plan, mine) < 1e-5
-    ids = inputs["input_ids"]
-    assert mine.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 9)
-    with tempfile.TemporaryDirectory() as d:
-        mine.save_pretrained(d)
-        back = MixtralForCausalLM.from_pretrained(d).eval()
-    with torch.no_grad():
-        assert torch.equal(back(ids).logits, mine(ids).logits)
+    assert_generates_and_round_trips(mine, inputs["input_ids"], new_tokens=3)
 
 
 def test_uneven_expert_counts_cannot_be_written_to_one_config(tiny_mixtral):
@@ -198,13 +203,7 @@ def test_compress_half_experts_half_neurons_done_when():
     graph = fxprune.analyze(model, inputs, capture="export")
     assert check_zero_invariance(model, graph, result.plan, mine) < 1e-5
     assert any("experts scored by reap; removing 4 of 8" in n for n in result.notes)
-    ids = inputs["input_ids"]
-    assert mine.generate(ids, max_new_tokens=2, do_sample=False).shape == (2, 8)
-    with tempfile.TemporaryDirectory() as d:
-        mine.save_pretrained(d)
-        back = MixtralForCausalLM.from_pretrained(d).eval()
-    with torch.no_grad():
-        assert torch.equal(back(ids).logits, mine(ids).logits)
+    assert_generates_and_round_trips(mine, inputs["input_ids"], new_tokens=2)
 
 
 def test_experts_take_a_float_ratio():
