@@ -106,7 +106,7 @@ def check_values(graph: DependencyGraph, plan: Mapping[int, object], pruned: tor
     routers = router_overrides(graph, plan)  # removed experts: -inf on their router logits
     reference = _run(graph.gm, masked, inputs.clone().flat(graph.gm), overrides=routers)
     output = _run(pruned, {}, inputs.clone().flat(pruned))
-    tolerance = max(TOLERANCES.get(t.dtype, 1e-4) for t in _leaves(reference)) if _leaves(reference) else 1e-4
+    tolerance = max((TOLERANCES.get(t.dtype, 1e-4) for t in _leaves(reference)), default=1e-4)
     error = output_error(reference, output)
     if error > tolerance:
         raise VerificationError(

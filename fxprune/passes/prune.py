@@ -168,9 +168,8 @@ def verify_values(graph: DependencyGraph, plan: Mapping[int, object], gm: torch.
     True
     """
     masked, unmasked = split_by_masking(graph, plan)
-    keep = kept_ids(graph, plan)
     if not unmasked:
-        result = check_values(graph, masked, gm, gm.meta.get(ORIGIN, {}), keep)
+        result = check_values(graph, masked, gm, gm.meta.get(ORIGIN, {}), kept_ids(graph, plan))
     elif not masked:
         result = ValueCheck(None, 0.0, f"values not checked: no group of the plan ({_ids(unmasked)}) has a "
                                        "masking its removal equals (shapes were checked)")
