@@ -315,7 +315,7 @@ def test_units_channels_and_branches_compete():
 def test_units_spec_errors():
     base = {"example_inputs": IMAGE, "ratio": 0.5}
     with pytest.raises(fxprune.SpecError, match="spec.units"):
-        fxprune.Spec(**base, units="layers")
+        fxprune.Spec(**base, units="blocks")
     with pytest.raises(fxprune.SpecError, match="spec.scope"):
         fxprune.Spec(**base, units="branches", scope="latency")
     with pytest.raises(fxprune.SpecError, match="spec.branch_score"):

@@ -1,7 +1,8 @@
 """Whole layers, found from the graph: depth units that need no residual add to remove.
 
 A *layer* is an entry of an ``nn.Sequential`` or ``nn.ModuleList`` (a ``BertLayer``, a
-``LlamaDecoderLayer``, a torchvision ``Bottleneck``, a timm ``Block``) whose nodes form a
+``LlamaDecoderLayer``, a torchvision ``Bottleneck``, a timm ``Block``; a module of modules,
+not a lone conv, linear or norm) whose nodes form a
 single-entry single-exit region of the graph: the nodes run inside it (read from
 ``node.meta["nn_module_stack"]``, which both front ends record) feed nothing outside but
 one node, the *exit*, whose shape and dtype are those of one input of the region, the
@@ -130,11 +131,14 @@ def find_layers(gm: torch.fx.GraphModule, model: torch.nn.Module | None, first_i
 
 
 def _is_list_entry(root: torch.nn.Module, path: str) -> bool:
+    """An entry of an ``nn.Sequential`` or ``nn.ModuleList`` built of modules: a lone conv,
+    linear or norm in a list (a projection's BatchNorm) is an op, not a layer."""
     parent, _, name = path.rpartition(".")
     if not name.isdigit():
         return False
     try:
-        return isinstance(root.get_submodule(parent), _CONTAINERS)
+        return isinstance(root.get_submodule(parent), _CONTAINERS) and \
+            next(root.get_submodule(path).children(), None) is not None
     except AttributeError:
         return False
 
@@ -198,9 +202,12 @@ def covered_by_branches(graph, layer: Layer) -> list[Branch]:
     inner = [b for b in graph.branches if covers(layer, b)]
     gone = {name for b in inner for name in (*b.nodes, b.join)}
     nodes = {n.name: n for n in graph.gm.graph.nodes}
-    for name in (*layer.nodes, layer.join):
+    for name in reversed((*layer.nodes, layer.join)):  # users before what they use
         node = nodes[name]
         if name in gone or node.op == "get_attr" or is_assert(node) or is_identity_cast(node):
+            continue
+        if node.users and all(u.name in gone or is_assert(u) for u in node.users):
+            gone.add(name)  # it fed only the branches (and an export check, which no branch holds)
             continue
         return []
     return inner

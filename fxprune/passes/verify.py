@@ -3,7 +3,10 @@
 For a zero-invariant group, zeroing the ``role="out"`` slices of the chosen channels in
 a copy of the original model makes those channels identically zero everywhere, so
 removing them must not change the output. This needs no knowledge of the
-architecture, which makes it the universal correctness check of a plan.
+architecture, which makes it the universal correctness check of a plan. Units whose
+removal is a masking run the original with that masking instead: experts with their
+router logits at -inf, whole layers with their forward replaced by the identity
+(``fxprune.channels.layers.identity_layers``).
 """
 from __future__ import annotations
 

@@ -146,7 +146,7 @@ def land_with_branches(graph, groups, keys: dict[int, np.ndarray], costs: dict[i
     plan, model, _ = land(problem, notes)
     removed = [b for b in branches if b.id in plan]
     notes.append(f"select: the plan removes {_count(removed)} of {eligible}"
-                 + (f" and channels of {len(plan) - removed} group(s)" if groups else ""))
+                 + (f" and channels of {len(plan) - len(removed)} group(s)" if groups else ""))
     return plan, model
 
 

@@ -143,7 +143,8 @@ class _Loss:
                     return self.env[by_name[joins[node.name]]]
                 return super().run_node(node)
 
-        out = Without(self.gm).run(*batch.flat(self.gm))
+        # values stay: a removed layer's entry is read at its exit, after its last use inside
+        out = Without(self.gm, garbage_collect_values=False).run(*batch.flat(self.gm))
         return self.gm.graph._codegen.process_outputs(out)
 
 
