@@ -254,3 +254,31 @@ def test_graph_text_lists_layers_and_cli_accepts_units_layers():
     import argparse
     with pytest.raises(argparse.ArgumentTypeError, match="unknown kind 'layer'"):
         _units("layer")
+
+
+ZOO = {  # shallow copies: the blocks are the originals'
+    "timm:convnext_atto": lambda tv, timm: timm.create_model("convnext_atto", pretrained=False, depths=(2, 2, 2, 2)),
+    "timm:vit_tiny_patch16_224": lambda tv, timm: timm.create_model("vit_tiny_patch16_224", pretrained=False,
+                                                                   img_size=32, depth=4),
+    "torchvision:mobilenet_v2": lambda tv, timm: tv.models.mobilenet_v2(),
+    "torchvision:efficientnet_b0": lambda tv, timm: tv.models.efficientnet_b0(),
+}
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_every_other_layer_of_zoo_models_holds_the_identity_oracle(name):
+    """Every other layer (nested ones too: a timm stage that keeps its shape holds its
+    blocks, an inverted residual its depthwise conv block) removed: the pruned graph (value
+    check included) equals the original with those modules hooked to the identity."""
+    tv, timm = pytest.importorskip("torchvision"), pytest.importorskip("timm")
+    model = unit_scale(ZOO[name](tv, timm)).eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    graph = fxprune.analyze(model, x)
+    plan = {l.id: [0] for l in graph.layers[::2]}
+    assert len(plan) >= 2, [l.path for l in graph.layers]
+    small = fxprune.prune(graph, plan)
+    assert check_zero_invariance(model, graph, plan, small) < 1e-5
+    outer = [l.path for l in graph.layers[::2] if not any(l.path.startswith(f"{o.path}.") for o in graph.layers[::2])]
+    assert output_error(oracle(model, outer, lambda m: m(x)), small(x)) < 1e-5
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    assert fxprune.feasible_plan(graph, [(l.id, 0) for l in graph.layers[:1]]) == {graph.layers[0].id: [0]}
