@@ -35,7 +35,6 @@ import torch.fx
 from .branches import Branch, _layers, _param_keys, check_branch_units
 from .registry import op_name
 
-_CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList)
 _CASTS = {"to", "_to_copy", "type", "float", "contiguous", "clone", "alias", "detach"}
 
 
@@ -131,14 +130,14 @@ def find_layers(gm: torch.fx.GraphModule, model: torch.nn.Module | None, first_i
 
 
 def _is_list_entry(root: torch.nn.Module, path: str) -> bool:
-    """An entry of an ``nn.Sequential`` or ``nn.ModuleList`` built of modules: a lone conv,
-    linear or norm in a list (a projection's BatchNorm) is an op, not a layer."""
+    """An entry of an ``nn.Sequential`` (named or numbered: torchvision's ViT names its
+    ``encoder_layer_0``) or ``nn.ModuleList``, built of modules: a lone conv, linear or norm
+    in a list (a projection's BatchNorm) is an op, not a layer."""
     parent, _, name = path.rpartition(".")
-    if not name.isdigit():
-        return False
     try:
-        return isinstance(root.get_submodule(parent), _CONTAINERS) and \
-            next(root.get_submodule(path).children(), None) is not None
+        container = root.get_submodule(parent)
+        return (isinstance(container, torch.nn.Sequential) or isinstance(container, torch.nn.ModuleList)
+                and name.isdigit()) and next(root.get_submodule(path).children(), None) is not None
     except AttributeError:
         return False
 
