@@ -282,3 +282,20 @@ def test_every_other_layer_of_zoo_models_holds_the_identity_oracle(name):
     assert output_error(oracle(model, outer, lambda m: m(x)), small(x)) < 1e-5
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
     assert fxprune.feasible_plan(graph, [(l.id, 0) for l in graph.layers[:1]]) == {graph.layers[0].id: [0]}
+
+
+def test_a_flops_target_is_met_with_layers_and_channels_in_one_ranking():
+    """units=["channels", "layers"] with a target: one ranking lands it, and the quiet
+    layers go before channels of the loud ones."""
+    torch.manual_seed(0)
+    model = unit_scale(nn.Sequential(*(PreNorm(16) for _ in range(4)), nn.Linear(16, 3))).eval()
+    with torch.no_grad():
+        model[2].fc2.weight.mul_(1e-4)  # layer 2 writes almost nothing into the stream
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    spec = fxprune.Spec(example_inputs=(x,), target={"flops": 0.7}, units=["layers", "channels"])
+    assert spec.units == ["channels", "layers"]
+    result = fxprune.compress(model, spec)
+    kinds = {getattr(fxprune.unit(result.graph, gid), "kind", "channels") for gid in result.plan}
+    layers = [fxprune.unit(result.graph, gid).path for gid in result.plan if gid >= len(result.graph.groups)]
+    assert "2" in layers and kinds <= {"channels", "layer"}, result.plan
+    assert any("layer(s)" in n for n in result.notes), result.notes
