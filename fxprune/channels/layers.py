@@ -115,7 +115,7 @@ def find_layers(gm: torch.fx.GraphModule, model: torch.nn.Module | None, first_i
     for path, region in regions.items():
         if not _is_list_entry(root, path):
             continue
-        layer = _layer(path, region, gm, modules, calls, canonical, first_id + len(found))
+        layer = _layer(path, region, gm, modules, calls, canonical, first_id + len(found), position)
         if layer is not None:
             found.append(layer)
     by_name = {n.name: n for n in nodes}
@@ -142,7 +142,8 @@ def _is_list_entry(root: torch.nn.Module, path: str) -> bool:
         return False
 
 
-def _layer(path: str, region: list, gm, modules: dict, calls: dict, canonical: dict, lid: int) -> Layer | None:
+def _layer(path: str, region: list, gm, modules: dict, calls: dict, canonical: dict, lid: int,
+           position: dict) -> Layer | None:
     """The layer at ``path`` when its region has one exit and one entry of the exit's
     shape and dtype, writes into nothing it does not own and holds parameters."""
     inside = set(region)
@@ -169,8 +170,7 @@ def _layer(path: str, region: list, gm, modules: dict, calls: dict, canonical: d
     all_keys: dict[str, int] = {}
     for n in inside:
         all_keys.update(_param_keys(n, gm, modules, canonical, params_only=False, owned_by=(inside, calls)))
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    members = sorted(inside - {exit_}, key=order.__getitem__)
+    members = sorted(inside - {exit_}, key=position.__getitem__)
     return Layer(id=lid, join=exit_.name, output="", shortcut=entries[0].name, nodes=[n.name for n in members],
                  modules=sorted({k.rsplit(".", 1)[0] for k in all_keys if "." in k}
                                 | {n.target for n in region if n.op == "call_module"}),
