@@ -37,7 +37,6 @@ INPUT_HELP = ("input shape, e.g. 1,3,224,224 (several inputs: '1,8;1,4'); defaul
               "model's own (torchvision: 1,3,224,224; saved by fxprune: as compressed)")
 
 
-
 def _units(text: str) -> str | list[str]:
     """``--units``: one kind, ``both`` (channels and branches) or a comma list of kinds."""
     kinds = ["channels", "branches"] if text == "both" else [k.strip() for k in text.split(",") if k.strip()]
@@ -46,6 +45,7 @@ def _units(text: str) -> str | list[str]:
         raise argparse.ArgumentTypeError(f"unknown kind {bad[0] if bad else text!r}: use channels, branches, "
                                          "layers, both, or a comma list such as channels,layers")
     return kinds[0] if len(kinds) == 1 else kinds
+
 
 def _command(sub, name: str, help_text: str, examples: str, func):
     parser = sub.add_parser(name, help=help_text, description=help_text,
