@@ -299,3 +299,47 @@ def test_a_flops_target_is_met_with_layers_and_channels_in_one_ranking():
     layers = [fxprune.unit(result.graph, gid).path for gid in result.plan if gid >= len(result.graph.groups)]
     assert "2" in layers and kinds <= {"channels", "layer"}, result.plan
     assert any("layer(s)" in n for n in result.notes), result.notes
+
+
+class InPlace(nn.Module):
+    """Writes into its input: removing it would leave the caller's tensor unwritten."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        x += self.fc(x)
+        return x
+
+
+class Wider(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+class Reversed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(PostNorm() for _ in range(3))
+
+    def forward(self, x):
+        for block in reversed(self.blocks):
+            x = block(x)
+        return x
+
+
+def test_what_is_no_layer_and_what_your_class_cannot_drop():
+    x = torch.randn(2, 8)
+    # export records the write into the input (add_); a symbolic trace records `x += y` as an add
+    graph = fxprune.analyze(nn.Sequential(InPlace(), PostNorm(), Wider(), nn.Linear(16, 2)), x, capture="export")
+    assert [l.path for l in graph.layers] == ["1"]  # no in-place write into its input, no change of shape
+    graph = fxprune.analyze(Reversed().eval(), x)
+    assert [l.path for l in graph.layers] == ["blocks.2", "blocks.1", "blocks.0"]  # in the order they run
+    with pytest.raises(fxprune.WriteBackError, match=r"nn.ModuleList 'blocks' is not run entry after entry"):
+        fxprune.prune(graph, {graph.layers[1].id: [0]}, emit="module")
+    assert fxprune.prune(graph, {graph.layers[1].id: [0]})(x).shape == (2, 8)  # the graph carries it
