@@ -143,15 +143,50 @@ def replaced_by_fully_shard(t: torch.Tensor) -> bool:
     return not is_dtensor(t) and hasattr(t, "_fsdp_orig_uid")  # FSDP2 tags what it replaces
 
 
-def check_unsharded(model: torch.nn.Module, what: str) -> None:
-    """Raise a SpecError naming ``what`` when ``model`` holds FSDP2-sharded parameters:
-    ``what`` changes the model's structure (a parametrization, a rewrite), which must
-    happen before ``fully_shard``.
+AFTER_TRAINING = ("gather the whole state dict (torch.distributed.checkpoint.state_dict."
+                  "get_model_state_dict with StateDictOptions(full_state_dict=True)), load it "
+                  "into an unsharded copy of the model and call it there")
+
+
+def check_unsharded(model: torch.nn.Module, what: str, error: type[Exception] = SpecError,
+                    fix: str = "call it on the unsharded model and fully_shard afterwards") -> None:
+    """Raise ``error`` naming ``what`` when ``model`` holds FSDP2-sharded parameters:
+    ``what`` runs the model or changes its structure (a capture, a parametrization), which
+    must happen before ``fully_shard``.
 
     Example:
         >>> check_unsharded(torch.nn.Linear(2, 2), "apply_nm")
     """
     if any(is_dtensor(p) for p in model.parameters()):
-        raise SpecError(f"{what}: the model's parameters are already sharded (fully_shard ran "
-                        "first); call it on the unsharded model and fully_shard afterwards "
-                        "(docs/scale.md, 'Training under FSDP2 and DDP')")
+        raise error(f"{what}: the model's parameters are sharded (fully_shard ran first), and "
+                    f"{what} changes or runs the whole model; {fix} "
+                    "(docs/scale.md, 'Training under FSDP2 and DDP')")
+
+
+def total_over(tensors: Iterable[torch.Tensor], fn) -> torch.Tensor:
+    """``sum(fn(t))`` over whole tensors, computed as ``fn`` of each rank's pieces summed
+    over the ranks (``fn`` must add up over pieces: a sum of squares, a count); differentiable.
+
+    Example:
+        >>> total_over([torch.ones(2), torch.ones(3)], lambda t: t.sum())
+        tensor(5.)
+    """
+    tensors = list(tensors)
+    sharded = [t for t in tensors if is_sharded(t)]
+    parts = [fn(t) for t in tensors if not is_sharded(t)]
+    if sharded:
+        parts.append(sum_over_shards(sum(fn(local(t)) for t in sharded), sharded))
+    return sum(parts[1:], parts[0]) if parts else torch.zeros(())
+
+
+def check_rows_sharded(t: torch.Tensor, what: str) -> None:
+    """Raise a SpecError unless ``t`` is whole or split by rows (``Shard(0)``, fully_shard's
+    default): ``what`` works on whole rows.
+
+    Example:
+        >>> check_rows_sharded(torch.ones(2, 2), "ProxSparse")
+    """
+    if is_dtensor(t) and any(p.is_shard() and p.dim != 0 for p in t.placements):
+        raise SpecError(f"{what}: a weight of shape {tuple(t.shape)} is sharded along a dim other "
+                        f"than 0 ({t.placements}); {what} needs whole rows on each rank: keep "
+                        "fully_shard's default Shard(0)")

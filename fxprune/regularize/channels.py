@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.nn.utils import parametrize
 
 from fxprune.errors import SpecError
 from fxprune.select.score import unit_entries
@@ -62,6 +63,8 @@ def current_param(param: torch.Tensor, owner: tuple[torch.nn.Module, str] | None
     """
     if owner is not None:
         module, name = owner
+        if name not in module._parameters and parametrize.is_parametrized(module, name):
+            return module.parametrizations[name].original  # factorize moved it there
         return module._parameters[name]  # not getattr: a parametrized module computes `weight`
     if replaced_by_fully_shard(param):
         raise SpecError(f"channels: a parameter of shape {tuple(param.shape)} was replaced by "
