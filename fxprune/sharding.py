@@ -121,7 +121,7 @@ def sum_over_shards(partial: torch.Tensor, tensors: Iterable[torch.Tensor]) -> t
         >>> sum_over_shards(torch.tensor(2.0), [torch.zeros(3)])
         tensor(2.)
     """
-    spreads = {tuple(id(g) for g in groups): groups
+    spreads = {tuple(tuple(dist.get_process_group_ranks(g)) for g in groups): groups
                for groups in (_shard_groups(t) for t in tensors) if groups}
     if not spreads:
         return partial

@@ -25,6 +25,7 @@ from fxprune.errors import FxpruneError
 from fxprune.regularize import (BNScaleL1, ChannelSlices, GroupLasso, LpDecay, ProxSparse, SRigL, Spartan,
                                 TargetedGroupLasso, channel_slices_from_graph, collapse,
                                 factorize)
+from fxprune.passes.gates import fold_gates
 from fxprune.regularize.l0 import l0_gate
 from fxprune.sharding import full
 from fxprune.sparsity.block import apply_block
@@ -203,10 +204,18 @@ class L0Gates(Recipe):
     structural = True
 
     def prepare(self, model):
-        return l0_gate(model, mlp_input())
+        self.gated = l0_gate(model, mlp_input())
+        return self.gated
 
     def extra_loss(self, tool, model):
         return 0.05 * model.expected_l0()
+
+    def report(self, tool):  # outside forward: log_alpha is sharded by now
+        return {"expected_l0": self.gated.expected_l0().detach(),
+                **{f"p {k}": torch.from_numpy(v) for k, v in self.gated.gate_probabilities().items()}}
+
+    def finish(self, tool, model):
+        fold_gates(model)
 
 
 class DWFElementwise(Recipe):

@@ -26,29 +26,36 @@ from fxprune.select.score import unit_entries
 from fxprune.sharding import full, is_sharded, local, replaced_by_fully_shard, shard_offsets, sum_over_shards
 
 
-class ParamSlice(NamedTuple):
-    """Entries ``index`` along dimension ``dim`` of ``param``; ``owner`` (optional) is
-    ``(module, attribute name)``, where the parameter lives.
+class ParamSlice:
+    """Entries ``index`` along dimension ``dim`` of a parameter; ``owner`` (optional) is
+    ``(module, attribute name)``, where the parameter lives. ``param`` is the parameter
+    as the model holds it now: with an owner it is looked up there each time (and the
+    tensor given at construction is not kept, so the one ``fully_shard`` replaces can be
+    freed). Unpacks as ``param, dim, index``.
 
     Example:
-        >>> ChannelSlices([(torch.zeros(4, 3), 0, [1])]).slices[0].index
-        tensor([1])
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> s = ChannelSlices([(lin.weight, 0, [1], (lin, "weight"))]).slices[0]
+        >>> s.param is lin.weight, s.index
+        (True, tensor([1]))
     """
 
-    param: torch.Tensor
-    dim: int
-    index: torch.Tensor
-    owner: tuple[torch.nn.Module, str] | None = None
+    __slots__ = ("_param", "dim", "index", "owner")
 
-    def current(self) -> torch.Tensor:
-        """The parameter as the model holds it now (see ``current_param``).
+    def __init__(self, param: torch.Tensor, dim: int, index: torch.Tensor,
+                 owner: tuple[torch.nn.Module, str] | None = None):
+        self._param = None if owner is not None else param
+        self.dim, self.index, self.owner = dim, index, owner
 
-        Example:
-            >>> lin = torch.nn.Linear(2, 2)
-            >>> ChannelSlices([(lin.weight, 0, [0], (lin, "weight"))]).slices[0].current() is lin.weight
-            True
-        """
-        return current_param(self.param, self.owner)
+    @property
+    def param(self) -> torch.Tensor:
+        return current_param(self._param, self.owner)
+
+    def __iter__(self) -> Iterator:
+        return iter((self.param, self.dim, self.index))
+
+    def __repr__(self) -> str:
+        return f"ParamSlice(shape={tuple(self.param.shape)}, dim={self.dim}, index={self.index.tolist()})"
 
 
 def current_param(param: torch.Tensor, owner: tuple[torch.nn.Module, str] | None) -> torch.Tensor:
@@ -148,7 +155,7 @@ class ChannelSlices:
             >>> ChannelSlices([(torch.arange(6.).view(3, 2), 0, [2])]).values()
             tensor([4., 5.])
         """
-        return torch.cat([full(s.current()).index_select(s.dim, s.index).reshape(-1)
+        return torch.cat([full(s.param).index_select(s.dim, s.index).reshape(-1)
                           for s in self.slices])
 
 
@@ -158,7 +165,7 @@ def _slice_numel(s: ParamSlice) -> int:
 
 
 class _Key(NamedTuple):
-    param: torch.Tensor  # as given (the tensor before fully_shard, if built before)
+    param: torch.Tensor | None  # as given when there is no owner to look it up in
     dim: int
     index: torch.Tensor  # positions along dim, in the whole parameter
     channel: torch.Tensor  # channel id of each position
@@ -199,19 +206,19 @@ class ChannelTable:
         grouped: dict[tuple[int, int], list] = {}
         for c, ch in enumerate(self.channels):
             for s in ch:
-                entry = grouped.setdefault((id(s.param), s.dim), [s.param, s.owner, [], []])
+                entry = grouped.setdefault((id(s.param), s.dim), [s._param, s.owner, [], []])
                 entry[2].append(s.index)
                 entry[3].append(torch.full_like(s.index, c))
         self.keys = [_Key(param, dim, torch.cat(idx), torch.cat(chan), owner)
                      for (_, dim), (param, owner, idx, chan) in grouped.items()]
-        given = list({id(k.param): k.param for k in self.keys}.values())
-        self.device = given[0].device
-        self.dtype = torch.float64 if any(p.dtype == torch.float64 for p in given) \
+        params = self.params
+        self.device = params[0].device
+        self.dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) \
             else torch.float32
         self.numel = torch.tensor([float(ch.numel()) for ch in self.channels],
                                   dtype=self.dtype, device=self.device)
         self._pieces: dict[int, tuple] = {}
-        self._check_disjoint(given)
+        self._check_disjoint(params)
 
     def __len__(self) -> int:
         return len(self.channels)
@@ -226,13 +233,24 @@ class ChannelTable:
             >>> ChannelTable([ChannelSlices([(w, 0, [1])])]).params[0] is w
             True
         """
-        return list({id(p): p for p in (current_param(k.param, k.owner) for k in self.keys)}.values())
+        return list({id(p): p for p in map(self.param_of, self.keys)}.values())
+
+    def param_of(self, key: _Key) -> torch.Tensor:
+        """The parameter of one of ``keys`` as the model holds it now.
+
+        Example:
+            >>> w = torch.nn.Parameter(torch.ones(2, 2))
+            >>> table = ChannelTable([ChannelSlices([(w, 0, [1])])])
+            >>> table.param_of(table.keys[0]) is w
+            True
+        """
+        return current_param(key.param, key.owner)
 
     def _local_keys(self) -> list[_Local]:
         """Every key as this rank holds it; recomputed only when a parameter was replaced."""
         out = []
         for i, k in enumerate(self.keys):
-            param = current_param(k.param, k.owner)
+            param = self.param_of(k)
             cached = self._pieces.get(i)
             if cached is None or cached[0] is not param:
                 index, channel = k.index, k.channel.to(self.device)
@@ -249,7 +267,7 @@ class ChannelTable:
         for param in params:
             count = torch.zeros(param.shape, dtype=torch.int16, device=param.device)
             for k in self.keys:
-                if k.param is param:
+                if self.param_of(k) is param:
                     ones = torch.ones_like(count.index_select(k.dim, k.index))
                     count.index_add_(k.dim, k.index, ones)
             if count.numel() and int(count.max()) > 1:
@@ -323,7 +341,7 @@ class ChannelTable:
         lo = torch.full((len(self),), float("inf"), dtype=self.dtype, device=self.device)
         hi = torch.full((len(self),), float("-inf"), dtype=self.dtype, device=self.device)
         for k in self.keys:
-            v = torch.full(k.channel.shape, lrs[id(current_param(k.param, k.owner))],
+            v = torch.full(k.channel.shape, lrs[id(self.param_of(k))],
                            dtype=self.dtype, device=self.device)
             chan = k.channel.to(self.device)
             lo = lo.scatter_reduce(0, chan, v, "amin")

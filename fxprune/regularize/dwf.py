@@ -233,7 +233,8 @@ def _factorize_channels(model, depth, lam, channels, min_magnitude, owners):
     scales = ChannelScales(init, depth - 1)
     per_param: dict[int, list] = {}
     for k in table.keys:
-        per_param.setdefault(id(k.param), [k.param, []])[1].append((k.dim, k.index, k.channel))
+        param = table.param_of(k)
+        per_param.setdefault(id(param), [param, []])[1].append((k.dim, k.index, k.channel))
     located = [(param, *_owner(owners, param, "channels"), slices)
                for param, slices in per_param.values()]  # check all, then change
     for param, module, name, slices in located:
