@@ -5,15 +5,13 @@ parametrizations, which must come before ``fully_shard``), how to build the tool
 to add to the loss and what to call after ``optimizer.step()``. ``train`` runs a recipe
 on one "mode": ``single`` (one process, the whole batch), ``ddp``, ``fsdp_before`` (the
 tool built before ``fully_shard``) or ``fsdp_after``. Ranks take interleaved halves of the
-same global batches, so every mode computes the same training. ``launch`` forks the
-ranks (no re-import: a few seconds, not a minute).
+same global batches, so every mode computes the same training. ``run_ranks`` forks the
+ranks (``gloo_ranks``).
 """
 from __future__ import annotations
 
 import datetime
-import multiprocessing
 import os
-import socket
 import traceback
 
 import torch
@@ -22,15 +20,16 @@ from torch import nn
 
 import fxprune
 from fxprune.errors import FxpruneError
-from fxprune.regularize import (BNScaleL1, ChannelSlices, GroupLasso, LpDecay, ProxSparse, SRigL, Spartan,
-                                TargetedGroupLasso, channel_slices_from_graph, collapse,
-                                factorize)
 from fxprune.passes.gates import fold_gates
+from fxprune.regularize import (BNScaleL1, ChannelSlices, GroupLasso, LpDecay, ProxSparse, SRigL,
+                                Spartan, TargetedGroupLasso, channel_slices_from_graph, collapse,
+                                factorize)
 from fxprune.regularize.l0 import l0_gate
 from fxprune.sharding import full
 from fxprune.sparsity.block import apply_block
 from fxprune.sparsity.masks import finalize
 from fxprune.sparsity.nm import apply_nm
+from gloo_ranks import launch
 
 STEPS = 6
 BATCH = 8  # global batch; each of 2 ranks takes 4
@@ -396,31 +395,12 @@ def _worker(rank: int, world: int, port: int, jobs: list, out_dir: str) -> None:
                 results[(name, mode)] = {"failure": traceback.format_exc()}
             dist.barrier()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
     finally:
         dist.destroy_process_group()
 
 
-def launch(jobs: list, out_dir: str, world: int = 2, timeout: float = 300) -> list[dict]:
+def run_ranks(jobs: list, out_dir: str, world: int = 2) -> list[dict]:
     """Run ``jobs`` (``(recipe name, mode)`` pairs) on ``world`` forked gloo ranks; returns
-    each rank's ``{(name, mode): result}``. A rank that fails raises with its traceback."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_worker, args=(r, world, port, jobs, out_dir)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-        if p.is_alive():
-            p.kill()
-            p.join()
-    errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
-    if errors or any(p.exitcode for p in procs):
-        raise RuntimeError("distributed run failed:\n" + ("\n".join(errors) or
-                           f"exit codes {[p.exitcode for p in procs]}"))
+    each rank's ``{(name, mode): result}``."""
+    launch(_worker, (jobs, out_dir), out_dir, world)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]

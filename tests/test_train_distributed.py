@@ -20,7 +20,7 @@ TOOLS = [n for n in D.RECIPES if not n.startswith("plain")]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    ranks = D.launch([(n, m) for n in D.RECIPES for m in D.MODES], str(tmp_path_factory.mktemp("ranks")))
+    ranks = D.run_ranks([(n, m) for n in D.RECIPES for m in D.MODES], str(tmp_path_factory.mktemp("ranks")))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: a second thread only waits (20x slower on a busy CI)
     try:
