@@ -391,6 +391,32 @@ def depth(rows: list[dict]) -> Table:
                    r["groups_cut"], f"{r['ms']:.1f}", f"{r['speedup']:.2f}", f"{r['quotient']:.2f}"] for r in rows]
 
 
+def minilm_depth(rows: list[dict]) -> Table:
+    """minilm_depth.py's rows: the unit kind, branch score, what went, encoder parameters kept,
+    similarity to the dense embeddings before and after distillation (the best row of each
+    kind and budget, marked *), latency at the benchmark's batch. A failed row shows its error."""
+    def num(value: Any, spec: str = ".3f") -> str:
+        return format(value, spec) if isinstance(value, (int, float)) else ""
+
+    head = ["budget", "units", "branch score", "removed", "encoder params kept", "mean cosine", "Spearman",
+            "distilled cosine", "distilled Spearman", "ms", "speedup"]
+    body = []
+    for r in rows:
+        if r["kind"] == "dense":
+            body.append(["dense", "", "", "", f"1.000 ({r['encoder_params']:,})", "1.000", "1.000", "", "",
+                         f"{num(r.get('ms'), '.0f')} (graph {num(r.get('graph_ms'), '.0f')})", "1.00"])
+            continue
+        kept = (f"{r['encoder_fraction']:.3f} ({r['encoder_params']:,})" if "encoder_params" in r
+                else f"fails: {r.get('error', '')}")
+        score = (r["branch_score"] or "-") + (" *" if r.get("best") else "")
+        kind = r["kind"] + (" (stand-in)" if "stand-in" in str(r.get("units", "")) else "")
+        speed = f"{r['speedup']:.2f} ({r['form']})" if "speedup" in r else ""
+        body.append([f"{r['budget']:g}", kind, score.strip(), r.get("removed", ""), kept, num(r.get("cosine")),
+                     num(r.get("spearman")), num(r.get("distilled_cosine")) or r.get("distill_error", ""),
+                     num(r.get("distilled_spearman")), num(r.get("ms"), ".0f"), speed])
+    return head, body
+
+
 TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "timm_sweep": ("timm_sweep", timm_sweep),
     "timm_summary": ("timm_sweep", timm_summary),
@@ -412,4 +438,5 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "value_check": ("value_check", value_check),
     "depth": ("depth", depth),
     "nm_quality": ("nm_quality", nm_quality),
+    "minilm_depth": ("minilm_depth", minilm_depth),
 }
