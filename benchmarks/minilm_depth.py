@@ -30,7 +30,7 @@ timed against the dense ``BertModel``; one returned as an exported graph (a post
 layer's branches cannot leave the class) against the dense model's exported graph.
 
     python benchmarks/minilm_depth.py --quick      # 0.5 only, output_norm only, 10 steps (a few minutes on 2 cores)
-    python benchmarks/minilm_depth.py --json       # everything (about an hour on 2 busy cores)
+    python benchmarks/minilm_depth.py --json       # everything (about 50 min on one busy core)
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ from minilm import (BATCH, DATA, LR, distill, embed, encoder_params, fixed_lengt
 BUDGETS = (0.75, 0.5)  # fraction of the encoder's parameters kept
 WIDTH = {"score": "activation", "scope": "local"}  # best at every budget of benchmarks/results/minilm.json
 KINDS = ("width", "sublayers", "layers", "joint")
-STEPS, QUICK_STEPS = 100, 10  # distillation steps, the same for every distilled row
+STEPS, QUICK_STEPS = 50, 10  # distillation steps, the same for every distilled row (minilm.py: 150)
 SLEB_BATCHES = 2  # calibration batches of calibration_loss
 LAYER_UNITS = "layers" in UNIT_KINDS  # whole layers as fxprune units (else the branch-pair stand-in)
 
@@ -164,7 +164,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="budget 0.5, output_norm only, fewer steps and repeats")
     parser.add_argument("--steps", type=int, help=f"distillation steps per model (default {STEPS}, quick {QUICK_STEPS})")
     parser.add_argument("--lr", type=float, default=LR, help="distillation learning rate (AdamW)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads, for pruning and for timing")
+    # one thread: on a shared 2-core machine two threads oversubscribe and run several times slower
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, for pruning and for timing")
     parser.add_argument("--repeats", type=int, help="latency repeats (default 10, quick 3)")
     parser.add_argument("--data", default=str(DATA), help="folder holding minilm_{eval,calib,train}.txt")
     add_json_option(parser, "minilm_depth")
