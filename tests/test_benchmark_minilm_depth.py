@@ -1,6 +1,6 @@
-"""benchmarks/minilm_depth.py's own parts on a tiny random BERT (no weights package needed): the
-whole-layer stand-in lands on the closest count of layers and removes both branches of each,
-plans are described by what they remove, and the best row of each kind is the one distilled."""
+"""benchmarks/minilm_depth.py's own parts on a tiny random BERT (no weights package needed): plans
+are described by what they remove (whole layers, attention and MLP sublayers, thinned groups),
+SLEB alone reads fewer calibration batches, and the best row of each kind is the one distilled."""
 import sys
 from pathlib import Path
 
@@ -36,27 +36,18 @@ def test_layer_pairs_are_each_layers_attention_and_mlp(tiny):
         assert all(minilm_depth.layer_of(m) == layer for m in modules)
 
 
-@pytest.mark.parametrize("budget, layers_removed", [(0.75, 1), (0.5, 2), (0.3, 3), (0.95, 0)])
-def test_layer_stand_in_removes_whole_layers_lowest_score_first(tiny, budget, layers_removed):
+def test_describe_names_whole_layers_and_sublayer_pairs(tiny):
     encoder, inputs, graph = tiny
+    assert len(graph.layers) == 4
+    plan = {graph.layers[1].id: [0], graph.layers[3].id: [0]}
+    assert minilm_depth.describe(graph, plan) == "2 layers"
     pairs = minilm_depth.layer_pairs(graph)
-    # layer 2 scores lowest, then 0, 3, 1 (a layer scores the sum of its branches')
-    rank = {2: 0.1, 0: 0.2, 3: 0.3, 1: 0.4}
-    scores = {b: rank[layer] / 2 for layer, ids in pairs.items() for b in ids}
-    dense = minilm.encoder_params(encoder)
-    plan = minilm_depth.layer_plan(graph, scores, dense, budget)
-    gone = [2, 0, 3, 1][:layers_removed]
-    assert sorted(plan) == sorted(b for layer in gone for b in pairs[layer])
-    if not plan:
-        return
-    small = fxprune.prune(graph, plan)
-    per_layer = (dense - sum(p.numel() for n, p in encoder.named_parameters() if "LayerNorm" in n
-                             and n.startswith("bert.encoder."))) / 4  # a layer's two LayerNorms stay
-    assert minilm.encoder_params(small) == dense - layers_removed * per_layer
-    assert minilm_depth.describe(graph, plan) == f"{layers_removed} attn + {layers_removed} MLP " \
-                                                 f"({layers_removed} whole layers)"
+    both = {b: [0] for b in pairs[2]}
+    assert minilm_depth.describe(graph, both) == "1 attn + 1 MLP (1 whole layers)"
+    small = fxprune.prune(graph, plan)  # the layers leave: their parameters go, the output keeps its shape
+    per_layer = sum(p.numel() for n, p in encoder.named_parameters() if n.startswith("bert.encoder.layer.0."))
+    assert minilm.encoder_params(small) == minilm.encoder_params(encoder) - 2 * per_layer
     assert small(**inputs)[0].shape == (4, 32)
-    assert minilm.encoder_params(encoder) == dense  # the original is untouched
 
 
 def test_describe_counts_sublayers_and_thinned_groups(tiny):
