@@ -27,7 +27,7 @@ timed against the dense ``BertModel``; one returned as an exported graph (a post
 layer's branches cannot leave the class) against the dense model's exported graph.
 
     python benchmarks/minilm_depth.py --quick      # 0.5 only, output_norm only, 10 steps (a few minutes on 2 cores)
-    python benchmarks/minilm_depth.py --json       # everything (about 50 min on one busy core)
+    python benchmarks/minilm_depth.py --json       # everything (about an hour on one busy core)
 """
 from __future__ import annotations
 
