@@ -332,12 +332,14 @@ def shards(rows: list[dict]) -> Table:
     return head, body
 
 
+def num(value: Any, spec: str = ".3f") -> str:
+    """A number as ``spec`` formats it; anything else (a missing cell) as blank."""
+    return format(value, spec) if isinstance(value, (int, float)) else ""
+
+
 def minilm(rows: list[dict]) -> Table:
     """minilm.py's rows: encoder parameters kept, similarity to the dense embeddings before and
     after distillation, seconds. A row that failed shows its error."""
-    def num(value: Any, spec: str = ".3f") -> str:
-        return format(value, spec) if isinstance(value, (int, float)) else ""
-
     head = ["budget", "tool", "score", "scope", "encoder params kept", "mean cosine", "Spearman",
             "distilled cosine", "distilled Spearman", "prune s", "distil s"]
     body = []
@@ -366,9 +368,6 @@ NM_METHODS = {"magnitude": "magnitude", "wanda": "Wanda (activation)", "sparsegp
 def nm_quality(rows: list[dict]) -> Table:
     """nm_quality.py's rows: pattern, mask method, fidelity to the dense embeddings one-shot and
     after the same distillation, whether the pattern holds on every layer, seconds."""
-    def num(value: Any, spec: str = ".3f") -> str:
-        return format(value, spec) if isinstance(value, (int, float)) else ""
-
     head = ["pattern", "method", "mean cosine", "Spearman", "distilled cosine", "distilled Spearman",
             "pattern holds", "mask s", "distil s"]
     body = []
@@ -395,9 +394,6 @@ def minilm_depth(rows: list[dict]) -> Table:
     """minilm_depth.py's rows: the unit kind, branch score, what went, encoder parameters kept,
     similarity to the dense embeddings before and after distillation (the best row of each
     kind and budget, marked *), latency at the benchmark's batch. A failed row shows its error."""
-    def num(value: Any, spec: str = ".3f") -> str:
-        return format(value, spec) if isinstance(value, (int, float)) else ""
-
     head = ["budget", "units", "branch score", "removed", "encoder params kept", "mean cosine", "Spearman",
             "distilled cosine", "distilled Spearman", "ms", "speedup"]
     body = []

@@ -46,8 +46,8 @@ from _tables import show
 from fxprune.capture import capture
 from fxprune.measure import LatencySettings, measure_latency
 from fxprune.select.branch_score import BRANCH_SCORES
-from minilm import (BATCH, DATA, LR, distill, embed, encoder_params, fixed_length, load_minilm, make_batches,
-                    read_sentences, similarity_metrics, teacher_outputs, whole_model_target)
+from minilm import (BATCH, add_distill_options, distill, embed, encoder_params, load_minilm, sentence_batches,
+                    similarity_metrics, teacher_outputs, whole_model_target)
 
 BUDGETS = (0.75, 0.5)  # fraction of the encoder's parameters kept
 WIDTH = {"score": "activation", "scope": "local"}  # best at every budget of benchmarks/results/minilm.json
@@ -124,12 +124,10 @@ def best_rows(rows: list[dict]) -> dict[tuple[float, str], int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="budget 0.5, output_norm only, fewer steps and repeats")
-    parser.add_argument("--steps", type=int, help=f"distillation steps per model (default {STEPS}, quick {QUICK_STEPS})")
-    parser.add_argument("--lr", type=float, default=LR, help="distillation learning rate (AdamW)")
+    add_distill_options(parser, STEPS, QUICK_STEPS)
     # one thread: on a shared 2-core machine two threads oversubscribe and run several times slower
     parser.add_argument("--threads", type=int, default=1, help="torch threads, for pruning and for timing")
     parser.add_argument("--repeats", type=int, help="latency repeats (default 10, quick 3)")
-    parser.add_argument("--data", default=str(DATA), help="folder holding minilm_{eval,calib,train}.txt")
     add_json_option(parser, "minilm_depth")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -138,9 +136,7 @@ def main(argv=None) -> int:
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 10)
 
     tokenizer, encoder = load_minilm()
-    text = {split: read_sentences(Path(args.data), split) for split in ("eval", "calib", "train")}
-    length = fixed_length(tokenizer, [s for lines in text.values() for s in lines])
-    batches = {split: make_batches(tokenizer, lines, length) for split, lines in text.items()}
+    text, length, batches = sentence_batches(tokenizer, Path(args.data))
     n_eval, n_train = len(text["eval"]), len(text["train"])
     inputs = batches["eval"][0]  # the example inputs every graph is exported with
     dense_eval = embed(encoder, batches["eval"], n_eval)
