@@ -332,12 +332,14 @@ def shards(rows: list[dict]) -> Table:
     return head, body
 
 
+def num(value: Any, spec: str = ".3f") -> str:
+    """A number as ``spec`` formats it; anything else (a missing cell) as blank."""
+    return format(value, spec) if isinstance(value, (int, float)) else ""
+
+
 def minilm(rows: list[dict]) -> Table:
     """minilm.py's rows: encoder parameters kept, similarity to the dense embeddings before and
     after distillation, seconds. A row that failed shows its error."""
-    def num(value: Any, spec: str = ".3f") -> str:
-        return format(value, spec) if isinstance(value, (int, float)) else ""
-
     head = ["budget", "tool", "score", "scope", "encoder params kept", "mean cosine", "Spearman",
             "distilled cosine", "distilled Spearman", "prune s", "distil s"]
     body = []
@@ -366,9 +368,6 @@ NM_METHODS = {"magnitude": "magnitude", "wanda": "Wanda (activation)", "sparsegp
 def nm_quality(rows: list[dict]) -> Table:
     """nm_quality.py's rows: pattern, mask method, fidelity to the dense embeddings one-shot and
     after the same distillation, whether the pattern holds on every layer, seconds."""
-    def num(value: Any, spec: str = ".3f") -> str:
-        return format(value, spec) if isinstance(value, (int, float)) else ""
-
     head = ["pattern", "method", "mean cosine", "Spearman", "distilled cosine", "distilled Spearman",
             "pattern holds", "mask s", "distil s"]
     body = []
@@ -389,6 +388,28 @@ def depth(rows: list[dict]) -> Table:
     head = ["model", "units", "FLOPs kept", "branches removed", "groups cut", "ms", "speedup", "quotient"]
     return head, [[r["model"], r["units"], f"{r['flops_kept']:.3f}", f"{r['branches_removed']}/{r['branches']}",
                    r["groups_cut"], f"{r['ms']:.1f}", f"{r['speedup']:.2f}", f"{r['quotient']:.2f}"] for r in rows]
+
+
+def minilm_depth(rows: list[dict]) -> Table:
+    """minilm_depth.py's rows: the unit kind, branch score, what went, encoder parameters kept,
+    similarity to the dense embeddings before and after distillation (the best row of each
+    kind and budget, marked *), latency at the benchmark's batch. A failed row shows its error."""
+    head = ["budget", "units", "branch score", "removed", "encoder params kept", "mean cosine", "Spearman",
+            "distilled cosine", "distilled Spearman", "ms", "speedup"]
+    body = []
+    for r in rows:
+        if r["kind"] == "dense":
+            body.append(["dense", "", "", "", f"1.000 ({r['encoder_params']:,})", "1.000", "1.000", "", "",
+                         f"{num(r.get('ms'), '.0f')} (graph {num(r.get('graph_ms'), '.0f')})", "1.00"])
+            continue
+        kept = (f"{r['encoder_fraction']:.3f} ({r['encoder_params']:,})" if "encoder_params" in r
+                else f"fails: {r.get('error', '')}")
+        score = (r["branch_score"] or "-") + (" *" if r.get("best") else "")
+        speed = f"{r['speedup']:.2f} ({r['form']})" if "speedup" in r else ""
+        body.append([f"{r['budget']:g}", r["kind"], score, r.get("removed", ""), kept, num(r.get("cosine")),
+                     num(r.get("spearman")), num(r.get("distilled_cosine")) or r.get("distill_error", ""),
+                     num(r.get("distilled_spearman")), num(r.get("ms"), ".0f"), speed])
+    return head, body
 
 
 TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
@@ -412,4 +433,5 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "value_check": ("value_check", value_check),
     "depth": ("depth", depth),
     "nm_quality": ("nm_quality", nm_quality),
+    "minilm_depth": ("minilm_depth", minilm_depth),
 }

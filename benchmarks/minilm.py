@@ -117,6 +117,13 @@ def make_batches(tokenizer, sentences: list[str], length: int) -> list[dict[str,
     return out
 
 
+def sentence_batches(tokenizer, data: Path) -> tuple[dict[str, list[str]], int, dict[str, list[dict]]]:
+    """The eval, calib and train sentences of ``data``, the one padded length they share, and their batches."""
+    text = {split: read_sentences(data, split) for split in ("eval", "calib", "train")}
+    length = fixed_length(tokenizer, [s for lines in text.values() for s in lines])
+    return text, length, {split: make_batches(tokenizer, lines, length) for split, lines in text.items()}
+
+
 def view_batches(batches: list[dict], seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Contrastive batches: the first half of each batch's sentences, then the same ones with
     ``MASKED`` of their words hidden by the attention mask ([CLS] and [SEP] stay)."""
@@ -235,6 +242,13 @@ def distill(model, batches, targets, n, steps, lr=LR, seed=0):
     return model.eval()
 
 
+def add_distill_options(parser: argparse.ArgumentParser, steps: int, quick_steps: int) -> None:
+    """--steps, --lr and --data: the distillation and the sentences, as every MiniLM benchmark takes them."""
+    parser.add_argument("--steps", type=int, help=f"distillation steps per model (default {steps}, quick {quick_steps})")
+    parser.add_argument("--lr", type=float, default=LR, help="distillation learning rate (AdamW)")
+    parser.add_argument("--data", default=str(DATA), help="folder holding minilm_{eval,calib,train}.txt")
+
+
 def plan_jobs(quick: bool) -> list[tuple[float, str, str, str]]:
     """(budget, tool, score, scope) in run order: fxprune rows of a budget before Torch-Pruning's."""
     budgets, scores = ((0.5,), ("magnitude",)) if quick else (BUDGETS, SCORES)
@@ -248,10 +262,8 @@ def plan_jobs(quick: bool) -> list[tuple[float, str, str, str]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="budget 0.5, magnitude only, fewer distillation steps")
-    parser.add_argument("--steps", type=int, help=f"distillation steps per model (default {STEPS}, quick {QUICK_STEPS})")
-    parser.add_argument("--lr", type=float, default=LR, help="distillation learning rate (AdamW)")
+    add_distill_options(parser, STEPS, QUICK_STEPS)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--data", default=str(DATA), help="folder holding minilm_{eval,calib,train}.txt")
     add_json_option(parser, "minilm")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -259,9 +271,7 @@ def main(argv=None) -> int:
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else STEPS)
 
     tokenizer, encoder = load_minilm()
-    text = {split: read_sentences(Path(args.data), split) for split in ("eval", "calib", "train")}
-    length = fixed_length(tokenizer, [s for lines in text.values() for s in lines])
-    batches = {split: make_batches(tokenizer, lines, length) for split, lines in text.items()}
+    text, length, batches = sentence_batches(tokenizer, Path(args.data))
     views = view_batches(batches["calib"])
     n_eval, n_train = len(text["eval"]), len(text["train"])
     inputs = batches["eval"][0]  # the example inputs every graph is exported with
