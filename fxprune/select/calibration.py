@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
 from fxprune._check import fail, got
+from fxprune.capture.dynamic import describe_dynamic_dims, shape_mismatch
 from fxprune.capture.inputs import ExampleInputs, bad_leaf
 from fxprune.capture.parts import record_parts
 from fxprune.errors import SpecError
@@ -189,7 +190,8 @@ def _shapes(batch: ExampleInputs) -> str:
 
 def graph_batches(graph, calibration: Calibration) -> Iterator[ExampleInputs]:
     """The batches for ``graph.gm``: checked against the example inputs, and for a graph
-    captured by torch.export (specialised to the example shapes) against their shapes.
+    captured by torch.export against the shapes it takes (its batch and sequence dims are
+    dynamic where the model allows, the others are the example's).
 
     Example:
         >>> import fxprune
@@ -203,13 +205,13 @@ def graph_batches(graph, calibration: Calibration) -> Iterator[ExampleInputs]:
             yield ExampleInputs(record_parts(graph.model, batch, graph.parts)[0])
             continue
         if graph.capture == "export":
-            shapes = [tuple(t.shape) for t in batch.tensors()]
-            expected = [tuple(t.shape) for t in like.tensors()]
-            if shapes != expected:
-                fail(f"{WHERE}[{i}]", f"shapes {_shapes(batch)} differ from example_inputs "
-                                      f"{_shapes(like)}, and the graph was captured by torch.export, "
-                                      "which specialises it to those shapes; pad or cut every batch to "
-                                      "the example shapes (or use capture='fx' where it works)")
+            mismatch = shape_mismatch(graph.gm, batch)
+            if mismatch is not None:
+                fail(f"{WHERE}[{i}]", f"shapes {_shapes(batch)} do not fit the graph torch.export "
+                                      f"captured from example_inputs {_shapes(like)}: {mismatch}; "
+                                      f"its dims of any size are {describe_dynamic_dims(graph.gm)} "
+                                      "(see the capture note): pad or cut the other dims to the "
+                                      "example's (or use capture='fx' where it works)")
         yield batch
 
 

@@ -212,7 +212,7 @@ def _dim_size_value(x: TensorChannels, dim: int):
     return SizeValue(m.tracked) if m is not None and m.tracked.size else x.shape[dim]
 
 
-@register_rule("size")
+@register_rule("size", aten.sym_size.int)
 def size_rule(ctx):
     x = ctx.tensor(0)
     dim = ctx.arg(1, "dim")
