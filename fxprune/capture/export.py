@@ -20,7 +20,7 @@ import contextlib
 
 import torch
 import torch.fx
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from .._util import eval_mode, first_line
 from ..errors import TraceError
@@ -81,7 +81,11 @@ def export_graph(model, inputs: ExampleInputs) -> torch.fx.GraphModule:
 
 def _export(model: torch.nn.Module, inputs: ExampleInputs, dynamic: bool) -> torch.export.ExportedProgram:
     """Export what inference runs (dropout off, BatchNorm statistics fixed), with the batch
-    and sequence dims dynamic where the model allows (``dynamic``) or every dim static."""
+    and sequence dims dynamic where the model allows (``dynamic``) or every dim static.
+
+    Export runs on aliases of the input tensors: a dynamic export that fails leaves its
+    dim markings on the tensors it was given, and the next export would read them."""
+    inputs = tree_map_only(torch.Tensor, lambda t: t.detach().requires_grad_(t.requires_grad), inputs)
     with eval_mode(model), (sizes_oblivious() if dynamic else contextlib.nullcontext()):
         return torch.export.export(model, inputs.args, inputs.kwargs, strict=False,
                                    dynamic_shapes=batch_and_sequence(inputs) if dynamic else None)
