@@ -28,20 +28,16 @@ def expert_costs(graph, metric: str) -> dict[int, np.ndarray]:
     """``{expert set id: the metric's estimated cost of each expert}``.
 
     >>> import torch, fxprune
-    >>> class MoE(torch.nn.Module):
+    >>> class TwoExperts(torch.nn.Module):
     ...     def __init__(self):
     ...         super().__init__()
-    ...         self.router = torch.nn.Linear(4, 3)
-    ...         self.experts = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+    ...         self.router, self.a, self.b = (torch.nn.Linear(4, n) for n in (2, 4, 4))
     ...     def forward(self, x):
     ...         w, idx = self.router(x).softmax(-1).topk(1, dim=-1)
-    ...         out = torch.zeros_like(x)
-    ...         for e, expert in enumerate(self.experts):
-    ...             out = out + (w * (idx == e)).sum(-1, keepdim=True) * expert(x)
-    ...         return out
-    >>> graph = fxprune.analyze(MoE(), torch.randn(8, 4))
+    ...         return x + (w * (idx == 0)) * self.a(x) + (w * (idx == 1)) * self.b(x)
+    >>> graph = fxprune.analyze(TwoExperts(), torch.randn(8, 4))
     >>> expert_costs(graph, "params")[graph.experts[0].id].tolist()  # router row 4 + 1, expert 16 + 4
-    [25.0, 25.0, 25.0]
+    [25.0, 25.0]
     """
     per_entry = TARGET_METRICS[metric].per_entry(graph)
     shapes = {k: v.shape for k, v in graph.gm.state_dict().items()}
