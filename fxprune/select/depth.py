@@ -1,4 +1,10 @@
-"""Selection with residual branches as units (``spec.units`` holds "branches").
+"""Selection with residual branches or whole layers as units (``spec.units`` holds
+"branches" or "layers"; both kinds are depth units, scored and costed alike, and called
+branches below).
+
+Where both kinds compete, a layer whose removal equals removing its branches (a pre-norm
+layer) is left out, and the ratio never picks a unit that a unit it already picked
+removes (or that removes it): no depth is counted twice.
 
 - **ratio**: the ``round(ratio * n)`` lowest-scoring of the ``n`` eligible branches go
   (beside the channel plan of the same ratio when channels compete too).
@@ -30,18 +36,28 @@ from fnmatch import fnmatch
 
 import numpy as np
 
-from fxprune.select.branch_score import branch_costs, score_branches
+from fxprune.channels.layers import covered_by_branches, covers
+from fxprune.select.branch_score import DEPTH_KINDS, branch_costs, score_branches
 from fxprune.select.expert_target import expert_candidates
 from fxprune.select.landing import Landing, land
 
 
+def depth_units(graph, spec) -> list:
+    """The branches and layers ``spec.units`` names; with both, a layer whose branches
+    remove it (pre-norm) is left to them."""
+    kinds = spec.unit_kinds
+    branches = graph.branches if "branches" in kinds else []
+    layers = graph.layers if "layers" in kinds else []
+    return [*branches, *(l for l in layers if not (branches and covered_by_branches(graph, l)))]
+
+
 def eligible_branches(graph, spec, notes: list[str]) -> list:
-    """Branches no ``spec.ignore`` pattern touches."""
+    """Depth units (:func:`depth_units`) no ``spec.ignore`` pattern touches."""
     out = []
-    for b in graph.branches:
+    for b in depth_units(graph, spec):
         hit = [m for m in b.modules if any(fnmatch(m, p) for p in spec.ignore)]
         if hit:
-            notes.append(f"select: branch {b.id} skipped, {hit[0]} matches spec.ignore")
+            notes.append(f"select: {b.kind} {b.id} skipped, {hit[0]} matches spec.ignore")
         else:
             out.append(b)
     return out
@@ -49,10 +65,10 @@ def eligible_branches(graph, spec, notes: list[str]) -> list:
 
 def _scores(graph, branches, spec, notes) -> dict[int, float]:
     scores = score_branches(graph, spec.branch_score, calibration=spec.calibration, run=spec.branch_run,
-                            loss_fn=spec.loss_fn)
+                            loss_fn=spec.loss_fn, units=branches)
     what = f"angular_distance over runs of {spec.branch_run}" if spec.branch_score == "angular_distance" \
         else spec.branch_score
-    notes.append(f"select: {len(branches)} residual branch(es) compete, scored by {what}"
+    notes.append(f"select: {_count(branches)} compete, scored by {what}"
                  + (" over the calibration batches" if spec.calibration is not None and
                     spec.branch_score != "group_lasso" else ""))
     return {b.id: scores[b.id] for b in branches}
@@ -77,15 +93,28 @@ def branches_by_ratio(graph, spec, notes: list[str]) -> dict[int, list[int]]:
     branches = eligible_branches(graph, spec, notes)
     scores = _scores(graph, branches, spec, notes)
     n = int(round(spec.ratio * len(branches)))
-    chosen = sorted(branches, key=lambda b: (scores[b.id], b.id))[:n]
-    notes.append(f"select: removing {n} of {len(branches)} branch(es)")
+    chosen: list = []
+    for b in sorted(branches, key=lambda b: (scores[b.id], b.id)):
+        if len(chosen) < n and not any(covers(c, b) or covers(b, c) for c in chosen):
+            chosen.append(b)
+    notes.append(f"select: removing {_count(chosen)} of {len(branches)}")
     return {b.id: [0] for b in chosen}
+
+
+def _count(units: list) -> str:
+    """``"3 residual branch(es) and 2 layer(s)"``, naming only the kinds present."""
+    kinds = {"branch": 0, "layer": 0}
+    for u in units:
+        kinds[u.kind] += 1
+    words = [f"{kinds['branch']} residual branch(es)" if kinds["branch"] or not kinds["layer"] else "",
+             f"{kinds['layer']} layer(s)" if kinds["layer"] else ""]
+    return " and ".join(w for w in words if w)
 
 
 @dataclasses.dataclass
 class _DepthLanding(Landing):
-    """A landing whose ranking holds whole units too: branches (one unit each) and expert
-    sets (``{id: (units, how many may go)}``)."""
+    """A landing whose ranking holds whole units too: depth units (one unit each) and
+    expert sets (``{id: (units, how many may go)}``)."""
 
     whole: dict = dataclasses.field(default_factory=dict)
 
@@ -99,14 +128,16 @@ def land_with_branches(graph, groups, keys: dict[int, np.ndarray], costs: dict[i
                        limit: dict[int, int], metric: str, target: float, notes: list[str],
                        kinds: tuple[str, ...] = ("branches",)):
     """Land ``target`` of ``metric`` over channel units (``keys``/``costs`` of ``groups``,
-    empty for none) and the whole units of ``kinds``: the eligible branches, and experts
-    (:mod:`fxprune.select.expert_target`); returns (plan, pruned model or None)."""
+    empty for none) and the whole units of ``kinds``: the eligible depth units (branches,
+    layers), and experts (:mod:`fxprune.select.expert_target`); returns (plan, pruned
+    model or None)."""
     keys, costs, limit = _one_scale(keys), dict(costs), dict(limit)
-    whole = {}
-    if "branches" in kinds:
+    whole, branches, eligible = {}, [], 0
+    if set(DEPTH_KINDS) & set(kinds):
         branches = eligible_branches(graph, spec, notes)
+        eligible = len(branches)
         scores = _scores(graph, branches, spec, notes)
-        cost = branch_costs(graph, "params" if metric == "params" else "flops")
+        cost = branch_costs(graph, "params" if metric == "params" else "flops", branches)
         per_cost = {b.id: scores[b.id] / cost[b.id] if cost[b.id] > 0 else np.inf for b in branches}
         finite = [v for v in per_cost.values() if np.isfinite(v)]
         mean = float(np.mean(finite)) if finite else 1.0
@@ -126,13 +157,11 @@ def land_with_branches(graph, groups, keys: dict[int, np.ndarray], costs: dict[i
     problem = _DepthLanding(graph, groups, dataclasses.replace(spec, scope="global"), limit, metric, target,
                             costs, keys, whole=whole)
     plan, model, _ = land(problem, notes)
-    n_branches, first_expert = len(graph.branches), len(graph.groups) + len(graph.branches)
-    removed = [gid for gid in plan if len(graph.groups) <= gid < first_expert]
-    experts = sum(len(units) for gid, units in plan.items() if gid >= first_expert)
-    channel_groups = sum(1 for gid in plan if gid < len(graph.groups))
-    parts = ([f"{len(removed)} of {n_branches} branch(es)"] if "branches" in kinds else []) \
+    removed = [b for b in branches if b.id in plan]
+    experts = sum(len(plan[s.id]) for s in graph.experts if s.id in plan)
+    parts = ([f"{_count(removed)} of {eligible}"] if set(DEPTH_KINDS) & set(kinds) else []) \
         + ([f"{experts} of {sum(s.size for s in graph.experts)} experts"] if "experts" in kinds else []) \
-        + ([f"channels of {channel_groups} group(s)"] if groups else [])
+        + ([f"channels of {sum(1 for gid in plan if gid < len(graph.groups))} group(s)"] if groups else [])
     notes.append(f"select: the plan removes {', '.join(parts[:-1])}{' and ' if len(parts) > 1 else ''}{parts[-1]}")
     return plan, model
 
@@ -145,4 +174,4 @@ def _one_scale(keys: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     return {gid: k / mean if mean > 0 else k for gid, k in keys.items()}
 
 
-__all__ = ["branches_by_ratio", "land_with_branches", "eligible_branches"]
+__all__ = ["branches_by_ratio", "land_with_branches", "eligible_branches", "depth_units"]

@@ -50,6 +50,7 @@ import torch
 
 from fxprune.channels.feasible import feasible_plan
 from fxprune.channels.graph import DependencyGraph, Group
+from fxprune.select.branch_score import DEPTH_KINDS
 from fxprune.select.depth import branches_by_ratio, land_with_branches
 from fxprune.select.expert_score import experts_by_ratio
 from fxprune.select.landing import Landing, land
@@ -103,7 +104,7 @@ def select_and_prune(graph: DependencyGraph, scores: dict[int, np.ndarray], spec
         plan, model = select_and_prune(graph, scores, dataclasses.replace(spec, units=rest[0] if len(rest) == 1
                                                                            else rest), notes=notes)
         return {**plan, **experts}, None
-    whole = tuple(k for k in ("branches", "experts") if k in spec.unit_kinds)
+    whole = tuple(k for k in (*DEPTH_KINDS, "experts") if k in spec.unit_kinds)
     if whole:  # depth or experts compete (fxprune.select.depth, fxprune.select.expert_target)
         groups = groups if "channels" in spec.unit_kinds else []
         if spec.target is None:
