@@ -192,13 +192,25 @@ def zoo_oracle(row: dict) -> str:
 def zoo_sweep(rows: list[dict]) -> Table:
     """One line per torchvision model: groups, why frozen, the oracle's error and the time."""
     head = ["model", "fx nodes", "groups", "prunable", "zero-inv.", "frozen", "why frozen (kind × count)",
-            "oracle error", "s", "status"]
+            "oracle error", "branch oracle error", "s", "status"]
     body = [[r["model"], r.get("nodes", ""), r.get("groups", ""), r.get("prunable", ""), r.get("zero_invariant", ""),
              r.get("frozen", ""), r.get("frozen_why", ""),
              (f"{r['oracle_error']:.1e}" if zoo_oracle(r) == "ran" else NO_ORACLE)
              if isinstance(r.get("oracle_error"), float) else "",
-             r.get("seconds", ""), r["status"]] for r in rows]
+             branch_oracle(r), r.get("seconds", ""), r["status"]] for r in rows]
     return head, body
+
+
+NO_BRANCH = "no zero-invariant branch"
+
+
+def branch_oracle(row: dict) -> str:
+    """The oracle's error with every other zero-invariant residual branch removed (rows
+    written before the sweeps measured it: empty)."""
+    if "branch_oracle_error" not in row:
+        return ""
+    error = row["branch_oracle_error"]
+    return NO_BRANCH if error is None else f"{error:.1e}"
 
 
 def zoo_summary(rows: list[dict]) -> Table:
@@ -280,10 +292,11 @@ def timm_sweep(rows: list[dict]) -> Table:
     def fmt(value: Any, spec: str = ".3g") -> str:
         return format(value, spec) if isinstance(value, float) else ("" if value is None else str(value))
 
-    head = ["model", "M params", "front end", "groups", "prunable", "kept", "oracle error", "fxprune",
-            "Torch-Pruning", "TP kept"]
+    head = ["model", "M params", "front end", "groups", "prunable", "kept", "oracle error", "branch oracle error",
+            "fxprune", "Torch-Pruning", "TP kept"]
     body = [[r["model"], fmt(r.get("params_M")), r.get("front_end", ""), r.get("groups", ""), r.get("prunable", ""),
              fmt(r.get("kept")), fmt(r.get("oracle_error"), ".1e") if timm_oracle(r) == "ran" else timm_oracle(r),
+             branch_oracle(r),
              ("ok" if timm_oracle(r) == "ran" else "ok, shape only") if r.get("fx_ok")
              else f"FAIL {r.get('fx_why', '')}"[:60],
              "ok" if r.get("tp_ok") else f"FAIL {r.get('tp_why', '')}"[:60], fmt(r.get("tp_kept"))]

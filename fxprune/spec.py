@@ -191,7 +191,8 @@ class Spec:
             (default 1: each branch alone).
         units, continued: may include "experts" (a mixture of experts' experts: ``graph.experts``):
             with a float ``ratio``, each routed layer loses that share of its experts (at
-            most ``E - top_k``), lowest ``expert_score`` first; docs/experts.md.
+            most ``E - top_k``), lowest ``expert_score`` first; with a ``target``, experts
+            are ranked per unit of cost with the other kinds; docs/experts.md.
         expert_score: how experts are ranked: "frequency" (default: the share of router
             choices that pick it), "reap" (router weight times expert output norm) or
             "loss" (the loss with the expert removed); ``fxprune.select.expert_score``.
@@ -267,9 +268,13 @@ class Spec:
         self.units = _units("spec.units", self.units)
         check_choice("spec.branch_score", self.branch_score, BRANCH_SCORES)
         check_choice("spec.expert_score", self.expert_score, EXPERT_SCORES)
-        if "experts" in self.unit_kinds and not isinstance(self.ratio, (int, float)):
-            fail("spec.units", "experts are removed by a float ratio (the share of each routed layer's "
-                 "experts, e.g. ratio=0.5); a target or a ratio per module does not apply to them yet")
+        if "experts" in self.unit_kinds and isinstance(self.ratio, Mapping):
+            fail("spec.ratio", "experts are removed by a float ratio (the share of each routed layer's "
+                 "experts, e.g. ratio=0.5) or a target (e.g. {'params': 0.5}); a ratio per module does "
+                 "not apply to them")
+        if "experts" in self.unit_kinds and self.target is not None and self.scope == "latency":
+            fail("spec.scope", "scope='latency' times channel groups only; with units including "
+                 "'experts' use scope='local' or 'global' (experts are ranked per unit of cost)")
         check_int("spec.branch_run", self.branch_run, 1)
         if set(DEPTH_KINDS) & set(self.unit_kinds) and self.scope == "latency":
             fail("spec.scope", "scope='latency' times channel groups only; with units including "

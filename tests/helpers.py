@@ -142,3 +142,25 @@ def count_params(model: nn.Module) -> int:
 
 __all__ = ["randomize", "unit_scale", "half_plan", "prune_and_check", "state_snapshot", "assert_state_unchanged",
            "count_params", "copy", "assert_generate_matches_greedy_decoding"]
+
+
+def branch_oracle_error(model: nn.Module, graph) -> float | None:
+    """The oracle's error when every other zero-invariant residual branch is removed
+    (``check_zero_invariance``, no tolerance); None when the graph has no such branch. A
+    branch nested in one already chosen, or holding one, is skipped: removing the outer
+    one removes it anyway."""
+    def ancestors(branch) -> set[int]:
+        out = set()
+        while branch.parent is not None:
+            out.add(branch.parent)
+            branch = fxprune.unit(graph, branch.parent)
+        return out
+
+    chosen: dict[int, set[int]] = {}
+    for branch in [b for b in graph.branches if b.zero_invariant][::2]:
+        above = ancestors(branch)
+        if not above & set(chosen) and not any(branch.id in up for up in chosen.values()):
+            chosen[branch.id] = above
+    if not chosen:
+        return None
+    return check_zero_invariance(model, graph, {bid: [0] for bid in sorted(chosen)}, tolerance=float("inf"))

@@ -373,3 +373,53 @@ def test_compress_branch_scores_from_the_cli(tiny, tmp_path, capsys, flags, note
     text = capsys.readouterr().out
     assert note in text
     assert not any(k.startswith("block.") for k in torch.load(out, weights_only=False).state_dict())
+
+
+MOE = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class MoE(nn.Module):
+        """A router, softmax, top-2 of 4 experts written as a loop."""
+
+        def __init__(self):
+            super().__init__()
+            self.router = nn.Linear(8, 4)
+            self.experts = nn.ModuleList(nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 8))
+                                         for _ in range(4))
+
+        def forward(self, x):
+            weights, chosen = self.router(x).softmax(-1).topk(2, dim=-1)
+            out = torch.zeros_like(x)
+            for e, expert in enumerate(self.experts):
+                out = out + (weights * (chosen == e)).sum(-1, keepdim=True) * expert(x)
+            return out
+
+    def build():
+        torch.manual_seed(0)
+        return MoE()
+''')
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("moe")
+    (folder / "moenet.py").write_text(MOE)
+    return f"{folder / 'moenet.py'}:build"
+
+
+def test_graph_lists_experts_in_text_and_json(moe, tiny):
+    text = fxprune("graph", moe, "--input", "16,8")
+    assert text.returncode == 0, text.stderr
+    assert "1 routed layers (remove experts 1 and 3 with {id: [1, 3]}" in text.stdout
+    [row] = [line.split() for line in text.stdout.splitlines() if line.split()[3:4] == ["loop"]]
+    assert row[1:6] == ["4", "2", "loop", "router.weight", "2"]  # count, top_k, form, router, modules each
+    data = json.loads(fxprune("graph", moe, "--input", "16,8", "--format", "json").stdout)
+    [experts] = data["experts"]
+    assert {k: experts[k] for k in ("experts", "top_k", "form", "router", "stacked")} == {
+        "experts": 4, "top_k": 2, "form": "loop", "router": "router.weight", "stacked": []}
+    assert experts["modules"] == [[f"experts.{e}.0", f"experts.{e}.2"] for e in range(4)]
+    assert experts["id"] == len(data["groups"]) + len(data["branches"])  # after the groups and branches
+    plain = fxprune("graph", tiny, "--input", SHAPE)
+    assert "routed layers" not in plain.stdout
+    assert json.loads(fxprune("graph", tiny, "--input", SHAPE, "--format", "json").stdout)["experts"] == []

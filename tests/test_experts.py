@@ -206,9 +206,56 @@ def test_compress_half_experts_half_neurons_done_when():
     assert_generates_and_round_trips(mine, inputs["input_ids"], new_tokens=2)
 
 
-def test_experts_take_a_float_ratio():
-    with pytest.raises(fxprune.SpecError, match="experts are removed by a float ratio"):
-        fxprune.Spec(input_shape=[1, 4], target={"flops": 0.5}, units=["channels", "experts"])
+def test_experts_take_a_float_ratio_or_a_target_not_a_ratio_per_module():
+    with pytest.raises(fxprune.SpecError, match=r"spec\.ratio: experts are removed by a float ratio .* or a target"):
+        fxprune.Spec(input_shape=[1, 4], ratio={"fc*": 0.5}, units=["channels", "experts"])
+    spec = fxprune.Spec(input_shape=[1, 4], target={"params": 0.5}, units=["channels", "experts"])
+    assert spec.unit_kinds == ("channels", "experts")
+
+
+def test_experts_compete_with_expert_neurons_for_a_params_target():
+    """A parameter target ranks experts and expert neurons on one scale: the landing keeps
+    the target within the metric's promise, no routed layer keeps fewer than top_k experts,
+    and the expert oracle holds on what it chose."""
+    from fxprune.select.metrics import TARGET_METRICS
+
+    model, inputs = mixtral()
+    result = fxprune.compress(model, {"example_inputs": inputs, "target": {"params": 0.5}, "scope": "global",
+                                      "units": ["channels", "experts"], "capture": "export", "round_to": 4,
+                                      "expert_score": "reap",
+                                      "ignore": ["model.embed_tokens", "model.layers.*.self_attn.*"]})
+    graph = result.graph
+    kept = result.report.after.params / result.report.before.params
+    assert abs(kept - 0.5) <= 2 * TARGET_METRICS["params"].tolerance * 0.5
+    removed = {s.id: len(result.plan.get(s.id, [])) for s in graph.experts}
+    assert sum(removed.values()) > 0, "experts competed but none was taken"
+    assert all(s.size - removed[s.id] >= s.top_k for s in graph.experts)
+    assert any(gid < len(graph.groups) for gid in result.plan)  # expert neurons went too
+    assert any(f"removes {sum(removed.values())} of 8 experts" in n for n in result.notes)
+    assert check_zero_invariance(model, graph, result.plan, result.model) < 1e-5
+
+
+def test_an_expert_costs_what_removing_it_saves(tiny_mixtral, loop_moe):
+    """Parameters: its router row and its slices of the expert weights. FLOPs: nothing for
+    experts routed by grouped products (every token still runs top_k of the kept ones), so
+    they do not compete for a FLOPs target; a loop that runs every expert on every token
+    saves the expert's FLOPs."""
+    from fxprune.select.expert_target import expert_candidates, expert_costs
+
+    _, _, graph = tiny_mixtral
+    params = expert_costs(graph, "params")
+    # router row 16, gate_up_proj [48, 16] and down_proj [16, 24] per expert
+    assert all(c.tolist() == [16 + 48 * 16 + 16 * 24] * 4 for c in params.values())
+    assert all(not c.any() for c in expert_costs(graph, "flops").values())
+    notes = []
+    spec = fxprune.Spec(input_shape=[1, 4], target={"flops": 0.5}, units=["channels", "experts"])
+    assert expert_candidates(graph, spec, "flops", notes) == ({}, {}, {})
+    assert "2 routed layer(s) keep their experts under target flops" in notes[0]
+    model, x, loop_graph = loop_moe
+    [flops] = expert_costs(loop_graph, "flops").values()
+    expert_flops = 2 * x.shape[0] * (8 * 12 + 12 * 8)  # fc1 and fc2 on every token
+    router_row = 2 * x.shape[0] * 8
+    assert flops.tolist() == [expert_flops + router_row] * 4
 
 
 def test_qwen2_moe_shared_expert_and_routed_experts():

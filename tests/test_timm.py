@@ -15,3 +15,4 @@ def test_timm_model_prunes_with_the_oracle(name):
     assert "fx_why" not in row, row.get("fx_why")
     assert row["prunable"] > 0 and row["kept"] < KEEP_BELOW, row
     assert row["oracle"] == "ran" and row["oracle_error"] < 1e-4, row
+    assert row["branch_oracle_error"] is None or row["branch_oracle_error"] < 1e-4, row

@@ -17,7 +17,7 @@ import torch
 import fxprune
 from fxprune.passes.verify import check_zero_invariance, output_error
 from forked import call_forked
-from helpers import count_params, half_plan, unit_scale
+from helpers import branch_oracle_error, count_params, half_plan, unit_scale
 
 # The sweep's list: every family the issue names, plus the common ones; each < 60M params.
 MODELS = [
@@ -106,6 +106,7 @@ def check_fxprune(model: torch.nn.Module, x: torch.Tensor) -> dict:
     zi = [g for g in prunable if g.zero_invariant]
     row["oracle_error"] = (check_zero_invariance(model, graph, half_plan(graph, zi), tolerance=float("inf"))
                           if zi else None)
+    row["branch_oracle_error"] = branch_oracle_error(model, graph)  # every other zero-invariant branch removed
     row["prune_s"] = round(time.perf_counter() - start, 1)
     # No zero-invariant group (every channel meets a layer norm or a mean over channels):
     # the oracle has nothing to check. Such a row passes on its shape and parameter count

@@ -7,7 +7,7 @@ from collections import Counter
 import torch
 import torchvision
 
-from helpers import prune_and_check, unit_scale
+from helpers import branch_oracle_error, prune_and_check, unit_scale
 
 # One model of every family runs in CI; the full sweep runs all of them.
 FAMILIES = [
@@ -55,5 +55,7 @@ def check_model(name: str) -> dict:
         "zero_invariant": zero_invariant,
         "frozen": len(frozen), "frozen_why": ", ".join(f"{k} x{v}" for k, v in kinds.most_common()),
         # prune_and_check reports 0.0 when no group is zero-invariant: no oracle ran then
-        "oracle_error": error if zero_invariant else None, "seconds": round(time.perf_counter() - start, 2),
+        "oracle_error": error if zero_invariant else None,
+        "branch_oracle_error": branch_oracle_error(model, graph),  # every other zero-invariant branch removed
+        "seconds": round(time.perf_counter() - start, 2),
     }

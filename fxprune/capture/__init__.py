@@ -21,7 +21,8 @@ import torch.fx
 
 from .._util import eval_mode, first_line
 from ..errors import AnalysisError, FxpruneError, TraceError
-from .export import drop_setting_inputs, export_graph
+from .dynamic import describe_dynamic_dims
+from .export import STATIC_SHAPES, drop_setting_inputs, export_graph
 from .fx import trace
 from .gc import gc_paused
 from .identity_views import fold_identity_reshapes
@@ -46,7 +47,7 @@ class Captured:
     front_end: str  # "fx", "export" or "parts"
     model_inputs: ExampleInputs | None = None
     parts: list[PartCall] | None = None
-    notes: list[str] = field(default_factory=list)  # why "auto" went past fx and export
+    notes: list[str] = field(default_factory=list)  # why "auto" went past fx and export; export's dynamic dims
     added: dict = field(default_factory=dict)  # keyword inputs the capture set ({"use_cache": False})
 
 
@@ -99,7 +100,7 @@ def capture(model, example_inputs, *, capture: str = "auto", leaf_modules: Itera
         else:
             fold_identity_reshapes(gm)
             drop_setting_inputs(gm, added)  # the graph is called with or without use_cache, as the model is
-            return Captured(gm, inputs, "export", added=added)
+            return Captured(gm, inputs, "export", added=added, notes=[shapes_note(gm)])
     try:
         gm, part_inputs, parts = capture_parts(model, inputs, leaf_modules)
     except TraceError as exc:
@@ -113,6 +114,16 @@ def capture(model, example_inputs, *, capture: str = "auto", leaf_modules: Itera
         captured.notes = [f"{name} could not capture the whole model: {first_line(error)}"
                           for name, error in (("fx", fx_error), ("export", export_error))]
     return captured
+
+
+def shapes_note(gm: torch.fx.GraphModule) -> str:
+    """Which input dims an exported graph takes at any size, or why it takes the example
+    shapes only."""
+    static = gm.meta.get(STATIC_SHAPES)
+    if static is not None:
+        return (f"static shapes: torch.export could not keep the batch and sequence dims dynamic "
+                f"({static}); the graph, calibration batches included, takes the example shapes only")
+    return f"dynamic dims (any size): {describe_dynamic_dims(gm)}"
 
 
 CACHE_OFF = {"use_cache": False}

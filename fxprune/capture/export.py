@@ -8,20 +8,28 @@ analysis runs on it. The result is made a plain ``GraphModule`` (``ep.module()``
 class cannot be pickled or switched to eval mode) that takes the model's own call
 signature (keywords included) and returns its own output structure.
 
-Shapes are specialised to the example inputs: sizes such as ``view(x, [2, 8, -1, 8])``
-are recorded as numbers, so the captured (and pruned) graph takes inputs of those shapes.
+The batch and sequence dims are exported dynamic where the model allows
+(:mod:`.dynamic`): sizes read off them stay symbolic (``view(x, [sym_size(x, 0), 8, -1,
+8])``), so the captured (and pruned) graph takes other batch sizes and lengths. Where
+export cannot keep them dynamic, the graph is exported again specialised to the example
+shapes, and ``gm.meta["fxprune.static_shapes"]`` says why.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.fx
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from .._util import eval_mode, first_line
 from ..errors import TraceError
+from .dynamic import batch_and_sequence, record_dynamic_dims, sizes_oblivious
 from .effects import has_effect
 from .inputs import ExampleInputs
 from .shapes import shapes_from_fake_values
+
+STATIC_SHAPES = "fxprune.static_shapes"  # GraphModule.meta: why export could not keep dims dynamic
 
 
 def export_graph(model, inputs: ExampleInputs) -> torch.fx.GraphModule:
@@ -33,6 +41,7 @@ def export_graph(model, inputs: ExampleInputs) -> torch.fx.GraphModule:
     >>> [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
     ['aten.linear.default']
     """
+    static_reason = None
     if isinstance(model, torch.export.ExportedProgram):
         program = model
         name = "ExportedProgram"
@@ -41,11 +50,13 @@ def export_graph(model, inputs: ExampleInputs) -> torch.fx.GraphModule:
             raise TraceError(f"expected a torch.nn.Module or ExportedProgram, got {type(model).__name__}")
         name = type(model).__name__
         try:
-            # export what inference runs (dropout off, BatchNorm statistics fixed)
-            with eval_mode(model):
-                program = torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
-        except Exception as exc:  # export raises many types; all mean "cannot capture"
-            raise export_error(model, exc) from exc
+            program = _export(model, inputs, dynamic=True)
+        except Exception as dynamic_exc:  # export raises many types; all mean "cannot capture"
+            try:
+                program = _export(model, inputs, dynamic=False)
+            except Exception as exc:
+                raise export_error(model, exc) from exc
+            static_reason = f"{type(dynamic_exc).__name__}: {first_line(dynamic_exc, FIRST_LINE)}"
     unlifted = program.module()
     graph = unlifted.graph
     for node in list(graph.nodes):
@@ -61,8 +72,23 @@ def export_graph(model, inputs: ExampleInputs) -> torch.fx.GraphModule:
     gm._in_spec, gm._out_spec = unlifted._in_spec, unlifted._out_spec
     gm.eval()
     gm.delete_all_unused_submodules()
+    record_dynamic_dims(gm)
     shapes_from_fake_values(gm)
+    if static_reason is not None:
+        gm.meta[STATIC_SHAPES] = static_reason
     return gm
+
+
+def _export(model: torch.nn.Module, inputs: ExampleInputs, dynamic: bool) -> torch.export.ExportedProgram:
+    """Export what inference runs (dropout off, BatchNorm statistics fixed), with the batch
+    and sequence dims dynamic where the model allows (``dynamic``) or every dim static.
+
+    Export runs on aliases of the input tensors: a dynamic export that fails leaves its
+    dim markings on the tensors it was given, and the next export would read them."""
+    inputs = tree_map_only(torch.Tensor, lambda t: t.detach().requires_grad_(t.requires_grad), inputs)
+    with eval_mode(model), (sizes_oblivious() if dynamic else contextlib.nullcontext()):
+        return torch.export.export(model, inputs.args, inputs.kwargs, strict=False,
+                                   dynamic_shapes=batch_and_sequence(inputs) if dynamic else None)
 
 
 def drop_setting_inputs(gm: torch.fx.GraphModule, settings: dict) -> None:
@@ -125,4 +151,4 @@ def export_error(model, exc: Exception) -> TraceError:
     return error
 
 
-__all__ = ["export_graph", "export_error", "drop_setting_inputs"]
+__all__ = ["export_graph", "export_error", "drop_setting_inputs", "STATIC_SHAPES"]

@@ -21,6 +21,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from .._util import eval_mode, first_line
 from ..errors import AnalysisError
 from .aten_calls import ATEN_CALLS, AtenCallRecorder, records_calls
+from .dynamic import concrete
 from .effects import input_versions, note_mutation
 from .inputs import ExampleInputs
 
@@ -45,7 +46,9 @@ def propagate_shapes(gm: torch.fx.GraphModule, inputs: ExampleInputs) -> None:
 def shapes_from_fake_values(gm: torch.fx.GraphModule) -> None:
     """Turn export's fake values (``meta['val']``) into ``meta['tensor_meta']`` and drop them.
 
-    Dropping them keeps the graph cheap to copy (fake tensors hold a whole fake mode).
+    A dynamic dim's size is the example's (its symbol's hint): the analysis reads the
+    shapes of the example inputs, as a recorded run would. Dropping the fake values keeps
+    the graph cheap to copy (fake tensors hold a whole fake mode).
     """
     for node in gm.graph.nodes:
         val = node.meta.pop("val", None)
@@ -55,8 +58,8 @@ def shapes_from_fake_values(gm: torch.fx.GraphModule) -> None:
 
 def _tensor_meta(value):
     if isinstance(value, torch.Tensor):
-        return TensorMetadata(tuple(int(s) for s in value.shape), value.dtype, value.requires_grad,
-                              tuple(int(s) for s in value.stride()), None, False, {})
+        return TensorMetadata(tuple(concrete(s) for s in value.shape), value.dtype, value.requires_grad,
+                              tuple(concrete(s) for s in value.stride()), None, False, {})
     return value
 
 

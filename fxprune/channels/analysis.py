@@ -105,7 +105,7 @@ def analyze(model, example_inputs, *, capture: str = "auto", attention_units: st
         graph = build_groups(state, captured.inputs, captured.front_end)
         if captured.front_end == "parts":
             graph.model_inputs, graph.parts = captured.model_inputs, captured.parts
-            graph.capture_notes = captured.notes
+        graph.capture_notes = captured.notes
     graph.capture_kwargs = captured.added  # in graph.example_inputs, not given by the caller
     if isinstance(model, torch.nn.Module):
         graph.model = model

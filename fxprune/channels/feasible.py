@@ -15,6 +15,7 @@ import numpy as np
 
 from .branches import check_branch_units
 from .branches import unit as branch_unit
+from .experts import ExpertSet
 from .graph import DependencyGraph
 
 
@@ -23,7 +24,7 @@ def feasible_plan(graph: DependencyGraph, candidates: Iterable[tuple[int, int]],
     """Take ``(group id, unit)`` candidates in order while every layer keeps a channel.
 
     A branch id (``graph.branches``) is taken as ``(branch id, 0)``: removing a branch
-    empties no layer that stays.
+    empties no layer that stays. An expert set (``graph.experts``) keeps ``top_k`` experts.
 
     ``limit[gid]``: at most this many units of group ``gid`` (always at most size-1).
 
@@ -51,8 +52,15 @@ def feasible_plan(graph: DependencyGraph, candidates: Iterable[tuple[int, int]],
     caps: dict[int, int] = {}
     n_groups = len(graph.groups)
     for gid, unit in candidates:
-        if isinstance(gid, (int, np.integer)) and gid >= n_groups:  # a branch (depth unit): one unit
-            check_branch_units(branch_unit(graph, gid), [unit])
+        if isinstance(gid, (int, np.integer)) and gid >= n_groups:
+            whole = branch_unit(graph, gid)
+            if isinstance(whole, ExpertSet):  # an expert: at most size - top_k of a set go
+                cap = min(whole.size - whole.top_k, (limit or {}).get(gid, whole.size))
+                if len(plan[gid]) < cap and int(unit) not in taken[gid]:
+                    plan[gid].append(int(unit))
+                    taken[gid].add(int(unit))
+                continue
+            check_branch_units(whole, [unit])  # a branch (depth unit): one unit
             plan[gid] = [0]
             continue
         cap = caps.get(gid)

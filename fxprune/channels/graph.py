@@ -98,7 +98,7 @@ class DependencyGraph:
         # the model's own inputs; under "parts" example_inputs are the parts' tensors (what gm takes)
         self.model_inputs = example_inputs
         self.parts = None  # under "parts": the submodule calls gm holds (capture.parts.PartCall)
-        self.capture_notes: list[str] = []  # under "auto" -> "parts": why fx and export could not
+        self.capture_notes: list[str] = []  # why "auto" went to parts; which dims an exported graph takes at any size
         self.groups = groups
         self.state = state
         self.roots = roots

@@ -29,7 +29,20 @@ def graph_json(graph, model_ref: str, input_shape) -> str:
                      for b in graph.branches],
         "layers": [{"id": l.id, "path": l.path, "entry": l.shortcut, "exit": l.join, "parent": l.parent,
                     "modules": l.modules} for l in graph.layers],
+        "experts": [{"id": s.id, "experts": s.size, "top_k": s.top_k, "form": expert_form(s),
+                     "router": s.router_keys[0] if s.router_keys else None, "stacked": s.stacked,
+                     "modules": expert_modules(s)} for s in graph.experts],
     }, indent=2)
+
+
+def expert_form(experts) -> str:
+    """How the experts are written: ``"stacked"`` weights (grouped products) or a ``"loop"``."""
+    return "loop" if experts.owned else "stacked"
+
+
+def expert_modules(experts) -> list[list[str]]:
+    """Per expert of a loop, the modules that are its own (stacked experts: none)."""
+    return [sorted({key.rsplit(".", 1)[0] for key in owned}) for owned in experts.owned]
 
 
 def _dot_quote(text: str) -> str:
@@ -173,7 +186,7 @@ def graph_text(graph, model_ref: str) -> str:
                                     "consumers", "reason"], disable_numparse=True,
                     colalign=("right", "right", "left", "left", "left", "right", "left"))
     return (f"{head}\n{body}\nproducers: first tensor[dim] (+ how many more); all members: --format json"
-            + branches_text(graph) + layers_text(graph))
+            + branches_text(graph) + layers_text(graph) + experts_text(graph))
 
 
 def branches_text(graph) -> str:
@@ -201,3 +214,18 @@ def layers_text(graph) -> str:
     body = tabulate(table, headers=["layer", "module", "in", "entry", "exit", "params"], disable_numparse=True)
     return (f"\n\n{len(graph.layers)} layers (remove one with {{id: [0]}}: it becomes the identity; "
             f"--units layers in compress)\n{body}")
+
+
+def experts_text(graph) -> str:
+    """The routed layers' experts (units of a mixture of experts) as a table, or nothing."""
+    if not graph.experts:
+        return ""
+    table = []
+    for s in graph.experts:
+        weights = s.stacked or ([f"{len(expert_modules(s)[0])} module(s) per expert"] if s.owned else ["-"])
+        table.append([s.id, s.size, s.top_k, expert_form(s), s.router_keys[0] if s.router_keys else "-",
+                      weights[0] + (f" +{len(weights) - 1}" if len(weights) > 1 else "")])
+    body = tabulate(table, headers=["experts", "count", "top_k", "form", "router", "expert weights"],
+                    disable_numparse=True)
+    return (f"\n\n{len(graph.experts)} routed layers (remove experts 1 and 3 with {{id: [1, 3]}}, keeping "
+            f"top_k; units experts in compress)\n{body}")

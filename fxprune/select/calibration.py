@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
 from fxprune._check import fail, got
+from fxprune.capture.dynamic import describe_dynamic_dims, shape_mismatch
 from fxprune.capture.inputs import ExampleInputs, bad_leaf
 from fxprune.capture.parts import record_parts
 from fxprune.errors import SpecError
@@ -168,7 +169,7 @@ def _same_form(where: str, batch: ExampleInputs, like: ExampleInputs) -> None:
         if isinstance(theirs, torch.Tensor) and (not isinstance(mine, torch.Tensor) or mine.ndim != theirs.ndim):
             fail(where, f"inputs {batch.describe()} do not match example_inputs {like.describe()}: "
                         "every tensor needs the number of dims of its example (batch and sequence "
-                        "sizes may differ under capture='fx')")
+                        "sizes may differ)")
 
 
 def _leaf_pairs(mine: Any, theirs: Any) -> list[tuple[Any, Any]]:
@@ -189,7 +190,8 @@ def _shapes(batch: ExampleInputs) -> str:
 
 def graph_batches(graph, calibration: Calibration) -> Iterator[ExampleInputs]:
     """The batches for ``graph.gm``: checked against the example inputs, and for a graph
-    captured by torch.export (specialised to the example shapes) against their shapes.
+    captured by torch.export against the shapes it takes (its batch and sequence dims are
+    dynamic where the model allows, the others are the example's).
 
     Example:
         >>> import fxprune
@@ -203,13 +205,13 @@ def graph_batches(graph, calibration: Calibration) -> Iterator[ExampleInputs]:
             yield ExampleInputs(record_parts(graph.model, batch, graph.parts)[0])
             continue
         if graph.capture == "export":
-            shapes = [tuple(t.shape) for t in batch.tensors()]
-            expected = [tuple(t.shape) for t in like.tensors()]
-            if shapes != expected:
-                fail(f"{WHERE}[{i}]", f"shapes {_shapes(batch)} differ from example_inputs "
-                                      f"{_shapes(like)}, and the graph was captured by torch.export, "
-                                      "which specialises it to those shapes; pad or cut every batch to "
-                                      "the example shapes (or use capture='fx' where it works)")
+            mismatch = shape_mismatch(graph.gm, batch)
+            if mismatch is not None:
+                fail(f"{WHERE}[{i}]", f"shapes {_shapes(batch)} do not fit the graph torch.export "
+                                      f"captured from example_inputs {_shapes(like)}: {mismatch}; its dims "
+                                      f"of any size: {describe_dynamic_dims(graph.gm)}, the others take "
+                                      "the example's size (see the capture note); give batches that fit "
+                                      "(or use capture='fx' where it works)")
         yield batch
 
 
@@ -253,6 +255,8 @@ def default_loss(output: Any, batch: ExampleInputs, causal_lm: bool) -> tuple[to
     3. otherwise ``0.5 * mean(y ** 2)`` summed over the floating outputs ``y`` (the logits
        if there are any): it needs no labels, and its gradient ``y`` weighs each channel
        by how much it moves the output, the second-order term of an output-matching loss.
+       An output whose leading dims are the batch's ``attention_mask``'s is averaged over
+       the real tokens only, so padding changes neither the loss nor its gradients.
 
     Example:
         >>> loss, name = default_loss(torch.ones(2, 3), ExampleInputs((torch.ones(2, 4),)), False)
@@ -276,7 +280,23 @@ def default_loss(output: Any, batch: ExampleInputs, causal_lm: bool) -> tuple[to
     if not outputs:
         raise SpecError(f"spec.loss_fn: the model's output ({type(output).__name__}) holds no floating "
                         "tensor to build the default loss from; pass loss_fn (output -> scalar tensor)")
-    return sum(0.5 * y.float().square().mean() for y in outputs), "0.5 * mean squared output"
+    mask = batch.kwargs.get("attention_mask")
+    return sum(0.5 * _token_mean(y.float().square(), mask) for y in outputs), "0.5 * mean squared output"
+
+
+def _token_mean(values: torch.Tensor, mask: Any) -> torch.Tensor:
+    """The mean of ``values`` over the positions ``mask`` (``[batch, tokens]``) keeps, or
+    over all of them when the mask does not fit its leading dims.
+
+    Example:
+        >>> float(_token_mean(torch.tensor([[1.0, 3.0, 100.0]]), torch.tensor([[1, 1, 0]])))
+        2.0
+    """
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or tuple(values.shape[:2]) != tuple(mask.shape):
+        return values.mean()
+    keep = (mask != 0).reshape(*mask.shape, *[1] * (values.ndim - 2))
+    per_position = values[0, 0].numel()
+    return values.masked_fill(~keep, 0).sum() / (keep.sum() * per_position).clamp_min(1)
 
 
 def _field(output: Any, name: str) -> Any:

@@ -37,7 +37,8 @@ from fnmatch import fnmatch
 import numpy as np
 
 from fxprune.channels.layers import covered_by_branches, covers
-from fxprune.select.branch_score import branch_costs, score_branches
+from fxprune.select.branch_score import DEPTH_KINDS, branch_costs, score_branches
+from fxprune.select.expert_target import expert_candidates
 from fxprune.select.landing import Landing, land
 
 
@@ -112,41 +113,56 @@ def _count(units: list) -> str:
 
 @dataclasses.dataclass
 class _DepthLanding(Landing):
-    """A landing whose ranking holds branch ids too (one unit each)."""
+    """A landing whose ranking holds whole units too: depth units (one unit each) and
+    expert sets (``{id: (units, how many may go)}``)."""
 
-    branch_ids: tuple = ()
+    whole: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for bid in self.branch_ids:
-            self.sizes[bid], self.multiple[bid], self.limit[bid] = 1, 1, 1
+        for uid, (size, cap) in self.whole.items():
+            self.sizes[uid], self.multiple[uid], self.limit[uid] = size, 1, cap
 
 
 def land_with_branches(graph, groups, keys: dict[int, np.ndarray], costs: dict[int, np.ndarray], spec,
-                       limit: dict[int, int], metric: str, target: float, notes: list[str]):
+                       limit: dict[int, int], metric: str, target: float, notes: list[str],
+                       kinds: tuple[str, ...] = ("branches",)):
     """Land ``target`` of ``metric`` over channel units (``keys``/``costs`` of ``groups``,
-    empty for branches only) and the eligible branches; returns (plan, pruned model or None)."""
-    branches = eligible_branches(graph, spec, notes)
-    eligible = len(branches)
-    scores = _scores(graph, branches, spec, notes)
-    cost = branch_costs(graph, "params" if metric == "params" else "flops", branches)
+    empty for none) and the whole units of ``kinds``: the eligible depth units (branches,
+    layers), and experts (:mod:`fxprune.select.expert_target`); returns (plan, pruned
+    model or None)."""
     keys, costs, limit = _one_scale(keys), dict(costs), dict(limit)
-    per_cost = {b.id: scores[b.id] / cost[b.id] if cost[b.id] > 0 else np.inf for b in branches}
-    finite = [v for v in per_cost.values() if np.isfinite(v)]
-    mean = float(np.mean(finite)) if finite else 1.0
-    # spec.max_ratio caps the share of branches too: only the lowest keys are candidates
-    cap = int(np.floor(spec.max_ratio * len(branches) + 1e-9))
-    branches = sorted(branches, key=lambda b: (per_cost[b.id], b.id))[:cap]
-    for b in branches:
-        keys[b.id] = np.array([per_cost[b.id] / mean if mean > 0 else per_cost[b.id]])
-        costs[b.id] = np.array([cost[b.id]])
+    whole, branches, eligible = {}, [], 0
+    if set(DEPTH_KINDS) & set(kinds):
+        branches = eligible_branches(graph, spec, notes)
+        eligible = len(branches)
+        scores = _scores(graph, branches, spec, notes)
+        cost = branch_costs(graph, "params" if metric == "params" else "flops", branches)
+        per_cost = {b.id: scores[b.id] / cost[b.id] if cost[b.id] > 0 else np.inf for b in branches}
+        finite = [v for v in per_cost.values() if np.isfinite(v)]
+        mean = float(np.mean(finite)) if finite else 1.0
+        # spec.max_ratio caps the share of branches too: only the lowest keys are candidates
+        cap = int(np.floor(spec.max_ratio * len(branches) + 1e-9))
+        branches = sorted(branches, key=lambda b: (per_cost[b.id], b.id))[:cap]
+        for b in branches:
+            keys[b.id] = np.array([per_cost[b.id] / mean if mean > 0 else per_cost[b.id]])
+            costs[b.id] = np.array([cost[b.id]])
+            whole[b.id] = (1, 1)
+    if "experts" in kinds:
+        expert_keys, expert_cost, expert_limit = expert_candidates(graph, spec, metric, notes)
+        keys.update(expert_keys)
+        costs.update(expert_cost)
+        whole.update({sid: (len(k), expert_limit[sid]) for sid, k in expert_keys.items()})
     # the kinds' keys are already on one scale: no per-group alignment moves (scope "global")
     problem = _DepthLanding(graph, groups, dataclasses.replace(spec, scope="global"), limit, metric, target,
-                            costs, keys, branch_ids=tuple(b.id for b in branches))
+                            costs, keys, whole=whole)
     plan, model, _ = land(problem, notes)
     removed = [b for b in branches if b.id in plan]
-    notes.append(f"select: the plan removes {_count(removed)} of {eligible}"
-                 + (f" and channels of {len(plan) - len(removed)} group(s)" if groups else ""))
+    experts = sum(len(plan[s.id]) for s in graph.experts if s.id in plan)
+    parts = ([f"{_count(removed)} of {eligible}"] if set(DEPTH_KINDS) & set(kinds) else []) \
+        + ([f"{experts} of {sum(s.size for s in graph.experts)} experts"] if "experts" in kinds else []) \
+        + ([f"channels of {sum(1 for gid in plan if gid < len(graph.groups))} group(s)"] if groups else [])
+    notes.append(f"select: the plan removes {', '.join(parts[:-1])}{' and ' if len(parts) > 1 else ''}{parts[-1]}")
     return plan, model
 
 

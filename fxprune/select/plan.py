@@ -96,22 +96,23 @@ def select_and_prune(graph: DependencyGraph, scores: dict[int, np.ndarray], spec
                          [g.id for g in graph.groups])
     groups = _eligible(graph, scores, spec, notes)
     limit = {g.id: min(g.size - 1, int(math.floor(spec.max_ratio * g.size + 1e-9))) for g in groups}
-    if "experts" in spec.unit_kinds:  # experts go by their own ratio; the other kinds as the spec says
-        experts = experts_by_ratio(graph, spec, notes)
+    if "experts" in spec.unit_kinds and spec.target is None:  # experts go by their own ratio; the
+        experts = experts_by_ratio(graph, spec, notes)          # other kinds as the spec says
         rest = [k for k in spec.unit_kinds if k != "experts"]
         if not rest:
             return experts, None
         plan, model = select_and_prune(graph, scores, dataclasses.replace(spec, units=rest[0] if len(rest) == 1
                                                                            else rest), notes=notes)
         return {**plan, **experts}, None
-    if set(DEPTH_KINDS) & set(spec.unit_kinds):  # depth competes (fxprune.select.depth)
+    whole = tuple(k for k in (*DEPTH_KINDS, "experts") if k in spec.unit_kinds)
+    if whole:  # depth or experts compete (fxprune.select.depth, fxprune.select.expert_target)
         groups = groups if "channels" in spec.unit_kinds else []
         if spec.target is None:
             return {**_by_ratio(graph, groups, scores, spec, limit), **branches_by_ratio(graph, spec, notes)}, None
         ((metric, target),) = spec.target.items()
         costs = unit_costs(graph, groups, metric)
         return land_with_branches(graph, groups, _cost_keys(_normalised(scores, groups), costs), costs, spec,
-                                  limit, metric, target, notes)
+                                  limit, metric, target, notes, kinds=whole)
     if spec.target is not None:
         ((metric, target),) = spec.target.items()  # Spec checked it against TARGET_METRICS
         return _by_target(graph, groups, scores, spec, limit, metric, target, notes)

@@ -144,20 +144,20 @@ def fill_rule(ctx):
     at, fill = _SIZED_FILLS[ctx.node.target]
     size = ctx.node.args[at] if len(ctx.node.args) > at else None
     if (ctx.out_shape() is None or not isinstance(size, (list, tuple))
-            or not all(isinstance(n, int) for n in size)):
+            or not all(isinstance(n, int) or isinstance(ctx.value(n), int) for n in size)):
         return creation_rule(ctx)
     fill = ctx.arg(at + 1, "fill_value") if fill is None else fill
     dims = {}
     for d, n in enumerate(ctx.out_shape()):
-        if n > 1:
+        if n > 1 and isinstance(size[d], int):  # a size read off a dynamic dim (the batch) carries none
             origin = f"{ctx.node.name}[{d}]"
             dims[d] = DimMap.of(ctx.new_space(n, origin), fill == 0)
             for space in ctx.state.spaces_at[(ctx.node.name, origin)]:
                 space.dropped, space.produces = True, False
 
     def fix_size(p, node):
-        args = list(node.args)
-        args[at] = list(p.new_shape(node))
+        args, new = list(node.args), p.new_shape(node)
+        args[at] = [new[d] if isinstance(n, int) else n for d, n in enumerate(args[at])]
         node.args = tuple(args)
 
     ctx.on_prune(fix_size)
@@ -212,7 +212,7 @@ def _dim_size_value(x: TensorChannels, dim: int):
     return SizeValue(m.tracked) if m is not None and m.tracked.size else x.shape[dim]
 
 
-@register_rule("size")
+@register_rule("size", aten.sym_size.int)
 def size_rule(ctx):
     x = ctx.tensor(0)
     dim = ctx.arg(1, "dim")

@@ -237,9 +237,11 @@ def slice_rule(ctx):
         stop, step = (start + ctx.arg(3, "length")) if isinstance(start, int) else None, 1
     else:
         stop, step = ctx.arg(3, "end"), ctx.arg(4, "step", 1)
+    m = x.get(dim)
+    if any(isinstance(v, torch.fx.Node) for v in (start, stop, step)) and m is None:
+        return x  # bounds read off a dynamic size (``h[..., :seq]`` under export) on a dim without channels
     if not all(v is None or isinstance(v, int) for v in (start, stop, step)):
         return unknown_rule(ctx)
-    m = x.get(dim)
     piece = _sliced(ctx, m, x.shape[dim], start, stop, step)
     dims = {d: v for d, v in x.dims.items() if d != dim}
     if piece is not None:
