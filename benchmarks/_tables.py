@@ -360,7 +360,8 @@ def value_check(rows: list[dict]) -> Table:
 
 
 NM_METHODS = {"magnitude": "magnitude", "wanda": "Wanda (activation)", "sparsegpt": "SparseGPT",
-              "proxsparse": "ProxSparse (learned)", "spartan": "Spartan (learned)", "sr-ste": "SR-STE (learned)"}
+              "proxsparse": "ProxSparse (learned, original weights)",
+              "proxsparse-trained": "ProxSparse (learned, trained weights)", "spartan": "Spartan (learned)", "sr-ste": "SR-STE (learned)"}
 
 
 def nm_quality(rows: list[dict]) -> Table:

@@ -54,14 +54,22 @@ def sinkhorn_topk(scores: torch.Tensor, k: float, beta: float, iters: int = SINK
     # multiplicative steps crawl once the sigmoids saturate); the iterations refine it
     ranked = logits.sort(-1, descending=True).values
     mu = -(ranked[..., math.ceil(k) - 1:math.ceil(k)] + ranked[..., math.floor(k):math.floor(k) + 1]) / 2
+    flat_logits, flat_mu = logits.reshape(-1, size), mu.reshape(-1, 1).clone()
+    # only the rows whose mu still moves are iterated again (a transformer has millions of
+    # groups, most settled after a few steps)
+    moving = torch.arange(flat_mu.shape[0], device=scores.device)
+    rows, row_mu = flat_logits, flat_mu
     for _ in range(iters):
-        soft = torch.sigmoid(logits + mu)
+        soft = torch.sigmoid(rows + row_mu)
         kept, dropped = soft.sum(-1, keepdim=True), (1 - soft).sum(-1, keepdim=True)
         step = torch.log(k / kept.clamp_min(1e-30)) - torch.log((size - k) / dropped.clamp_min(1e-30))
-        mu = mu + step
-        if step.abs().max() <= SINKHORN_TOL:
+        row_mu = row_mu + step
+        flat_mu[moving] = row_mu
+        still = step.squeeze(-1).abs() > SINKHORN_TOL
+        if not still.any():
             break
-    return torch.sigmoid(logits + mu).to(scores.dtype)
+        moving, rows, row_mu = moving[still], rows[still], row_mu[still]
+    return torch.sigmoid(logits + flat_mu.reshape(mu.shape)).to(scores.dtype)
 
 
 def _groups(weight: torch.Tensor, m: int) -> torch.Tensor:
