@@ -222,6 +222,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-sentences", type=int, help="measure on the first N held-out sentences "
                         "(default: all of minilm_eval.txt)")
     parser.add_argument("--jobs", type=int, default=1, help="(pattern, method) jobs run in this many processes")
+    parser.add_argument("--methods", default="all", help="comma list of the methods to run (default all)")
     parser.add_argument("--distill-patterns", default="all",
                         help="comma list of the patterns whose models are distilled (default all)")
     parser.add_argument("--data", default=str(minilm.DATA), help="folder holding minilm_{eval,calib,train}.txt")
@@ -251,6 +252,12 @@ def main(argv=None) -> int:
     jobs = [(p, meth) for p in (("2:4",) if args.quick else PATTERNS) for meth in ONE_SHOT]
     if not args.quick:  # SR-STE learns its mask while distilling: no row without distillation
         jobs[3:3] = [("2:4", meth) for meth in LEARNED if distill or meth not in TRAINED_ONLY]
+    if args.methods != "all":
+        chosen = args.methods.split(",")
+        unknown = sorted(set(chosen) - set(ONE_SHOT) - set(LEARNED))
+        if unknown:
+            parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join([*ONE_SHOT, *LEARNED])}")
+        jobs = [job for job in jobs if job[1] in chosen]
     distilled = set(PATTERNS if args.distill_patterns == "all" else args.distill_patterns.split(",")) if distill else set()
     _RUN.update(encoder=encoder, batches=batches, targets=targets, calib=calib, dense_eval=dense_eval,
                 n_eval=n_eval, n_train=n_train, steps=steps, args=args, distilled=distilled)
