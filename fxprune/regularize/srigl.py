@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from fxprune.errors import SpecError
-from fxprune.sparsity.masks import FixedMask, LayerRow, check_real, finalize, mask_layers, normalize_ignore
+from fxprune.sparsity.masks import FixedMask, LayerRow, check_real, mask_layers, normalize_ignore
 
 
 def erk_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[str, float]:
@@ -240,10 +240,30 @@ def dead_channels(model: nn.Module, graph) -> dict[int, list[int]]:
     return out
 
 
+def _baked_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parametrized tensors (the masks) are plain parameters holding
+    their masked values. Not ``finalize`` on a deepcopy: the copy shares torch's
+    ``Parametrized*`` classes with ``model``, and removing a parametrization deletes the
+    property from that class, so ``model`` would lose its ``weight``."""
+    import copy
+
+    from torch.nn.utils import parametrize
+
+    work = copy.deepcopy(model)
+    for module in work.modules():
+        if parametrize.is_parametrized(module):
+            values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+            module.__class__ = module.__class__.__bases__[0]  # the class before parametrization
+            del module._modules["parametrizations"]
+            for name, value in values.items():
+                module._parameters[name] = nn.Parameter(value)
+    return work
+
+
 def remove_ablated(model: nn.Module, example_inputs, **spec):
     """``compress`` a copy of ``model`` without the neurons whose weights are all zero.
 
-    The copy's masks are baked (``finalize``); each dead channel (``dead_channels``) then
+    The copy's masks are baked; each dead channel (``dead_channels``) then
     has its other entries zeroed too (bias, norm affine, consumer columns: it computes
     nothing and nothing reads it), and ``compress`` removes exactly those channels:
     ``ratio`` per group id, ``score="magnitude"`` (the dead ones score 0), ``round_to=1``.
@@ -259,14 +279,11 @@ def remove_ablated(model: nn.Module, example_inputs, **spec):
         >>> remove_ablated(net, (torch.randn(1, 4),)).plan
         {1: [1]}
     """
-    import copy
-
     from fxprune.channels import analyze
     from fxprune.compress import compress
     from fxprune.regularize.channels import channel_slices_from_graph
 
-    work = copy.deepcopy(model)
-    finalize(work)
+    work = _baked_copy(model)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     graph = analyze(work, inputs)
     dead = dead_channels(work, graph)
