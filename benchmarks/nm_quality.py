@@ -17,7 +17,8 @@ learned (2:4 only, ``steps`` training steps on ``minilm_train.txt`` towards the 
 outputs, the distillation loss of ``minilm.py``):
 
 * ``proxsparse``: ``ProxSparse`` after every AdamW step; its one-shot row is the learned
-  mask on the original weights, as the paper applies it;
+  mask on the original weights, as the paper applies it, and ``proxsparse-trained`` the
+  same mask on the weights as trained (``apply_masks(weights="trained")``);
 * ``spartan``: ``Spartan`` (Sinkhorn soft top-k) on its schedule while the weights train,
   for the same steps with the same loss;
 * ``sr-ste``: ``apply_nm(sr_ste=True)`` trained by the distillation itself.
@@ -35,6 +36,7 @@ nothing about real weights (the results file records which model was used).
 
     python benchmarks/nm_quality.py --quick        # 2:4 one-shot only, no distillation
     python benchmarks/nm_quality.py --json         # everything
+    python benchmarks/nm_quality.py --jobs 2 --methods sparsegpt,spartan --distill-patterns 2:4 --json
 """
 from __future__ import annotations
 
