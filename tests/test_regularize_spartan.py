@@ -91,3 +91,20 @@ def test_training_ends_on_exact_nm_and_errors():
         Spartan(nn.Linear(8, 4), 2, 4, total_steps=0)
     with pytest.raises(SpecError, match="budget k must be in"):
         sinkhorn_topk(torch.rand(2, 4), 4, 1.0)
+
+
+def test_sinkhorn_gradient_is_the_implicit_one():
+    # the budget holds for every score, so the gradient of a row's sum is 0; and the
+    # gradient of any weighted sum matches central finite differences of the soft mask
+    scores = torch.rand(3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
+    sinkhorn_topk(scores, 2, beta=3.0).sum().backward()
+    assert scores.grad.abs().max() < 1e-9
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    scores.grad = None
+    (sinkhorn_topk(scores, 2, beta=3.0) * weights).sum().backward()
+    for i, j in [(0, 0), (1, 2), (2, 3)]:
+        bump = torch.zeros_like(scores)
+        bump[i, j] = 1e-6
+        up = (sinkhorn_topk((scores + bump).detach(), 2, beta=3.0) * weights).sum()
+        down = (sinkhorn_topk((scores - bump).detach(), 2, beta=3.0) * weights).sum()
+        assert scores.grad[i, j].item() == pytest.approx(((up - down) / 2e-6).item(), rel=1e-4, abs=1e-7)

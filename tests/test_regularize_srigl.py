@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fxprune.errors import SpecError
-from fxprune.regularize.srigl import SRigL, drop_fraction, erk_densities
+from fxprune.regularize.srigl import SRigL, drop_fraction, erk_densities, remove_ablated
 
 
 def test_erk_by_hand_with_a_dense_layer():
@@ -69,3 +70,44 @@ def test_neuron_ablation_and_budget_shared_again():
     counts = srigl.masks[""].mask.sum(1).tolist()
     assert counts == [2, 2, 0, 2]  # 8 weights over 3 neurons: floor(8 / 3) = 2 each
     assert float(layer.weight[2].detach().abs().sum()) == 0.0
+
+
+def _ablated_net():
+    """Linear(8, 4) -> ReLU -> Linear(4, 2) whose first layer's neuron 2 SRigL ablates (as above)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    net[0].weight.data = torch.tensor([1.0, 1.1, 1e-4, 1.2])[:, None].expand(4, 8).clone()
+    srigl = SRigL(net, density=0.25, total_steps=100, delta_t=10, t_end=50, erk=False, ignore=["2"])
+    srigl.masks["0"].dense_grad = torch.tensor([0.9, 0.8, 0.0, 0.7])[:, None].expand(4, 8).clone()
+    for _ in range(10):
+        srigl.step()
+    assert srigl.ablated() == {"0": [2]}
+    return net, srigl
+
+
+def test_ablated_neurons_leave_through_compress():
+    net, srigl = _ablated_net()
+    x = torch.randn(16, 8)
+    result = srigl.remove_ablated((x,))
+    assert list(result.plan.values()) == [[2]]  # exactly the ablated neuron, nothing else
+    small = result.model
+    assert small(x).shape == (16, 2)
+    weights = [m.weight for m in small.modules() if isinstance(m, nn.Linear)]
+    assert [tuple(w.shape) for w in weights] == [(3, 8), (2, 3)]
+    # it computes what the trained model computes once the dead neuron's bias is zeroed too
+    with torch.no_grad():
+        expected = net[0].weight.detach().clone()
+        bias = net[0].bias.detach().clone()
+        bias[2] = 0.0
+        reference = net[2](torch.relu(x @ expected.T + bias))
+    assert torch.allclose(small(x), reference, atol=1e-6)
+    # the model keeps training as it was: still masked, its weight readable, its bias whole
+    assert parametrize.is_parametrized(net[0], "weight") and net[0].weight.shape == (4, 8)
+    assert float(net[0].bias.detach()[2]) != 0.0
+
+
+def test_remove_ablated_without_dead_neurons_says_so():
+    net = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    SRigL(net, density=0.5, total_steps=10, erk=False)
+    with pytest.raises(SpecError, match="no channel has all of its Linear/Conv weights at zero"):
+        remove_ablated(net, (torch.randn(2, 8),))

@@ -15,6 +15,11 @@ training by default), ``update`` at step t:
    were inactive before the drop, the largest ``|grad|`` until it holds k again; regrown
    weights start at 0.
 
+Ablated neurons leave physically through ``compress``: ``remove_ablated(model, inputs)``
+(or ``SRigL.remove_ablated``) finds the channels whose every Linear/Conv producer row is
+zero, zeroes the rest of them (biases, norm affine, the next layers' columns), and hands
+``compress`` a per-group ratio that removes exactly those channels.
+
 The gradients are those of the effective (masked) weight, recorded by the mask on every
 backward, so inactive weights have one. Under DDP or FSDP2 that recorded gradient is each
 rank's own (it is taken before the gradients are averaged), so ``update`` averages it over
@@ -229,4 +234,94 @@ class SRigL:
         return alive & (salient.sum(1) < self.gamma_sal * k)
 
 
-__all__ = ["SRigL", "FanInMask", "erk_densities", "drop_fraction"]
+    def remove_ablated(self, example_inputs, **spec):
+        """``remove_ablated(self.model, example_inputs, **spec)``: a smaller copy without the
+        ablated neurons (the masks are baked in the copy; the model keeps training as it is)."""
+        return remove_ablated(self.model, example_inputs, **spec)
+
+
+def dead_channels(model: nn.Module, graph) -> dict[int, list[int]]:
+    """The channels of each prunable, zero-invariant group whose every Linear/Conv weight
+    producer row is all zero (what SRigL's ablation leaves), by group id.
+
+    Example:
+        >>> import fxprune
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> _ = net[0].weight.data[1].zero_()
+        >>> dead_channels(net, fxprune.analyze(net, (torch.randn(1, 4),)))
+        {1: [1]}
+    """
+    from fxprune.regularize.channels import channel_slices_from_graph
+
+    invariant = {g.id for g in graph.groups if g.zero_invariant}
+    out: dict[int, list[int]] = {}
+    for channel in channel_slices_from_graph(model, graph, role="out"):
+        gid, unit = channel.label
+        rows = [s for s in channel.slices if s.param.dim() >= 2]  # weights; biases and norms are 1-d
+        if gid in invariant and rows and all(not s.param.detach().index_select(s.dim, s.index).any() for s in rows):
+            out.setdefault(gid, []).append(unit)
+    return out
+
+
+def _baked_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parametrized tensors (the masks) are plain parameters holding
+    their masked values. Not ``finalize`` on a deepcopy: the copy shares torch's
+    ``Parametrized*`` classes with ``model``, and removing a parametrization deletes the
+    property from that class, so ``model`` would lose its ``weight``."""
+    import copy
+
+    from torch.nn.utils import parametrize
+
+    work = copy.deepcopy(model)
+    for module in work.modules():
+        if parametrize.is_parametrized(module):
+            values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+            module.__class__ = module.__class__.__bases__[0]  # the class before parametrization
+            del module._modules["parametrizations"]
+            for name, value in values.items():
+                module._parameters[name] = nn.Parameter(value)
+    return work
+
+
+def remove_ablated(model: nn.Module, example_inputs, **spec):
+    """``compress`` a copy of ``model`` without the neurons whose weights are all zero.
+
+    The copy's masks are baked; each dead channel (``dead_channels``) then
+    has its other entries zeroed too (bias, norm affine, consumer columns: it computes
+    nothing and nothing reads it), and ``compress`` removes exactly those channels:
+    ``ratio`` per group id, ``score="magnitude"`` (the dead ones score 0), ``round_to=1``.
+    ``spec`` adds or overrides spec fields (``fuse``, ``emit``, ...). The result's model
+    computes what the copy with the dead channels zeroed computes; it differs from
+    ``model`` only by what those channels' biases contributed. ``model`` is not changed.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> _ = net[0].weight.data[1].zero_()
+        >>> remove_ablated(net, (torch.randn(1, 4),)).model(torch.randn(5, 4)).shape
+        torch.Size([5, 2])
+        >>> remove_ablated(net, (torch.randn(1, 4),)).plan
+        {1: [1]}
+    """
+    from fxprune.channels import analyze
+    from fxprune.compress import compress
+    from fxprune.regularize.channels import channel_slices_from_graph
+
+    work = _baked_copy(model)
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    graph = analyze(work, inputs)
+    dead = dead_channels(work, graph)
+    if not dead:
+        raise SpecError("remove_ablated: no channel has all of its Linear/Conv weights at zero; train with "
+                        "SRigL until it ablates neurons (SRigL.ablated() lists them) or lower gamma_sal")
+    with torch.no_grad():
+        for channel in channel_slices_from_graph(work, graph, role="all"):
+            if channel.label[1] in dead.get(channel.label[0], ()):
+                for s in channel.slices:
+                    s.param.index_fill_(s.dim, s.index, 0.0)
+    sizes = {g.id: g.size for g in graph.groups}
+    ratio = {str(gid): len(units) / sizes[gid] for gid, units in dead.items()}
+    return compress(work, {"example_inputs": inputs, "ratio": ratio, "score": "magnitude", "round_to": 1,
+                           "max_ratio": 1.0, **spec})
+
+
+__all__ = ["SRigL", "FanInMask", "erk_densities", "drop_fraction", "dead_channels", "remove_ablated"]
