@@ -24,6 +24,7 @@ from fxprune._check import fail, got
 from fxprune.capture.inputs import ExampleInputs, bad_leaf
 from fxprune.capture.parts import record_parts
 from fxprune.errors import SpecError
+from fxprune.select.distributed import rank_and_world
 
 WHERE = "spec.calibration"
 _SAVE_HINT = "save a list of inputs with torch.save([batch, ...], 'calib.pt')"
@@ -187,9 +188,12 @@ def _shapes(batch: ExampleInputs) -> str:
                          {k: v for k, v in batch.kwargs.items() if isinstance(v, torch.Tensor)}).describe()
 
 
-def graph_batches(graph, calibration: Calibration) -> Iterator[ExampleInputs]:
+def graph_batches(graph, calibration: Calibration, *, share: bool = False) -> Iterator[ExampleInputs]:
     """The batches for ``graph.gm``: checked against the example inputs, and for a graph
     captured by torch.export (specialised to the example shapes) against their shapes.
+
+    ``share=True``: under ``torch.distributed``, only this rank's share of them
+    (``fxprune.select.distributed.rank_share``); the caller adds its sums over ranks.
 
     Example:
         >>> import fxprune
@@ -198,11 +202,9 @@ def graph_batches(graph, calibration: Calibration) -> Iterator[ExampleInputs]:
         ['(5, 4)']
     """
     like = graph.model_inputs
+    rank, world = rank_and_world() if share else (0, 1)
     for i, batch in enumerate(calibration.batches(like)):
-        if graph.parts is not None:  # the model runs the batch; its parts' inputs feed graph.gm
-            yield ExampleInputs(record_parts(graph.model, batch, graph.parts)[0])
-            continue
-        if graph.capture == "export":
+        if graph.parts is None and graph.capture == "export":
             shapes = [tuple(t.shape) for t in batch.tensors()]
             expected = [tuple(t.shape) for t in like.tensors()]
             if shapes != expected:
@@ -210,6 +212,10 @@ def graph_batches(graph, calibration: Calibration) -> Iterator[ExampleInputs]:
                                       f"{_shapes(like)}, and the graph was captured by torch.export, "
                                       "which specialises it to those shapes; pad or cut every batch to "
                                       "the example shapes (or use capture='fx' where it works)")
+        if i % world != rank:
+            continue  # another rank's batch: checked (every rank fails alike), not run here
+        if graph.parts is not None:  # the model runs the batch; its parts' inputs feed graph.gm
+            batch = ExampleInputs(record_parts(graph.model, batch, graph.parts)[0])
         yield batch
 
 
