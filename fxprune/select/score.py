@@ -162,9 +162,10 @@ def _params(graph: DependencyGraph) -> dict[str, torch.Tensor]:
 
 
 @register_score("magnitude")
-def magnitude(graph: DependencyGraph, **_) -> dict[int, np.ndarray]:
-    """Mean |w| over every parameter entry a unit owns (buffers excluded)."""
-    params = _params(graph)
+def magnitude(graph: DependencyGraph, *, params=None, **_) -> dict[int, np.ndarray]:
+    """Mean |w| over every parameter entry a unit owns (buffers excluded); ``params`` (a
+    mapping by key, ``graph.gm``'s own by default) gives the weights."""
+    params = _params(graph) if params is None else params
     out = {}
     for g in graph.prunable_groups:
         total, count = _per_unit(g, params, ("out", "in"), torch.abs)
@@ -183,12 +184,12 @@ def group_lasso(graph: DependencyGraph, **_) -> dict[int, np.ndarray]:
 class _MagnitudeFallback:
     """Magnitude scores for groups a method cannot score, computed once and noted."""
 
-    def __init__(self, graph: DependencyGraph, method: str, notes: list[str]):
-        self.graph, self.method, self.notes, self.scores = graph, method, notes, None
+    def __init__(self, graph: DependencyGraph, method: str, notes: list[str], params=None):
+        self.graph, self.method, self.notes, self.scores, self.params = graph, method, notes, None, params
 
     def __call__(self, group, why: str) -> np.ndarray:
         if self.scores is None:
-            self.scores = magnitude(self.graph)
+            self.scores = magnitude(self.graph, params=self.params)
         self.notes.append(f"score: group {group.id} ({', '.join(group.producers[:2])}) {why}; "
                           f"scored by magnitude instead of {self.method}")
         return self.scores[group.id]
@@ -266,11 +267,13 @@ def activation(graph: DependencyGraph, *, calibration=None, notes: list[str], **
 
 
 def activation_scores(graph: DependencyGraph, norms: dict[tuple[str, int], np.ndarray],
-                      columns: Callable[[str, int], np.ndarray | None], notes: list[str]) -> dict[int, np.ndarray]:
+                      columns: Callable[[str, int], np.ndarray | None], notes: list[str],
+                      params=None) -> dict[int, np.ndarray]:
     """The ``activation`` score from input ``norms`` (``input_norms``) and ``columns(key, dim)``,
     the ``column_abs_sums`` of a consumer weight (None where the weight is unknown): the one
-    formula of the in-memory score and of ``fxprune.score_checkpoint``."""
-    fallback, out = _MagnitudeFallback(graph, "activation", notes), {}
+    formula of the in-memory score and of ``fxprune.score_checkpoint``. ``params`` gives the
+    weights of the magnitude fallback (``graph.gm``'s own by default)."""
+    fallback, out = _MagnitudeFallback(graph, "activation", notes, params), {}
     for g in graph.prunable_groups:
         score, seen, missed = np.zeros(g.size), np.zeros(g.size, dtype=bool), set()
         for key, dim, idx, units in unit_entries(g, ("in",)):
