@@ -293,13 +293,14 @@ def activation_scores(graph: DependencyGraph, norms: dict[tuple[str, int], np.nd
     return out
 
 
-CHUNK_ELEMENTS = 2 ** 24  # column_abs_sums converts at most this many weights to float32 at once
+CHUNK_ELEMENTS = 2 ** 22  # column_abs_sums converts at most this many weights (16 MB) to float32 at once
 
 
 def column_abs_sums(weight: torch.Tensor, dim: int) -> np.ndarray:
     """``sum |W|`` over every dim but ``dim``, one float64 number per index along ``dim``,
     in slices of ``CHUNK_ELEMENTS`` (a 128256 x 2048 bfloat16 output matrix never becomes one
-    float32 copy). The same slices whatever holds the weight, so equal weights give equal sums.
+    float32 copy), each summed in float32 and the slices' sums added in float64. The same
+    slices whatever holds the weight, so equal weights give equal sums.
 
     Example:
         >>> column_abs_sums(torch.tensor([[1.0, -2.0], [3.0, 0.5]]), 1).tolist()
@@ -311,7 +312,7 @@ def column_abs_sums(weight: torch.Tensor, dim: int) -> np.ndarray:
     total = torch.zeros(weight.shape[dim], dtype=torch.float64)
     reduce = [d for d in range(weight.ndim) if d != dim]
     for part in weight.split(step, dim=other):
-        total += part.float().abs().sum(reduce, dtype=torch.float64).cpu()
+        total += part.float().abs_().sum(reduce).double().cpu()  # float() copies: abs_ is on the copy
     return total.numpy()
 
 
