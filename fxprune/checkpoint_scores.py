@@ -71,20 +71,48 @@ class CheckpointTensors(Mapping):
     def __len__(self) -> int:
         return len(self.params)
 
-    def _read(self, key: str) -> torch.Tensor:
+    def rows(self, key: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` (dim 0, ascending) of tensor ``key``, read without the rest of it:
+        one read per run of consecutive rows.
+
+        >>> import tempfile, fxprune
+        >>> from safetensors.torch import save_file
+        >>> net = torch.nn.Linear(2, 4)
+        >>> folder = tempfile.mkdtemp()
+        >>> save_file(net.state_dict(), f"{folder}/model.safetensors")
+        >>> tensors = CheckpointTensors(fxprune.analyze(net, torch.randn(1, 2)), folder)
+        >>> torch.equal(tensors.rows("weight", torch.tensor([0, 2, 3])), net.weight[[0, 2, 3]])
+        True
+        """
+        stored = next((k for k in self.ties.get(key, [key]) if k in self.layout.shapes), None)
+        if stored is None:
+            return self._not_stored(key)[index]
+        index = index.tolist()
+        runs, start = [], 0
+        for i in range(1, len(index) + 1):
+            if i == len(index) or index[i] != index[i - 1] + 1:
+                runs.append(self._read(stored, index[start], index[i - 1] + 1))
+                start = i
+        return torch.cat(runs) if len(runs) > 1 else runs[0]
+
+    def _read(self, key: str, first: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """The tensor, or its rows ``first:stop``."""
         name = self.layout.file_of[key]
         info = self.headers[name][key]
         if info["dtype"] not in DTYPES:
             raise CheckpointError(f"checkpoint tensor '{key}' has dtype {info['dtype']}, which fxprune cannot read; "
                                   f"supported: {', '.join(DTYPES)}")
-        start, stop = info["data_offsets"]
-        data = torch.empty(stop - start, dtype=torch.uint8)
+        shape, (begin, end) = list(info["shape"]), info["data_offsets"]
+        if first is not None:  # rows are contiguous in the row-major data
+            row = (end - begin) // max(shape[0], 1)
+            begin, end, shape[0] = begin + first * row, begin + stop * row, stop - first
+        data = torch.empty(end - begin, dtype=torch.uint8)
         with open(self.layout.folder / name, "rb") as fh:
             (length,) = struct.unpack("<Q", fh.read(8))  # the header's size, then the header, then the data
-            fh.seek(8 + length + start)
-            if fh.readinto(data.numpy()) != stop - start:
+            fh.seek(8 + length + begin)
+            if fh.readinto(data.numpy()) != end - begin:
                 raise CheckpointError(f"{self.layout.folder / name} ends inside tensor '{key}': the file is truncated")
-        return data.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+        return data.view(DTYPES[info["dtype"]]).reshape(shape)
 
     def _not_stored(self, key: str) -> torch.Tensor:
         for root in (self.graph.gm, self.graph.model):
@@ -149,7 +177,7 @@ def score_checkpoint(graph: DependencyGraph, checkpoint: str | Path, calibration
     tensors = CheckpointTensors(graph, checkpoint)
     batches = list(graph_batches(graph, as_calibration(calibration, graph.model_inputs), share=True))
     norms, columns = layerwise_activation_stats(graph.gm, batches, tensors.__getitem__, graph.state.canonical,
-                                                device)
+                                                device, rows=tensors.rows)
     return activation_scores(graph, norms, lambda key, dim: columns.get((key, dim)), notes, params=tensors)
 
 

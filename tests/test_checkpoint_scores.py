@@ -51,7 +51,7 @@ def on_meta(folder, dtype: torch.dtype):
 
 
 @pytest.mark.parametrize("dtype, tie", [(torch.float32, False), (torch.bfloat16, True)])
-def test_checkpoint_scores_equal_in_memory_scores_and_prune_the_checkpoint_alike(tmp_path, dtype, tie):
+def test_checkpoint_scores_equal_in_memory_scores_and_prune_the_checkpoint_alike(tmp_path, monkeypatch, dtype, tie):
     from transformers import LlamaForCausalLM
 
     source, dest = tmp_path / "source", tmp_path / "pruned"
@@ -63,7 +63,12 @@ def test_checkpoint_scores_equal_in_memory_scores_and_prune_the_checkpoint_alike
 
     graph = on_meta(source, dtype)
     assert all(p.device.type == "meta" for p in graph.gm.parameters())
+    whole = []  # tensors read whole: the vocabulary matrices are read by rows only
+    read = CheckpointTensors.__getitem__
+    monkeypatch.setattr(CheckpointTensors, "__getitem__", lambda self, key: whole.append(key) or read(self, key))
     scores = fxprune.score_checkpoint(graph, source, batches(3))
+    assert "model.layers.1.mlp.down_proj.weight" in whole
+    assert not {"model.embed_tokens.weight", "lm_head.weight"} & set(whole)
     assert scores.keys() == expected.keys() and len(scores) >= 5  # hidden, kv heads and MLP groups
     for gid in expected:
         np.testing.assert_array_equal(scores[gid], expected[gid])  # the same float operations

@@ -2,8 +2,10 @@
 
 ``input_norms`` runs each calibration batch through the whole graph, every weight
 resident. Here the graph runs node after node over *all* the batches at once: a weight
-is read (``load(key)``) when the first node that uses it runs and dropped after its last
-user, and each node's outputs for every batch are kept only until their last user ran.
+is read (``load(key)``) when a node that uses it runs and dropped right after (a weight
+two distant nodes use, a tied embedding and output matrix, is read twice rather than
+held across the layers between), and each node's outputs for every batch are kept only
+until their last user ran.
 So memory holds about one layer's weights plus the calibration activations carried from
 layer to layer, the order llm-compressor's sequential pipeline and SparseGPT's own
 scripts run a model larger than memory in. The graph may have been captured on the
@@ -30,15 +32,23 @@ from fxprune.select.activations import _FUNCTIONS, NormSums, consumers, model_fa
 from fxprune.select.score import column_abs_sums
 
 Load = Callable[[str], torch.Tensor]
+Rows = Callable[[str, torch.Tensor], torch.Tensor]
+EMBEDDING = torch.ops.aten.embedding.default
 
 
 def layerwise_activation_stats(gm: torch.fx.GraphModule, batches: list[ExampleInputs], load: Load,
-                               canonical: dict[str, str] | None = None, device: str | torch.device = "cpu"
+                               canonical: dict[str, str] | None = None, device: str | torch.device = "cpu",
+                               rows: Rows | None = None
                                ) -> tuple[dict[tuple[str, int], np.ndarray], dict[tuple[str, int], np.ndarray]]:
     """``(norms, columns)``: the input norms ``input_norms`` gives and each consumer weight's
     ``column_abs_sums``, both keyed ``(weight key, weight dim)``, with weights read by ``load(key)``
     one at a time (see the module docstring). ``gm`` may hold meta tensors; under
     ``torch.distributed`` ``batches`` are this rank's share and the norms are added over ranks.
+
+    ``rows(key, index)``, when given, reads only rows ``index`` (sorted) of a weight: an
+    ``aten.embedding`` then reads the rows of the batches' tokens, and the last consumer
+    (a language model's output matrix, whose product no statistic needs) is summed slice
+    by slice, so neither vocabulary matrix is ever resident whole.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
@@ -48,7 +58,7 @@ def layerwise_activation_stats(gm: torch.fx.GraphModule, batches: list[ExampleIn
         >>> norms[("0.weight", 1)].tolist(), columns[("2.weight", 1)].shape
         ([2.0, 2.0], (3,))
     """
-    run = _LayerwiseRun(gm, batches, load, canonical or {}, torch.device(device))
+    run = _LayerwiseRun(gm, batches, load, canonical or {}, torch.device(device), rows)
     with eval_mode(gm), torch.no_grad():
         for node in run.nodes[:run.last_watched + 1]:
             run.step(node)
@@ -59,8 +69,8 @@ class _LayerwiseRun:
     """The state of one layer-by-layer pass: live activations, weights read, statistics."""
 
     def __init__(self, gm: torch.fx.GraphModule, batches: list[ExampleInputs], load: Load,
-                 canonical: dict[str, str], device: torch.device):
-        self.gm, self.batches, self.load, self.device = gm, batches, load, device
+                 canonical: dict[str, str], device: torch.device, rows: Rows | None):
+        self.gm, self.batches, self.load, self.device, self.rows = gm, batches, load, device, rows
         self.watch = consumers(gm, canonical)
         shapes = {canonical.get(k, k): v.shape for k, v in
                   [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]}
@@ -89,11 +99,14 @@ class _LayerwiseRun:
             self.weights[node] = _real(self.load(node.target), _attr(self.gm, node.target), self.device)
         return self.weights[node]
 
-    def inputs(self, node: torch.fx.Node, b: int) -> tuple[tuple, dict]:
-        """``node``'s arguments for batch ``b``: weights read on demand, meta devices made real."""
+    def inputs(self, node: torch.fx.Node, b: int, weights: bool = True) -> tuple[tuple, dict]:
+        """``node``'s arguments for batch ``b``: weights read on demand (None with
+        ``weights=False``), meta devices made real."""
         def value(arg):
             if isinstance(arg, torch.fx.Node):
-                return self.weight_of(arg) if arg.op == "get_attr" else self.env[arg][b]
+                if arg.op == "get_attr":
+                    return self.weight_of(arg) if weights else None
+                return self.env[arg][b]
             return self.device if isinstance(arg, torch.device) and arg.type == "meta" else arg
         return (torch.fx.node.map_aggregate(node.args, value), torch.fx.node.map_aggregate(node.kwargs, value))
 
@@ -104,24 +117,50 @@ class _LayerwiseRun:
         if node in self.watch:
             kind, key = self.watch[node]
             for b, batch in enumerate(self.batches):
-                args, kwargs = self.inputs(node, b)
+                args, kwargs = self.inputs(node, b, weights=False)  # the activation only
                 self.sums.set_batch(batch)
                 self.sums.add(args[kind.act] if kind.act < len(args) else kwargs.get("input"), kind, key)
             if (key, kind.weight_dim) not in self.columns:
-                weight = module["weight"] if module is not None else self.weight_of(_weight_node(node))
-                self.columns[key, kind.weight_dim] = column_abs_sums(weight, kind.weight_dim)
+                self.columns[key, kind.weight_dim] = self.column_sums(node, kind.weight_dim, module)
         if node is not self.nodes[self.last_watched]:
             values = []
+            by_rows = self.reads_rows(node)
             for b, batch in enumerate(self.batches):
-                args, kwargs = self.inputs(node, b)
+                args, kwargs = self.inputs(node, b, weights=not by_rows)
                 try:
-                    values.append(_call(self.gm, node, args, kwargs, module))
+                    values.append(self.embedding(node, args) if by_rows else _call(self.gm, node, args, kwargs, module))
                 except Exception as error:  # the model's own error, on the user's batch
                     raise model_fails(b, batch, error) from error
             self.env[node] = values
-        for used in self.free_after.get(node, ()):  # its last user ran: drop its activations or weight
+        for used in self.free_after.get(node, ()):  # its last user ran: drop its activations
             self.env.pop(used, None)
-            self.weights.pop(used, None)
+        for used in node.all_input_nodes:  # a weight is read again by a later user (a tied embedding
+            self.weights.pop(used, None)   # and output matrix): never held across the layers between
+
+
+    def column_sums(self, node: torch.fx.Node, dim: int, module: dict | None) -> np.ndarray:
+        """The consumer's ``column_abs_sums``; slice by slice when its product is not computed."""
+        if module is not None:
+            return column_abs_sums(module["weight"], dim)
+        weight = _weight_node(node)
+        if self.rows is None or node is not self.nodes[self.last_watched] or dim == 0:
+            return column_abs_sums(self.weight_of(weight), dim)
+        like = _attr(self.gm, weight.target)
+        return column_abs_sums(like, dim, lambda start, stop: self.read_rows(weight, torch.arange(start, stop)))
+
+    def reads_rows(self, node: torch.fx.Node) -> bool:
+        return (self.rows is not None and node.op == "call_function" and node.target is EMBEDDING
+                and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "get_attr")
+
+    def embedding(self, node: torch.fx.Node, args: tuple) -> torch.Tensor:
+        """``aten.embedding`` from the rows of the tokens it looks up: the same values (a
+        gather), without the vocabulary matrix (padding_idx and the rest only shape gradients)."""
+        tokens, inverse = torch.unique(args[1], return_inverse=True)
+        return EMBEDDING(self.read_rows(node.args[0], tokens), inverse)
+
+    def read_rows(self, weight: torch.fx.Node, index: torch.Tensor) -> torch.Tensor:
+        like, part = _attr(self.gm, weight.target), self.rows(weight.target, index)
+        return part.to(self.device, like.dtype) if like.is_floating_point() else part.to(self.device)
 
 
 def _attr(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:

@@ -296,11 +296,14 @@ def activation_scores(graph: DependencyGraph, norms: dict[tuple[str, int], np.nd
 CHUNK_ELEMENTS = 2 ** 22  # column_abs_sums converts at most this many weights (16 MB) to float32 at once
 
 
-def column_abs_sums(weight: torch.Tensor, dim: int) -> np.ndarray:
+def column_abs_sums(weight: torch.Tensor, dim: int,
+                    read_rows: Callable[[int, int], torch.Tensor] | None = None) -> np.ndarray:
     """``sum |W|`` over every dim but ``dim``, one float64 number per index along ``dim``,
     in slices of ``CHUNK_ELEMENTS`` (a 128256 x 2048 bfloat16 output matrix never becomes one
     float32 copy), each summed in float32 and the slices' sums added in float64. The same
-    slices whatever holds the weight, so equal weights give equal sums.
+    slices whatever holds the weight, so equal weights give equal sums. ``read_rows(start,
+    stop)``, for ``dim`` > 0, gives rows ``start:stop`` of a weight not in memory (then
+    ``weight`` only gives the shape: a meta tensor will do).
 
     Example:
         >>> column_abs_sums(torch.tensor([[1.0, -2.0], [3.0, 0.5]]), 1).tolist()
@@ -311,8 +314,10 @@ def column_abs_sums(weight: torch.Tensor, dim: int) -> np.ndarray:
     step = max(1, CHUNK_ELEMENTS // max(1, weight.numel() // max(1, weight.shape[other])))
     total = torch.zeros(weight.shape[dim], dtype=torch.float64)
     reduce = [d for d in range(weight.ndim) if d != dim]
-    for part in weight.split(step, dim=other):
-        total += part.float().abs_().sum(reduce).double().cpu()  # float() copies: abs_ is on the copy
+    parts = (weight.split(step, dim=other) if read_rows is None or other != 0 else
+             (read_rows(start, min(start + step, weight.shape[0])) for start in range(0, weight.shape[0], step)))
+    for part in parts:
+        total += part.float().abs().sum(reduce).double().cpu()  # never abs_: float() of float32 is the weight
     return total.numpy()
 
 
