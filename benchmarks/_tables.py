@@ -334,9 +334,9 @@ def shards(rows: list[dict]) -> Table:
 
 def scale(rows: list[dict]) -> Table:
     """scale.py's rows: activation scores from a checkpoint, layer by layer, in 1 or more processes."""
-    head = ["model", "processes", "checkpoint (MB)", "calibration tokens", "scores (s)", "tokens/s",
+    head = ["model", "processes", "allocator", "checkpoint (MB)", "calibration tokens", "scores (s)", "tokens/s",
             "base RSS (MB)", "peak RSS (MB)", "added (MB)", "added / checkpoint", "equal to in-memory"]
-    body = [[r["model"], r["processes"], r["checkpoint_mb"], f"{r['batches']} x {r['seq']}", r["scores_s"],
+    body = [[r["model"], r["processes"], r.get("allocator", ""), r["checkpoint_mb"], f"{r['batches']} x {r['seq']}", r["scores_s"],
              r["tokens_per_s"], r["base_rss_mb"], r["peak_rss_mb"], r["added_mb"],
              f"{r['added_mb'] / r['checkpoint_mb']:.2f}",
              ("" if "equal" not in r else "yes (bit for bit)" if r["equal"]

@@ -14,6 +14,8 @@ checkpoint when the graph needs it. Per row:
                   it (``VmHWM``, reset just before through ``/proc/self/clear_refs``), per
                   process (the larger rank's with 2);
 * added        -- peak minus base, against the checkpoint's size (goal: at most 25%);
+* allocator    -- glibc's default, and a last row with a fixed mmap threshold
+                  (``MALLOC_MMAP_THRESHOLD_``): the default keeps freed weights resident;
 * equal        -- on ``--equal-model`` (default: two layers of the 1B shape, which loads
                   whole in about 1.3 GB): the largest difference between these scores and
                   ``score_groups(graph, "activation")`` on the model loaded with
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -41,6 +44,12 @@ from _tables import scale as table
 from _tables import show
 from llm_scale import SHAPES
 from shards import MB, save_random_checkpoint, status
+
+
+# glibc raises its mmap threshold (up to 32 MB) each time a large block is freed, after
+# which freed weights stay in the heap and count as resident; a fixed threshold returns
+# them to the system: the row with it shows what the scores themselves hold
+FIXED_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def meta_graph(source: Path, seq: int):
@@ -124,10 +133,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_children(args_list: list[list[str]]) -> list[dict]:
+def run_children(args_list: list[list[str]], env: dict | None = None) -> list[dict]:
     """Start every child at once (the ranks of one run), wait, and parse their JSON lines."""
     procs = [subprocess.Popen([sys.executable, __file__, *a], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for a in args_list]
+                              text=True, env={**os.environ, **(env or {})}) for a in args_list]
     out = []
     for p in procs:
         stdout, stderr = p.communicate()
@@ -166,10 +175,11 @@ def main(argv=None) -> int:
         source.mkdir()
         saved = save_random_checkpoint(args.model, 4, source)
         print(f"  saved llama-{args.model} ({saved['model_mb']} MB)", file=sys.stderr, flush=True)
-        for world in [int(n) for n in args.processes.split(",")]:
+        worlds = [(int(n), {}) for n in args.processes.split(",")] + [(1, FIXED_THRESHOLD)]
+        for world, env in worlds:
             port = free_port()
             ranks = run_children([["--child", "score", str(source), str(r), str(world), str(port), *common]
-                                  for r in range(world)])
+                                  for r in range(world)], env)
             slowest = max(ranks, key=lambda r: r["scores_s"])
             largest = max(ranks, key=lambda r: r["added_mb"])
             rows.append({"model": f"llama-{args.model}", "processes": world, "checkpoint_mb": saved["model_mb"],
@@ -177,7 +187,8 @@ def main(argv=None) -> int:
                          "scores_s": slowest["scores_s"],
                          "tokens_per_s": round(args.batches * args.seq / slowest["scores_s"], 1),
                          "base_rss_mb": largest["base_rss_mb"], "peak_rss_mb": largest["peak_rss_mb"],
-                         "added_mb": largest["added_mb"], "groups": slowest["groups"]})
+                         "added_mb": largest["added_mb"], "groups": slowest["groups"],
+                         "allocator": " ".join(f"{k}={v}" for k, v in env.items()) or "glibc default"})
             print(f"  scored with {world} process(es)", file=sys.stderr, flush=True)
         for path in source.glob("*.safetensors"):
             path.unlink()  # room for the second checkpoint
@@ -190,7 +201,7 @@ def main(argv=None) -> int:
                      "batches": args.batches, "seq": args.seq, **{k: ranks[k] for k in
                      ("analysis_s", "scores_s", "base_rss_mb", "peak_rss_mb", "added_mb", "groups")},
                      "tokens_per_s": round(args.batches * args.seq / ranks["scores_s"], 1),
-                     "equal": equal["equal"], "max_rel_diff": equal["max_rel_diff"]})
+                     "equal": equal["equal"], "max_rel_diff": equal["max_rel_diff"], "allocator": "glibc default"})
     show(table(rows))
     if args.json:
         write(args.json, rows, header(args, threads=1))
