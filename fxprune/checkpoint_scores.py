@@ -44,12 +44,14 @@ class CheckpointTensors(Mapping):
 
     >>> import tempfile, fxprune
     >>> from safetensors.torch import save_file
-    >>> net = torch.nn.Linear(2, 3)
+    >>> net = torch.nn.Linear(2, 4)
     >>> folder = tempfile.mkdtemp()
     >>> save_file(net.state_dict(), f"{folder}/model.safetensors")
     >>> tensors = CheckpointTensors(fxprune.analyze(net, torch.randn(1, 2)), folder)
     >>> sorted(tensors), torch.equal(tensors["weight"], net.weight)
     (['bias', 'weight'], True)
+    >>> torch.equal(tensors.rows("weight", torch.tensor([0, 2, 3])), net.weight[[0, 2, 3]])
+    True
     """
 
     def __init__(self, graph: DependencyGraph, folder: str | Path):
@@ -73,17 +75,7 @@ class CheckpointTensors(Mapping):
 
     def rows(self, key: str, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` (dim 0, ascending) of tensor ``key``, read without the rest of it:
-        one read per run of consecutive rows.
-
-        >>> import tempfile, fxprune
-        >>> from safetensors.torch import save_file
-        >>> net = torch.nn.Linear(2, 4)
-        >>> folder = tempfile.mkdtemp()
-        >>> save_file(net.state_dict(), f"{folder}/model.safetensors")
-        >>> tensors = CheckpointTensors(fxprune.analyze(net, torch.randn(1, 2)), folder)
-        >>> torch.equal(tensors.rows("weight", torch.tensor([0, 2, 3])), net.weight[[0, 2, 3]])
-        True
-        """
+        one read per run of consecutive rows (the class example reads two runs)."""
         stored = next((k for k in self.ties.get(key, [key]) if k in self.layout.shapes), None)
         if stored is None:
             return self._not_stored(key)[index]
