@@ -11,6 +11,7 @@ torch.Size([1, 8, 28, 28])
 from .capture import trace
 from .channels import DependencyGraph, Group, analyze, register_rule
 from .channels.branches import Branch, unit
+from .channels.layers import Layer
 from .channels.feasible import feasible_plan
 from .errors import (AnalysisError, CheckpointError, FxpruneError, PlanError, SpecError, TraceError, VerificationError,
                      WeightError, WriteBackError)
@@ -24,7 +25,7 @@ from .spec import LatencySpec, Spec
 __version__ = "0.1.0"
 
 __all__ = [
-    "analyze", "prune", "save_pruned", "score_checkpoint", "compress", "feasible_plan", "check_zero_invariance", "Spec", "LatencySpec", "Result", "trace", "register_rule", "DependencyGraph", "Group", "Branch", "unit",
+    "analyze", "prune", "save_pruned", "score_checkpoint", "compress", "feasible_plan", "check_zero_invariance", "Spec", "LatencySpec", "Result", "trace", "register_rule", "DependencyGraph", "Group", "Branch", "Layer", "unit",
     "FxpruneError", "TraceError", "AnalysisError", "PlanError", "VerificationError", "SpecError", "WeightError", "WriteBackError",
     "CheckpointError",
 ]

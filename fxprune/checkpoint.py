@@ -186,8 +186,8 @@ def check_destination(source: Path, dest: Path) -> None:
 
 def key_renames(graph: DependencyGraph, plan: Mapping[int, object], layout: Layout) -> dict[str, str | None]:
     """Each checkpoint key -> its key in the pruned checkpoint, or None where the plan's
-    branches take its layer away (the blocks ``emit="module"`` drops; later entries of a
-    layer list renumber).
+    branches or layers take its layer away (the blocks ``emit="module"`` drops; later
+    entries of a layer list renumber).
 
     >>> import tempfile, torch, fxprune
     >>> from safetensors.torch import save_file
@@ -208,7 +208,7 @@ def key_renames(graph: DependencyGraph, plan: Mapping[int, object], layout: Layo
     if not branches:
         return {key: key for key in layout.shapes}
     if graph.model is None:
-        raise CheckpointError("the plan removes residual branches, whose layers only the analysed module's own "
+        raise CheckpointError("the plan removes residual branches or layers, which only the analysed module's own "
                               "structure names; analyse the nn.Module (not an ExportedProgram)")
     blocks = removed_blocks(graph, branches)
     layers = removed_layers(graph.model, blocks)

@@ -26,14 +26,14 @@ from fxprune.channels.analysis import ATTENTION_UNITS
 from fxprune.passes.emit import EMITS as PRUNE_EMITS
 from fxprune.passes.prune import VERIFY
 from fxprune.select.calibration import Calibration, as_calibration, check_data_needs
-from fxprune.select.branch_score import BRANCH_SCORES
+from fxprune.select.branch_score import BRANCH_SCORES, DEPTH_KINDS
 from fxprune.select.expert_score import EXPERT_SCORES
 from fxprune.select.metrics import TARGET_METRICS
 from fxprune.select.score import known_scores
 from fxprune.sparsity.calibrated import CALIBRATED, MASK_SCORES
 
 SCOPES = ("global", "local", "latency")
-UNIT_KINDS = ("channels", "branches", "experts")  # what competes for the budget (docs/depth.md, docs/experts.md)
+UNIT_KINDS = ("channels", "branches", "layers", "experts")  # what competes for the budget (docs/depth.md, docs/experts.md)
 CAPTURES = FRONT_ENDS
 EMITS = ("auto", *PRUNE_EMITS)  # "auto": graph for fx captures, module for export and parts ones
 _CODE_ONLY = ("example_inputs", "calib_inputs", "loss_fn")  # cannot live in a file
@@ -177,6 +177,9 @@ class Spec:
             "branches" (residual branches, whole blocks: ``graph.branches``) or
             ``["channels", "branches"]`` (one ranking, scores normalised within each
             kind and divided by cost; docs/depth.md). Not with scope="latency".
+            "layers": whole layers (entries of an ``nn.ModuleList`` or ``nn.Sequential``
+            that become the identity: ``graph.layers``), scored by ``branch_score``,
+            alone or beside "channels" and "branches".
         branch_score: how branches are ranked: "output_norm" (default: the branch's
             output norm relative to the stream), "block_influence" (1 - cos of the
             stream before and after), "group_lasso" (the L2 norm of its weights),
@@ -268,10 +271,10 @@ class Spec:
             fail("spec.units", "experts are removed by a float ratio (the share of each routed layer's "
                  "experts, e.g. ratio=0.5); a target or a ratio per module does not apply to them yet")
         check_int("spec.branch_run", self.branch_run, 1)
-        if "branches" in self.unit_kinds and self.scope == "latency":
+        if set(DEPTH_KINDS) & set(self.unit_kinds) and self.scope == "latency":
             fail("spec.scope", "scope='latency' times channel groups only; with units including "
                  "'branches' use scope='local' or 'global' (branches are ranked per unit of cost)")
-        if "branches" in self.unit_kinds and isinstance(self.ratio, Mapping):
+        if set(DEPTH_KINDS) & set(self.unit_kinds) and isinstance(self.ratio, Mapping):
             fail("spec.ratio", "a ratio per group or module applies to channels; with units including "
                  "'branches' give one float ratio (the share of branches removed) or a target")
 

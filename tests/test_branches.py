@@ -192,8 +192,9 @@ def test_bad_branch_plans():
     with pytest.raises(fxprune.PlanError, match="one unit"):
         fxprune.prune(graph, {b.id: [1]})
     last = graph.branches[-1].id
+    beyond = (graph.layers or graph.branches)[-1].id + 1  # whole layers follow the branches
     with pytest.raises(fxprune.PlanError, match=f"branches {b.id}..{last}"):
-        fxprune.prune(graph, {last + 1: [0]})
+        fxprune.prune(graph, {beyond: [0]})
     with pytest.raises(fxprune.PlanError, match="one unit"):
         fxprune.feasible_plan(graph, [(b.id, 2)])
     assert fxprune.unit(graph, b.id) is b and fxprune.unit(graph, 0) is graph.groups[0]
@@ -314,7 +315,7 @@ def test_units_channels_and_branches_compete():
 def test_units_spec_errors():
     base = {"example_inputs": IMAGE, "ratio": 0.5}
     with pytest.raises(fxprune.SpecError, match="spec.units"):
-        fxprune.Spec(**base, units="layers")
+        fxprune.Spec(**base, units="blocks")
     with pytest.raises(fxprune.SpecError, match="spec.scope"):
         fxprune.Spec(**base, units="branches", scope="latency")
     with pytest.raises(fxprune.SpecError, match="spec.branch_score"):

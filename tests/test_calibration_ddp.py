@@ -4,7 +4,6 @@ give every rank the scores and masks one process computes."""
 import copy
 import datetime
 import os
-import time
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from fxprune.select.calibration import as_calibration
 from fxprune.select.distributed import all_reduce_sums, on_rank_zero
 from fxprune.select.score import score_groups
 from fxprune.sparsity.calibrated import apply_nm_calibrated
-from test_regularize_ddp import free_port
+from gloo_ranks import launch
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -83,21 +82,9 @@ def close(a, b, atol: float = 1e-6) -> bool:
     return a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=1e-5, atol=atol)
 
 
-def run_ranks(fn, world: int, out_dir, timeout: float = 120) -> None:
-    """``fn(rank, world, port, out_dir)`` in ``world`` forked processes (forked: they share
-    the parent's imports, which take longer than the test); killed after ``timeout`` s."""
-    procs = mp.start_processes(fn, args=(world, free_port(), str(out_dir)), nprocs=world, join=False,
-                               start_method="fork")
-    deadline = time.monotonic() + timeout
-    while not procs.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.kill()
-            pytest.fail(f"the {world} ranks did not finish within {timeout:.0f} s")
-
-
 def test_two_ranks_score_as_one_process(tmp_path):
-    run_ranks(worker, 2, tmp_path)
+    (tmp_path / "errors").mkdir()
+    launch(worker, (str(tmp_path),), str(tmp_path / "errors"), world=2, timeout=120)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     alone = {**scores(5), **scores(1)}
     for result in ranks:

@@ -2,23 +2,16 @@
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fxprune.regularize import ChannelSlices, GroupLasso, LpDecay, TargetedGroupLasso
+from gloo_ranks import launch
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -66,7 +59,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_ddp_replicas_stay_identical(tmp_path):
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    launch(worker, (str(tmp_path),), str(tmp_path))
     result = torch.load(tmp_path / "result.pt")
     a, b = result["params"]
     assert torch.isfinite(a).all()

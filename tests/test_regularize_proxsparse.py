@@ -8,13 +8,13 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from fxprune.errors import SpecError
 from fxprune.regularize.proxsparse import ProxSparse, group_objective, prox_24
 from fxprune.sparsity.masks import finalize
 from fxprune.sparsity.nm import check_nm, nm_mask
+from gloo_ranks import launch
 
 
 @pytest.mark.parametrize("lam", [0.01, 1.0, 100.0])
@@ -126,9 +126,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 def test_ddp_replicas_stay_identical(tmp_path):
-    from tests.test_regularize_ddp import free_port
-
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    launch(_worker, (str(tmp_path),), str(tmp_path))
     result = torch.load(tmp_path / "result.pt")
     a, b = result["params"]
     assert torch.equal(a, b) and result["two_sparse"] == 1.0

@@ -231,6 +231,21 @@ def test_a_plan_the_config_cannot_hold_fails_before_any_file_is_written(source, 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_removed_layer_unit_drops_the_same_keys_as_its_two_branches(source, tmp_path):
+    """graph.layers: removing layer 0 as one unit writes what removing its attention and
+    MLP branches writes (a pre-norm layer is its two branches)."""
+    folder, _ = source
+    graph = meta_graph(folder)
+    layer0 = next(l for l in graph.layers if l.path == "model.layers.0")
+    branches = {b.id: [0] for b in graph.branches if b.modules[0].startswith("model.layers.0.")}
+    fxprune.save_pruned(graph, {layer0.id: [0]}, folder, tmp_path / "layer")
+    fxprune.save_pruned(graph, branches, folder, tmp_path / "branches")
+    for name in ("model.safetensors.index.json", "config.json"):
+        assert json.loads((tmp_path / "layer" / name).read_text()) == json.loads((tmp_path / "branches" / name).read_text())
+    index = json.loads((tmp_path / "layer" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not any(k.startswith("model.layers.1.") for k in index) and "model.layers.0.mlp.up_proj.weight" in index
+
+
 def test_removed_layers_are_not_written_and_later_keys_renumber(source, tmp_path):
     """Both branches of layer 0 go (the whole layer) and layer 1 loses half its key/value
     heads and MLP neurons: layer 1's tensors are written as layer 0's, the config says one

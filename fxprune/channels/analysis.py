@@ -10,6 +10,7 @@ import torch.fx
 from ..capture import capture as capture_model
 from ..capture import gc_paused
 from ..errors import AnalysisError
+from ..sharding import check_unsharded
 from . import rules  # noqa: F401  (registers the built-in rules)
 from .context import AnalysisState, RuleContext
 from .graph import DependencyGraph, build_groups
@@ -93,6 +94,8 @@ def analyze(model, example_inputs, *, capture: str = "auto", attention_units: st
     if attention_units not in ATTENTION_UNITS:
         raise AnalysisError(f"attention_units must be one of {', '.join(map(repr, ATTENTION_UNITS))}, "
                             f"got {attention_units!r}")
+    if isinstance(model, torch.nn.Module):
+        check_unsharded(model, "analyze", AnalysisError)
     load_plugins()
     register_late_ops()
     with gc_paused():

@@ -89,6 +89,7 @@ class Branch:
     _all: dict[str, list[tuple[int, list[int]]]] = field(repr=False, default_factory=dict)
     size: int = 1
     prunable: bool = True
+    kind = "branch"  # a whole layer (fxprune.channels.layers.Layer) is the other depth unit
 
     @property
     def oracle_role(self) -> str | None:
@@ -402,15 +403,21 @@ def unit(graph, unit_id: int):
 
     if unit_id is not None and (experts := expert_set(graph, unit_id)) is not None:
         return experts
+    layers = graph.layers  # the fourth kind, after the experts
+    if isinstance(unit_id, (int, np.integer)) and not isinstance(unit_id, bool) and layers \
+            and layers[0].id <= unit_id <= layers[-1].id:
+        return layers[int(unit_id) - layers[0].id]
     last = f"; branches {n}..{n + len(graph.branches) - 1}" if graph.branches else ""
     if graph.experts:
         last += f"; expert sets {graph.experts[0].id}..{graph.experts[-1].id}"
+    if layers:
+        last += f"; layers {layers[0].id}..{layers[-1].id}"
     raise PlanError(f"no unit {unit_id!r}: this graph has channel groups 0..{n - 1}{last}")
 
 
 def split_plan(graph, plan) -> tuple[dict, list[Branch]]:
-    """``plan`` as its channel part ``{group id: units}`` and the branches it removes
-    (expert sets are in neither: see ``fxprune.channels.experts.removed_experts``).
+    """``plan`` as its channel part ``{group id: units}`` and the branches and layers it
+    removes (expert sets are in neither: see ``fxprune.channels.experts.removed_experts``).
 
     >>> import torch, fxprune
     >>> graph = fxprune.analyze(torch.nn.Linear(2, 2), torch.randn(1, 2))
@@ -422,7 +429,7 @@ def split_plan(graph, plan) -> tuple[dict, list[Branch]]:
     n = len(graph.groups)
     for key, units in plan.items():
         if isinstance(key, (int, np.integer)) and not isinstance(key, bool) and key >= n \
-                and (graph.branches or graph.experts):
+                and (graph.branches or graph.experts or graph.layers):
             branch = unit(graph, key)
             if not isinstance(branch, Branch):
                 continue  # an expert set (fxprune.channels.experts.removed_experts)

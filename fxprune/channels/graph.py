@@ -138,6 +138,17 @@ class DependencyGraph:
         return self._experts
 
     @property
+    def layers(self) -> list:
+        """Whole layers (depth units, ``fxprune.channels.layers``), found on first use; their
+        ids follow the last expert set's."""
+        if getattr(self, "_layers", None) is None:
+            from .layers import find_layers  # layers reads graphs; graph must not import it first
+
+            first = len(self.groups) + len(self.branches) + len(self.experts)
+            self._layers = find_layers(self.gm, self.model, first, self.state.canonical)
+        return self._layers
+
+    @property
     def prunable_groups(self) -> list[Group]:
         return [g for g in self.groups if g.prunable]
 

@@ -29,12 +29,22 @@ from fxprune.errors import FxpruneError
 from fxprune.measure import LatencySettings
 from fxprune.models import load_plugin
 from fxprune.select.branch_score import BRANCH_SCORES
-from fxprune.spec import ATTENTION_UNITS, CAPTURES, EMITS, VERIFY
+from fxprune.spec import ATTENTION_UNITS, CAPTURES, EMITS, UNIT_KINDS, VERIFY
 
 MODEL_HELP = ("model reference: torchvision:NAME, timm:NAME, package.module:factory, "
               "path/to/file.py:factory, or a file saved by `fxprune compress -o` / torch.save")
 INPUT_HELP = ("input shape, e.g. 1,3,224,224 (several inputs: '1,8;1,4'); default: the "
               "model's own (torchvision: 1,3,224,224; saved by fxprune: as compressed)")
+
+
+def _units(text: str) -> str | list[str]:
+    """``--units``: one kind, ``both`` (channels and branches) or a comma list of kinds."""
+    kinds = ["channels", "branches"] if text == "both" else [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in UNIT_KINDS or k == "experts"]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown kind {bad[0] if bad else text!r}: use channels, branches, "
+                                         "layers, both, or a comma list such as channels,layers")
+    return kinds[0] if len(kinds) == 1 else kinds
 
 
 def _command(sub, name: str, help_text: str, examples: str, func):
@@ -149,9 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "widths on multiples of 8-64: fast and deterministic), latency (times each "
                         "group's kernels and keeps the result only if it runs faster; slower to run), "
                         "global (ranked across groups by score per FLOP; thins cheap early layers)")
-    p.add_argument("--units", choices=("channels", "branches", "both"),
+    p.add_argument("--units", type=_units, metavar="KINDS",
                    help="what competes for the budget: channels (default), branches (whole residual "
-                        "blocks: depth) or both (docs/depth.md)")
+                        "blocks: depth), layers (whole entries of a layer list), both (channels and "
+                        "branches), or a comma list, e.g. channels,layers (docs/depth.md)")
     p.add_argument("--branch-score", choices=BRANCH_SCORES,
                    help="how branches rank (default output_norm: |f(x)| / |x| over the inputs; "
                         "angular_distance over runs of --branch-run; calibration_loss: SLEB)")

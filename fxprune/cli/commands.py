@@ -76,7 +76,7 @@ def _spec_dict(args, shape) -> dict:
                         ("emit", args.emit), ("verify", args.verify), ("calibration", args.calibration),
                         ("attention_units", args.attention_units), ("branch_score", args.branch_score),
                         ("branch_run", args.branch_run),
-                        ("units", ["channels", "branches"] if args.units == "both" else args.units)):
+                        ("units", args.units)):
         if value is not None:
             data[name] = value
     if args.input or "input_shape" not in data:

@@ -27,6 +27,8 @@ def graph_json(graph, model_ref: str, input_shape) -> str:
         "branches": [{"id": b.id, "join": b.join, "shortcut": b.shortcut, "parent": b.parent,
                       "zero_invariant": b.zero_invariant, "reason": b.reason, "modules": b.modules}
                      for b in graph.branches],
+        "layers": [{"id": l.id, "path": l.path, "entry": l.shortcut, "exit": l.join, "parent": l.parent,
+                    "modules": l.modules} for l in graph.layers],
     }, indent=2)
 
 
@@ -171,7 +173,7 @@ def graph_text(graph, model_ref: str) -> str:
                                     "consumers", "reason"], disable_numparse=True,
                     colalign=("right", "right", "left", "left", "left", "right", "left"))
     return (f"{head}\n{body}\nproducers: first tensor[dim] (+ how many more); all members: --format json"
-            + branches_text(graph))
+            + branches_text(graph) + layers_text(graph))
 
 
 def branches_text(graph) -> str:
@@ -186,3 +188,16 @@ def branches_text(graph) -> str:
                     disable_numparse=True)
     return (f"\n\n{len(graph.branches)} residual branches (remove one with {{id: [0]}}; "
             f"--units branches in compress)\n{body}")
+
+
+def layers_text(graph) -> str:
+    """The whole layers (depth units: list entries that can become the identity) as a
+    table, or nothing when there are none."""
+    if not graph.layers:
+        return ""
+    params = dict(graph.gm.named_parameters(remove_duplicate=False))
+    table = [[l.id, l.path, l.parent if l.parent is not None else "-", l.shortcut, l.join,
+              sum(params[k].numel() for k in l.slices([0], "all") if k in params)] for l in graph.layers]
+    body = tabulate(table, headers=["layer", "module", "in", "entry", "exit", "params"], disable_numparse=True)
+    return (f"\n\n{len(graph.layers)} layers (remove one with {{id: [0]}}: it becomes the identity; "
+            f"--units layers in compress)\n{body}")

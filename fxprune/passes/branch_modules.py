@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import torch
 
+from ..channels.layers import Layer, covers, is_assert as _is_assert, is_identity_cast as _is_identity
+from ..channels.layers import stack_paths as _stack_paths
 from ..errors import WriteBackError
 from .hf_config import GRAPH_HINT
 
 
-
-def _stack_paths(node) -> list[str]:
-    return [value[0] for value in (node.meta.get("nn_module_stack") or {}).values()]
-
-
 def removed_blocks(graph, branches: list) -> list[str]:
-    """The module paths that become the identity once ``branches`` are removed.
+    """The module paths that become the identity once ``branches`` are removed (whole
+    layers among them, ``fxprune.channels.layers``, are their own module).
 
     >>> import torch, fxprune
     >>> class Block(torch.nn.Module):
@@ -46,8 +44,10 @@ def removed_blocks(graph, branches: list) -> list[str]:
     >>> removed_blocks(graph, graph.branches[:1])
     ['0']
     """
+    layers = [b for b in branches if isinstance(b, Layer)]
+    branches = [b for b in branches if not isinstance(b, Layer) and not any(covers(l, b) for l in layers)]
     removed = {b.id for b in branches}
-    by_path: dict[str, list] = {}
+    by_path: dict[str, list] = {l.path: [] for l in layers}  # a layer is the identity by definition
     nodes = {n.name: n for n in graph.gm.graph.nodes}
     for b in branches:
         parent, inside_removed = b.parent, False
@@ -66,8 +66,10 @@ def removed_blocks(graph, branches: list) -> list[str]:
     chosen = [b for group in by_path.values() for b in group]
     by_path = {path: [b for b in chosen if path in _stack_paths(nodes[b.join])] for path in by_path}
     kept_branches = [b for b in graph.branches if b.id not in removed]
-    accepted = set()
+    accepted = {l.path for l in layers}
     for path, group in sorted(by_path.items(), key=lambda item: -len(_sort_key(item[0]))):  # innermost first
+        if not group:
+            continue  # a whole layer
         node = _computes_more(graph, path, group)
         if node is not None:
             raise WriteBackError(_more_than_branches(graph, path, group, node, kept_branches))
@@ -83,25 +85,6 @@ def removed_blocks(graph, branches: list) -> list[str]:
     paths = sorted((p for p in by_path if not any(p.startswith(f"{q}.") for q in by_path)), key=_sort_key)
     _check_lists_run_in_order(graph, paths)
     return paths
-
-
-_CASTS = {"to", "_to_copy", "type", "float", "contiguous", "clone", "alias", "detach"}
-
-
-def _is_identity(node) -> bool:
-    """A cast or copy to the dtype and shape its input already has (RMSNorm's
-    ``x.to(float32)`` on a float32 stream): it computes its input."""
-    name = getattr(getattr(node.target, "overloadpacket", node.target), "__name__", str(node.target))
-    if node.op not in ("call_function", "call_method") or name not in _CASTS or not node.all_input_nodes:
-        return False
-    a, b = node.all_input_nodes[0].meta.get("tensor_meta"), node.meta.get("tensor_meta")
-    return hasattr(a, "shape") and hasattr(b, "shape") and (tuple(a.shape), a.dtype) == (tuple(b.shape), b.dtype)
-
-
-def _is_assert(node) -> bool:
-    """An exported graph's checks (``aten._assert_tensor_metadata``): they compute nothing."""
-    return not node.users and node.op == "call_function" and \
-        getattr(node.target, "__name__", "").split(".")[0].startswith("_assert")
 
 
 def _computes_more(graph, path: str, group: list):

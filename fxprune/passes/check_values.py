@@ -6,7 +6,8 @@ size, a constant rewritten at the wrong position all keep every shape). So, on t
 example inputs, the pruned graph is run against the *analysed* graph with the plan's
 units masked the way their removal equals: zeroed producer slices for a zero-invariant
 group (``Group.oracle_role == "out"``), zeroed consumer slices where that is the masking
-(``"in"``, query slots). The largest difference over the outputs, relative to the
+(``"in"``, query slots), a removed layer's output replaced by its input (``"identity"``,
+whole layers). The largest difference over the outputs, relative to the
 largest reference output, must stay under a tolerance set by the dtype. When it does
 not, both graphs are run again node by node and the error names the first node whose
 kept channels diverge.
@@ -29,6 +30,7 @@ from .._util import eval_mode
 from ..channels.branches import unit
 from ..channels.experts import router_overrides
 from ..channels.graph import DependencyGraph
+from ..channels.layers import identity_overrides
 from ..channels.values import TensorChannels
 from ..errors import VerificationError
 
@@ -75,8 +77,8 @@ def masked_tensors(graph: DependencyGraph, plan: Mapping[int, object]) -> dict[s
     tensors: dict[str, torch.Tensor] = {}
     for gid, units in plan.items():
         group = unit(graph, gid)  # a channel group, a branch or an expert set
-        if group.oracle_role == "router":
-            continue  # a masking of the router's output, not of a tensor: router_overrides
+        if group.oracle_role in ("router", "identity"):
+            continue  # a masking of a node's output, not of a tensor: router/identity_overrides
         for key, cuts in group.slices(units, group.oracle_role).items():
             if key not in tensors:
                 tensors[key] = _fetch(graph.gm, key).detach().clone()
@@ -104,7 +106,8 @@ def check_values(graph: DependencyGraph, plan: Mapping[int, object], pruned: tor
         return ValueCheck(None, 0.0, "values not checked: the model is on the meta device (shapes were)")
     masked = masked_tensors(graph, plan)
     routers = router_overrides(graph, plan)  # removed experts: -inf on their router logits
-    reference = _run(graph.gm, masked, inputs.clone().flat(graph.gm), overrides=routers)
+    identities = identity_overrides(graph, plan)  # removed layers: their input as their output
+    reference = _run(graph.gm, masked, inputs.clone().flat(graph.gm), overrides=routers, identities=identities)
     output = _run(pruned, {}, inputs.clone().flat(pruned))
     tolerance = max((TOLERANCES.get(t.dtype, 1e-4) for t in _leaves(reference)), default=1e-4)
     error = output_error(reference, output)
@@ -122,7 +125,8 @@ def first_divergence(graph: DependencyGraph, masked: dict[str, torch.Tensor], pr
     """Where the two runs part: the first pruned node whose kept channels differ from the
     masked original's (nodes in graph order; nodes the rewrite added are not compared)."""
     reference = _run(graph.gm, masked, graph.example_inputs.clone().flat(graph.gm), record=True,
-                     overrides=router_overrides(graph, plan) if plan is not None else {})
+                     overrides=router_overrides(graph, plan) if plan is not None else {},
+                     identities=identity_overrides(graph, plan) if plan is not None else {})
     values = _run(pruned, {}, graph.example_inputs.clone().flat(pruned), record=True)
     old_nodes = {n.name: n for n in graph.gm.graph.nodes}
     for node in pruned.graph.nodes:
@@ -145,15 +149,20 @@ def first_divergence(graph: DependencyGraph, masked: dict[str, torch.Tensor], pr
 
 
 class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, overrides: Mapping[str, torch.Tensor] | None = None):
+    def __init__(self, gm: torch.fx.GraphModule, overrides: Mapping[str, torch.Tensor] | None = None,
+                 identities: Mapping[str, str] | None = None):
         super().__init__(gm, garbage_collect_values=False)
         self.values: dict[str, object] = {}
         self.overrides = overrides or {}
+        self.identities = identities or {}
+        self.by_name = {n.name: n for n in gm.graph.nodes} if self.identities else {}
 
     def run_node(self, n):
         result = super().run_node(n)
         if n.name in self.overrides:  # an additive mask on this node's output (a router's)
             result = result + self.overrides[n.name].to(result.device, result.dtype)
+        if n.name in self.identities:  # a layer replaced by the identity: its input is its output
+            result = self.env[self.by_name[self.identities[n.name]]]
         self.values[n.name] = result
         return result
 
@@ -162,25 +171,27 @@ class _Recorded(torch.nn.Module):
     """Runs a graph through :class:`_Recorder` so ``functional_call`` can swap its tensors."""
 
     def __init__(self, gm: torch.fx.GraphModule, overrides: Mapping[str, torch.Tensor] | None = None,
-                 record: bool = True):
+                 record: bool = True, identities: Mapping[str, str] | None = None):
         super().__init__()
         self.gm = gm
         self.overrides = overrides
+        self.identities = identities
         self.record = record
 
     def forward(self, *args):
-        recorder = _Recorder(self.gm, self.overrides)
+        recorder = _Recorder(self.gm, self.overrides, self.identities)
         out = recorder.run(*args)
         return recorder.values if self.record else out
 
 
 def _run(gm: torch.fx.GraphModule, tensors: dict[str, torch.Tensor], args: tuple, record: bool = False,
-         overrides: Mapping[str, torch.Tensor] | None = None):
+         overrides: Mapping[str, torch.Tensor] | None = None, identities: Mapping[str, str] | None = None):
     """``gm(*args)`` (every node's value with ``record``) with ``tensors`` swapped in, in
     eval mode, without gradients, from a fixed random seed; ``overrides`` adds a mask to
-    the named nodes' outputs (removed experts' router logits)."""
-    if record or overrides:
-        module, tensors = _Recorded(gm, overrides, record), {f"gm.{k}": v for k, v in tensors.items()}
+    the named nodes' outputs (removed experts' router logits), ``identities`` gives a
+    node the value of another (a removed layer's exit that of its entry)."""
+    if record or overrides or identities:
+        module, tensors = _Recorded(gm, overrides, record, identities), {f"gm.{k}": v for k, v in tensors.items()}
     else:
         module = gm
     with eval_mode(gm), torch.no_grad(), torch.random.fork_rng(devices=[]):

@@ -34,6 +34,7 @@ import torch.fx
 
 from fxprune.channels.graph import DependencyGraph, Group
 from fxprune.errors import SpecError
+from fxprune.sharding import AFTER_TRAINING, check_unsharded, full, total_over
 
 META_KEY = "fxprune_l0"  # GraphModule.meta key of the gate probabilities after fold_gates
 POINTS_KEY = "fxprune_gate_points"  # GatedModel.meta key of its GatePoints
@@ -100,8 +101,10 @@ class L0Gate(torch.nn.Module):
         return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
 
     def expected_l0(self) -> torch.Tensor:
-        """The L0 penalty: expected number of non-zero gates (differentiable)."""
-        return self.prob_nonzero().sum()
+        """The L0 penalty: expected number of non-zero gates (differentiable; under FSDP2
+        summed over the ranks' pieces of ``log_alpha``)."""
+        shift = self.beta * math.log(-self.gamma / self.zeta)
+        return total_over([self.log_alpha], lambda la: torch.sigmoid(la - shift).sum())
 
 
 def apply_gate(x: torch.Tensor, z: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -162,12 +165,12 @@ class GatedModel(torch.fx.GraphModule):
     def gate_probabilities(self) -> dict[int, np.ndarray]:
         """``{group id: P(z != 0) per unit}``."""
         with torch.no_grad():
-            return {gid: g.prob_nonzero().double().numpy() for gid, g in self.gates().items()}
+            return {gid: full(g.prob_nonzero()).double().numpy() for gid, g in self.gates().items()}
 
     def deterministic_gates(self) -> dict[int, np.ndarray]:
         """``{group id: eval-mode z per unit}`` (exact zeros are closed gates)."""
         with torch.no_grad():
-            return {gid: g.deterministic().double().numpy() for gid, g in self.gates().items()}
+            return {gid: full(g.deterministic()).double().numpy() for gid, g in self.gates().items()}
 
 
 def _units_of(group: Group, roots_all: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -311,6 +314,7 @@ def fold_gates(gated: GatedModel) -> torch.fx.GraphModule:
         >>> folded = fold_gates(gated)
         >>> torch.testing.assert_close(folded.eval()(x), gated.eval()(x))
     """
+    check_unsharded(gated, "fold_gates", fix=AFTER_TRAINING)
     model = copy.deepcopy(gated)
     zs = {gid: g.deterministic().detach() for gid, g in model.gates().items()}
     probs = {gid: g.prob_nonzero().detach() for gid, g in model.gates().items()}

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from ..channels.branches import Branch
+from ..channels.branches import Branch, unit
+from ..channels.layers import covers
 from ..errors import VerificationError
 
 
@@ -21,8 +22,9 @@ def remove_branches(ctx, branches: list[Branch]) -> None:
     """Rewrite each branch's join to its shortcut and erase the branch (in ``ctx.gm``).
 
     ``ctx`` is the prune pass's ``PruneContext`` (it knows which node stands for which
-    analysed node after the channel rewrites). A branch nested in another removed branch
-    is gone with it.
+    analysed node after the channel rewrites). A whole layer (``fxprune.channels.layers``)
+    is removed the same way: its exit is the join, its entry the shortcut. A branch
+    nested in another removed branch or layer is gone with it.
 
     >>> import torch, fxprune
     >>> class Block(torch.nn.Module):
@@ -50,8 +52,8 @@ def remove_branches(ctx, branches: list[Branch]) -> None:
     doomed: set[torch.fx.Node] = set()
     moved: dict[torch.fx.Node, torch.fx.Node] = {}
     for branch in branches:
-        if _inside_removed(branch, removed, ctx.graph):
-            continue  # an enclosing branch goes, and this one with it
+        if _inside_removed(branch, removed, ctx.graph) or any(covers(other, branch) for other in branches):
+            continue  # an enclosing branch or layer goes, and this one with it
         join, shortcut = current(branch.join), current(branch.shortcut)
         while shortcut in moved:  # the shortcut is itself a removed branch's join: take what replaced it
             shortcut = moved[shortcut]
@@ -81,7 +83,7 @@ def _inside_removed(branch: Branch, removed: set[int], graph) -> bool:
     while parent is not None:
         if parent in removed:
             return True
-        parent = graph.branches[parent - len(graph.groups)].parent
+        parent = unit(graph, parent).parent  # a branch's parent is a branch, a layer's a layer
     return False
 
 

@@ -3,7 +3,10 @@
 For a zero-invariant group, zeroing the ``role="out"`` slices of the chosen channels in
 a copy of the original model makes those channels identically zero everywhere, so
 removing them must not change the output. This needs no knowledge of the
-architecture, which makes it the universal correctness check of a plan.
+architecture, which makes it the universal correctness check of a plan. Units whose
+removal is a masking run the original with that masking instead: experts with their
+router logits at -inf, whole layers with their forward replaced by the identity
+(``fxprune.channels.layers.identity_layers``).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from ..capture.parts import record_parts
 from ..channels.branches import unit
 from ..channels.experts import mask_routers
 from ..channels.graph import DependencyGraph
+from ..channels.layers import identity_layers
 from ..errors import PlanError, VerificationError
 from .check_values import output_error
 
@@ -29,8 +33,8 @@ def zeroed_copy(model: torch.nn.Module, graph: DependencyGraph, plan: Mapping[in
     state = dict(ref.named_parameters(remove_duplicate=False)) | dict(ref.named_buffers(remove_duplicate=False))
     with torch.no_grad():
         for gid, channels in plan.items():
-            if unit(graph, gid).oracle_role == "router":
-                continue  # experts: masked at the router while the reference runs (mask_routers)
+            if unit(graph, gid).oracle_role in ("router", "identity"):
+                continue  # masked while the reference runs (mask_routers, identity_layers)
             for key, cuts in unit(graph, gid).slices(channels, "out").items():
                 for dim, index in cuts:
                     state[key].index_fill_(dim, torch.as_tensor(index, device=state[key].device), 0)
@@ -57,7 +61,7 @@ def check_zero_invariance(model: torch.nn.Module, graph: DependencyGraph, plan: 
     """
     for gid in plan:
         group = unit(graph, gid)  # a channel group or a branch (zeroing its last producer = removing it)
-        if not group.zero_invariant and group.oracle_role != "router":
+        if not group.zero_invariant and group.oracle_role not in ("router", "identity"):
             why = getattr(group, "zero_invariance_reason", None) or getattr(group, "reason", "")
             raise PlanError(f"{type(group).__name__.lower()} {gid} is not zero-invariant ({why}); "
                             "the oracle does not apply to it")
@@ -65,7 +69,7 @@ def check_zero_invariance(model: torch.nn.Module, graph: DependencyGraph, plan: 
 
     small = pruned if pruned is not None else prune_graph(graph, plan)
     ref = zeroed_copy(model, graph, plan).eval()
-    with torch.no_grad(), eval_mode(small), mask_routers(ref, graph, plan):
+    with torch.no_grad(), eval_mode(small), mask_routers(ref, graph, plan), identity_layers(ref, graph, plan):
         if graph.parts is not None and not isinstance(small, torch.fx.GraphModule):
             # a pruned copy of the model (emit="module"): both run their own forward; the
             # parts' outputs are compared (the post-processing's need not be continuous)

@@ -2,7 +2,9 @@
 
 ``lam * sum |gamma|`` over every BatchNorm weight drives channel scales towards 0;
 small ``|gamma|`` then ranks channels for pruning. ``prox_`` soft-thresholds the
-scales after the optimizer's step to reach exact zeros.
+scales after the optimizer's step to reach exact zeros. Under FSDP2 the scales are read
+where the modules hold them at each call (built before or after ``fully_shard``), each
+rank updates its piece and the penalty is summed over the ranks.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from fxprune.regularize._common import check_lam, lr_of
+from fxprune.sharding import full, local, total_over
 
 # _BatchNorm covers BatchNorm1d/2d/3d, their lazy variants and SyncBatchNorm.
 _BATCHNORM = torch.nn.modules.batchnorm._BatchNorm
@@ -39,9 +42,20 @@ class BNScaleL1:
         found = {}
         for name, module in model.named_modules():
             if isinstance(module, _BATCHNORM) and isinstance(module.weight, torch.nn.Parameter):
-                found.setdefault(id(module.weight), (name, module.weight))
+                found.setdefault(id(module.weight), (name, module))
         self.names: list[str] = [name for name, _ in found.values()]
-        self.scales: list[torch.nn.Parameter] = [w for _, w in found.values()]
+        self._modules = [module for _, module in found.values()]
+
+    @property
+    def scales(self) -> list[torch.nn.Parameter]:
+        """The BatchNorm weights as the modules hold them now (sharded DTensors under FSDP2).
+
+        Example:
+            >>> bn = torch.nn.BatchNorm1d(2)
+            >>> BNScaleL1(bn, lam=0.1).scales[0] is bn.weight
+            True
+        """
+        return [module.weight for module in self._modules]
 
     def penalty(self) -> torch.Tensor:
         """``lam * sum |gamma|``, differentiable.
@@ -54,7 +68,7 @@ class BNScaleL1:
         """
         if not self.scales:
             return torch.zeros(())
-        return self.lam * sum(w.abs().sum() for w in self.scales)
+        return self.lam * total_over(self.scales, lambda w: w.abs().sum())
 
     def channel_scores(self) -> dict[str, torch.Tensor]:
         """``|gamma|`` per BatchNorm layer, detached, keyed by module name.
@@ -63,7 +77,7 @@ class BNScaleL1:
             >>> BNScaleL1(torch.nn.BatchNorm1d(2), lam=0.1).channel_scores()
             {'': tensor([1., 1.])}
         """
-        return {n: w.detach().abs().clone() for n, w in zip(self.names, self.scales)}
+        return {n: full(w.detach()).abs().clone() for n, w in zip(self.names, self.scales)}
 
     @torch.no_grad()
     def prox_(self, lr: float | None = None) -> None:
@@ -78,4 +92,5 @@ class BNScaleL1:
             tensor([ 0.0000, -0.9000])
         """
         for w, lr_w in zip(self.scales, lr_of(self.scales, lr, self.optimizer)):
-            w.copy_(w.sign() * (w.abs() - lr_w * self.lam).clamp_min(0))
+            piece = local(w)  # elementwise: each rank thresholds its own piece
+            piece.copy_(piece.sign() * (piece.abs() - lr_w * self.lam).clamp_min(0))

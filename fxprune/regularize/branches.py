@@ -34,7 +34,7 @@ from collections.abc import Iterable
 import torch
 
 from fxprune.errors import SpecError
-from fxprune.regularize.channels import ChannelSlices
+from fxprune.regularize.channels import ChannelSlices, parameter_owners
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -75,9 +75,10 @@ def branch_slices_from_graph(model: torch.nn.Module, graph, branches: Iterable[i
         chosen = [by_id[i] for i in dict.fromkeys(ids)]
         _check_not_nested(chosen, by_id)
     params = dict(model.named_parameters(remove_duplicate=False))
+    owners = parameter_owners(model)
     out = []
     for b in chosen:
-        triples = [(params[key], dim, index) for key, entries in sorted(b.slices([0], "all").items())
+        triples = [(params[key], dim, index, owners[key]) for key, entries in sorted(b.slices([0], "all").items())
                    if key in params and not key.endswith(_BUFFERS) for dim, index in entries]
         if triples:
             out.append(ChannelSlices(triples, label=("branch", b.id)))

@@ -5,6 +5,11 @@ rows, the BN affine entries of the same channel, ...). ``ChannelSlices`` is that
 list; ``ChannelTable`` compiles many of them into per-(parameter, dim) index
 arrays so that norms and in-place rescaling cost a few tensor ops per parameter
 instead of a Python loop per channel.
+
+Under FSDP2 a parameter is found again where it lives (``owner``: the module and
+attribute name, recorded by ``channel_slices_from_graph``) each time it is used, so
+channels built before ``fully_shard`` act on the sharded parameters; norms are computed
+on each rank's piece and summed over the ranks (``fxprune.sharding``).
 """
 
 from __future__ import annotations
@@ -14,29 +19,75 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.nn.utils import parametrize
 
 from fxprune.errors import SpecError
 from fxprune.select.score import unit_entries
+from fxprune.sharding import full, is_sharded, local, replaced_by_fully_shard, shard_offsets, sum_over_shards
 
 
-class ParamSlice(NamedTuple):
-    """Entries ``index`` along dimension ``dim`` of ``param``.
+class ParamSlice:
+    """Entries ``index`` along dimension ``dim`` of a parameter; ``owner`` (optional) is
+    ``(module, attribute name)``, where the parameter lives. ``param`` is the parameter
+    as the model holds it now: with an owner it is looked up there each time (and the
+    tensor given at construction is not kept, so the one ``fully_shard`` replaces can be
+    freed). Unpacks as ``param, dim, index``.
 
     Example:
-        >>> ChannelSlices([(torch.zeros(4, 3), 0, [1])]).slices[0].index
-        tensor([1])
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> s = ChannelSlices([(lin.weight, 0, [1], (lin, "weight"))]).slices[0]
+        >>> s.param is lin.weight, s.index
+        (True, tensor([1]))
     """
 
-    param: torch.Tensor
-    dim: int
-    index: torch.Tensor
+    __slots__ = ("_param", "dim", "index", "owner")
+
+    def __init__(self, param: torch.Tensor, dim: int, index: torch.Tensor,
+                 owner: tuple[torch.nn.Module, str] | None = None):
+        self._param = None if owner is not None else param
+        self.dim, self.index, self.owner = dim, index, owner
+
+    @property
+    def param(self) -> torch.Tensor:
+        return current_param(self._param, self.owner)
+
+    def __iter__(self) -> Iterator:
+        return iter((self.param, self.dim, self.index))
+
+    def __repr__(self) -> str:
+        return f"ParamSlice(shape={tuple(self.param.shape)}, dim={self.dim}, index={self.index.tolist()})"
+
+
+def current_param(param: torch.Tensor, owner: tuple[torch.nn.Module, str] | None) -> torch.Tensor:
+    """The parameter ``owner`` holds now (``fully_shard`` replaces parameters by sharded
+    DTensors), or ``param`` when there is no owner; a SpecError when ``param`` was
+    replaced by ``fully_shard`` and there is no owner to find the new one.
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> current_param(lin.weight, None) is lin.weight
+        True
+    """
+    if owner is not None:
+        module, name = owner
+        if name not in module._parameters and parametrize.is_parametrized(module, name):
+            return module.parametrizations[name].original  # factorize moved it there
+        return module._parameters[name]  # not getattr: a parametrized module computes `weight`
+    if replaced_by_fully_shard(param):
+        raise SpecError(f"channels: a parameter of shape {tuple(param.shape)} was replaced by "
+                        "fully_shard after these channels were built, so updating it would change "
+                        "nothing; build the channels from the graph (channel_slices_from_graph "
+                        "records where each parameter lives), or by hand after fully_shard")
+    return param
 
 
 class ChannelSlices:
     """The parameter slices one channel owns, across all the layers it touches.
 
     Built from ``(param, dim, indices)`` triples; ``indices`` may be a list or a
-    LongTensor. ``label`` is free-form (``channel_slices_from_graph`` stores
+    LongTensor. A fourth item ``(module, name)`` says where the parameter lives, so that
+    it is found again after ``fully_shard`` replaces it (``channel_slices_from_graph``
+    records it). ``label`` is free-form (``channel_slices_from_graph`` stores
     ``(group_id, channel)``).
 
     Example:
@@ -52,9 +103,9 @@ class ChannelSlices:
     def __init__(self, slices: Iterable[Sequence], label: object = None):
         out = []
         for item in slices:
-            if len(item) != 3:
+            if len(item) not in (3, 4):
                 raise SpecError(f"channels: expected (param, dim, indices) triples, got {item!r}")
-            param, dim, index = item
+            param, dim, index, owner = (*item, None)[:4]
             if not isinstance(param, torch.Tensor):
                 raise SpecError("channels: expected a parameter tensor, got "
                                 f"{type(param).__name__}")
@@ -73,7 +124,7 @@ class ChannelSlices:
             if bad:
                 raise SpecError(f"channels: index out of range for dim {dim} of a parameter "
                                 f"of shape {tuple(param.shape)}")
-            out.append(ParamSlice(param, dim, index))
+            out.append(ParamSlice(param, dim, index, owner))
         self.slices: tuple[ParamSlice, ...] = tuple(out)
         self.label = label
 
@@ -104,7 +155,8 @@ class ChannelSlices:
             >>> ChannelSlices([(torch.arange(6.).view(3, 2), 0, [2])]).values()
             tensor([4., 5.])
         """
-        return torch.cat([s.param.index_select(s.dim, s.index).reshape(-1) for s in self.slices])
+        return torch.cat([full(s.param).index_select(s.dim, s.index).reshape(-1)
+                          for s in self.slices])
 
 
 def _slice_numel(s: ParamSlice) -> int:
@@ -113,10 +165,20 @@ def _slice_numel(s: ParamSlice) -> int:
 
 
 class _Key(NamedTuple):
-    param: torch.Tensor
+    param: torch.Tensor | None  # as given when there is no owner to look it up in
     dim: int
-    index: torch.Tensor  # positions along dim
+    index: torch.Tensor  # positions along dim, in the whole parameter
     channel: torch.Tensor  # channel id of each position
+    owner: tuple[torch.nn.Module, str] | None
+
+
+class _Local(NamedTuple):
+    """One key on this rank: the piece of the parameter it holds and the positions in it."""
+
+    param: torch.Tensor  # the parameter now (a DTensor under FSDP2)
+    piece: torch.Tensor  # this rank's piece (a view of it)
+    index: torch.Tensor
+    channel: torch.Tensor
 
 
 class ChannelTable:
@@ -124,7 +186,8 @@ class ChannelTable:
 
     Channels must not share entries (the channels of analysis groups never do);
     an overlap raises SpecError, since rescaling shared entries twice would be
-    wrong.
+    wrong. Parameters sharded by FSDP2 are read and rescaled piece by piece on each
+    rank; norms are summed over the ranks, so every rank gets the whole channel's norm.
 
     Example:
         >>> w = torch.nn.Parameter(torch.tensor([[3., 4.], [0., 1.]]))
@@ -143,27 +206,68 @@ class ChannelTable:
         grouped: dict[tuple[int, int], list] = {}
         for c, ch in enumerate(self.channels):
             for s in ch:
-                entry = grouped.setdefault((id(s.param), s.dim), [s.param, [], []])
-                entry[1].append(s.index)
-                entry[2].append(torch.full_like(s.index, c))
-        self.keys = [_Key(param, dim, torch.cat(idx), torch.cat(chan))
-                     for (_, dim), (param, idx, chan) in grouped.items()]
-        self.params: list[torch.Tensor] = list({id(k.param): k.param for k in self.keys}.values())
-        self.device = self.params[0].device
-        self.dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) \
+                entry = grouped.setdefault((id(s.param), s.dim), [s._param, s.owner, [], []])
+                entry[2].append(s.index)
+                entry[3].append(torch.full_like(s.index, c))
+        self.keys = [_Key(param, dim, torch.cat(idx), torch.cat(chan), owner)
+                     for (_, dim), (param, owner, idx, chan) in grouped.items()]
+        params = self.params
+        self.device = params[0].device
+        self.dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) \
             else torch.float32
         self.numel = torch.tensor([float(ch.numel()) for ch in self.channels],
                                   dtype=self.dtype, device=self.device)
-        self._check_disjoint()
+        self._pieces: dict[int, tuple] = {}
+        self._check_disjoint(params)
 
     def __len__(self) -> int:
         return len(self.channels)
 
-    def _check_disjoint(self) -> None:
-        for param in self.params:
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The parameters the channels live in, as the model holds them now (the sharded
+        DTensors after ``fully_shard``), each once.
+
+        Example:
+            >>> w = torch.nn.Parameter(torch.ones(2, 2))
+            >>> ChannelTable([ChannelSlices([(w, 0, [1])])]).params[0] is w
+            True
+        """
+        return list({id(p): p for p in map(self.param_of, self.keys)}.values())
+
+    def param_of(self, key: _Key) -> torch.Tensor:
+        """The parameter of one of ``keys`` as the model holds it now.
+
+        Example:
+            >>> w = torch.nn.Parameter(torch.ones(2, 2))
+            >>> table = ChannelTable([ChannelSlices([(w, 0, [1])])])
+            >>> table.param_of(table.keys[0]) is w
+            True
+        """
+        return current_param(key.param, key.owner)
+
+    def _local_keys(self) -> list[_Local]:
+        """Every key as this rank holds it; recomputed only when a parameter was replaced."""
+        out = []
+        for i, k in enumerate(self.keys):
+            param = self.param_of(k)
+            cached = self._pieces.get(i)
+            if cached is None or cached[0] is not param:
+                index, channel = k.index, k.channel.to(self.device)
+                if is_sharded(param):  # keep the positions this rank holds, made local
+                    start, piece = shard_offsets(param)[k.dim], local(param)
+                    mine = (index >= start) & (index < start + piece.shape[k.dim])
+                    index, channel = index[mine] - start, channel[mine]
+                cached = self._pieces[i] = (param, index, channel)
+            param, index, channel = cached
+            out.append(_Local(param, local(param), index, channel))
+        return out
+
+    def _check_disjoint(self, params: list[torch.Tensor]) -> None:
+        for param in params:
             count = torch.zeros(param.shape, dtype=torch.int16, device=param.device)
             for k in self.keys:
-                if k.param is param:
+                if self.param_of(k) is param:
                     ones = torch.ones_like(count.index_select(k.dim, k.index))
                     count.index_add_(k.dim, k.index, ones)
             if count.numel() and int(count.max()) > 1:
@@ -171,19 +275,25 @@ class ChannelTable:
                                 f"entries of a parameter of shape {tuple(param.shape)}")
 
     def sq_norms(self) -> torch.Tensor:
-        """Squared L2 norm of every channel, shape ``[C]`` (differentiable).
+        """Squared L2 norm of every channel, shape ``[C]`` (differentiable); under FSDP2 the
+        sum over the ranks of the pieces each holds.
 
         Example:
             >>> w = torch.nn.Parameter(torch.tensor([[3., 4.]]))
             >>> ChannelTable([ChannelSlices([(w, 0, [0])])]).sq_norms()
             tensor([25.], grad_fn=<IndexAddBackward0>)
         """
-        out = torch.zeros(len(self.channels), dtype=self.dtype, device=self.device)
-        for k in self.keys:
-            x = k.param.index_select(k.dim, k.index).to(self.dtype)
+        whole = torch.zeros(len(self.channels), dtype=self.dtype, device=self.device)
+        pieces, sharded = torch.zeros_like(whole), []
+        for k, loc in zip(self.keys, self._local_keys()):
+            x = loc.piece.index_select(k.dim, loc.index).to(self.dtype)
             per_pos = x.square().movedim(k.dim, 0).reshape(x.shape[k.dim], -1).sum(1)
-            out = out.index_add(0, k.channel.to(self.device), per_pos.to(self.device))
-        return out
+            if is_sharded(loc.param):
+                pieces = pieces.index_add(0, loc.channel, per_pos.to(self.device))
+                sharded.append(loc.param)
+            else:
+                whole = whole.index_add(0, loc.channel, per_pos.to(self.device))
+        return whole + sum_over_shards(pieces, sharded) if sharded else whole
 
     def norms(self) -> torch.Tensor:
         """L2 norm of every channel; the gradient at a zero channel is 0.
@@ -211,16 +321,17 @@ class ChannelTable:
             tensor([[1., 1.],
                     [0., 0.]], requires_grad=True)
         """
-        for k in self.keys:
-            f = factors.to(k.param.device)[k.channel].to(k.param.dtype)
-            shape = [1] * k.param.dim()
+        for k, loc in zip(self.keys, self._local_keys()):
+            piece = loc.piece
+            f = factors.to(piece.device)[loc.channel.to(piece.device)].to(piece.dtype)
+            shape = [1] * piece.dim()
             shape[k.dim] = -1
-            x = k.param.index_select(k.dim, k.index) * f.view(shape)
-            k.param.index_copy_(k.dim, k.index, x)
+            index = loc.index.to(piece.device)
+            piece.index_copy_(k.dim, index, piece.index_select(k.dim, index) * f.view(shape))
 
     def channel_lr(self, lrs: dict[int, float]) -> torch.Tensor:
-        """One learning rate per channel from ``{id(param): lr}``; all of a channel's
-        parameters must share it.
+        """One learning rate per channel from ``{id(param): lr}`` (the parameters as
+        ``params`` lists them); all of a channel's parameters must share it.
 
         Example:
             >>> w = torch.nn.Parameter(torch.ones(2, 2))
@@ -230,8 +341,8 @@ class ChannelTable:
         lo = torch.full((len(self),), float("inf"), dtype=self.dtype, device=self.device)
         hi = torch.full((len(self),), float("-inf"), dtype=self.dtype, device=self.device)
         for k in self.keys:
-            v = torch.full(k.channel.shape, lrs[id(k.param)], dtype=self.dtype,
-                           device=self.device)
+            v = torch.full(k.channel.shape, lrs[id(self.param_of(k))],
+                           dtype=self.dtype, device=self.device)
             chan = k.channel.to(self.device)
             lo = lo.scatter_reduce(0, chan, v, "amin")
             hi = hi.scatter_reduce(0, chan, v, "amax")
@@ -265,6 +376,7 @@ def channel_slices_from_graph(model: torch.nn.Module, graph, role: str = "out",
     if role not in ("out", "in", "all"):
         raise SpecError(f"role must be 'out', 'in' or 'all', got {role!r}")
     params = dict(model.named_parameters(remove_duplicate=False))
+    owners = parameter_owners(model)
     out = []
     for gi, g in enumerate(graph.groups):
         if not (g.prunable or include_frozen):
@@ -281,10 +393,25 @@ def channel_slices_from_graph(model: torch.nn.Module, graph, role: str = "out",
             units, idx = units[order], idx[order]
             starts = np.flatnonzero(np.r_[True, units[1:] != units[:-1]])
             for u, chunk in zip(units[starts], np.split(idx, starts[1:])):
-                per_unit[u].setdefault((id(p), dim), (p, dim, []))[2].append(chunk)
+                per_unit[u].setdefault((id(p), dim), (p, dim, [], owners[key]))[2].append(chunk)
         for c, merged in enumerate(per_unit):
-            triples = [(p, dim, np.unique(np.concatenate(chunks)))
-                       for p, dim, chunks in merged.values()]
+            triples = [(p, dim, np.unique(np.concatenate(chunks)), owner)
+                       for p, dim, chunks, owner in merged.values()]
             if triples:
                 out.append(ChannelSlices(triples, label=(gid, c)))
     return out
+
+
+def parameter_owners(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str]]:
+    """``{parameter name: (module, attribute name)}``: where each parameter lives, so
+    that it can be found again after ``fully_shard`` replaces it. Tied parameters are
+    listed under every name.
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> parameter_owners(torch.nn.Sequential(lin))["0.bias"] == (lin, "bias")
+        True
+    """
+    return {f"{prefix}.{name}" if prefix else name: (module, name)
+            for prefix, module in model.named_modules(remove_duplicate=False)
+            for name, p in module._parameters.items() if p is not None}

@@ -27,7 +27,10 @@ the std of the existing weight, so the product keeps the layer's init scale.
 
 ``factorize`` changes the model in place (as ``register_parametrization`` does);
 build the optimizer afterwards. ``collapse`` turns the factors back into plain
-weights.
+weights. Under FSDP2 factorize before ``fully_shard``; the factors are read where the
+model holds them at each call and the penalties summed over the ranks. The grouped form
+shares each channel's scales across layers: shard the model as one unit
+(``fully_shard(model)`` alone).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from fxprune.errors import SpecError
 from fxprune.regularize._common import check_int, check_lam
 from fxprune.regularize._factors import ChannelScales, ChannelScaling, ElementwiseFactors
 from fxprune.regularize.channels import ChannelSlices, ChannelTable
+from fxprune.sharding import AFTER_TRAINING, check_unsharded, full, is_sharded, local, \
+    sum_over_shards, total_over
 
 
 _OURS = (ElementwiseFactors, ChannelScaling)
@@ -59,8 +64,12 @@ class DeepFactorization:
 
     def __init__(self, model, depth, lam, factors, table=None, scales=None):
         self.model, self.depth, self.lam = model, depth, lam
-        self._factors = factors  # element-wise: one list of D Parameters per weight
+        self._factors = factors  # element-wise: per weight, where its D factors live
         self.table, self.scales = table, scales
+
+    def _factor_lists(self) -> list[list[torch.nn.Parameter]]:
+        """Element-wise form: each weight's D factors as the model holds them now."""
+        return [[plist._parameters[name] for plist, name in owners] for owners in self._factors]
 
     def factor_parameters(self) -> list[torch.nn.Parameter]:
         """All factor parameters. Optimizer ``weight_decay=lam`` on exactly these
@@ -74,7 +83,7 @@ class DeepFactorization:
         """
         if self.table is not None:
             return list(self.scales.factors) + list(self.table.params)
-        return [u for us in self._factors for u in us]
+        return [u for us in self._factor_lists() for u in us]
 
     def l2_penalty(self) -> torch.Tensor:
         """``lam/2 * sum ||factor||^2`` (grouped: channel entries of the weights and
@@ -87,9 +96,10 @@ class DeepFactorization:
             tensor(4., grad_fn=<MulBackward0>)
         """
         if self.table is not None:
-            total = self.table.sq_norms().sum() + sum(s.square().sum() for s in self.scales.factors)
+            total = self.table.sq_norms().sum() + total_over(self.scales.factors,
+                                                             lambda s: s.square().sum())
         else:
-            total = sum(u.square().sum() for u in self.factor_parameters())
+            total = total_over(self.factor_parameters(), lambda u: u.square().sum())
         return 0.5 * self.lam * total
 
     def equivalent_penalty(self) -> torch.Tensor:
@@ -106,11 +116,13 @@ class DeepFactorization:
         d = self.depth
         with torch.no_grad():
             if self.table is not None:
-                s = self.scales()
+                s = functools.reduce(torch.mul, [full(f) for f in self.scales.factors])
                 norms = self.table.norms() * s.abs().to(self.table.dtype)
                 return 0.5 * self.lam * d * norms.pow(2.0 / d).sum()
-            total = sum(functools.reduce(torch.mul, us).abs().pow(2.0 / d).sum()
-                        for us in self._factors)
+            total = 0.0
+            for us in self._factor_lists():  # the D factors of a weight are sharded alike
+                part = functools.reduce(torch.mul, [local(u) for u in us]).abs().pow(2.0 / d).sum()
+                total = total + (sum_over_shards(part, us[:1]) if is_sharded(us[0]) else part)
             return 0.5 * self.lam * d * total
 
     def collapse(self) -> torch.nn.Module:
@@ -166,6 +178,7 @@ def factorize(model: torch.nn.Module, depth: int = 3, *, lam: float = 0.0, param
     """
     check_int(depth, "depth", 2)
     lam = check_lam(lam)
+    check_unsharded(model, "factorize")
     if init not in ("weights", "random"):
         raise SpecError(f"init: expected 'weights' or 'random', got {init!r}")
     if not min_magnitude > 0:
@@ -196,10 +209,10 @@ def factorize(model: torch.nn.Module, depth: int = 3, *, lam: float = 0.0, param
         std = float(p.detach().float().std()) if sigma is None and p.numel() > 1 else sigma
         parametrize.register_parametrization(module, name, ElementwiseFactors(depth, min_magnitude))
         plist = module.parametrizations[name]
-        us = [getattr(plist, f"original{i}") for i in range(depth)]
+        owners = [(plist, f"original{i}") for i in range(depth)]
         if init == "random":
-            _random_init_(us, std if std else 1.0, generator)
-        factors.append(us)
+            _random_init_([plist._parameters[n] for _, n in owners], std if std else 1.0, generator)
+        factors.append(owners)
     return DeepFactorization(model, depth, lam, factors)
 
 
@@ -220,7 +233,8 @@ def _factorize_channels(model, depth, lam, channels, min_magnitude, owners):
     scales = ChannelScales(init, depth - 1)
     per_param: dict[int, list] = {}
     for k in table.keys:
-        per_param.setdefault(id(k.param), [k.param, []])[1].append((k.dim, k.index, k.channel))
+        param = table.param_of(k)
+        per_param.setdefault(id(param), [param, []])[1].append((k.dim, k.index, k.channel))
     located = [(param, *_owner(owners, param, "channels"), slices)
                for param, slices in per_param.values()]  # check all, then change
     for param, module, name, slices in located:
@@ -241,6 +255,7 @@ def collapse(model: torch.nn.Module) -> torch.nn.Module:
         >>> collapse(model)
         Linear(in_features=4, out_features=2, bias=True)
     """
+    check_unsharded(model, "collapse", fix=AFTER_TRAINING)
     for module in list(model.modules()):
         if not parametrize.is_parametrized(module):
             continue

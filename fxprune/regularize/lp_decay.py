@@ -18,6 +18,11 @@ so whole channels reach zero.
 
 Turn the optimizer's own weight decay off for these parameters (a warning says so).
 The decay is applied whether or not a parameter got a gradient this step.
+
+Under FSDP2 the parameters are found where the model holds them at each step (given as
+a module or as ChannelSlices from the graph: built before or after ``fully_shard``;
+given as bare tensors: after), each rank decays its piece, and channel norms are summed
+over the ranks.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import torch
 
 from fxprune.errors import SpecError
 from fxprune.regularize._common import check_lam, check_positive, lr_of, warn_on_weight_decay
-from fxprune.regularize.channels import ChannelSlices, ChannelTable
+from fxprune.regularize.channels import ChannelSlices, ChannelTable, current_param, parameter_owners
+from fxprune.sharding import local, total_over
 
 
 class LpDecay:
@@ -57,21 +63,37 @@ class LpDecay:
         self.p = check_positive(p, "p")
         self.lam = check_lam(lam)
         self.optimizer = optimizer
+        owners: dict[int, tuple] = {}
         if isinstance(targets, torch.nn.Module):
+            named = dict(targets.named_parameters(remove_duplicate=False))
+            owners = {id(named[key]): owner for key, owner in parameter_owners(targets).items()}
             targets = targets.parameters()
         items = list(targets)
         if not items:
             raise SpecError("targets: expected parameters or ChannelSlices, got nothing")
         self.table: ChannelTable | None = None
+        self._refs: list[tuple[torch.Tensor, tuple | None]] = []
         if all(isinstance(t, ChannelSlices) for t in items):
             self.table = ChannelTable(items)
-            self.params = self.table.params
         elif all(isinstance(t, torch.Tensor) for t in items):
-            self.params = list({id(t): t for t in items}.values())
+            self._refs = [(t, owners.get(id(t))) for t in {id(t): t for t in items}.values()]
         else:
             raise SpecError("targets: expected only parameters or only ChannelSlices")
         self._old: list[torch.Tensor] | torch.Tensor | None = None
         warn_on_weight_decay(self.params, optimizer, "LpDecay")
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The decayed parameters as the model holds them now (sharded DTensors under FSDP2).
+
+        Example:
+            >>> w = torch.nn.Parameter(torch.ones(2))
+            >>> LpDecay([w], p=0.5, lam=0.1).params[0] is w
+            True
+        """
+        if self.table is not None:
+            return self.table.params
+        return [current_param(t, owner) for t, owner in self._refs]
 
     @property
     def grouped(self) -> bool:
@@ -98,7 +120,7 @@ class LpDecay:
         if self.table is not None:
             self._old = self._power(self.table.norms())
         else:
-            self._old = [self._power(w.detach().abs().to(_acc(w))) for w in self.params]
+            self._old = [self._power(local(w).detach().abs().to(_acc(w))) for w in self.params]
 
     @torch.no_grad()
     def after_step(self, lr: float | None = None) -> None:
@@ -124,7 +146,8 @@ class LpDecay:
         for w, a, lr_w in zip(self.params, old, lrs):
             strength = self.p * lr_w * self.lam
             if strength != 0:  # 0/0 at w_old = 0 otherwise
-                w.copy_(w * self._factor(a, strength))
+                piece = local(w)  # elementwise: each rank decays its own piece
+                piece.copy_(piece * self._factor(a, strength))
 
     def _factor(self, a: torch.Tensor, strength) -> torch.Tensor:
         if self.p <= 2:
@@ -184,8 +207,8 @@ class LpDecay:
         with torch.no_grad():
             if self.table is not None:
                 return self.lam * self.table.norms().pow(self.p).sum()
-            return self.lam * sum(w.detach().abs().to(_acc(w)).pow(self.p).sum()
-                                  for w in self.params)
+            return self.lam * total_over([w.detach() for w in self.params],
+                                         lambda w: w.abs().to(_acc(w)).pow(self.p).sum())
 
     def zero_fraction(self) -> float:
         """Fraction of exact zeros: entries (element-wise) or channels (group form).
@@ -197,7 +220,7 @@ class LpDecay:
         with torch.no_grad():
             if self.table is not None:
                 return float((self.table.norms() == 0).float().mean())
-            zeros = sum(int((w == 0).sum()) for w in self.params)
+            zeros = int(total_over([w.detach() for w in self.params], lambda w: (w == 0).sum()))
             return zeros / max(sum(w.numel() for w in self.params), 1)
 
 

@@ -24,7 +24,9 @@ A large ``lam`` drives every group to 2 non-zeros; the final mask is the top 2 o
 of the learned weights (``masks``), applied as the paper does to the original weights
 (``apply_masks(weights="original")``, nothing else changes) or to the trained ones.
 The prox is elementwise and deterministic, so after a DDP-synchronised step every
-replica computes the same weights.
+replica computes the same weights. Under FSDP2 (``Shard(0)``: whole rows, so whole groups
+of 4, on each rank) every rank applies it to its own rows; the weights are read where the
+layers hold them at each step, so it may be built before or after ``fully_shard``.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from torch import nn
 
 from fxprune.errors import SpecError
 from fxprune.regularize._common import check_lam, lr_of, warn_on_weight_decay
+from fxprune.sharding import AFTER_TRAINING, check_rows_sharded, check_unsharded, full, local, total_over
 from fxprune.sparsity.masks import density, input_dim_of
 from fxprune.sparsity.nm import NMMask, NMResult, apply_nm, nm_mask
 
@@ -62,14 +65,18 @@ def _cyclic(z: torch.Tensor, support: torch.Tensor, lam: torch.Tensor) -> torch.
 
     ``z`` and ``support`` are [4, groups] (one contiguous row per coordinate), ``lam`` [groups]."""
     x = z * support
+    # each group stops at its own fixed point, so a group's result does not depend on which
+    # other groups are computed with it (one process, or each rank's rows under FSDP2)
+    moving = torch.ones(z.shape[1], dtype=torch.bool, device=z.device)
     for _ in range(ITERS):
         before = x.clone()
         for a in range(M):
             xa = x[a]
             rest = x.sum(0) - xa
             pairs = (rest.square() - (x.square().sum(0) - xa.square())) / 2  # e2 of the other three
-            x[a] = torch.clamp(z[a] - lam * pairs, min=0) * support[a]
-        if (x - before).abs().max() <= TOL:
+            x[a] = torch.where(moving, torch.clamp(z[a] - lam * pairs, min=0) * support[a], xa)
+        moving &= (x - before).abs().amax(0) > TOL
+        if not moving.any():
             break
     return x
 
@@ -164,9 +171,13 @@ class ProxSparse:
         if not self.layers:
             raise SpecError("ProxSparse: no Linear/Conv weight with an input dim that is a multiple of 4 "
                             f"to regularize (skipped: {self.skipped or 'none found'})")
-        self.weights = [m.weight for m in self.layers.values()]
         self.original = {n: m.weight.detach().clone() for n, m in self.layers.items()} if keep_original else None
         warn_on_weight_decay(self.weights, optimizer, "ProxSparse")
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        """The regularized weights as the layers hold them now (sharded DTensors under FSDP2)."""
+        return [m.weight for m in self.layers.values()]
 
     @torch.no_grad()
     def prox_(self, lr: float | None = None) -> None:
@@ -174,7 +185,9 @@ class ProxSparse:
         ``optimizer.step()``. ``lr`` defaults to each weight's lr in the optimizer."""
         for w, lr_w in zip(self.weights, lr_of(self.weights, lr, self.optimizer)):
             if lr_w * self.lam:
-                w.copy_(_from_groups(prox_24(_to_groups(w.detach()), lr_w * self.lam), w))
+                check_rows_sharded(w, "ProxSparse")
+                piece = local(w)  # whole rows on each rank, so whole groups of 4
+                piece.copy_(_from_groups(prox_24(_to_groups(piece.detach()), lr_w * self.lam), piece))
 
     def attach(self, optimizer: torch.optim.Optimizer | None = None):
         """Run ``prox_()`` after every ``optimizer.step()``; returns the hook handle.
@@ -199,19 +212,20 @@ class ProxSparse:
             tensor(16.)
         """
         with torch.no_grad():
-            total = sum(group_objective(_to_groups(w.detach()), _to_groups(w.detach()), 1.0).sum()
-                        for w in self.weights)
+            total = total_over([w.detach() for w in self.weights],
+                               lambda w: group_objective(_to_groups(w), _to_groups(w), 1.0).sum())
         return self.lam * total
 
     def two_sparse_fraction(self) -> float:
         """Fraction of groups of 4 with at most 2 non-zeros: 1.0 once R is 0 everywhere."""
         with torch.no_grad():
-            groups = torch.cat([_to_groups(w.detach()) for w in self.weights])
-            return float(((groups != 0).sum(-1) <= 2).float().mean())
+            weights = [w.detach() for w in self.weights]
+            sparse = total_over(weights, lambda w: ((_to_groups(w) != 0).sum(-1) <= 2).sum())
+            return float(sparse) / sum(w.numel() // M for w in weights)
 
     def masks(self) -> dict[str, torch.Tensor]:
         """The final 2:4 mask of each layer: the top 2 of every 4 learned weights."""
-        return {name: nm_mask(m.weight.detach(), 2, M) for name, m in self.layers.items()}
+        return {name: nm_mask(full(m.weight.detach()), 2, M) for name, m in self.layers.items()}
 
     def apply_masks(self, weights: str = "original") -> NMResult:
         """Register the final masks on the model (``finalize`` bakes them), IN PLACE.
@@ -222,6 +236,8 @@ class ProxSparse:
         """
         if weights not in ("original", "trained"):
             raise SpecError(f"apply_masks: weights must be 'original' or 'trained', got {weights!r}")
+        check_unsharded(self.model, "ProxSparse.apply_masks", fix="masks() is whole on every rank: "
+                        + AFTER_TRAINING + " with those masks")
         if weights == "original" and self.original is None:
             raise SpecError("apply_masks(weights='original') needs ProxSparse(..., keep_original=True); "
                             "or apply them to the trained weights: apply_masks(weights='trained')")

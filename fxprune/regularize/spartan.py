@@ -17,7 +17,9 @@ mask's), so pruned weights still learn and can re-enter. ``Spartan.step()`` foll
 schedule: k goes from M to N over the first 20% of training, beta from ``beta_start``
 to ``beta_end`` (geometrically) over the first 80%, and the mask is frozen for the last
 20%. ``finish()`` swaps in fixed N:M masks that ``finalize`` bakes. Everything is
-deterministic in the weights, so DDP replicas stay identical.
+deterministic in the weights, so DDP replicas stay identical. Under FSDP2 (built before
+``fully_shard``) the forward pass sees whole weights; the frozen masks are computed from
+the whole weights (gathered once) on every rank.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fxprune.errors import SpecError
+from fxprune.sharding import AFTER_TRAINING, check_unsharded, full
 from fxprune.sparsity.masks import SparsityMask, density, normalize_ignore
 from fxprune.sparsity.nm import NMMask, NMResult, _check_nm_args, apply_nm, check_nm, nm_mask
 
@@ -181,13 +184,14 @@ class Spartan:
             mask.budget, mask.beta = budget, self.beta
             mask.keep = max(self.n, min(self.m, int(math.floor(budget + 0.5))))
             if self.frozen and mask.frozen is None:
-                weight = self.model.get_submodule(name).parametrizations["weight"].original.detach()
+                weight = full(self.model.get_submodule(name).parametrizations["weight"].original.detach())
                 mask.keep = self.n
                 mask.frozen = nm_mask(weight, self.n, self.m)
 
     def finish(self) -> NMResult:
         """Replace every Spartan mask by a fixed N:M mask (the frozen one, or the top N of
         the weights now); ``finalize`` then bakes them."""
+        check_unsharded(self.model, "Spartan.finish", fix=AFTER_TRAINING)
         rows = []
         for row in self.result.rows:
             if row.name in self.masks:

@@ -16,9 +16,13 @@ training by default), ``update`` at step t:
    weights start at 0.
 
 The gradients are those of the effective (masked) weight, recorded by the mask on every
-backward, so inactive weights have one. Everything is deterministic given the weights and
-gradients (the initial masks come from a seeded generator), so DDP replicas, which share
-both, stay identical.
+backward, so inactive weights have one. Under DDP or FSDP2 that recorded gradient is each
+rank's own (it is taken before the gradients are averaged), so ``update`` averages it over
+the ranks (``process_group``, by default all of them once ``torch.distributed`` is
+initialised): every rank then takes the decisions one process would take on the whole
+batch. Everything else is deterministic given the weights and gradients (the initial masks
+come from a seeded generator); under FSDP2 (built before ``fully_shard``) the decisions are
+taken on the whole weights, gathered at each update, and each rank zeroes its own rows.
 """
 from __future__ import annotations
 
@@ -26,9 +30,11 @@ import math
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from fxprune.errors import SpecError
+from fxprune.sharding import check_rows_sharded, full, local, shard_offsets
 from fxprune.sparsity.masks import FixedMask, LayerRow, check_real, mask_layers, normalize_ignore
 
 
@@ -98,6 +104,8 @@ class SRigL:
         alpha: initial drop fraction (default 0.3); gamma_sal: ablation threshold (0.3).
         erk: per-layer densities by ERK (default) or the same density everywhere.
         ignore: fnmatch patterns of module names left dense; seed: the initial masks.
+        process_group: the data-parallel ranks whose recorded gradients ``update`` averages
+            (default: every rank, when ``torch.distributed`` is initialised).
 
     Call ``step()`` after every ``optimizer.step()``.
 
@@ -110,7 +118,7 @@ class SRigL:
 
     def __init__(self, model: nn.Module, density: float, total_steps: int, *, delta_t: int = 100,
                  t_end: int | None = None, alpha: float = 0.3, gamma_sal: float = 0.3, erk: bool = True,
-                 ignore: str | Iterable[str] = (), seed: int = 0):
+                 ignore: str | Iterable[str] = (), seed: int = 0, process_group=None):
         self.density = check_real(density, "SRigL density", low=0.0, high=1.0, low_open=True)
         for name, value in (("total_steps", total_steps), ("delta_t", delta_t)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -118,6 +126,7 @@ class SRigL:
         self.model, self.delta_t, self.alpha, self.gamma_sal = model, delta_t, float(alpha), float(gamma_sal)
         self.t_end = int(0.75 * total_steps) if t_end is None else t_end
         self.t = 0
+        self.process_group = process_group
         patterns = normalize_ignore(ignore)
         shapes: dict[str, tuple[int, ...]] = {}
 
@@ -166,9 +175,10 @@ class SRigL:
                 raise SpecError(f"SRigL.update: layer {name!r} has no gradient yet; call it after a backward pass")
             module = self.model.get_submodule(name)
             original = module.parametrizations["weight"].original
+            check_rows_sharded(original, "SRigL")
             shape = original.shape
-            w = original.detach().reshape(shape[0], -1).abs().float()
-            g = mask.dense_grad.reshape(shape[0], -1).abs().float()
+            w = full(original.detach()).reshape(shape[0], -1).abs().float()
+            g = self._replica_mean(mask.dense_grad).reshape(shape[0], -1).abs().float()
             active = mask.mask.reshape(shape[0], -1)
             alive = active.any(1)
             k = self.k[name]
@@ -185,11 +195,24 @@ class SRigL:
             grown = torch.zeros_like(active).scatter_(1, grow, True)
             new |= grown
             new &= alive[:, None]
-            flat = original.detach().reshape(shape[0], -1)
-            flat.masked_fill_(grown & alive[:, None], 0.0)  # regrown weights start at 0
-            flat.masked_fill_(~new, 0.0)
+            piece = local(original.detach())  # this rank's rows (all of them unless sharded)
+            rows = slice(shard_offsets(original)[0], shard_offsets(original)[0] + piece.shape[0])
+            flat = piece.reshape(piece.shape[0], -1)
+            flat.masked_fill_((grown & alive[:, None])[rows], 0.0)  # regrown weights start at 0
+            flat.masked_fill_(~new[rows], 0.0)
             mask.mask.copy_(new.reshape(shape))
             mask.pattern = f"fan-in {k}"
+
+    def _replica_mean(self, grad: torch.Tensor) -> torch.Tensor:
+        """The recorded gradient averaged over the data-parallel ranks (as the optimizer's is)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return grad
+        world = dist.get_world_size(self.process_group)
+        if world == 1:
+            return grad
+        total = grad.clone()
+        dist.all_reduce(total, group=self.process_group)
+        return total / world
 
     def _ablate(self, w, g, active, alive, k: int, drop: int) -> torch.Tensor:
         """Neurons with fewer than ``gamma_sal * k`` salient weights (layer-wide top |w| among

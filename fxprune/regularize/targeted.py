@@ -18,6 +18,11 @@ The chosen channels reach exact zeros in all their producer slices (conv rows, B
 affine, biases), so ``compress`` with ``score="bn_scale"`` removes exactly them and
 the pruned model computes what the trained one does (for activations with f(0) = 0).
 
+Under FSDP2 build it before ``fully_shard`` (it analyses the model, which runs it), and set
+``optimizer`` once the optimizer exists; it analyses a copy, so its re-selections never
+run the sharded model, and the channel norms it ranks are summed over the ranks, so every
+rank chooses the same channels.
+
 Example:
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8),
     ...                             torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
@@ -32,15 +37,18 @@ Example:
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
 from fxprune.channels import analyze
-from fxprune.errors import SpecError
+from fxprune.errors import AnalysisError, SpecError
 from fxprune.select.plan import Plan, select
 from fxprune.regularize._common import check_int, check_lam
 from fxprune.regularize.channels import channel_slices_from_graph
 from fxprune.regularize.group_lasso import GroupLasso
+from fxprune.sharding import check_unsharded
 from fxprune.spec import Spec
 
 
@@ -75,13 +83,16 @@ class TargetedGroupLasso:
     def __init__(self, model: torch.nn.Module, spec, *, lam: float, ramp_steps: int,
                  update_every: int = 50, optimizer: torch.optim.Optimizer | None = None,
                  **overrides):
+        check_unsharded(model, "TargetedGroupLasso", AnalysisError)  # before copying it
         self.spec = Spec.load(spec, **overrides)  # requires a target or a ratio
         self.lam = check_lam(lam)
         if self.lam == 0:
             raise SpecError("lam: expected a number > 0 (0 would never zero a channel)")
         self.ramp_steps = check_int(ramp_steps, "ramp_steps", 1)
         self.update_every = check_int(update_every, "update_every", 1)
-        self.graph = analyze(model, self.spec.make_example_inputs())
+        # a copy: selecting runs the graph, which must not share modules that fully_shard
+        # later changes (the channels below point at the model's own parameters)
+        self.graph = analyze(copy.deepcopy(model), self.spec.make_example_inputs())
         channels = channel_slices_from_graph(model, self.graph, role="out")
         if not channels:
             raise SpecError("model: no prunable channel to regularise (every group is frozen)")
@@ -90,6 +101,23 @@ class TargetedGroupLasso:
         self.steps = 0
         self.plan: Plan = {}
         self.reselect()  # an impossible target fails here, before any training
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer whose learning rates the prox step uses (settable: under FSDP2 the
+        optimizer is built after ``fully_shard``, so after this regulariser).
+
+        Example:
+            >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
+            >>> reg = TargetedGroupLasso(model, {"input_shape": [1, 1, 8, 8], "ratio": 0.5}, lam=1.0,
+            ...                          ramp_steps=400)
+            >>> reg.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        """
+        return self.lasso.optimizer
+
+    @optimizer.setter
+    def optimizer(self, value: torch.optim.Optimizer | None) -> None:
+        self.lasso.optimizer = value
 
     @property
     def strength(self) -> float:

@@ -55,27 +55,30 @@ from fxprune.errors import SpecError
 from fxprune.select.distributed import all_reduce_sums, rank_share
 from fxprune.select.sleb import sleb_scores
 
+DEPTH_KINDS = ("branches", "layers")  # the spec's units of depth: residual branches, whole layers
 BRANCH_SCORES = ("output_norm", "block_influence", "group_lasso", "angular_distance", "calibration_loss")
 
 
 def score_branches(graph, method: str = "output_norm", *, calibration=None, run: int = 1,
-                   loss_fn=None) -> dict[int, float]:
+                   loss_fn=None, units: list | None = None) -> dict[int, float]:
     """``{branch id: score}`` for every branch of ``graph`` (see the module docstring).
 
     ``calibration``: a ``fxprune.select.calibration.Calibration`` (or None: the example
     inputs); ``run``: the ``n`` of ``angular_distance``; ``loss_fn``: the loss of
-    ``calibration_loss`` (model output -> scalar tensor).
+    ``calibration_loss`` (model output -> scalar tensor); ``units``: the depth units to
+    score (default ``graph.branches``; whole layers, ``graph.layers``, score the same way:
+    a layer's output is the stream after it minus the stream before it).
     """
     if method not in BRANCH_SCORES:
         raise SpecError(f"spec.branch_score: unknown branch score {method!r}; use one of "
                         f"{', '.join(BRANCH_SCORES)}")
-    branches = graph.branches
+    branches = graph.branches if units is None else units
     if not branches:
         return {}
     if method == "calibration_loss":
-        return sleb_scores(graph, calibration=calibration, loss_fn=loss_fn)
+        return sleb_scores(graph, calibration=calibration, loss_fn=loss_fn, units=branches)
     if method == "angular_distance":
-        return _angular_scores(graph, calibration, run)
+        return _angular_scores(graph, calibration, run, branches)
     if method == "group_lasso":
         tensors = dict(graph.gm.named_parameters(remove_duplicate=False))
         return {b.id: float(sum(float(tensors[k].detach().double().pow(2).sum()) for k in b.slices([0], "all")
@@ -83,12 +86,14 @@ def score_branches(graph, method: str = "output_norm", *, calibration=None, run:
     stats = {b.id: [0.0, 0.0] for b in branches}
     watch = {}
     for b in branches:
-        watch.setdefault(b.output, []).append(("out", b.id))
+        if b.output:  # a layer has no operand of its own: its output is x_out - x_in
+            watch.setdefault(b.output, []).append(("out", b.id))
         watch.setdefault(b.shortcut, []).append(("in", b.id))
         watch.setdefault(b.join, []).append(("join", b.id))
     for values in _node_values(graph, watch, calibration):
         for b in branches:
             x, out, joined = values.get(("in", b.id)), values.get(("out", b.id)), values.get(("join", b.id))
+            out = joined.double() - x.double() if out is None else out
             if method == "output_norm":
                 stats[b.id][0] += float(out.double().pow(2).sum())
                 stats[b.id][1] += float(x.double().pow(2).sum())
@@ -116,9 +121,10 @@ def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.arccos(cos.clamp(-1.0, 1.0)) / torch.pi
 
 
-def branch_runs(graph, n: int) -> list[list]:
-    """Every run of ``n`` consecutive branches: siblings (same ``parent``) in the order of
-    their joins in the graph (shapes are checked later, on the values).
+def branch_runs(graph, n: int, units: list | None = None) -> list[list]:
+    """Every run of ``n`` consecutive branches (or ``units``, e.g. ``graph.layers``):
+    siblings (same ``parent``) in the order of their joins in the graph (shapes are
+    checked later, on the values).
 
     >>> import torch, fxprune
     >>> class Net(torch.nn.Module):
@@ -135,15 +141,15 @@ def branch_runs(graph, n: int) -> list[list]:
     """
     position = {node.name: i for i, node in enumerate(graph.gm.graph.nodes)}
     siblings: dict = {}
-    for b in sorted(graph.branches, key=lambda b: position[b.join]):
-        siblings.setdefault(b.parent, []).append(b)
+    for b in sorted(graph.branches if units is None else units, key=lambda b: position[b.join]):
+        siblings.setdefault((b.kind, b.parent), []).append(b)
     return [chain[i:i + n] for chain in siblings.values() for i in range(len(chain) - n + 1)]
 
 
-def _angular_scores(graph, calibration, run: int) -> dict[int, float]:
+def _angular_scores(graph, calibration, run: int, units: list) -> dict[int, float]:
     if isinstance(run, bool) or not isinstance(run, int) or run < 1:
         raise SpecError(f"spec.branch_run: expected an integer >= 1 (branches per run), got {run!r}")
-    runs = branch_runs(graph, run)
+    runs = branch_runs(graph, run, units)
     watch: dict = {}
     for i, r in enumerate(runs):
         watch.setdefault(r[0].shortcut, []).append(("before", i))
@@ -163,7 +169,7 @@ def _angular_scores(graph, calibration, run: int) -> dict[int, float]:
                               "invalid": torch.tensor([not v for v in valid], dtype=torch.float64)})
     total, count = summed["total"].tolist(), summed["count"].tolist()
     valid = [not bad for bad in summed["invalid"].tolist()]
-    scores = {b.id: float("inf") for b in graph.branches}
+    scores = {b.id: float("inf") for b in units}
     for i, r in enumerate(runs):
         if valid[i]:
             for b in r:
@@ -171,13 +177,15 @@ def _angular_scores(graph, calibration, run: int) -> dict[int, float]:
     return scores
 
 
-def _batches(graph, calibration) -> Iterator:
+def _batches(graph, calibration, share: bool = False) -> Iterator:
+    """The calibration batches (the example inputs without any); with ``share``, this
+    rank's share under ``torch.distributed`` (the caller adds its sums over ranks)."""
     if calibration is None:
-        yield from rank_share([graph.example_inputs])
+        yield from (rank_share([graph.example_inputs]) if share else [graph.example_inputs])
         return
     from fxprune.select.calibration import graph_batches
 
-    yield from graph_batches(graph, calibration, share=True)  # the callers add their sums over ranks
+    yield from graph_batches(graph, calibration, share=share)
 
 
 def _node_values(graph, watch: dict[str, list], calibration) -> Iterator[dict]:
@@ -186,7 +194,7 @@ def _node_values(graph, watch: dict[str, list], calibration) -> Iterator[dict]:
     was_training = gm.training
     gm.eval()
     try:
-        for batch in _batches(graph, calibration):
+        for batch in _batches(graph, calibration, share=True):  # the callers add their sums over ranks
             seen: dict = {}
 
             class Tap(torch.fx.Interpreter):
@@ -227,15 +235,17 @@ def node_flops(graph) -> dict[str, float]:
     return flops
 
 
-def branch_costs(graph, metric: str) -> dict[int, float]:
+def branch_costs(graph, metric: str, units: list | None = None) -> dict[int, float]:
     """``{branch id: cost}``: the FLOPs of its nodes (``metric`` "flops" or "latency") or the
-    parameters it removes ("params")."""
+    parameters it removes ("params"), for ``units`` (default ``graph.branches``)."""
+    units = graph.branches if units is None else units
     if metric == "params":
         tensors = dict(graph.gm.named_parameters(remove_duplicate=False))
         return {b.id: float(sum(tensors[k].numel() for k in b.slices([0], "all") if k in tensors))
-                for b in graph.branches}
+                for b in units}
     flops = node_flops(graph)
-    return {b.id: sum(flops.get(n, 0.0) for n in b.nodes) for b in graph.branches}
+    return {b.id: sum(flops.get(n, 0.0) for n in (*b.nodes, b.join)) if b.kind == "layer"
+            else sum(flops.get(n, 0.0) for n in b.nodes) for b in units}
 
 
-__all__ = ["BRANCH_SCORES", "score_branches", "branch_costs", "node_flops", "angular_distance", "branch_runs"]
+__all__ = ["BRANCH_SCORES", "DEPTH_KINDS", "score_branches", "branch_costs", "node_flops", "angular_distance", "branch_runs"]

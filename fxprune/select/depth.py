@@ -1,4 +1,10 @@
-"""Selection with residual branches as units (``spec.units`` holds "branches").
+"""Selection with residual branches or whole layers as units (``spec.units`` holds
+"branches" or "layers"; both kinds are depth units, scored and costed alike, and called
+branches below).
+
+Where both kinds compete, a layer whose removal equals removing its branches (a pre-norm
+layer) is left out, and the ratio never picks a unit that a unit it already picked
+removes (or that removes it): no depth is counted twice.
 
 - **ratio**: the ``round(ratio * n)`` lowest-scoring of the ``n`` eligible branches go
   (beside the channel plan of the same ratio when channels compete too).
@@ -30,17 +36,27 @@ from fnmatch import fnmatch
 
 import numpy as np
 
+from fxprune.channels.layers import covered_by_branches, covers
 from fxprune.select.branch_score import branch_costs, score_branches
 from fxprune.select.landing import Landing, land
 
 
+def depth_units(graph, spec) -> list:
+    """The branches and layers ``spec.units`` names; with both, a layer whose branches
+    remove it (pre-norm) is left to them."""
+    kinds = spec.unit_kinds
+    branches = graph.branches if "branches" in kinds else []
+    layers = graph.layers if "layers" in kinds else []
+    return [*branches, *(l for l in layers if not (branches and covered_by_branches(graph, l)))]
+
+
 def eligible_branches(graph, spec, notes: list[str]) -> list:
-    """Branches no ``spec.ignore`` pattern touches."""
+    """Depth units (:func:`depth_units`) no ``spec.ignore`` pattern touches."""
     out = []
-    for b in graph.branches:
+    for b in depth_units(graph, spec):
         hit = [m for m in b.modules if any(fnmatch(m, p) for p in spec.ignore)]
         if hit:
-            notes.append(f"select: branch {b.id} skipped, {hit[0]} matches spec.ignore")
+            notes.append(f"select: {b.kind} {b.id} skipped, {hit[0]} matches spec.ignore")
         else:
             out.append(b)
     return out
@@ -48,10 +64,10 @@ def eligible_branches(graph, spec, notes: list[str]) -> list:
 
 def _scores(graph, branches, spec, notes) -> dict[int, float]:
     scores = score_branches(graph, spec.branch_score, calibration=spec.calibration, run=spec.branch_run,
-                            loss_fn=spec.loss_fn)
+                            loss_fn=spec.loss_fn, units=branches)
     what = f"angular_distance over runs of {spec.branch_run}" if spec.branch_score == "angular_distance" \
         else spec.branch_score
-    notes.append(f"select: {len(branches)} residual branch(es) compete, scored by {what}"
+    notes.append(f"select: {_count(branches)} compete, scored by {what}"
                  + (" over the calibration batches" if spec.calibration is not None and
                     spec.branch_score != "group_lasso" else ""))
     return {b.id: scores[b.id] for b in branches}
@@ -76,9 +92,22 @@ def branches_by_ratio(graph, spec, notes: list[str]) -> dict[int, list[int]]:
     branches = eligible_branches(graph, spec, notes)
     scores = _scores(graph, branches, spec, notes)
     n = int(round(spec.ratio * len(branches)))
-    chosen = sorted(branches, key=lambda b: (scores[b.id], b.id))[:n]
-    notes.append(f"select: removing {n} of {len(branches)} branch(es)")
+    chosen: list = []
+    for b in sorted(branches, key=lambda b: (scores[b.id], b.id)):
+        if len(chosen) < n and not any(covers(c, b) or covers(b, c) for c in chosen):
+            chosen.append(b)
+    notes.append(f"select: removing {_count(chosen)} of {len(branches)}")
     return {b.id: [0] for b in chosen}
+
+
+def _count(units: list) -> str:
+    """``"3 residual branch(es) and 2 layer(s)"``, naming only the kinds present."""
+    kinds = {"branch": 0, "layer": 0}
+    for u in units:
+        kinds[u.kind] += 1
+    words = [f"{kinds['branch']} residual branch(es)" if kinds["branch"] or not kinds["layer"] else "",
+             f"{kinds['layer']} layer(s)" if kinds["layer"] else ""]
+    return " and ".join(w for w in words if w)
 
 
 @dataclasses.dataclass
@@ -98,8 +127,9 @@ def land_with_branches(graph, groups, keys: dict[int, np.ndarray], costs: dict[i
     """Land ``target`` of ``metric`` over channel units (``keys``/``costs`` of ``groups``,
     empty for branches only) and the eligible branches; returns (plan, pruned model or None)."""
     branches = eligible_branches(graph, spec, notes)
+    eligible = len(branches)
     scores = _scores(graph, branches, spec, notes)
-    cost = branch_costs(graph, "params" if metric == "params" else "flops")
+    cost = branch_costs(graph, "params" if metric == "params" else "flops", branches)
     keys, costs, limit = _one_scale(keys), dict(costs), dict(limit)
     per_cost = {b.id: scores[b.id] / cost[b.id] if cost[b.id] > 0 else np.inf for b in branches}
     finite = [v for v in per_cost.values() if np.isfinite(v)]
@@ -114,9 +144,9 @@ def land_with_branches(graph, groups, keys: dict[int, np.ndarray], costs: dict[i
     problem = _DepthLanding(graph, groups, dataclasses.replace(spec, scope="global"), limit, metric, target,
                             costs, keys, branch_ids=tuple(b.id for b in branches))
     plan, model, _ = land(problem, notes)
-    removed = sum(1 for gid in plan if gid >= len(graph.groups))
-    notes.append(f"select: the plan removes {removed} of {len(graph.branches)} branch(es)"
-                 + (f" and channels of {len(plan) - removed} group(s)" if groups else ""))
+    removed = [b for b in branches if b.id in plan]
+    notes.append(f"select: the plan removes {_count(removed)} of {eligible}"
+                 + (f" and channels of {len(plan) - len(removed)} group(s)" if groups else ""))
     return plan, model
 
 
@@ -128,4 +158,4 @@ def _one_scale(keys: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     return {gid: k / mean if mean > 0 else k for gid, k in keys.items()}
 
 
-__all__ = ["branches_by_ratio", "land_with_branches", "eligible_branches"]
+__all__ = ["branches_by_ratio", "land_with_branches", "eligible_branches", "depth_units"]

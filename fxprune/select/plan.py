@@ -50,6 +50,7 @@ import torch
 
 from fxprune.channels.feasible import feasible_plan
 from fxprune.channels.graph import DependencyGraph, Group
+from fxprune.select.branch_score import DEPTH_KINDS
 from fxprune.select.depth import branches_by_ratio, land_with_branches
 from fxprune.select.expert_score import experts_by_ratio
 from fxprune.select.landing import Landing, land
@@ -104,7 +105,7 @@ def select_and_prune(graph: DependencyGraph, scores: dict[int, np.ndarray], spec
         plan, model = select_and_prune(graph, scores, dataclasses.replace(spec, units=rest[0] if len(rest) == 1
                                                                            else rest), notes=notes)
         return {**plan, **experts}, None
-    if "branches" in spec.unit_kinds:  # depth competes (fxprune.select.depth)
+    if set(DEPTH_KINDS) & set(spec.unit_kinds):  # depth competes (fxprune.select.depth)
         groups = groups if "channels" in spec.unit_kinds else []
         if spec.target is None:
             return {**_by_ratio(graph, groups, scores, spec, limit), **branches_by_ratio(graph, spec, notes)}, None

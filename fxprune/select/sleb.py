@@ -34,7 +34,7 @@ from fxprune.select.calibration import default_loss, graph_batches, is_causal_lm
 LABEL_FREE = "0.5 * mean squared output"  # default_loss's fallback: no loss of the model's own
 
 
-def sleb_order(graph, *, calibration=None, loss_fn=None) -> list[tuple[int, float]]:
+def sleb_order(graph, *, calibration=None, loss_fn=None, units: list | None = None) -> list[tuple[int, float]]:
     """``[(branch id, loss increase with it and the earlier ones removed), ...]`` in SLEB's order.
 
     Example:
@@ -50,7 +50,7 @@ def sleb_order(graph, *, calibration=None, loss_fn=None) -> list[tuple[int, floa
         >>> [bid for bid, _ in sleb_order(graph)] == [graph.branches[1].id, graph.branches[0].id]
         True
     """
-    branches = graph.branches
+    branches = graph.branches if units is None else units  # or whole layers (graph.layers)
     if not branches:
         return []
     gm = graph.gm
@@ -72,7 +72,7 @@ def sleb_order(graph, *, calibration=None, loss_fn=None) -> list[tuple[int, floa
         gm.train(was_training)
 
 
-def sleb_scores(graph, *, calibration=None, loss_fn=None) -> dict[int, float]:
+def sleb_scores(graph, *, calibration=None, loss_fn=None, units: list | None = None) -> dict[int, float]:
     """``{branch id: score}``: the loss increase at its SLEB step, strictly increasing along
     the order (lower = removed first).
 
@@ -89,7 +89,7 @@ def sleb_scores(graph, *, calibration=None, loss_fn=None) -> dict[int, float]:
         [0.0]
     """
     scores, floor = {}, -np.inf
-    for bid, value in sleb_order(graph, calibration=calibration, loss_fn=loss_fn):
+    for bid, value in sleb_order(graph, calibration=calibration, loss_fn=loss_fn, units=units):
         floor = max(value, np.nextafter(floor, np.inf)) if np.isfinite(floor) else value
         scores[bid] = float(floor)
     return scores
@@ -131,7 +131,8 @@ class _Loss:
     @torch.no_grad()
     def _run(self, batch, removed) -> Any:
         skip = {name for b in removed for name in b.nodes}
-        joins = {b.join: b.shortcut for b in removed}
+        # a layer whose exit is also a branch's join (a pre-norm MLP's add) takes the layer's entry
+        joins = {b.join: b.shortcut for b in sorted(removed, key=lambda b: b.kind == "layer")}
         by_name = {n.name: n for n in self.gm.graph.nodes}
 
         class Without(torch.fx.Interpreter):
@@ -142,7 +143,8 @@ class _Loss:
                     return self.env[by_name[joins[node.name]]]
                 return super().run_node(node)
 
-        out = Without(self.gm).run(*batch.flat(self.gm))
+        # values stay: a removed layer's entry is read at its exit, after its last use inside
+        out = Without(self.gm, garbage_collect_values=False).run(*batch.flat(self.gm))
         return self.gm.graph._codegen.process_outputs(out)
 
 

@@ -26,6 +26,7 @@ from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
 from fxprune.errors import SpecError
+from fxprune.sharding import AFTER_TRAINING, check_unsharded
 
 # Layer types whose ``weight`` the masking passes handle, with the weight dim that
 # holds the input channels. Looked up along the MRO, so subclasses are covered (the
@@ -164,7 +165,9 @@ Planner = Callable[[str, nn.Module, torch.Tensor], "tuple[SparsityMask | None, s
 
 
 def mask_layers(model: nn.Module, ignore: tuple[str, ...], plan: Planner) -> list[LayerRow]:
-    """Register the parametrization ``plan`` gives for each supported layer, in place."""
+    """Register the parametrization ``plan`` gives for each supported layer, in place
+    (before ``fully_shard``: FSDP2 then shards the parametrized weights)."""
+    check_unsharded(model, "masking (apply_nm, apply_block, Spartan, SRigL)")
     layers = [(n, mod) for n, mod in model.named_modules() if input_dim_of(mod) is not None]
     owners: dict[int, list[str]] = defaultdict(list)
     for name, module in layers:
@@ -225,6 +228,7 @@ def finalize(model: nn.Module) -> list[str]:
         False
     """
     check_model(model)
+    check_unsharded(model, "finalize", fix=AFTER_TRAINING)
     baked = []
     for name, module in list(model.named_modules()):
         if not parametrize.is_parametrized(module):
