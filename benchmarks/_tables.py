@@ -367,6 +367,18 @@ def num(value: Any, spec: str = ".3f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else ""
 
 
+def scale(rows: list[dict]) -> Table:
+    """scale.py's rows: activation scores from a checkpoint, layer by layer, in 1 or more processes."""
+    head = ["model", "processes", "allocator", "checkpoint (MB)", "calibration tokens", "scores (s)", "tokens/s",
+            "base RSS (MB)", "peak RSS (MB)", "added (MB)", "added / checkpoint", "equal to in-memory"]
+    body = [[r["model"], r["processes"], r.get("allocator", ""), r["checkpoint_mb"], f"{r['batches']} x {r['seq']}", r["scores_s"],
+             r["tokens_per_s"], r["base_rss_mb"], r["peak_rss_mb"], r["added_mb"],
+             f"{r['added_mb'] / r['checkpoint_mb']:.2f}",
+             ("" if "equal" not in r else "yes (bit for bit)" if r["equal"]
+              else f"no: max rel. diff {r['max_rel_diff']:.1e}")] for r in rows]
+    return head, body
+
+
 def minilm(rows: list[dict]) -> Table:
     """minilm.py's rows: encoder parameters kept, similarity to the dense embeddings before and
     after distillation, seconds. A row that failed shows its error."""
@@ -448,6 +460,7 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "timm_summary": ("timm_sweep", timm_summary),
     "llm_scale": ("llm_scale", llm_scale),
     "shards": ("shards", shards),
+    "scale": ("scale", scale),
     "latency": ("latency", latency),
     "latency_glance": ("latency", latency_glance),
     "analysis_scaling": ("analysis_scaling", analysis_scaling),

@@ -38,6 +38,8 @@ SHAPES = {  # name: (layers, hidden, heads, kv heads, intermediate, vocabulary)
     "1b": (16, 2048, 32, 8, 8192, 128256),
     "8b": (32, 4096, 32, 8, 14336, 128256),
     "70b": (80, 8192, 64, 8, 28672, 128256),
+    # two layers of the 1B shape: loads whole in about 1.3 GB (scale.py checks its scores against it)
+    "1b-2layers": (2, 2048, 32, 8, 8192, 128256),
 }
 SEQ = 16
 

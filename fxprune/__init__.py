@@ -18,13 +18,14 @@ from .errors import (AnalysisError, CheckpointError, FxpruneError, PlanError, Sp
 from .compress import Result, compress
 from .passes.emit import prune
 from .checkpoint import save_pruned
+from .checkpoint_scores import score_checkpoint
 from .passes.verify import check_zero_invariance
 from .spec import LatencySpec, Spec
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "analyze", "prune", "save_pruned", "compress", "feasible_plan", "check_zero_invariance", "Spec", "LatencySpec", "Result", "trace", "register_rule", "DependencyGraph", "Group", "Branch", "Layer", "unit",
+    "analyze", "prune", "save_pruned", "score_checkpoint", "compress", "feasible_plan", "check_zero_invariance", "Spec", "LatencySpec", "Result", "trace", "register_rule", "DependencyGraph", "Group", "Branch", "Layer", "unit",
     "FxpruneError", "TraceError", "AnalysisError", "PlanError", "VerificationError", "SpecError", "WeightError", "WriteBackError",
     "CheckpointError",
 ]

@@ -135,17 +135,24 @@ def model_shapes(graph: DependencyGraph) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def checkpoint_cuts(graph: DependencyGraph, keep: np.ndarray, layout: Layout) -> dict[str, list]:
-    """``tensor_cuts`` under the checkpoint's own keys, after checking that the checkpoint
-    holds every tensor the plan cuts and that every tensor it shares with the analysed
-    model has the same shape."""
-    shapes, ties = model_shapes(graph), tied_keys(graph)
+def check_shapes(graph: DependencyGraph, layout: Layout) -> dict[str, tuple[int, ...]]:
+    """The analysed model's shapes (``model_shapes``), after checking that every tensor the
+    checkpoint shares with it has the same shape."""
+    shapes = model_shapes(graph)
     for key, shape in layout.shapes.items():
         if key in shapes and shapes[key] != shape:
             raise CheckpointError(
                 f"checkpoint tensor '{key}' has shape {shape}, the analysed model's has {shapes[key]}: the graph "
                 "was built from a different model shape; analyse a model built from the checkpoint's own config "
                 "(AutoConfig.from_pretrained(folder), then from_config on the meta device)")
+    return shapes
+
+
+def checkpoint_cuts(graph: DependencyGraph, keep: np.ndarray, layout: Layout) -> dict[str, list]:
+    """``tensor_cuts`` under the checkpoint's own keys, after checking that the checkpoint
+    holds every tensor the plan cuts and that every tensor it shares with the analysed
+    model has the same shape."""
+    shapes, ties = check_shapes(graph, layout), tied_keys(graph)
     cuts, missing = {}, []
     for key, cut in tensor_cuts(graph, keep).items():
         stored = [k for k in ties.get(key, [key]) if k in layout.shapes]

@@ -1,6 +1,6 @@
 """Run a function on several forked ranks of a gloo process group (CPU, no GPU needed).
 
-Forked ranks start with torch and fxprune already imported (spawned ones re-import them:
+Ranks fork from a fork server that has torch and fxprune imported (spawned ones re-import them:
 about 20 s on a busy 2-core CI); ``target`` must initialise the process group itself from
 the port it is given, with a timeout, so that a broken collective fails instead of hanging.
 """
@@ -32,7 +32,10 @@ def launch(target, args: tuple, err_dir: str, world: int = 2, timeout: float = 3
     """``target(rank, world, port, *args)`` on ``world`` forked ranks; raises with the
     ranks' tracebacks (written under ``err_dir``) if any fails or outlives ``timeout``."""
     port = free_port()
-    ctx = multiprocessing.get_context("fork")
+    # forked from a fork server, not from this process: a process that ran autograd (any
+    # earlier test that called backward) cannot fork children that run it again
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "fxprune"])
     procs = [ctx.Process(target=_run, args=(target, r, world, port, args, err_dir)) for r in range(world)]
     for p in procs:
         p.start()

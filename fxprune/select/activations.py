@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from fxprune._util import eval_mode
 from fxprune.capture.inputs import ExampleInputs
 from fxprune.errors import SpecError
+from fxprune.select.distributed import all_reduce_sums
 
 aten = torch.ops.aten
 
@@ -87,29 +88,34 @@ def consumers(gm: torch.fx.GraphModule, canonical: dict[str, str]) -> dict[torch
     return found
 
 
-class _NormRecorder(torch.fx.Interpreter):
-    """Runs the graph and adds each consumer input's per-channel sum of squares."""
+class NormSums:
+    """Per input channel sums of squares of the activations the consumers read, keyed
+    ``(weight key, weight dim)``; only the weights' shapes are needed (meta tensors do).
 
-    def __init__(self, gm: torch.fx.GraphModule, watch: dict, weights: dict[str, torch.Tensor]):
-        super().__init__(gm, garbage_collect_values=True)
-        self.watch, self.weights = watch, weights
+    Example:
+        >>> sums = NormSums({"fc.weight": torch.Size([3, 2])})
+        >>> sums.add(torch.tensor([[3.0, 0.0], [4.0, 1.0]]), _LINEAR, "fc.weight")
+        >>> sums.norms()[("fc.weight", 1)].tolist()
+        [5.0, 1.0]
+    """
+
+    def __init__(self, shapes: dict[str, torch.Size]):
+        self.shapes = shapes
         self.sums: dict[tuple[str, int], torch.Tensor] = {}
         self.mask: torch.Tensor | None = None  # [batch, tokens]: 1 for a real token, 0 for padding
 
-    def run_node(self, n: torch.fx.Node):
-        if n in self.watch:
-            kind, key = self.watch[n]
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            x = args[kind.act] if kind.act < len(args) else kwargs.get("input")
-            self._add(x, kind, key)
-        return super().run_node(n)
+    def set_batch(self, batch: ExampleInputs) -> None:
+        """Take the padding mask of the batch whose activations come next."""
+        mask = batch.kwargs.get("attention_mask")  # the Hugging Face name for the padding mask
+        self.mask = mask.float() if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
 
-    def _add(self, x, kind: _Consumer, key: str) -> None:
-        w = self.weights.get(key)
-        if not isinstance(x, torch.Tensor) or w is None or w.ndim <= kind.weight_dim:
+    def add(self, x, kind: _Consumer, key: str) -> None:
+        """Add the squares of ``x``, the input of a consumer of weight ``key``, per channel."""
+        shape = self.shapes.get(key)
+        if not isinstance(x, torch.Tensor) or shape is None or len(shape) <= kind.weight_dim:
             return
-        axis = (1 if x.ndim == w.ndim else 0) if kind.conv else x.ndim - 1
-        width = w.shape[kind.weight_dim]
+        axis = (1 if x.ndim == len(shape) else 0) if kind.conv else x.ndim - 1
+        width = shape[kind.weight_dim]
         if x.ndim == 0 or x.shape[axis] != width:
             return  # a grouped conv: its units tie input and output blocks, scored elsewhere
         others = [d for d in range(x.ndim) if d != axis % x.ndim]
@@ -120,12 +126,33 @@ class _NormRecorder(torch.fx.Interpreter):
         slot = (key, kind.weight_dim)
         self.sums[slot] = self.sums[slot] + squares if slot in self.sums else squares
 
+    def norms(self) -> dict[tuple[str, int], np.ndarray]:
+        """The L2 norms, the sums first added over ranks under ``torch.distributed``
+        (each rank ran its share of the batches)."""
+        return {slot: total.sqrt().double().cpu().numpy() for slot, total in all_reduce_sums(self.sums).items()}
+
+
+class _NormRecorder(torch.fx.Interpreter):
+    """Runs the graph and adds each consumer input's per-channel sum of squares."""
+
+    def __init__(self, gm: torch.fx.GraphModule, watch: dict, sums: NormSums):
+        super().__init__(gm, garbage_collect_values=True)
+        self.watch, self.sums = watch, sums
+
+    def run_node(self, n: torch.fx.Node):
+        if n in self.watch:
+            kind, key = self.watch[n]
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            self.sums.add(args[kind.act] if kind.act < len(args) else kwargs.get("input"), kind, key)
+        return super().run_node(n)
+
 
 def input_norms(gm: torch.fx.GraphModule, batches: Iterable[ExampleInputs],
                 canonical: dict[str, str] | None = None) -> dict[tuple[str, int], np.ndarray]:
     """``{(weight key, weight dim): L2 norm of each input channel over every batch}``.
 
-    ``gm`` runs in eval mode with no gradients; its (and every submodule's) training flag
+    Under ``torch.distributed`` ``batches`` are this rank's share and the sums are added
+    over ranks. ``gm`` runs in eval mode with no gradients; its (and every submodule's) training flag
     is restored afterwards, and nothing else of it changes.
 
     Example:
@@ -138,21 +165,25 @@ def input_norms(gm: torch.fx.GraphModule, batches: Iterable[ExampleInputs],
     canonical = canonical or {}
     weights = {canonical.get(k, k): v for k, v in
                [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]}
-    recorder = _NormRecorder(gm, consumers(gm, canonical), weights)
+    sums = NormSums({k: v.shape for k, v in weights.items()})
+    recorder = _NormRecorder(gm, consumers(gm, canonical), sums)
     device = next((t.device for t in weights.values()), torch.device("cpu"))
     with eval_mode(gm), torch.no_grad():
         for i, batch in enumerate(batches):
             batch = batch.to(device)
-            mask = batch.kwargs.get("attention_mask")  # the Hugging Face name for the padding mask
-            recorder.mask = mask.float() if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+            sums.set_batch(batch)
             try:
                 recorder.run(*batch.flat(gm), enable_io_processing=False)
             except Exception as error:  # the model's own error, on the user's batch
-                raise SpecError(f"spec.calibration[{i}]: the model fails on this batch "
-                                f"({batch.describe()}): {type(error).__name__}: "
-                                f"{str(error).strip()[:300]}; give batches the model accepts, "
-                                "like example_inputs") from error
-    return {slot: total.sqrt().double().cpu().numpy() for slot, total in recorder.sums.items()}
+                raise model_fails(i, batch, error) from error
+    return sums.norms()
 
 
-__all__ = ["input_norms", "consumers"]
+def model_fails(i: int, batch: ExampleInputs, error: Exception) -> SpecError:
+    """The error for a calibration batch the model cannot run."""
+    return SpecError(f"spec.calibration[{i}]: the model fails on this batch ({batch.describe()}): "
+                     f"{type(error).__name__}: {str(error).strip()[:300]}; give batches the model accepts, "
+                     "like example_inputs")
+
+
+__all__ = ["input_norms", "consumers", "NormSums", "model_fails"]

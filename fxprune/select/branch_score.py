@@ -52,6 +52,7 @@ import torch.fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.errors import SpecError
+from fxprune.select.distributed import all_reduce_sums, rank_share
 from fxprune.select.sleb import sleb_scores
 
 DEPTH_KINDS = ("branches", "layers")  # the spec's units of depth: residual branches, whole layers
@@ -101,6 +102,8 @@ def score_branches(graph, method: str = "output_norm", *, calibration=None, run:
                 cos = torch.nn.functional.cosine_similarity(x.double(), joined.double(), dim=dim)
                 stats[b.id][0] += float((1 - cos).sum())
                 stats[b.id][1] += cos.numel()
+    stats = {bid: pair.tolist() for bid, pair in  # each rank ran its share of the batches
+             all_reduce_sums({bid: torch.tensor(pair, dtype=torch.float64) for bid, pair in stats.items()}).items()}
     return {bid: (num / den) ** 0.5 if method == "output_norm" else num / den
             for bid, (num, den) in ((bid, (n, max(d, 1e-30))) for bid, (n, d) in stats.items())}
 
@@ -161,6 +164,11 @@ def _angular_scores(graph, calibration, run: int, units: list) -> dict[int, floa
             angle = angular_distance(before, after)
             total[i] += float(angle.sum())
             count[i] += angle.numel()
+    summed = all_reduce_sums({"total": torch.tensor(total, dtype=torch.float64),
+                              "count": torch.tensor(count, dtype=torch.float64),
+                              "invalid": torch.tensor([not v for v in valid], dtype=torch.float64)})
+    total, count = summed["total"].tolist(), summed["count"].tolist()
+    valid = [not bad for bad in summed["invalid"].tolist()]
     scores = {b.id: float("inf") for b in units}
     for i, r in enumerate(runs):
         if valid[i]:
@@ -169,13 +177,15 @@ def _angular_scores(graph, calibration, run: int, units: list) -> dict[int, floa
     return scores
 
 
-def _batches(graph, calibration) -> Iterator:
+def _batches(graph, calibration, share: bool = False) -> Iterator:
+    """The calibration batches (the example inputs without any); with ``share``, this
+    rank's share under ``torch.distributed`` (the caller adds its sums over ranks)."""
     if calibration is None:
-        yield graph.example_inputs
+        yield from (rank_share([graph.example_inputs]) if share else [graph.example_inputs])
         return
     from fxprune.select.calibration import graph_batches
 
-    yield from graph_batches(graph, calibration)
+    yield from graph_batches(graph, calibration, share=share)
 
 
 def _node_values(graph, watch: dict[str, list], calibration) -> Iterator[dict]:
@@ -184,7 +194,7 @@ def _node_values(graph, watch: dict[str, list], calibration) -> Iterator[dict]:
     was_training = gm.training
     gm.eval()
     try:
-        for batch in _batches(graph, calibration):
+        for batch in _batches(graph, calibration, share=True):  # the callers add their sums over ranks
             seen: dict = {}
 
             class Tap(torch.fx.Interpreter):

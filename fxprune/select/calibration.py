@@ -25,6 +25,7 @@ from fxprune.capture.dynamic import describe_dynamic_dims, shape_mismatch
 from fxprune.capture.inputs import ExampleInputs, bad_leaf
 from fxprune.capture.parts import record_parts
 from fxprune.errors import SpecError
+from fxprune.select.distributed import rank_and_world
 
 WHERE = "spec.calibration"
 _SAVE_HINT = "save a list of inputs with torch.save([batch, ...], 'calib.pt')"
@@ -188,10 +189,13 @@ def _shapes(batch: ExampleInputs) -> str:
                          {k: v for k, v in batch.kwargs.items() if isinstance(v, torch.Tensor)}).describe()
 
 
-def graph_batches(graph, calibration: Calibration) -> Iterator[ExampleInputs]:
+def graph_batches(graph, calibration: Calibration, *, share: bool = False) -> Iterator[ExampleInputs]:
     """The batches for ``graph.gm``: checked against the example inputs, and for a graph
     captured by torch.export against the shapes it takes (its batch and sequence dims are
     dynamic where the model allows, the others are the example's).
+
+    ``share=True``: under ``torch.distributed``, only this rank's share of them
+    (``fxprune.select.distributed.rank_share``); the caller adds its sums over ranks.
 
     Example:
         >>> import fxprune
@@ -200,11 +204,9 @@ def graph_batches(graph, calibration: Calibration) -> Iterator[ExampleInputs]:
         ['(5, 4)']
     """
     like = graph.model_inputs
+    rank, world = rank_and_world() if share else (0, 1)
     for i, batch in enumerate(calibration.batches(like)):
-        if graph.parts is not None:  # the model runs the batch; its parts' inputs feed graph.gm
-            yield ExampleInputs(record_parts(graph.model, batch, graph.parts)[0])
-            continue
-        if graph.capture == "export":
+        if graph.parts is None and graph.capture == "export":
             mismatch = shape_mismatch(graph.gm, batch)
             if mismatch is not None:
                 fail(f"{WHERE}[{i}]", f"shapes {_shapes(batch)} do not fit the graph torch.export "
@@ -212,6 +214,10 @@ def graph_batches(graph, calibration: Calibration) -> Iterator[ExampleInputs]:
                                       f"of any size: {describe_dynamic_dims(graph.gm)}, the others take "
                                       "the example's size (see the capture note); give batches that fit "
                                       "(or use capture='fx' where it works)")
+        if i % world != rank:
+            continue  # another rank's batch: checked (every rank fails alike), not run here
+        if graph.parts is not None:  # the model runs the batch; its parts' inputs feed graph.gm
+            batch = ExampleInputs(record_parts(graph.model, batch, graph.parts)[0])
         yield batch
 
 

@@ -22,6 +22,7 @@ from fxprune.measure import measure_latency
 from fxprune.passes.fuse import fuse
 from fxprune.passes.prune import prune_graph
 from fxprune.progress import step as progress_step
+from fxprune.select.distributed import on_rank_zero
 
 Plan = dict[int, list[int]]
 MIN_GAIN = 0.02  # the weighted plan must be this much faster than the local one
@@ -42,7 +43,7 @@ def faster_plan(graph, local: tuple[Plan, torch.nn.Module | None], weighted: tup
     progress_step("scope=latency: timing the weighted and the local plan end to end")
     settings = spec.latency
     models = [_as_emitted(graph, plan, model, spec.fuse) for plan, model in (local, weighted)]
-    times = measure_latency(models, graph.example_inputs, settings)
+    times = on_rank_zero(lambda: measure_latency(models, graph.example_inputs, settings))  # one rank times
     kind, (local_ms, weighted_ms) = (("compiled", times.compiled_ms) if times.compiled_ms
                                      else ("eager", times.eager_ms))
     if weighted_ms <= (1 - MIN_GAIN) * local_ms:

@@ -32,6 +32,7 @@ import torch
 from fxprune._util import eval_mode
 from fxprune.channels.graph import DependencyGraph, Group
 from fxprune.measure import count_flops, count_params, measure_latency
+from fxprune.select.distributed import on_rank_zero
 from fxprune.select.score import unit_entries
 
 TOLERANCE = 0.01  # relative to the target; the public promise is 2 %
@@ -116,7 +117,8 @@ def relative_latency(spec, graph: DependencyGraph) -> Callable[[torch.nn.Module,
     def measure(model, inputs) -> float:
         if model is graph.gm:
             return 1.0
-        original_ms, model_ms = measure_latency([graph.gm, model], inputs, settings).eager_ms
+        # timed on rank 0 alone under torch.distributed: every rank lands on the same plan
+        original_ms, model_ms = on_rank_zero(lambda: measure_latency([graph.gm, model], inputs, settings).eager_ms)
         return model_ms / original_ms
 
     return measure

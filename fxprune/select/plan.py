@@ -54,6 +54,7 @@ from fxprune.select.branch_score import DEPTH_KINDS
 from fxprune.select.depth import branches_by_ratio, land_with_branches
 from fxprune.select.expert_score import experts_by_ratio
 from fxprune.select.landing import Landing, land
+from fxprune.select.distributed import on_rank_zero
 from fxprune.select.latency_table import efficiency, latency_table
 from fxprune.select.latency_verify import faster_plan
 from fxprune.select.metrics import TARGET_METRICS, unit_costs
@@ -207,8 +208,10 @@ def _local_keys(scores: dict[int, np.ndarray], groups: list[Group]) -> dict[int,
 def _latency_weights(graph, groups, scores, spec, limit, notes, base=None) -> dict[int, float]:
     """Each group's measured latency efficiency (``latency_table.efficiency``)."""
     settings = spec.latency
-    table = latency_table(graph, groups, scores, unit_costs(graph, groups, "flops"), limit, settings,
-                          batchnorm=not spec.fuse, compiled=settings.compile, base=base)
+    # timed on rank 0 alone under torch.distributed and broadcast: every rank takes one plan
+    table = on_rank_zero(lambda: latency_table(graph, groups, scores, unit_costs(graph, groups, "flops"), limit,
+                                               settings, batchnorm=not spec.fuse, compiled=settings.compile,
+                                               base=base))
     weight = efficiency(table)
     if weight:
         low, high = min(weight, key=weight.get), max(weight, key=weight.get)

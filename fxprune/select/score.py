@@ -43,6 +43,7 @@ from fxprune.channels.registry import load_plugins
 from fxprune.errors import SpecError
 from fxprune.passes.gates import gate_meta
 from fxprune.select.activations import input_norms
+from fxprune.select.distributed import all_gather_union, all_reduce_count, all_reduce_sums
 from fxprune.select.calibration import (as_calibration, check_data_needs, default_loss, graph_batches,
                                         is_causal_lm)
 
@@ -161,9 +162,10 @@ def _params(graph: DependencyGraph) -> dict[str, torch.Tensor]:
 
 
 @register_score("magnitude")
-def magnitude(graph: DependencyGraph, **_) -> dict[int, np.ndarray]:
-    """Mean |w| over every parameter entry a unit owns (buffers excluded)."""
-    params = _params(graph)
+def magnitude(graph: DependencyGraph, *, params=None, **_) -> dict[int, np.ndarray]:
+    """Mean |w| over every parameter entry a unit owns (buffers excluded); ``params`` (a
+    mapping by key, ``graph.gm``'s own by default) gives the weights."""
+    params = _params(graph) if params is None else params
     out = {}
     for g in graph.prunable_groups:
         total, count = _per_unit(g, params, ("out", "in"), torch.abs)
@@ -182,12 +184,12 @@ def group_lasso(graph: DependencyGraph, **_) -> dict[int, np.ndarray]:
 class _MagnitudeFallback:
     """Magnitude scores for groups a method cannot score, computed once and noted."""
 
-    def __init__(self, graph: DependencyGraph, method: str, notes: list[str]):
-        self.graph, self.method, self.notes, self.scores = graph, method, notes, None
+    def __init__(self, graph: DependencyGraph, method: str, notes: list[str], params=None):
+        self.graph, self.method, self.notes, self.scores, self.params = graph, method, notes, None, params
 
     def __call__(self, group, why: str) -> np.ndarray:
         if self.scores is None:
-            self.scores = magnitude(self.graph)
+            self.scores = magnitude(self.graph, params=self.params)
         self.notes.append(f"score: group {group.id} ({', '.join(group.producers[:2])}) {why}; "
                           f"scored by magnitude instead of {self.method}")
         return self.scores[group.id]
@@ -224,15 +226,19 @@ def taylor(graph: DependencyGraph, *, calibration=None, loss_fn=None, notes: lis
     model = copy.deepcopy(graph.gm).eval()  # backward fills .grad: never on the user's tensors
     model.zero_grad(set_to_none=True)
     causal, used, count = is_causal_lm(graph.model), set(), 0
-    for count, batch in enumerate(graph_batches(graph, calibration), 1):
+    for count, batch in enumerate(graph_batches(graph, calibration, share=True), 1):
         output = batch.call(model)
         loss, name = (loss_fn(output), "loss_fn") if loss_fn is not None else default_loss(output, batch, causal)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise SpecError(f"spec.loss_fn: must return a scalar tensor, got {type(loss).__name__}")
         loss.reshape(()).backward()  # .grad adds up: the gradient of the summed loss
         used.add(name)
-    products = {name: (p * p.grad if p.grad is not None else torch.zeros_like(p)).detach()
-                for name, p in model.named_parameters(remove_duplicate=False)}
+    named = dict(model.named_parameters(remove_duplicate=False))
+    # under torch.distributed each rank differentiated its share of the batches: add the gradients
+    grads = all_reduce_sums({name: p.grad for name, p in named.items() if p.grad is not None})
+    products = {name: (p * grads[name] if name in grads else torch.zeros_like(p)).detach()
+                for name, p in named.items()}
+    count, used = int(all_reduce_count(count)), all_gather_union(used)
     notes.append(f"score: taylor gradients taken in eval mode on {count} calibration batch(es), "
                  f"loss: {', '.join(sorted(used))}")
     return {g.id: np.abs(_per_unit(g, products, ("out", "in"), lambda x: x)[0])
@@ -254,17 +260,28 @@ def activation(graph: DependencyGraph, *, calibration=None, notes: list[str], **
     """
     if calibration is None:
         check_data_needs("activation", None, None, None)
-    norms = input_norms(graph.gm, graph_batches(graph, calibration), graph.state.canonical)
-    params, fallback, out = _params(graph), _MagnitudeFallback(graph, "activation", notes), {}
+    norms = input_norms(graph.gm, graph_batches(graph, calibration, share=True), graph.state.canonical)
+    params = _params(graph)
+    return activation_scores(graph, norms, lambda key, dim: column_abs_sums(params[key], dim)
+                             if key in params else None, notes)
+
+
+def activation_scores(graph: DependencyGraph, norms: dict[tuple[str, int], np.ndarray],
+                      columns: Callable[[str, int], np.ndarray | None], notes: list[str],
+                      params=None) -> dict[int, np.ndarray]:
+    """The ``activation`` score from input ``norms`` (``input_norms``) and ``columns(key, dim)``,
+    the ``column_abs_sums`` of a consumer weight (None where the weight is unknown): the one
+    formula of the in-memory score and of ``fxprune.score_checkpoint``. ``params`` gives the
+    weights of the magnitude fallback (``graph.gm``'s own by default)."""
+    fallback, out = _MagnitudeFallback(graph, "activation", notes, params), {}
     for g in graph.prunable_groups:
         score, seen, missed = np.zeros(g.size), np.zeros(g.size, dtype=bool), set()
         for key, dim, idx, units in unit_entries(g, ("in",)):
-            if (key, dim) not in norms or key not in params:
+            column = columns(key, dim) if (key, dim) in norms else None
+            if column is None:
                 missed.add(key)
                 continue
-            w = params[key].detach().float().index_select(dim, torch.as_tensor(idx)).movedim(dim, 0)
-            column = w.reshape(len(idx), -1).abs().sum(1).double().numpy()
-            np.add.at(score, units, column * norms[key, dim][idx])
+            np.add.at(score, units, column[idx] * norms[key, dim][idx])
             seen[units] = True
         if not seen.all():
             out[g.id] = fallback(g, "has units whose consuming layers (linear/conv inputs) were not observed")
@@ -274,6 +291,34 @@ def activation(graph: DependencyGraph, *, calibration=None, notes: list[str], **
                          f"observe: {', '.join(sorted(missed)[:3])}")
         out[g.id] = score
     return out
+
+
+CHUNK_ELEMENTS = 2 ** 22  # column_abs_sums converts at most this many weights (16 MB) to float32 at once
+
+
+def column_abs_sums(weight: torch.Tensor, dim: int,
+                    read_rows: Callable[[int, int], torch.Tensor] | None = None) -> np.ndarray:
+    """``sum |W|`` over every dim but ``dim``, one float64 number per index along ``dim``,
+    in slices of ``CHUNK_ELEMENTS`` (a 128256 x 2048 bfloat16 output matrix never becomes one
+    float32 copy), each summed in float32 and the slices' sums added in float64. The same
+    slices whatever holds the weight, so equal weights give equal sums. ``read_rows(start,
+    stop)``, for ``dim`` > 0, gives rows ``start:stop`` of a weight not in memory (then
+    ``weight`` only gives the shape: a meta tensor will do).
+
+    Example:
+        >>> column_abs_sums(torch.tensor([[1.0, -2.0], [3.0, 0.5]]), 1).tolist()
+        [4.0, 2.5]
+    """
+    weight = weight.detach()
+    other = 1 if dim == 0 else 0
+    step = max(1, CHUNK_ELEMENTS // max(1, weight.numel() // max(1, weight.shape[other])))
+    total = torch.zeros(weight.shape[dim], dtype=torch.float64)
+    reduce = [d for d in range(weight.ndim) if d != dim]
+    parts = (weight.split(step, dim=other) if read_rows is None or other != 0 else
+             (read_rows(start, min(start + step, weight.shape[0])) for start in range(0, weight.shape[0], step)))
+    for part in parts:
+        total += part.float().abs().sum(reduce).double().cpu()  # never abs_: float() of float32 is the weight
+    return total.numpy()
 
 
 @register_score("l0")

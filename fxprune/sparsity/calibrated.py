@@ -10,6 +10,10 @@ its pruned predecessors produce, as both papers prescribe. Layers that read the 
 input tensor (a transformer's query, key and value) are fitted from one pass, and a pass
 stops at the last layer it needs when no layer is called twice per forward.
 
+Under ``torch.distributed`` each rank records its share of the batches and the
+statistics are added over ranks before a layer is fitted, so every rank fits the masks
+one process would (``fxprune.select.distributed``).
+
 Tokens whose ``attention_mask`` (a keyword input of shape [batch, sequence]) is 0 are
 left out of the statistics: padding would otherwise count as data.
 """
@@ -26,6 +30,7 @@ from fxprune._util import eval_mode
 from fxprune.capture.inputs import ExampleInputs
 from fxprune.errors import SpecError
 from fxprune.select.calibration import as_calibration
+from fxprune.select.distributed import all_reduce_sums, rank_and_world, rank_share
 from fxprune.sparsity.block import BlockMask, BlockResult, _check_block, block_mask
 from fxprune.sparsity.masks import (FixedMask, LayerRow, check_model, check_real, density, mask_layers,
                                     normalize_ignore)
@@ -212,7 +217,7 @@ def _record(model: nn.Module, group: dict[str, nn.Module], batches: list[Example
              for name, module in group.items()]
     try:
         with eval_mode(model), torch.no_grad():
-            for batch in batches:
+            for batch in rank_share(batches):  # under torch.distributed: this rank's share
                 batch = batch.to(_device(model))
                 mask = batch.kwargs.get("attention_mask")
                 tokens[0] = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
@@ -223,7 +228,21 @@ def _record(model: nn.Module, group: dict[str, nn.Module], batches: list[Example
     finally:
         for h in hooks:
             h.remove()
+    _add_over_ranks(stats)
     return stats
+
+
+def _add_over_ranks(stats: dict[str, InputNorms | InputHessian]) -> None:
+    """Each rank recorded its share of the batches: add the statistics over ranks, so
+    every rank fits the same masks (a no-op in one process)."""
+    if rank_and_world()[1] == 1:
+        return
+    fields = {(name, f): getattr(acc, f) for name, acc in stats.items() for f in ("squares", "gram")
+              if getattr(acc, f, None) is not None}
+    fields.update({(name, "tokens"): torch.tensor(float(acc.tokens)) for name, acc in stats.items()
+                   if isinstance(acc, InputHessian)})
+    for (name, f), total in all_reduce_sums(fields).items():
+        setattr(stats[name], f, int(total.item()) if f == "tokens" else total)
 
 
 __all__ = ["apply_nm_calibrated", "apply_block_calibrated", "MASK_SCORES", "CALIBRATED"]
