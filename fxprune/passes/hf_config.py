@@ -17,7 +17,7 @@ import torch
 from ..errors import WriteBackError
 from .layer_attrs import Heads, replace_int_attrs
 
-INTERMEDIATE = ("intermediate_size", "n_inner", "d_ff", "ffn_dim")
+INTERMEDIATE = ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "ffn_hidden_size")
 WIDTH_ATTRS = {"hidden_size": "hidden_size", "embed_dim": "hidden_size", "d_model": "hidden_size",
                "hidden_dim": "hidden_size", "intermediate_size": "intermediate",
                "intermediate_dim": "intermediate"}  # module attributes that copy a config width
@@ -45,11 +45,17 @@ def update_config(model: torch.nn.Module, widths: dict[str, tuple[int, int]], he
         return []
     changed = {}
     old_hidden = getattr(config, "hidden_size", None)
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:  # speech models (Wav2Vec2) have no input embeddings to ask for
+        embeddings = None
     if isinstance(embeddings, torch.nn.Embedding) and old_hidden is not None:
         if embeddings.embedding_dim != old_hidden:
             changed["hidden_size"] = embeddings.embedding_dim
-    if heads:
+    # a plan that keeps every head leaves the head fields alone: a fused projection's split
+    # (Falcon's multi-query qkv, heads + 2 wide) is no head count to write back
+    if any(h.query[0] != h.query[1] or h.key_value[0] != h.key_value[1] or h.head_dim[0] != h.head_dim[1]
+           for h in heads.values()):
         changed["num_attention_heads"] = _uniform("num_attention_heads", {p: h.query[1] for p, h in heads.items()})
         if getattr(config, "num_key_value_heads", None) is not None:
             changed["num_key_value_heads"] = _uniform("num_key_value_heads",
