@@ -37,8 +37,8 @@ IDS_SHAPE = (2, 8)
 EXACT = {
     **dict.fromkeys(("hidden_size", "d_model", "n_embd", "embed_dim", "dim", "hidden_dim", "word_embed_proj_dim",
                      "embedding_size", "d_embed", "n_embed", "emb_dim", "model_dim"), HIDDEN),
-    **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "multi_query_group_num", "n_head_kv",
-                     "num_key_value_groups_kv", "kv_heads"), KV_HEADS),
+    **dict.fromkeys(KV_KEYS := ("num_key_value_heads", "num_kv_heads", "multi_query_group_num", "n_head_kv",
+                                "kv_heads"), KV_HEADS),
     **dict.fromkeys(("ffn_dim", "d_ff", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_hidden_size",
                      "dim_feedforward", "d_inner", "inner_hidden_size", "ff_dim", "mlp_dim"), MLP),
     **dict.fromkeys(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts",
@@ -46,6 +46,8 @@ EXACT = {
     **dict.fromkeys(("num_experts_per_tok", "moe_topk", "num_experts_per_token", "moe_k"), TOP_K),
     **dict.fromkeys(("n_group", "topk_group", "n_shared_experts", "num_shared_experts", "first_k_dense_replace",
                      "decoder_sparse_step", "moe_layer_freq"), 1),
+    # Mamba-2 blocks (Bamba, Falcon-H1...): n_heads x d_head must equal expand (2) x hidden
+    "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_ssm": 128, "mamba_d_state": 16, "state_size": 16, "ssm_state_size": 16,
     "max_source_positions": 32,  # Whisper's encoder takes 2x this many feature frames
     "max_length": 64,  # audio spectrogram transformer's frame count
 }
@@ -72,16 +74,16 @@ def _shrunk_value(key: str, value):
             if key in ("num_heads", "num_attention_heads", "heads"):
                 return [2 ** min(i, 3) for i in range(len(value))]
         return value
-    if "feat_extract" in key or "conv" in key:  # wav2vec2's feature encoder: its lists set its depth
-        return value
+    if key in EXACT and not key.endswith("_token_id"):
+        return min(value, EXACT[key]) if key in ("max_length", "max_source_positions") else EXACT[key]
+    if "feat_extract" in key or "conv" in key or key.startswith(("mamba_", "ssm_")):
+        return value  # wav2vec2's feature encoder, state-space blocks: their own consistent sizes
     if key.endswith("_token_id"):
         return value if value < VOCAB else 0
     if key == "vocab_size":
         return min(value, VOCAB)
     if key == "max_position_embeddings":
         return min(value, 512)
-    if key in EXACT:
-        return min(value, EXACT[key]) if key in ("max_length", "max_source_positions") else EXACT[key]
     for pattern, small in PATTERNS:
         if re.search(pattern, key):
             return min(value, small) if "layers" in pattern else small
@@ -95,16 +97,26 @@ def shrunk_config(model_type: str):
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
-    return cls(**_shrunk_dict(cls().to_dict()))
+    values = _shrunk_dict(cls().to_dict())
+    if {"expand", "num_heads", "head_dim"} <= values.keys() and isinstance(values.get("expand"), int):
+        values["num_heads"] = values["expand"] * HIDDEN // HEAD_DIM  # Mamba-2: heads x head_dim = expand x hidden
+    try:
+        return cls(**values)
+    except Exception:  # noqa: BLE001 - families without grouped-query attention (ESMC) refuse 2 kv heads
+        return cls(**{k: HEADS if k in KV_KEYS else v for k, v in values.items()})
 
 
 def _shrunk_dict(values: dict) -> dict:
+    depth = next((values[k] for k in ("num_hidden_layers", "num_layers", "n_layer") if isinstance(values.get(k), int)),
+                 None)
     out = {}
     for key, value in values.items():
         if isinstance(value, dict) and "model_type" in value:  # a sub-config
             out[key] = _shrunk_dict(value)
-        elif key in PER_LAYER_LISTS and isinstance(value, list):
-            out[key] = value[:LAYERS]
+        elif isinstance(value, list) and (key in PER_LAYER_LISTS or (len(value) == depth and depth > LAYERS)):
+            out[key] = value[:LAYERS]  # per-layer lists (layer types, dense or sparse MLPs) follow the depth
+        elif key in ("vocab_size", "pad_token_id") and value is None:
+            out[key] = VOCAB if key == "vocab_size" else 0
         elif key in ("transformers_version", "architectures"):
             continue
         else:
@@ -217,13 +229,13 @@ def check_model(model_type: str, *, round_trip: bool = True) -> dict:
     try:
         model, inputs = make_model(model_type)
     except Exception as exc:  # noqa: BLE001
-        row.update(stage="build", why=f"{type(exc).__name__}: {first_line(exc, 160)}")
+        row.update(stage="build", why=_why(exc))
         return row
     row["params_M"] = round(count_params(model) / 1e6, 2)
     try:
         graph, head = analyzed_row(model, inputs)
     except Exception as exc:  # noqa: BLE001
-        row.update(stage="capture", why=f"{type(exc).__name__}: {first_line(exc, 160)}",
+        row.update(stage="capture", why=_why(exc),
                    seconds=round(time.perf_counter() - start, 1))
         return row
     row.update(head)
@@ -242,7 +254,7 @@ def check_model(model_type: str, *, round_trip: bool = True) -> dict:
         row["expert_error"] = (check_zero_invariance(model, graph, {e.id: [0] for e in experts},
                                                      tolerance=float("inf")) if experts else None)
     except Exception as exc:  # noqa: BLE001
-        row.update(stage="prune", why=f"{type(exc).__name__}: {first_line(exc, 160)}")
+        row.update(stage="prune", why=_why(exc))
     row["mlp_ok"] = row.get("mlp_error") is not None and row["mlp_error"] < TOLERANCE
     if round_trip and row["mlp_ok"]:
         row["module"] = _round_trip(model, graph, half_plan(graph, neurons), inputs)
@@ -252,6 +264,14 @@ def check_model(model_type: str, *, round_trip: bool = True) -> dict:
     row["stage"] = row.get("stage") or ("pass" if row["mlp_ok"] else "analysis")
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
+
+
+def _why(exc: BaseException) -> str:
+    """An exception in one line: its first, or its last where the first only announces it
+    (transformers' config validation: "Class validation error for validator ...:")."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines and lines[0].endswith(":") else first_line(exc)
+    return f"{type(exc).__name__}: {text[:160]}"
 
 
 def _ignored(model: torch.nn.Module) -> list[torch.nn.Module]:
