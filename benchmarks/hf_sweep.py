@@ -15,6 +15,7 @@ the output shapes and removes over 5% of the parameters (it has no oracle).
     python benchmarks/hf_sweep.py --json                          # every architecture
     python benchmarks/hf_sweep.py --families llama,mixtral,bert --no-tp
     python benchmarks/hf_sweep.py --kinds causal --limit 40 --json
+    python benchmarks/hf_sweep.py --merge a.json,b.json --json     # parallel parts into one file
 """
 from __future__ import annotations
 
@@ -56,6 +57,22 @@ def sweep_row(model_type: str, timeout: float, tp_timeout: float | None) -> dict
     return row
 
 
+def merge(args: argparse.Namespace, known: dict) -> int:
+    """Rows of several partial runs in one file, in the mappings' order; the header lists the parts'."""
+    parts = [load(path) for path in args.merge.split(",")]
+    rows = {r["model"]: r for part in parts for r in part["rows"]}
+    order = list(known)
+    merged = sorted(rows.values(), key=lambda r: order.index(r["model"]) if r["model"] in known else len(order))
+    left_out = [t for t in known if t not in rows]
+    head = header(args, transformers=metadata.version("transformers"), left_out=left_out,
+                  parts=[{k: p["header"][k] for k in ("git_commit", "arguments", "date")} for p in parts])
+    if args.json:
+        write(args.json, merged, head)
+    show(hf_summary(merged))
+    print(f"{len(merged)} architectures, {len(left_out)} left out (not run)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", help="comma-separated model types (default: every one of --kinds)")
@@ -66,10 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp-timeout", type=float, default=120.0, help="seconds Torch-Pruning gets per model")
     parser.add_argument("--update", action="store_true",
                         help="with --json: replace only these models' rows in the results file")
+    parser.add_argument("--merge", help="comma-separated results files of parts run in parallel: write their "
+                                        "rows (a later file's row replaces an earlier one's) to --json")
     add_json_option(parser, "hf_sweep")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     known = architectures()
+    if args.merge:
+        return merge(args, known)
     kinds = args.kinds.split(",")
     names = args.families.split(",") if args.families else [t for k in kinds for t, (kk, _) in known.items() if kk == k]
     unknown = [n for n in names if n not in known]
