@@ -59,7 +59,9 @@ def sweep_row(model_type: str, timeout: float, tp_timeout: float | None) -> dict
 
 def merge(args: argparse.Namespace, known: dict) -> int:
     """Rows of several partial runs in one file, in the mappings' order; the header lists the parts'."""
-    parts = [load(path) for path in args.merge.split(",")]
+    paths = args.merge.split(",")
+    parts = [load(path) for path in paths]
+    args.merge = ",".join(os.path.basename(p) for p in paths)  # the header names files, not this machine's paths
     rows = {r["model"]: r for part in parts for r in part["rows"]}
     order = list(known)
     merged = sorted(rows.values(), key=lambda r: order.index(r["model"]) if r["model"] in known else len(order))
