@@ -336,7 +336,7 @@ def hf_summary(rows: list[dict]) -> Table:
     share = f"{100 * mlp_export / len(exported):.0f}%" if exported else "-"
     body = [["architectures swept", f"{n}", ", ".join(f"{k} {sum(r.get('kind') == k for r in rows)}"
                                                       for k in dict.fromkeys(r.get("kind") for r in rows))],
-            ["built and run eagerly", f"{sum(r.get('stage') != 'build' for r in rows)}/{n}", ""],
+            ["built by the generic shrinker, run eagerly", f"{sum(r.get('stage') != 'build' for r in rows)}/{n}", ""],
             ["captured", f"{len(captured)}/{n}", f"{len(exported)} by torch.export"],
             ["fxprune: MLP neurons pruned, oracle holds", f"{mlp}/{n}",
              f"{mlp_export}/{len(exported)} ({share}) of those torch.export captured"],
@@ -347,8 +347,8 @@ def hf_summary(rows: list[dict]) -> Table:
              f"/{sum(bool(r.get('experts')) for r in rows)}", "of the models with routed experts"],
             ["fxprune: emit=\"module\" saves and reloads", f"{sum(r.get('module') == 'ok' for r in rows)}/{mlp}",
              "of the models whose MLP neurons were pruned"],
-            ["Torch-Pruning 1.6: runs, output shapes hold, > 5% removed", f"{sum(bool(r.get('tp_ok')) for r in rows)}/{n}",
-             "no oracle"]]
+            ["Torch-Pruning 1.6: runs, output shapes hold, > 5% removed",
+             f"{sum(bool(r.get('tp_ok')) for r in rows)}/{n}", "no oracle"]]
     return ["", "count", "notes"], body
 
 
@@ -357,7 +357,7 @@ def hf_no_rule(rows: list[dict]) -> Table:
     seen: dict[str, list[str]] = {}
     for r in rows:
         for op in r.get("no_rule") or []:
-            seen.setdefault(op, []).append(r["model"])
+            seen.setdefault(op.removeprefix("ATen op "), []).append(r["model"])
     body = [[op, len(models), ", ".join(models[:8]) + (" ..." if len(models) > 8 else "")]
             for op, models in sorted(seen.items(), key=lambda kv: (-len(kv[1]), kv[0]))]
     return ["op with no rule", "models", "in"], body

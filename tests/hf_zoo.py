@@ -19,7 +19,6 @@ import inspect
 import re
 import tempfile
 import time
-from collections import Counter
 
 import torch
 
@@ -47,7 +46,8 @@ EXACT = {
     **dict.fromkeys(("n_group", "topk_group", "n_shared_experts", "num_shared_experts", "first_k_dense_replace",
                      "decoder_sparse_step", "moe_layer_freq"), 1),
     # Mamba-2 blocks (Bamba, Falcon-H1...): n_heads x d_head must equal expand (2) x hidden
-    "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_ssm": 128, "mamba_d_state": 16, "state_size": 16, "ssm_state_size": 16,
+    "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_ssm": 128, "mamba_d_state": 16, "state_size": 16,
+    "ssm_state_size": 16,
     "max_source_positions": 32,  # Whisper's encoder takes 2x this many feature frames
     "max_length": 64,  # audio spectrogram transformer's frame count
 }
@@ -62,6 +62,8 @@ PER_LAYER_LISTS = ("layer_types", "layers_block_type", "block_types", "mlp_only_
 
 
 def _shrunk_value(key: str, value):
+    """The small value of one config field (lists of stage widths, depths and head counts
+    included); fields that no rule names keep their default."""
     if isinstance(value, bool) or not isinstance(value, (int, list)):
         return value
     if isinstance(value, list):
@@ -170,7 +172,8 @@ def inputs_for(model: torch.nn.Module, config) -> dict:
     elif main == "input_features":
         mel = getattr(sub, "num_mel_bins", None) or getattr(sub, "feature_size", 80)
         frames = 2 * getattr(sub, "max_source_positions", 32)
-        candidates += [{main: torch.randn(1, mel, frames, generator=g)}, {main: torch.randn(1, frames, mel, generator=g)},
+        candidates += [{main: torch.randn(1, mel, frames, generator=g)},
+                       {main: torch.randn(1, frames, mel, generator=g)},
                        {main: torch.randn(1, frames, 2 * mel, generator=g)}]
     else:
         vocab = min(getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size",
@@ -306,16 +309,3 @@ def torch_pruning_worker(model_type: str, conn) -> None:
         conn.send({"tp_ok": not why, "tp_kept": round(kept, 3), "tp_why": why})
     except Exception as exc:  # noqa: BLE001 - a failure is a row
         conn.send({"tp_ok": False, "tp_why": f"{type(exc).__name__}: {first_line(exc, 100)}"})
-
-
-def summary_counts(rows: list[dict]) -> Counter:
-    """Counts the sweep's summary reads: built, captured by export, MLP oracle, Torch-Pruning."""
-    c = Counter()
-    for r in rows:
-        c["architectures"] += 1
-        c["captured"] += "front_end" in r
-        c["export"] += r.get("front_end") == "export"
-        c["mlp_ok"] += bool(r.get("mlp_ok"))
-        c["mlp_ok_export"] += bool(r.get("mlp_ok")) and r.get("front_end") == "export"
-        c["tp_ok"] += bool(r.get("tp_ok"))
-    return c

@@ -119,7 +119,8 @@ def _intermediate(config) -> list[tuple[str, int | None]]:
             if value is None and field == "n_inner":  # GPT-2: None means 4 x hidden
                 value = 4 * config.hidden_size
             return [(field, value)]
-    return [(field, getattr(config, field)) for field in STACK_INTERMEDIATE if isinstance(getattr(config, field, None), int)]
+    return [(field, getattr(config, field)) for field in STACK_INTERMEDIATE
+            if isinstance(getattr(config, field, None), int)]
 
 
 def _uniform(field: str, per_layer: dict[str, int]) -> int:
