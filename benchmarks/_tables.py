@@ -338,6 +338,61 @@ def timm_summary(rows: list[dict]) -> Table:
     return ["tool", "models pruned below 80% of their parameters", "notes"], body
 
 
+def _oracle_cell(error: Any) -> str:
+    return "" if error is None else (f"{error:.1e}" if error >= 1e-4 else "ok")
+
+
+def hf_sweep(rows: list[dict]) -> Table:
+    """hf_sweep.py's rows: front end, MLP / head / expert groups through the oracle, the
+    emitted module's save/load round trip, and Torch-Pruning on the same model."""
+    head = ["model", "kind", "front end", "MLP groups", "MLP oracle", "head groups", "heads oracle", "experts",
+            "experts oracle", "emit module", "fxprune", "Torch-Pruning"]
+    body = [[r["model"], r.get("kind", ""), r.get("front_end", ""), r.get("mlp_groups", ""),
+             _oracle_cell(r.get("mlp_error")), r.get("head_groups", ""), _oracle_cell(r.get("head_error")),
+             r.get("experts", ""), _oracle_cell(r.get("expert_error")), (r.get("module") or "")[:40],
+             "ok" if r.get("mlp_ok") else f"FAIL {r.get('why', '')}"[:70],
+             "ok" if r.get("tp_ok") else f"FAIL {r.get('tp_why', '')}"[:60]] for r in rows]
+    return head, body
+
+
+def hf_summary(rows: list[dict]) -> Table:
+    """Architectures built, captured, MLP neurons through the oracle (of all, and of those
+    torch.export captured), emitted modules that round-trip, Torch-Pruning on the same list."""
+    n = len(rows)
+    exported = [r for r in rows if r.get("front_end") == "export"]
+    captured = [r for r in rows if r.get("front_end")]
+    mlp = sum(bool(r.get("mlp_ok")) for r in rows)
+    mlp_export = sum(bool(r.get("mlp_ok")) for r in exported)
+    share = f"{100 * mlp_export / len(exported):.0f}%" if exported else "-"
+    body = [["architectures swept", f"{n}", ", ".join(f"{k} {sum(r.get('kind') == k for r in rows)}"
+                                                      for k in dict.fromkeys(r.get("kind") for r in rows))],
+            ["built by the generic shrinker, run eagerly", f"{sum(r.get('stage') != 'build' for r in rows)}/{n}", ""],
+            ["captured", f"{len(captured)}/{n}", f"{len(exported)} by torch.export"],
+            ["fxprune: MLP neurons pruned, oracle holds", f"{mlp}/{n}",
+             f"{mlp_export}/{len(exported)} ({share}) of those torch.export captured"],
+            ["fxprune: heads pruned, oracle holds",
+             f"{sum(r.get('head_error') is not None and r['head_error'] < 1e-4 for r in rows)}/{n}", ""],
+            ["fxprune: experts removed, oracle holds",
+             f"{sum(r.get('expert_error') is not None and r['expert_error'] < 1e-4 for r in rows)}"
+             f"/{sum(bool(r.get('experts')) for r in rows)}", "of the models with routed experts"],
+            ["fxprune: emit=\"module\" saves and reloads", f"{sum(r.get('module') == 'ok' for r in rows)}/{mlp}",
+             "of the models whose MLP neurons were pruned"],
+            ["Torch-Pruning 1.6: runs, output shapes hold, > 5% removed",
+             f"{sum(bool(r.get('tp_ok')) for r in rows)}/{n}", "no oracle"]]
+    return ["", "count", "notes"], body
+
+
+def hf_no_rule(rows: list[dict]) -> Table:
+    """The ops that froze a group for want of a rule in hf_sweep.py's graphs, with the models."""
+    seen: dict[str, list[str]] = {}
+    for r in rows:
+        for op in r.get("no_rule") or []:
+            seen.setdefault(op.removeprefix("ATen op "), []).append(r["model"])
+    body = [[op, len(models), ", ".join(models[:8]) + (" ..." if len(models) > 8 else "")]
+            for op, models in sorted(seen.items(), key=lambda kv: (-len(kv[1]), kv[0]))]
+    return ["op with no rule", "models", "in"], body
+
+
 def llm_scale(rows: list[dict]) -> Table:
     """llm_scale.py's rows: capture and analysis of Llama shapes on the meta device, and Torch-Pruning."""
     head = ["model", "layers", "nodes", "capture (s)", "analysis (s)", "peak RSS (MB)", "kv-head groups",
@@ -479,4 +534,7 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "depth": ("depth", depth),
     "nm_quality": ("nm_quality", nm_quality),
     "minilm_depth": ("minilm_depth", minilm_depth),
+    "hf_sweep": ("hf_sweep", hf_sweep),
+    "hf_summary": ("hf_sweep", hf_summary),
+    "hf_no_rule": ("hf_sweep", hf_no_rule),
 }

@@ -105,3 +105,56 @@ def test_gpt2_with_its_default_config_is_captured_with_the_cache_off():
     assert "capture: use_cache=False for the capture" in result.report.notes
     assert model.config.use_cache and result.model.config.use_cache  # nobody's config was edited
     assert result.model.generate(IDS["input_ids"][:1], max_new_tokens=2, do_sample=False).shape == (1, 10)
+
+
+class InterleavedRepeat(nn.Module):
+    """Each channel repeated twice in place (Mamba-2's groups to heads, Cohere's rotary pairs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 6), nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)).repeat_interleave(2, dim=-1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_repeat_interleave_keeps_each_channel_with_its_copies(capture):
+    graph, small, error = prune_and_check(randomize(InterleavedRepeat()), torch.randn(3, 8), capture=capture)
+    [group] = graph.prunable_groups
+    assert group.size == 6 and group.zero_invariant
+    assert group.slices([1], role="in") == {"b.weight": [(1, [2, 3])]}  # a channel's two copies go together
+
+
+@pytest.mark.parametrize("spelling", ["multiply", "subtract"])
+def test_aten_aliases_of_mul_and_sub_have_their_rules(spelling):
+    """``torch.multiply`` and friends export as their own untagged ATen ops (ConvBERT)."""
+
+    class Alias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 6), nn.Linear(6, 4)
+            self.scale = nn.Parameter(torch.rand(6) + 0.5)
+
+        def forward(self, x):
+            return self.b(getattr(torch, spelling)(self.a(x), self.scale))
+
+    graph, _, _ = prune_and_check(Alias(), torch.randn(3, 8), capture="export")
+    assert any(n.target == getattr(torch.ops.aten, spelling).Tensor for n in graph.gm.graph.nodes)
+    assert [g.size for g in graph.prunable_groups] == [6]
+
+
+def test_in_place_masked_fill_and_a_legacy_empty_cat_keep_channels():
+    """XLM / Flaubert: ``scores.masked_fill_(mask, 0)`` and ``torch.cat([torch.empty(0), k])``."""
+
+    class XLMish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 6), nn.Linear(6, 4)
+
+        def forward(self, x):
+            h = torch.cat([x.new_empty(0), self.a(x)], dim=1)
+            return self.b(h.masked_fill_(x[:, :1] > 0, 0.0))  # a mask over rows
+
+    graph, _, _ = prune_and_check(XLMish(), torch.randn(3, 8), capture="export")
+    assert [g.size for g in graph.prunable_groups] == [6]

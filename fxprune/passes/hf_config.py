@@ -17,7 +17,8 @@ import torch
 from ..errors import WriteBackError
 from .layer_attrs import Heads, replace_int_attrs
 
-INTERMEDIATE = ("intermediate_size", "n_inner", "d_ff", "ffn_dim")
+INTERMEDIATE = ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "ffn_hidden_size")
+STACK_INTERMEDIATE = ("encoder_ffn_dim", "decoder_ffn_dim")  # encoder-decoders: one MLP width per stack
 WIDTH_ATTRS = {"hidden_size": "hidden_size", "embed_dim": "hidden_size", "d_model": "hidden_size",
                "hidden_dim": "hidden_size", "intermediate_size": "intermediate",
                "intermediate_dim": "intermediate"}  # module attributes that copy a config width
@@ -45,11 +46,17 @@ def update_config(model: torch.nn.Module, widths: dict[str, tuple[int, int]], he
         return []
     changed = {}
     old_hidden = getattr(config, "hidden_size", None)
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:  # speech models (Wav2Vec2) have no input embeddings to ask for
+        embeddings = None
     if isinstance(embeddings, torch.nn.Embedding) and old_hidden is not None:
         if embeddings.embedding_dim != old_hidden:
             changed["hidden_size"] = embeddings.embedding_dim
-    if heads:
+    # a plan that keeps every head leaves the head fields alone: a fused projection's split
+    # (Falcon's multi-query qkv, heads + 2 wide) is no head count to write back
+    if any(h.query[0] != h.query[1] or h.key_value[0] != h.key_value[1] or h.head_dim[0] != h.head_dim[1]
+           for h in heads.values()):
         changed["num_attention_heads"] = _uniform("num_attention_heads", {p: h.query[1] for p, h in heads.items()})
         if getattr(config, "num_key_value_heads", None) is not None:
             changed["num_key_value_heads"] = _uniform("num_key_value_heads",
@@ -59,15 +66,17 @@ def update_config(model: torch.nn.Module, widths: dict[str, tuple[int, int]], he
         derived = changed.get("hidden_size", old_hidden) // changed["num_attention_heads"]
         if (explicit if explicit is not None else derived) != head_dim:
             changed["head_dim"] = head_dim  # families that read config.head_dim take it; the check catches the rest
-    field, old_width = _intermediate(config)
-    if field is not None and old_width not in (old_hidden, None):
-        new_width = _uniform(field, {name: new for name, (old, new) in widths.items() if old == old_width} or
-                             {"": old_width})
-        if new_width != old_width:
-            changed[field] = new_width
+    mlp_widths = _intermediate(config)  # BART-like families have one per stack
+    for field, old_width in mlp_widths:
+        if old_width not in (old_hidden, None):
+            new_width = _uniform(field, {name: new for name, (old, new) in widths.items() if old == old_width} or
+                                 {"": old_width})
+            if new_width != old_width:
+                changed[field] = new_width
     changed = {name: value for name, value in changed.items() if getattr(config, name, None) != value}
     for name, value in changed.items():
         setattr(config, name, value)
+    field, old_width = mlp_widths[0] if mlp_widths else (None, None)
     _sync_width_attrs(model, old_hidden, old_width, changed.get("hidden_size"), changed.get(field))
     return [f"{name}={value}" for name, value in changed.items()]
 
@@ -101,14 +110,17 @@ def update_layer_count(model: torch.nn.Module, layers: dict[str, tuple[int, list
     return [f"{name}={value}" for name, value in changed.items()]
 
 
-def _intermediate(config) -> tuple[str | None, int | None]:
+def _intermediate(config) -> list[tuple[str, int | None]]:
+    """``(field, MLP width)`` of the config's MLP-width fields: the first of the usual names,
+    or each stack's (``encoder_ffn_dim``, ``decoder_ffn_dim``)."""
     for field in INTERMEDIATE:
         if hasattr(config, field):
             value = getattr(config, field)
             if value is None and field == "n_inner":  # GPT-2: None means 4 x hidden
                 value = 4 * config.hidden_size
-            return field, value
-    return None, None
+            return [(field, value)]
+    return [(field, getattr(config, field)) for field in STACK_INTERMEDIATE
+            if isinstance(getattr(config, field, None), int)]
 
 
 def _uniform(field: str, per_layer: dict[str, int]) -> int:

@@ -21,12 +21,13 @@ aten = torch.ops.aten
 ADDITIVE = (operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub,
             torch.subtract, "add", "add_", "sub", "sub_", "__add__", "__radd__", "__sub__", "__rsub__",
             aten.add.Tensor, aten.add.Scalar, aten.add_.Tensor, aten.sub.Tensor, aten.sub.Scalar,
-            aten.sub_.Tensor, aten.rsub.Scalar, aten.rsub.Tensor)
+            aten.sub_.Tensor, aten.rsub.Scalar, aten.rsub.Tensor, aten.subtract.Tensor, aten.subtract.Scalar)
 MULTIPLICATIVE = (operator.mul, operator.imul, torch.mul, torch.multiply, "mul", "mul_",
                   "__mul__", "__rmul__", aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor,
-                  aten.mul_.Scalar)
+                  aten.mul_.Scalar, aten.multiply.Tensor, aten.multiply.Scalar)  # multiply: ConvBERT
 DIVISION = (operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_",
-            "__truediv__", aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, aten.div.Tensor_mode)
+            "__truediv__", aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, aten.div.Tensor_mode,
+            aten.divide.Tensor, aten.divide.Scalar, aten.true_divide.Tensor)
 # Tensor comparisons and logic: element-wise, and a zero entry need not compare to zero.
 COMPARISONS = (aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar, aten.lt.Tensor,
                aten.lt.Scalar, aten.le.Tensor, aten.le.Scalar, aten.gt.Tensor, aten.gt.Scalar,
@@ -142,7 +143,8 @@ def comparison_rule(ctx):
     return out.map_zi(False) if out is not None else None
 
 
-@register_rule(aten.masked_fill.Scalar, aten.masked_fill.Tensor, "masked_fill", torch.masked_fill)
+@register_rule(aten.masked_fill.Scalar, aten.masked_fill.Tensor, "masked_fill", torch.masked_fill,
+               aten.masked_fill_.Scalar, aten.masked_fill_.Tensor, "masked_fill_")  # in place: XLM, Flaubert
 def masked_fill_rule(ctx):
     """``x.masked_fill(mask, v)``: element-wise in x and mask; zeros stay zero only for v = 0."""
     x, mask, value = ctx.value(ctx.arg(0)), ctx.value(ctx.arg(1)), ctx.arg(2, "value")

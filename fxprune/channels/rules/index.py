@@ -29,7 +29,8 @@ def cat_rule(ctx):
     dim = ctx.arg(1, "dim", 0)
     shape = ctx.out_shape()
     dim %= len(shape)
-    parts = [t for t in tensors if isinstance(t, TensorChannels)]
+    # torch.cat skips 1-D empty tensors whatever the dim (XLM's cache starts as one)
+    parts = [t for t in tensors if isinstance(t, TensorChannels) and tuple(t.shape) != (0,)]
     dims: dict[int, DimMap] = {}
     pieces = [t.get(dim) or fixed_map(t.shape[dim]) for t in parts]
     if any(p.tracked.size for p in pieces):

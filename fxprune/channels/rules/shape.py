@@ -234,6 +234,23 @@ def repeat_rule(ctx):
     return ctx.out(dims)
 
 
+@register_rule("repeat_interleave", torch.repeat_interleave, aten.repeat_interleave.self_int)
+def repeat_interleave_rule(ctx):
+    """``x.repeat_interleave(r, dim)`` with an integer ``r``: each index of ``dim`` becomes
+    ``r`` neighbours that keep its channel (Mamba-2's groups to heads, Cohere's rotary
+    pairs); ``r`` still holds after pruning. Tensor counts, no ``dim`` (a flatten) or a
+    fixed ``output_size`` are left to the fallback."""
+    x = ctx.tensor(0, "input")
+    repeats, dim = ctx.arg(1, "repeats"), ctx.arg(2, "dim")
+    if x is None or not isinstance(repeats, int) or not isinstance(dim, int) or ctx.node.kwargs.get("output_size"):
+        return unknown_rule(ctx)
+    dim %= x.ndim
+    dims = dict(x.dims)
+    if dim in dims:
+        dims[dim] = DimMap(np.repeat(dims[dim].ids, repeats), np.repeat(dims[dim].zi, repeats))
+    return ctx.out(dims)
+
+
 def _permuted(x: TensorChannels, order: list[int], shape) -> TensorChannels:
     order = [d % x.ndim for d in order]
     return TensorChannels(tuple(shape), {i: x.dims[d] for i, d in enumerate(order) if d in x.dims})
