@@ -268,9 +268,10 @@ class Spec:
             fail("spec.units", "experts are removed by a float ratio (the share of each routed layer's "
                  "experts, e.g. ratio=0.5); a target or a ratio per module does not apply to them yet")
         check_int("spec.branch_run", self.branch_run, 1)
-        if "branches" in self.unit_kinds and self.scope == "latency":
-            fail("spec.scope", "scope='latency' times channel groups only; with units including "
-                 "'branches' use scope='local' or 'global' (branches are ranked per unit of cost)")
+        if "branches" in self.unit_kinds and self.scope == "latency" and self.target is None:
+            fail("spec.scope", "scope='latency' with units including 'branches' chooses between branches "
+                 "and channels against a target (e.g. target={'flops': 0.5}); a ratio fixes the share "
+                 "of each kind: give a target, or scope='local'")
         if "branches" in self.unit_kinds and isinstance(self.ratio, Mapping):
             fail("spec.ratio", "a ratio per group or module applies to channels; with units including "
                  "'branches' give one float ratio (the share of branches removed) or a target")
