@@ -142,12 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = LatencySettings(threads=args.threads, repeats=args.repeats, warmup=3, compile=args.compile)
     torch.set_num_threads(args.threads)
-    rows = []
+    rows, head = [], header(args)  # taken before any model: the commit the run started from
     for name in args.models.split(","):
         rows.extend(run(name, args.flops, settings, args.batch2))
         print(f"{name}: done", file=sys.stderr, flush=True)
         if args.json:
-            write(args.json, rows, header(args))
+            write(args.json, rows, head)
     show(depth_table(rows))
     if args.batch2:
         print()
