@@ -176,7 +176,8 @@ class Spec:
         units: which kinds of unit compete for the budget: "channels" (default),
             "branches" (residual branches, whole blocks: ``graph.branches``) or
             ``["channels", "branches"]`` (one ranking, scores normalised within each
-            kind and divided by cost; docs/depth.md). Not with scope="latency".
+            kind and divided by cost; with scope="latency" and a target, divided by the
+            measured ms each unit saves; docs/depth.md).
         branch_score: how branches are ranked: "output_norm" (default: the branch's
             output norm relative to the stream), "block_influence" (1 - cos of the
             stream before and after), "group_lasso" (the L2 norm of its weights),

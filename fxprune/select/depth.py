@@ -4,20 +4,24 @@
   (beside the channel plan of the same ratio when channels compete too).
 - **target**: one ranking of every unit, lowest key first, landed like channels are
   (``fxprune.select.landing``: pruned and measured until within tolerance). A unit's key
-  is its importance per unit of cost, relative to the average of its kind:
+  is its importance per unit of cost, relative to its kind's over the whole kind:
 
   - a channel: its score divided by its group's mean score (the ``scope="global"`` key),
-    divided by the cost it carries, then by the mean of that over every channel unit;
-  - a branch: its branch score divided by its cost, then by the mean of that over the
-    branches.
+    divided by the cost it carries, then by ``sum(those scores) / sum(costs)`` over every
+    channel unit;
+  - a branch: its branch score divided by its cost, then by ``sum(scores) / sum(costs)``
+    over the branches.
 
   Costs are in the target's metric (FLOPs, or parameters; a latency target uses
   FLOPs). The scores of the two kinds measure different things (a weight norm, a
-  relative output norm), so neither is converted into the other: each kind's keys are
-  made to average 1, which assumes that removing the average channel and the average
-  branch cost as much importance per FLOP, and the ranking then takes, from either
+  relative output norm), so neither is converted into the other: each kind's average
+  unit of cost is given importance 1, which assumes that the average FLOP of a channel
+  and of a branch cost as much importance, and the ranking then takes, from either
   kind, what is cheaper than its kind's average first. Within a kind the order is the
   score per cost.
+- **scope="latency"** (``ms_saved``): each key is multiplied by the unit's cost and
+  divided by the milliseconds its removal was measured to save, so units rank by
+  importance per millisecond (``fxprune.select.plan._branches_by_latency`` measures them).
 
 Branches are coarse: a target may land only within the granularity of the smallest
 branch; ``result.notes`` says how close it came. ``spec.max_ratio`` caps the share of
