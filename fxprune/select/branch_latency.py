@@ -120,10 +120,6 @@ def branch_times(graph, branches, settings: LatencySettings, *, compiled: bool =
                 pass
         signature[bid] = _signature(module, args)
         module, ((args, _),) = _placed(module, [(args, {})], device, compiled)
-        if compiled and device.type == "cpu":  # _placed converts only a bare conv
-            module = module.to(memory_format=torch.channels_last)
-            args = tuple(a.contiguous(memory_format=torch.channels_last)
-                         if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
         runners[bid] = lambda m=module, a=args: m(*a)
     progress_step(f"scope=latency: timing {len(runners)} residual branch(es)")
     previous = torch.get_num_threads()
