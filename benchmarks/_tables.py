@@ -482,10 +482,43 @@ def nm_quality(rows: list[dict]) -> Table:
 
 
 def depth(rows: list[dict]) -> Table:
-    """depth.py's rows: width, depth or both at one FLOPs target, and the latency quotient."""
-    head = ["model", "units", "FLOPs kept", "branches removed", "groups cut", "ms", "speedup", "quotient"]
-    return head, [[r["model"], r["units"], f"{r['flops_kept']:.3f}", f"{r['branches_removed']}/{r['branches']}",
-                   r["groups_cut"], f"{r['ms']:.1f}", f"{r['speedup']:.2f}", f"{r['quotient']:.2f}"] for r in rows]
+    """depth.py's rows: width, depth, both (by measured latency) or Torch-Pruning at one FLOPs
+    target, batch 1, and the latency quotients, eager and (where timed) compiled."""
+    compiled = any("compiled_quotient" in r for r in rows)
+    head = ["model", "units", "FLOPs kept", "branches removed", "groups cut", "ms", "quotient"]
+    head += ["compiled ms", "compiled quotient"] if compiled else []
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append([r["model"], _DEPTH_UNITS[r["units"]], f"fails: {r['error']}"] + [""] * (len(head) - 3))
+            continue
+        line = [r["model"], _DEPTH_UNITS[r["units"]], f"{r['flops_kept']:.3f}",
+                f"{r['branches_removed']}/{r['branches']}", "" if r["groups_cut"] is None else r["groups_cut"],
+                f"{r['ms']:.1f}", f"{r['quotient']:.2f}"]
+        if compiled:
+            line += [_ms(r.get("compiled_ms"), ".1f"), _ms(r.get("compiled_quotient"), ".2f")]
+        body.append(line)
+    return head, body
+
+
+_DEPTH_UNITS = {"width": "width", "depth": "depth", "both": "both (latency)", "tp": "Torch-Pruning width"}
+
+
+def depth_batch(rows: list[dict]) -> Table:
+    """depth.py's plans ranked by eager quotient at batch 1 and again at the larger batch."""
+    big = next((k[:-len("_quotient")] for r in rows for k in r if k.startswith("b") and k.endswith("_quotient")), None)
+    if big is None:
+        return ["model"], []
+    head = ["model", "batch 1: eager quotients, best first", f"batch {big[1:]}: eager quotients, best first"]
+    body = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model and "error" not in r]
+
+        def ranked(key):
+            return ", ".join(f"{_DEPTH_UNITS[r['units']]} {r[key]:.2f}"
+                             for r in sorted(mine, key=lambda r: -r[key]))
+        body.append([model, ranked("quotient"), ranked(f"{big}_quotient")])
+    return head, body
 
 
 def minilm_depth(rows: list[dict]) -> Table:
@@ -532,6 +565,7 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "minilm": ("minilm", minilm),
     "value_check": ("value_check", value_check),
     "depth": ("depth", depth),
+    "depth_batch": ("depth", depth_batch),
     "nm_quality": ("nm_quality", nm_quality),
     "minilm_depth": ("minilm_depth", minilm_depth),
     "hf_sweep": ("hf_sweep", hf_sweep),

@@ -176,10 +176,11 @@ class Spec:
         units: which kinds of unit compete for the budget: "channels" (default),
             "branches" (residual branches, whole blocks: ``graph.branches``) or
             ``["channels", "branches"]`` (one ranking, scores normalised within each
-            kind and divided by cost; docs/depth.md). Not with scope="latency".
+            kind and divided by cost; with scope="latency" and a target, divided by the
+            measured ms each unit saves; docs/depth.md).
             "layers": whole layers (entries of an ``nn.ModuleList`` or ``nn.Sequential``
             that become the identity: ``graph.layers``), scored by ``branch_score``,
-            alone or beside "channels" and "branches".
+            alone or beside "channels" and "branches" (not with scope="latency").
         branch_score: how branches are ranked: "output_norm" (default: the branch's
             output norm relative to the stream), "block_influence" (1 - cos of the
             stream before and after), "group_lasso" (the L2 norm of its weights),
@@ -276,10 +277,15 @@ class Spec:
             fail("spec.scope", "scope='latency' times channel groups only; with units including "
                  "'experts' use scope='local' or 'global' (experts are ranked per unit of cost)")
         check_int("spec.branch_run", self.branch_run, 1)
-        if set(DEPTH_KINDS) & set(self.unit_kinds) and self.scope == "latency":
-            fail("spec.scope", "scope='latency' times channel groups only; with units including "
-                 "'branches' use scope='local' or 'global' (branches are ranked per unit of cost)")
-        if set(DEPTH_KINDS) & set(self.unit_kinds) and isinstance(self.ratio, Mapping):
+        depth = set(DEPTH_KINDS) & set(self.unit_kinds)
+        if "layers" in depth and self.scope == "latency":
+            fail("spec.scope", "scope='latency' times channel groups and residual branches; with units "
+                 "including 'layers' use scope='local' or 'global' (layers are ranked per unit of cost)")
+        if depth and self.scope == "latency" and self.target is None:
+            fail("spec.scope", "scope='latency' with units including 'branches' chooses between branches "
+                 "and channels against a target (e.g. target={'flops': 0.5}); a ratio fixes the share "
+                 "of each kind: give a target, or scope='local'")
+        if depth and isinstance(self.ratio, Mapping):
             fail("spec.ratio", "a ratio per group or module applies to channels; with units including "
                  "'branches' give one float ratio (the share of branches removed) or a target")
 

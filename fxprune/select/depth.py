@@ -10,20 +10,24 @@ removes (or that removes it): no depth is counted twice.
   (beside the channel plan of the same ratio when channels compete too).
 - **target**: one ranking of every unit, lowest key first, landed like channels are
   (``fxprune.select.landing``: pruned and measured until within tolerance). A unit's key
-  is its importance per unit of cost, relative to the average of its kind:
+  is its importance per unit of cost, relative to its kind's over the whole kind:
 
   - a channel: its score divided by its group's mean score (the ``scope="global"`` key),
-    divided by the cost it carries, then by the mean of that over every channel unit;
-  - a branch: its branch score divided by its cost, then by the mean of that over the
-    branches.
+    divided by the cost it carries, then by ``sum(those scores) / sum(costs)`` over every
+    channel unit;
+  - a branch: its branch score divided by its cost, then by ``sum(scores) / sum(costs)``
+    over the branches.
 
   Costs are in the target's metric (FLOPs, or parameters; a latency target uses
   FLOPs). The scores of the two kinds measure different things (a weight norm, a
-  relative output norm), so neither is converted into the other: each kind's keys are
-  made to average 1, which assumes that removing the average channel and the average
-  branch cost as much importance per FLOP, and the ranking then takes, from either
+  relative output norm), so neither is converted into the other: each kind's average
+  unit of cost is given importance 1, which assumes that the average FLOP of a channel
+  and of a branch cost as much importance, and the ranking then takes, from either
   kind, what is cheaper than its kind's average first. Within a kind the order is the
   score per cost.
+- **scope="latency"** (``ms_saved``): each key is multiplied by the unit's cost and
+  divided by the milliseconds its removal was measured to save, so units rank by
+  importance per millisecond (``fxprune.select.plan._branches_by_latency`` measures them).
 
 Branches are coarse: a target may land only within the granularity of the smallest
 branch; ``result.notes`` says how close it came. ``spec.max_ratio`` caps the share of
@@ -126,26 +130,38 @@ class _DepthLanding(Landing):
 
 def land_with_branches(graph, groups, keys: dict[int, np.ndarray], costs: dict[int, np.ndarray], spec,
                        limit: dict[int, int], metric: str, target: float, notes: list[str],
-                       kinds: tuple[str, ...] = ("branches",)):
+                       kinds: tuple[str, ...] = ("branches",), ms_saved: dict[int, np.ndarray] | None = None):
     """Land ``target`` of ``metric`` over channel units (``keys``/``costs`` of ``groups``,
     empty for none) and the whole units of ``kinds``: the eligible depth units (branches,
     layers), and experts (:mod:`fxprune.select.expert_target`); returns (plan, pruned
-    model or None)."""
-    keys, costs, limit = _one_scale(keys), dict(costs), dict(limit)
+    model or None).
+
+    ``ms_saved`` (``scope="latency"``): the measured milliseconds each unit's removal
+    saves, by channel group id (one per channel) and branch id; each key (importance per
+    unit of cost) is then multiplied by the unit's cost and divided by its time, so units
+    rank by importance per millisecond saved (see the module docstring)."""
+    limit = dict(limit)
+    keys = _one_scale(keys, costs)
+    costs = dict(costs)
+    if ms_saved is not None:
+        keys = {gid: _per_ms(k, costs[gid], ms_saved[gid]) for gid, k in keys.items()}
     whole, branches, eligible = {}, [], 0
     if set(DEPTH_KINDS) & set(kinds):
         branches = eligible_branches(graph, spec, notes)
         eligible = len(branches)
         scores = _scores(graph, branches, spec, notes)
         cost = branch_costs(graph, "params" if metric == "params" else "flops", branches)
-        per_cost = {b.id: scores[b.id] / cost[b.id] if cost[b.id] > 0 else np.inf for b in branches}
-        finite = [v for v in per_cost.values() if np.isfinite(v)]
-        mean = float(np.mean(finite)) if finite else 1.0
+        with np.errstate(divide="ignore"):
+            per_cost = {b.id: scores[b.id] / cost[b.id] if cost[b.id] > 0 else np.inf for b in branches}
+        branch_keys = _one_scale({b.id: np.array([per_cost[b.id]]) for b in branches},
+                                 {b.id: np.array([cost[b.id]]) for b in branches})
+        if ms_saved is not None:
+            branch_keys = {bid: _per_ms(k, np.array([cost[bid]]), ms_saved[bid]) for bid, k in branch_keys.items()}
         # spec.max_ratio caps the share of branches too: only the lowest keys are candidates
         cap = int(np.floor(spec.max_ratio * len(branches) + 1e-9))
-        branches = sorted(branches, key=lambda b: (per_cost[b.id], b.id))[:cap]
+        branches = sorted(branches, key=lambda b: (float(branch_keys[b.id][0]), b.id))[:cap]
         for b in branches:
-            keys[b.id] = np.array([per_cost[b.id] / mean if mean > 0 else per_cost[b.id]])
+            keys[b.id] = branch_keys[b.id]
             costs[b.id] = np.array([cost[b.id]])
             whole[b.id] = (1, 1)
     if "experts" in kinds:
@@ -162,15 +178,29 @@ def land_with_branches(graph, groups, keys: dict[int, np.ndarray], costs: dict[i
     parts = ([f"{_count(removed)} of {eligible}"] if set(DEPTH_KINDS) & set(kinds) else []) \
         + ([f"{experts} of {sum(s.size for s in graph.experts)} experts"] if "experts" in kinds else []) \
         + ([f"channels of {sum(1 for gid in plan if gid < len(graph.groups))} group(s)"] if groups else [])
-    notes.append(f"select: the plan removes {', '.join(parts[:-1])}{' and ' if len(parts) > 1 else ''}{parts[-1]}")
+    notes.append(f"select: the plan removes {', '.join(parts[:-1])}{' and ' if len(parts) > 1 else ''}{parts[-1]}"
+                 + (", ranked by importance per measured ms" if ms_saved is not None else ""))
     return plan, model
 
 
-def _one_scale(keys: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """Channel keys divided by their mean over every channel unit (costless units, inf,
-    left out): the average channel's key becomes 1, as the average branch's is."""
-    finite = np.concatenate([k[np.isfinite(k)] for k in keys.values()]) if keys else np.zeros(0)
-    mean = float(finite.mean()) if finite.size else 1.0
+def _per_ms(keys: np.ndarray, costs: np.ndarray, ms: np.ndarray) -> np.ndarray:
+    """Importance per unit of cost -> importance per millisecond saved (inf where nothing is saved)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ms = np.asarray(ms, dtype=np.float64)
+        return np.where(np.isfinite(keys) & (ms > 0), keys * costs / ms, np.inf)
+
+
+def _one_scale(keys: dict[int, np.ndarray], costs: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Keys (importance per unit of cost) divided by their kind's importance per unit of
+    cost over all its units together (``sum(importance) / sum(cost)``, the cost-weighted
+    mean of the keys; costless units, inf, left out): then the average unit of cost of
+    either kind carries importance 1. A plain mean of the keys is no such scale: it is
+    dominated by the few cheap units (a channel of a 7x7 layer), so it put resnet50's
+    median channel at 0.64 and its median branch at 1.05, and the joint plan never took
+    a branch."""
+    finite = [(k[np.isfinite(k)], costs[gid][np.isfinite(k)]) for gid, k in keys.items()]
+    spent = sum(float(c.sum()) for _, c in finite)
+    mean = sum(float((k * c).sum()) for k, c in finite) / spent if spent > 0 else 1.0
     return {gid: k / mean if mean > 0 else k for gid, k in keys.items()}
 
 

@@ -193,9 +193,10 @@ def _time_pairs(original: tuple[torch.nn.Module, dict], pruned: torch.nn.Module,
 
 def _placed(module: torch.nn.Module, runs: list[tuple], device: torch.device, compiled: bool):
     """A copy of the module and its inputs on ``device``; in channels_last for a CPU conv
-    that will run compiled (the layout inductor gives CPU convs)."""
+    (or a module holding convs, a residual branch) that will run compiled (the layout
+    inductor gives CPU convs)."""
     module = copy.deepcopy(module).to(device)
-    four_d = compiled and isinstance(module, torch.nn.Conv2d) and device.type == "cpu"
+    four_d = compiled and device.type == "cpu" and any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
     if four_d:
         module = module.to(memory_format=torch.channels_last)
 

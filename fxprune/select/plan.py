@@ -50,8 +50,9 @@ import torch
 
 from fxprune.channels.feasible import feasible_plan
 from fxprune.channels.graph import DependencyGraph, Group
-from fxprune.select.branch_score import DEPTH_KINDS
-from fxprune.select.depth import branches_by_ratio, land_with_branches
+from fxprune.select.branch_latency import branch_times
+from fxprune.select.branch_score import DEPTH_KINDS, branch_costs
+from fxprune.select.depth import branches_by_ratio, eligible_branches, land_with_branches
 from fxprune.select.expert_score import experts_by_ratio
 from fxprune.select.landing import Landing, land
 from fxprune.select.distributed import on_rank_zero
@@ -112,8 +113,10 @@ def select_and_prune(graph: DependencyGraph, scores: dict[int, np.ndarray], spec
             return {**_by_ratio(graph, groups, scores, spec, limit), **branches_by_ratio(graph, spec, notes)}, None
         ((metric, target),) = spec.target.items()
         costs = unit_costs(graph, groups, metric)
-        return land_with_branches(graph, groups, _cost_keys(_normalised(scores, groups), costs), costs, spec,
-                                  limit, metric, target, notes, kinds=whole)
+        keys = _cost_keys(_normalised(scores, groups), costs)
+        if spec.scope == "latency":  # Spec allows it for channels and branches only
+            return _branches_by_latency(graph, groups, scores, keys, costs, spec, limit, metric, target, notes)
+        return land_with_branches(graph, groups, keys, costs, spec, limit, metric, target, notes, kinds=whole)
     if spec.target is not None:
         ((metric, target),) = spec.target.items()  # Spec checked it against TARGET_METRICS
         return _by_target(graph, groups, scores, spec, limit, metric, target, notes)
@@ -235,6 +238,46 @@ def _latency_by_ratio(graph, groups, scores, spec, limit, notes) -> tuple[Plan, 
     plan = _take_ranked(graph, groups, _weighted_keys(_local_keys(scores, groups), weight, EFFICIENCY_POWER),
                         spec, limit)
     return faster_plan(graph, (local, None), (plan, None), spec, notes)
+
+
+def _branches_by_latency(graph, groups, scores, keys, costs, spec, limit, metric, target, notes):
+    """Branches (and channels) ranked by importance per measured millisecond saved
+    (``land_with_branches`` with ``ms_saved``): each branch is timed alone
+    (``branch_latency``), each channel group by the latency table measured at the local
+    plan for the target, as the channel scope does. With channels competing, the joint
+    plan is then timed end to end against that local plan and kept only when faster."""
+    local_plan, local_model = {}, None
+    ms: dict[int, np.ndarray] = {}
+    flops = unit_costs(graph, groups, "flops")
+    if groups:
+        local_plan, local_model, _ = land(Landing(graph, groups, spec, limit, metric, target, costs,
+                                                  _local_keys(scores, groups)), [])
+        table = on_rank_zero(lambda: latency_table(graph, groups, scores, flops, limit, spec.latency,
+                                                   batchnorm=not spec.fuse, compiled=spec.latency.compile,
+                                                   base=local_plan))  # one rank times, all use it
+        ms = {gid: np.full(len(costs[gid]), row.saved_ms / row.removed) for gid, row in table.items()}
+    branches = eligible_branches(graph, spec, [])
+    times = on_rank_zero(lambda: branch_times(graph, branches, spec.latency, compiled=spec.latency.compile,
+                                              fold=spec.fuse))
+    ms.update({bid: np.array([t]) for bid, t in times.items()})
+    flops.update({bid: np.array([c]) for bid, c in branch_costs(graph, "flops").items() if bid in ms})
+    # a unit measured as saving nothing (noise) still goes, last: at least MIN_EFFICIENCY of the mean ms per FLOP
+    mean = sum(float(t.sum()) for t in ms.values()) / max(sum(float(flops[u].sum()) for u in ms), 1e-30)
+    saved = {u: np.maximum(ms.get(u, mean * flops[u]), MIN_EFFICIENCY * mean * flops[u]) for u in flops}
+    notes.append(f"select: scope=latency: timed {len(table) if groups else 0} channel group(s) and "
+                 f"{len(branches)} branch(es); branches save {_ms_per_gflop(saved, flops, branches, True):.3f} ms "
+                 f"per GFLOP, channels {_ms_per_gflop(saved, flops, branches, False):.3f}")
+    plan, model = land_with_branches(graph, groups, keys, costs, spec, limit, metric, target, notes, ms_saved=saved)
+    if not groups:
+        return plan, model
+    return faster_plan(graph, (local_plan, local_model), (plan, model), spec, notes)
+
+
+def _ms_per_gflop(saved, flops, branches, of_branches: bool) -> float:
+    ids = {b.id for b in branches}
+    units = [u for u in saved if (u in ids) == of_branches]
+    total = sum(float(flops[u].sum()) for u in units)
+    return sum(float(saved[u].sum()) for u in units) / total * 1e9 if total > 0 else 0.0
 
 
 def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
