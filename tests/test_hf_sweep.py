@@ -40,3 +40,12 @@ def test_family_prunes_through_the_oracle(model_type):
         assert row["no_rule"] == [], row["no_rule"]
     if model_type in ("mixtral", "gpt2"):
         assert row["module"] == "ok"
+
+
+def test_gpt_oss_experts_take_their_biases_along():
+    """GPT-OSS adds per-expert biases gathered by the routed expert ids (``bias[ids]``, an
+    ``aten.index`` beside the grouped products): removing an expert must cut them too, or
+    every later expert reads its neighbour's bias and the oracle fails (it did: 0.43)."""
+    row = check_model("gpt_oss", round_trip=False)
+    assert row["front_end"] == "export", row.get("why")
+    assert row["experts"] == 2 and row["expert_error"] < 1e-4, row

@@ -137,6 +137,12 @@ def find_experts(gm: torch.fx.GraphModule, first_id: int = 0, canonical: Mapping
             topk = _nearest_topk(node.args[0])
             if topk is not None:
                 owned.setdefault(topk, ([], []))[1].append(node)
+    for node in gm.graph.nodes:  # per-expert biases gathered by the routed expert ids (GPT-OSS)
+        if op_name(node.target) == "index" and node.op == "call_function" and len(node.args) > 1 \
+                and node.args[1] and isinstance(node.args[1][0], torch.fx.Node):
+            topk, weight = _nearest_topk(node.args[1][0]), stacked_weight(node.args[0])
+            if topk in grouped and weight is not None:
+                owned[topk][0].append(weight)
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method") and op_name(node.target) == "topk" and node not in owned:
             owned[node] = ([], [])
