@@ -110,20 +110,27 @@ def test_gpt2_with_its_default_config_is_captured_with_the_cache_off():
 class InterleavedRepeat(nn.Module):
     """Each channel repeated twice in place (Mamba-2's groups to heads, Cohere's rotary pairs)."""
 
-    def __init__(self):
+    def __init__(self, output_size: int | None = None):
         super().__init__()
         self.a, self.b = nn.Linear(8, 6), nn.Linear(12, 4)
+        self.output_size = output_size  # Mamba-2 and Nemotron-H pass the size out as a hint
 
     def forward(self, x):
-        return self.b(torch.relu(self.a(x)).repeat_interleave(2, dim=-1))
+        hidden = torch.relu(self.a(x))
+        if self.output_size is None:
+            return self.b(hidden.repeat_interleave(2, dim=-1))
+        return self.b(hidden.repeat_interleave(2, dim=-1, output_size=self.output_size))
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])
-def test_repeat_interleave_keeps_each_channel_with_its_copies(capture):
-    graph, small, error = prune_and_check(randomize(InterleavedRepeat()), torch.randn(3, 8), capture=capture)
+@pytest.mark.parametrize("output_size", [None, 12])
+def test_repeat_interleave_keeps_each_channel_with_its_copies(capture, output_size):
+    model = randomize(InterleavedRepeat(output_size))
+    graph, small, error = prune_and_check(model, torch.randn(3, 8), capture=capture)
     [group] = graph.prunable_groups
-    assert group.size == 6 and group.zero_invariant
+    assert group.size == 6 and group.zero_invariant and error < 1e-4
     assert group.slices([1], role="in") == {"b.weight": [(1, [2, 3])]}  # a channel's two copies go together
+    assert small(torch.randn(3, 8)).shape == (3, 4)  # the hint now names the pruned size
 
 
 @pytest.mark.parametrize("spelling", ["multiply", "subtract"])

@@ -238,17 +238,24 @@ def repeat_rule(ctx):
 def repeat_interleave_rule(ctx):
     """``x.repeat_interleave(r, dim)`` with an integer ``r``: each index of ``dim`` becomes
     ``r`` neighbours that keep its channel (Mamba-2's groups to heads, Cohere's rotary
-    pairs); ``r`` still holds after pruning. Tensor counts, no ``dim`` (a flatten) or a
-    fixed ``output_size`` are left to the fallback."""
+    pairs); ``r`` still holds after pruning, and a fixed ``output_size`` (Mamba-2,
+    Nemotron-H: the size of ``dim`` out, a hint that must be exact) is rewritten to the
+    pruned size. Tensor counts and no ``dim`` (a flatten) are left to the fallback."""
     x = ctx.tensor(0, "input")
     repeats, dim = ctx.arg(1, "repeats"), ctx.arg(2, "dim")
-    if x is None or not isinstance(repeats, int) or not isinstance(dim, int) or ctx.node.kwargs.get("output_size"):
+    if x is None or not isinstance(repeats, int) or not isinstance(dim, int):
         return unknown_rule(ctx)
     dim %= x.ndim
     dims = dict(x.dims)
     if dim in dims:
         dims[dim] = DimMap(np.repeat(dims[dim].ids, repeats), np.repeat(dims[dim].zi, repeats))
-    return ctx.out(dims)
+    out = ctx.out(dims)
+    if ctx.node.kwargs.get("output_size") is not None:
+        def rewrite_output_size(p, node):
+            node.kwargs = {**node.kwargs, "output_size": p.new_shape(node)[dim]}
+
+        ctx.on_prune(rewrite_output_size)
+    return out
 
 
 def _permuted(x: TensorChannels, order: list[int], shape) -> TensorChannels:
