@@ -165,3 +165,28 @@ def test_in_place_masked_fill_and_a_legacy_empty_cat_keep_channels():
 
     graph, _, _ = prune_and_check(XLMish(), torch.randn(3, 8), capture="export")
     assert [g.size for g in graph.prunable_groups] == [6]
+
+
+class Unfolded(nn.Module):
+    """A conv written as unfold + matmul (ConvBERT's span conv, MobileViT-V2's patches)."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+        self.a = nn.Conv2d(3, 5, 1)
+        self.unfold = nn.Unfold(kernel_size=(2, 3), padding=1)
+        self.b = nn.Linear(5 * 6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        cols = self.unfold(h) if self.spelling == "module" else F.unfold(h, (2, 3), padding=1)
+        return self.b(cols.transpose(1, 2))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("spelling", ["module", "function"])
+def test_im2col_turns_each_channel_into_its_block_of_window_rows(capture, spelling):
+    graph, small, error = prune_and_check(randomize(Unfolded(spelling)), torch.randn(2, 3, 6, 6), capture=capture)
+    [group] = graph.prunable_groups
+    assert group.size == 5 and group.zero_invariant and error < 1e-4
+    assert group.slices([1], role="in") == {"b.weight": [(1, list(range(6, 12)))]}  # channel 1: rows 6..11

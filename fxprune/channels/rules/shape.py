@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from ..registry import register_rule
 from ..values import DimMap, SizeValue, TensorChannels
@@ -329,6 +331,23 @@ def pixel_unshuffle_rule(ctx):
     cdim = x.ndim - 3
     m = x.get(cdim)
     out = DimMap(np.repeat(m.ids, r * r), np.repeat(m.zi, r * r)) if m is not None else None
+    return ctx.out({d: v for d, v in x.dims.items() if d < cdim} | ({cdim: out} if out else {}))
+
+
+@register_rule(nn.Unfold, F.unfold, aten.im2col.default)
+def im2col_rule(ctx):
+    """``F.unfold`` / ``im2col``: [.., C, H, W] -> [.., C*kh*kw, L], channel ``c`` becoming
+    rows ``c*kh*kw .. (c+1)*kh*kw - 1`` (a flatten of C with the kernel window; zero
+    padding keeps a zeroed channel's rows zero). Its arguments name no channel count."""
+    x = ctx.tensor(0, "input")
+    kernel = ctx.module.kernel_size if ctx.node.op == "call_module" else ctx.arg(1, "kernel_size")
+    window = int(np.prod(_pair(kernel)))
+    cdim = x.ndim - 3
+    for d in (x.ndim - 2, x.ndim - 1):
+        if x.get(d) is not None:
+            ctx.freeze(x.get(d).ids, f"im2col mixes a channel dim into its sliding blocks at {ctx.where()}")
+    m = x.get(cdim)
+    out = DimMap(np.repeat(m.ids, window), np.repeat(m.zi, window)) if m is not None else None
     return ctx.out({d: v for d, v in x.dims.items() if d < cdim} | ({cdim: out} if out else {}))
 
 
