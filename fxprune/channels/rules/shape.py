@@ -328,10 +328,15 @@ def pixel_shuffle_rule(ctx):
 def pixel_unshuffle_rule(ctx):
     x = ctx.tensor(0, "input")
     r = ctx.module.downscale_factor if ctx.node.op == "call_module" else ctx.arg(1, "downscale_factor")
-    cdim = x.ndim - 3
+    return ctx.out(_channels_in_blocks(x, x.ndim - 3, r * r))
+
+
+def _channels_in_blocks(x: TensorChannels, cdim: int, block: int) -> dict:
+    """The maps of an op that turns [.., C, spatial..] into [.., C*block, ..]: channel ``c``
+    owns rows ``c*block .. (c+1)*block - 1`` (pixel_unshuffle, im2col)."""
     m = x.get(cdim)
-    out = DimMap(np.repeat(m.ids, r * r), np.repeat(m.zi, r * r)) if m is not None else None
-    return ctx.out({d: v for d, v in x.dims.items() if d < cdim} | ({cdim: out} if out else {}))
+    out = DimMap(np.repeat(m.ids, block), np.repeat(m.zi, block)) if m is not None else None
+    return {d: v for d, v in x.dims.items() if d < cdim} | ({cdim: out} if out else {})
 
 
 @register_rule(nn.Unfold, F.unfold, aten.im2col.default)
@@ -342,13 +347,10 @@ def im2col_rule(ctx):
     x = ctx.tensor(0, "input")
     kernel = ctx.module.kernel_size if ctx.node.op == "call_module" else ctx.arg(1, "kernel_size")
     window = int(np.prod(_pair(kernel)))
-    cdim = x.ndim - 3
     for d in (x.ndim - 2, x.ndim - 1):
         if x.get(d) is not None:
             ctx.freeze(x.get(d).ids, f"im2col mixes a channel dim into its sliding blocks at {ctx.where()}")
-    m = x.get(cdim)
-    out = DimMap(np.repeat(m.ids, window), np.repeat(m.zi, window)) if m is not None else None
-    return ctx.out({d: v for d, v in x.dims.items() if d < cdim} | ({cdim: out} if out else {}))
+    return ctx.out(_channels_in_blocks(x, x.ndim - 3, window))
 
 
 @register_rule(nn.ChannelShuffle, torch.channel_shuffle, torch.native_channel_shuffle,
