@@ -191,13 +191,8 @@ def key_renames(graph: DependencyGraph, plan: Mapping[int, object], layout: Layo
 
     >>> import tempfile, torch, fxprune
     >>> from safetensors.torch import save_file
-    >>> class Block(torch.nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.fc = torch.nn.Linear(4, 4)
-    ...     def forward(self, x):
-    ...         return x + self.fc(x)
-    >>> net = torch.nn.Sequential(Block(), Block())
+    >>> from fxprune.testing import ResidualLinear
+    >>> net = torch.nn.Sequential(ResidualLinear(4), ResidualLinear(4))
     >>> folder = tempfile.mkdtemp()
     >>> save_file(net.state_dict(), f"{folder}/model.safetensors")
     >>> graph = fxprune.analyze(net, torch.randn(2, 4))

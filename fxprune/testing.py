@@ -20,7 +20,7 @@ from fxprune.budget import Budget, BudgetResult, check_budget
 from fxprune.capture.inputs import as_example_inputs
 from fxprune.measure import LatencySettings
 
-__all__ = ["assert_within_budget"]
+__all__ = ["ResidualLinear", "assert_within_budget"]
 
 
 def assert_within_budget(model: torch.nn.Module, example_inputs=None, *, input_shape=None,
@@ -57,3 +57,28 @@ def assert_within_budget(model: torch.nn.Module, example_inputs=None, *, input_s
     if not result.ok:
         raise AssertionError(f"{type(model).__name__} exceeds its budget:\n{result.table()}")
     return result
+
+
+class ResidualLinear(torch.nn.Module):
+    """``x + fc(x)``, or ``x + fc2(relu(fc1(x)))`` with ``hidden``: the smallest residual
+    block (one branch), for examples and tests of depth units.
+
+    Example:
+        >>> import fxprune
+        >>> graph = fxprune.analyze(torch.nn.Sequential(ResidualLinear(4), ResidualLinear(4, hidden=8)),
+        ...                         torch.randn(2, 4))
+        >>> len(graph.branches), [l.path for l in graph.layers]
+        (2, ['0', '1'])
+    """
+
+    def __init__(self, width: int, hidden: int | None = None):
+        super().__init__()
+        if hidden is None:
+            self.fc = torch.nn.Linear(width, width)
+        else:
+            self.fc1, self.fc2 = torch.nn.Linear(width, hidden), torch.nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "fc"):
+            return x + self.fc(x)
+        return x + self.fc2(torch.relu(self.fc1(x)))

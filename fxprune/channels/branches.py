@@ -105,13 +105,8 @@ class Branch:
         removes. ``role="all"``: every parameter and buffer that disappears with it.
 
         >>> import torch, fxprune
-        >>> class Block(torch.nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.fc1, self.fc2 = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
-        ...     def forward(self, x):
-        ...         return x + self.fc2(torch.relu(self.fc1(x)))
-        >>> b = fxprune.analyze(Block(), torch.randn(2, 4)).branches[0]
+        >>> from fxprune.testing import ResidualLinear
+        >>> b = fxprune.analyze(ResidualLinear(4, hidden=8), torch.randn(2, 4)).branches[0]
         >>> b.slices([0], role="out")
         {'fc2.weight': [(0, [0, 1, 2, 3])], 'fc2.bias': [(0, [0, 1, 2, 3])]}
         """
@@ -384,13 +379,8 @@ def unit(graph, unit_id: int):
     """The channel group or the branch that plan key ``unit_id`` names.
 
     >>> import torch, fxprune
-    >>> class Block(torch.nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.fc = torch.nn.Linear(4, 4)
-    ...     def forward(self, x):
-    ...         return x + self.fc(x)
-    >>> graph = fxprune.analyze(Block(), torch.randn(2, 4))
+    >>> from fxprune.testing import ResidualLinear
+    >>> graph = fxprune.analyze(ResidualLinear(4), torch.randn(2, 4))
     >>> type(fxprune.unit(graph, graph.branches[0].id)).__name__, type(fxprune.unit(graph, 0)).__name__
     ('Branch', 'Group')
     """

@@ -188,13 +188,8 @@ def covered_by_branches(graph, layer: Layer) -> list[Branch]:
     and MLP), or [] when it computes more than its branches (a post-norm layer's norms).
 
     >>> import torch, fxprune
-    >>> class Block(torch.nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.fc = torch.nn.Linear(4, 4)
-    ...     def forward(self, x):
-    ...         return x + self.fc(x)
-    >>> graph = fxprune.analyze(torch.nn.Sequential(Block(), Block()), torch.randn(2, 4))
+    >>> from fxprune.testing import ResidualLinear
+    >>> graph = fxprune.analyze(torch.nn.Sequential(ResidualLinear(4), ResidualLinear(4)), torch.randn(2, 4))
     >>> [b.id for b in covered_by_branches(graph, graph.layers[0])] == [graph.branches[0].id]
     True
     """

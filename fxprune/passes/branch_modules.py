@@ -33,13 +33,8 @@ def removed_blocks(graph, branches: list) -> list[str]:
     layers among them, ``fxprune.channels.layers``, are their own module).
 
     >>> import torch, fxprune
-    >>> class Block(torch.nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.fc = torch.nn.Linear(4, 4)
-    ...     def forward(self, x):
-    ...         return x + self.fc(x)
-    >>> net = torch.nn.Sequential(Block(), Block())
+    >>> from fxprune.testing import ResidualLinear
+    >>> net = torch.nn.Sequential(ResidualLinear(4), ResidualLinear(4))
     >>> graph = fxprune.analyze(net, torch.randn(2, 4))
     >>> removed_blocks(graph, graph.branches[:1])
     ['0']

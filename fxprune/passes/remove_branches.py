@@ -27,13 +27,8 @@ def remove_branches(ctx, branches: list[Branch]) -> None:
     nested in another removed branch or layer is gone with it.
 
     >>> import torch, fxprune
-    >>> class Block(torch.nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.fc = torch.nn.Linear(4, 4)
-    ...     def forward(self, x):
-    ...         return x + self.fc(x)
-    >>> graph = fxprune.analyze(Block(), torch.randn(2, 4))
+    >>> from fxprune.testing import ResidualLinear
+    >>> graph = fxprune.analyze(ResidualLinear(4), torch.randn(2, 4))
     >>> small = fxprune.prune(graph, {graph.branches[0].id: [0]})
     >>> [n.op for n in small.graph.nodes], sum(p.numel() for p in small.parameters())
     (['placeholder', 'output'], 0)

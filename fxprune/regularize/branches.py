@@ -51,13 +51,8 @@ def branch_slices_from_graph(model: torch.nn.Module, graph, branches: Iterable[i
 
     Example:
         >>> import torch, fxprune
-        >>> class Block(torch.nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.fc1, self.fc2 = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
-        ...     def forward(self, x):
-        ...         return x + self.fc2(torch.relu(self.fc1(x)))
-        >>> model = Block()
+        >>> from fxprune.testing import ResidualLinear
+        >>> model = ResidualLinear(4, hidden=8)
         >>> (group,) = branch_slices_from_graph(model, fxprune.analyze(model, torch.randn(2, 4)))
         >>> [tuple(s.param.shape) for s in group], group.numel()
         ([(8,), (8, 4), (4,), (4, 8)], 76)
