@@ -24,6 +24,8 @@ from helpers import half_plan
 pytest.importorskip("transformers")
 from hf_models import tiny_models  # noqa: E402
 
+pytestmark = pytest.mark.dynamic_shapes  # fxprune's default capture (tests/conftest.py)
+
 MODELS = tiny_models()
 PAD = 0
 SENTENCE_LENGTHS = ([3, 7, 5], [8, 4, 6])  # two batches of three sentences

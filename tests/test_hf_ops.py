@@ -11,6 +11,8 @@ import torch.nn.functional as F
 import fxprune
 from helpers import prune_and_check, randomize
 
+pytestmark = pytest.mark.dynamic_shapes  # fxprune's default capture (tests/conftest.py)
+
 transformers = pytest.importorskip("transformers")
 IDS = {"input_ids": torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))}
 

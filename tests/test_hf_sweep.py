@@ -8,6 +8,8 @@ import pytest
 
 from hf_zoo import architectures, check_model, shrunk_config
 
+pytestmark = pytest.mark.dynamic_shapes  # fxprune's default capture (tests/conftest.py)
+
 # model type -> its routed layers (expert sets)
 FAMILIES = {"llama": 0, "mixtral": 2, "gpt2": 0, "bert": 0, "vit": 0}
 

@@ -24,12 +24,16 @@ from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from .._util import eval_mode, first_line
 from ..errors import TraceError
-from .dynamic import batch_and_sequence, record_dynamic_dims, sizes_oblivious
+from .dynamic import batch_and_sequence, record_dynamic_dims, sizes_oblivious, wants_static
 from .effects import has_effect
 from .inputs import ExampleInputs
 from .shapes import shapes_from_fake_values
 
 STATIC_SHAPES = "fxprune.static_shapes"  # GraphModule.meta: why export could not keep dims dynamic
+
+
+class _StaticAsked(Exception):
+    """static_shapes() is in effect: export with fixed shapes, and say so."""
 
 
 def export_graph(model, inputs: ExampleInputs) -> torch.fx.GraphModule:
@@ -50,13 +54,16 @@ def export_graph(model, inputs: ExampleInputs) -> torch.fx.GraphModule:
             raise TraceError(f"expected a torch.nn.Module or ExportedProgram, got {type(model).__name__}")
         name = type(model).__name__
         try:
+            if wants_static():
+                raise _StaticAsked("static_shapes() was in effect")
             program = _export(model, inputs, dynamic=True)
         except Exception as dynamic_exc:  # export raises many types; all mean "cannot capture"
             try:
                 program = _export(model, inputs, dynamic=False)
             except Exception as exc:
                 raise export_error(model, exc) from exc
-            static_reason = f"{type(dynamic_exc).__name__}: {first_line(dynamic_exc, FIRST_LINE)}"
+            static_reason = (str(dynamic_exc) if isinstance(dynamic_exc, _StaticAsked)
+                             else f"{type(dynamic_exc).__name__}: {first_line(dynamic_exc, FIRST_LINE)}")
     unlifted = program.module()
     graph = unlifted.graph
     for node in list(graph.nodes):
