@@ -113,6 +113,16 @@ class DigitsNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+def run_all(run, work: list[tuple], jobs: int) -> list:
+    """``run(*item)`` for every item of ``work``, in ``jobs`` forked processes when above 1
+    (digits_capacity.py and digits_sparse.py train one model per item)."""
+    if jobs <= 1:
+        return [run(*item) for item in work]
+    import multiprocessing as mp
+    with mp.get_context("fork").Pool(jobs) as pool:
+        return pool.starmap(run, work)
+
+
 def load_data():
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

@@ -22,7 +22,7 @@ import torch
 from _results import add_json_option, header, write
 from _tables import digits_capacity as capacity_table
 from _tables import show
-from digits import EXAMPLE, DigitsNet, accuracy, load_data, train
+from digits import EXAMPLE, DigitsNet, accuracy, load_data, run_all, train
 from fxprune.measure import count_flops, count_params
 
 # uniform 16x, and non-uniform allocations at about the same FLOPs (15-17.5x)
@@ -61,12 +61,7 @@ def main(argv=None) -> None:
     data = load_data()
     start = time.perf_counter()
     work = [(w, seed, args, data) for w in configs for seed in range(args.seeds)]
-    if args.jobs > 1:
-        import multiprocessing as mp
-        with mp.get_context("fork").Pool(args.jobs) as pool:
-            rows = pool.starmap(run, work)
-    else:
-        rows = [run(*item) for item in work]
+    rows = run_all(run, work, args.jobs)
     show(capacity_table(rows))
     print(f"\n{args.seeds} seed(s), {time.perf_counter() - start:.0f} s")
     if args.json:

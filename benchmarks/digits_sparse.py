@@ -33,7 +33,7 @@ from torch import nn
 from _results import add_json_option, header, write
 from _tables import digits_sparse as table
 from _tables import show
-from digits import EXAMPLE, DigitsNet, Hooks, accuracy, load_data, train
+from digits import EXAMPLE, DigitsNet, Hooks, accuracy, load_data, run_all, train
 from fxprune.errors import SpecError
 from fxprune.measure import count_flops, count_params
 from fxprune.regularize import SRigL, Spartan
@@ -125,12 +125,7 @@ def main(argv=None) -> None:
     data = load_data()
     start = time.perf_counter()
     work = [(method, seed, args, data) for seed in range(args.seeds) for method in METHODS]
-    if args.jobs > 1:
-        import multiprocessing as mp
-        with mp.get_context("fork").Pool(args.jobs) as pool:
-            rows = pool.starmap(run, work)
-    else:
-        rows = [run(*item) for item in work]
+    rows = run_all(run, work, args.jobs)
     show(table(rows))
     print(f"\n{args.seeds} seed(s), {time.perf_counter() - start:.0f} s")
     if args.json:

@@ -39,6 +39,7 @@ import math
 import torch
 import torch.fx
 
+from fxprune._util import eval_mode
 from fxprune.measure import LatencySettings, device_timer, round_robin
 from fxprune.passes.fuse import fuse
 from fxprune.progress import step as progress_step
@@ -80,13 +81,8 @@ def _values(gm: torch.fx.GraphModule, example_inputs, names: set[str]) -> dict[s
                 out[node.name] = value
             return value
 
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.inference_mode():
-            Record(gm).run(*example_inputs.flat(gm))
-    finally:
-        gm.train(was_training)
+    with eval_mode(gm), torch.inference_mode():
+        Record(gm).run(*example_inputs.flat(gm))
     return out
 
 
