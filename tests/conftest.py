@@ -6,7 +6,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-torch.set_num_threads(2)
+# Under pytest-xdist (the README's `-n 2`) each worker process takes one core's share
+# of threads: two workers at two threads each would oversubscribe a 2-core machine.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def pytest_configure(config):
@@ -50,6 +52,24 @@ def import_benchmark(monkeypatch):
     torch.set_num_threads(threads)
     for name in imported:
         sys.modules.pop(name, None)
+
+
+def pytest_sessionfinish(session):
+    """An xdist worker hands its oracle tally to the controller, which prints it."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        import oracle_tally
+
+        workeroutput["oracle_tally"] = dict(oracle_tally.TALLY)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    import oracle_tally
+
+    for test, (nontrivial, examples) in node.workeroutput.get("oracle_tally", {}).items():
+        oracle_tally.TALLY[test][0] += nontrivial
+        oracle_tally.TALLY[test][1] += examples
 
 
 def pytest_terminal_summary(terminalreporter):

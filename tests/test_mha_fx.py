@@ -201,8 +201,8 @@ def test_cross_attention_heads_and_both_embeddings_prune_and_the_oracle_holds():
 def test_torchvision_vit_heads_under_fx():
     import torchvision
 
-    model = randomize(torchvision.models.vit_b_16(weights=None)).eval()
-    x = torch.randn(1, 3, 224, 224)
+    model = randomize(torchvision.models.vit_b_16(weights=None, image_size=64)).eval()  # all 12 blocks, 17 tokens
+    x = torch.randn(1, 3, 64, 64)
     graph = fxprune.analyze(model, x, capture="fx")
     assert graph.capture == "fx"
     prefix = "encoder.layers.encoder_layer_{}.self_attention."
