@@ -43,6 +43,25 @@ def register_rule(*targets) -> Callable[[Rule], Rule]:
     return decorate
 
 
+_WHEN_IMPORTED: dict[str, Callable[[], None]] = {}  # module name -> registers rules for its ops
+
+
+def register_when_imported(module: str, register: Callable[[], None]) -> None:
+    """Run ``register()`` (which calls :func:`register_rule`) once ``module`` is imported.
+
+    For rules on an optional library's ops: a model that calls them has imported the
+    library, so fxprune need not import it (torchvision alone adds about 2 s to
+    ``import fxprune``, since it loads torch._dynamo)."""
+    _WHEN_IMPORTED[module] = register
+
+
+def _register_imported() -> None:
+    import sys
+
+    for module in [m for m in _WHEN_IMPORTED if m in sys.modules]:
+        _WHEN_IMPORTED.pop(module)()
+
+
 PLUGIN_GROUP = "fxprune.plugins"
 _plugins_loaded = False
 
@@ -77,7 +96,10 @@ def rule_key(node: torch.fx.Node, modules: dict[str, torch.nn.Module]) -> object
 
 
 def lookup_rule(node: torch.fx.Node, modules: dict[str, torch.nn.Module]) -> Rule | None:
-    return _RULES.get(rule_key(node, modules))
+    key = rule_key(node, modules)
+    if key not in _RULES and _WHEN_IMPORTED:
+        _register_imported()
+    return _RULES.get(key)
 
 
 def op_name(target) -> str:

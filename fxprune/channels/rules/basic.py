@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..registry import op_name, register_rule
+from ..registry import op_name, register_rule, register_when_imported
 from ..values import DimMap, SizeValue, TensorChannels, flatten_values
 from .fallback import size_arithmetic_rule, unknown_rule
 from .shape import reversed_dims, transposed_last_two
@@ -177,18 +177,18 @@ def like_rule(ctx):
     return x.map_zi(fill == 0)
 
 
-def _stochastic_depth_targets():
-    try:
-        from torchvision.ops import stochastic_depth
-    except Exception:  # torchvision is optional
-        return ()
-    return (stochastic_depth,)
-
-
-@register_rule(*_stochastic_depth_targets())
 def stochastic_depth_rule(ctx):
     """Drops whole samples at random in training (a per-sample scale): channels pass."""
     return ctx.tensor(0, "input")
+
+
+def _register_torchvision_rules() -> None:
+    from torchvision.ops import stochastic_depth
+
+    register_rule(stochastic_depth)(stochastic_depth_rule)
+
+
+register_when_imported("torchvision", _register_torchvision_rules)
 
 
 @register_rule(nn.PReLU)
