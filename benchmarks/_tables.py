@@ -501,7 +501,8 @@ def depth(rows: list[dict]) -> Table:
     return head, body
 
 
-_DEPTH_UNITS = {"width": "width", "depth": "depth", "both": "both (latency)", "tp": "Torch-Pruning width"}
+_DEPTH_UNITS = {"width": "width", "width-latency": "width (latency)", "depth": "depth", "both": "both (latency)",
+                "tp": "Torch-Pruning width"}
 
 
 def depth_batch(rows: list[dict]) -> Table:

@@ -1,20 +1,23 @@
 """Depth against width: latency quotients at half the FLOPs (issue 20).
 
-For each model (torchvision, random weights, eval, 224x224) four plans meet the same
+For each model (torchvision, random weights, eval, 224x224) five plans meet the same
 FLOPs target, everything else at the Spec's defaults:
 
 * ``width``  -- ``units="channels"`` (today's default plan);
+* ``width-latency`` -- ``units="channels"``, ``scope="latency"``: channels chosen by
+  measured time (the best width plan before branches, docs/selection.md);
 * ``depth``  -- ``units="branches"``: whole residual branches (``graph.branches``), ranked
   by ``branch_score`` (default ``output_norm``); lands as close as whole blocks allow;
 * ``both``   -- ``units=["channels", "branches"]`` with ``scope="latency"``: one ranking
   by importance per *measured* millisecond saved (each branch and each channel group
-  timed with the benchmark's threads, convs in channels_last with ``--compile``), kept
-  only when faster end to end than the local channel plan (docs/depth.md);
+  timed with the benchmark's threads, convs in channels_last with ``--compile``), timed
+  end to end beside the plan of branches alone and the local channel plan, the fastest
+  kept (docs/depth.md);
 * ``tp``     -- Torch-Pruning's default magnitude pruner (``MetaPruner``,
   ``GroupMagnitudeImportance``, classifier kept, ``round_to`` 8), its ``pruning_ratio``
   searched until its FLOPs are within 2% of the target; BatchNorm folded afterwards.
 
-The dense model and the four results are timed alternately in one process (``--batch``
+The dense model and the five results are timed alternately in one process (``--batch``
 1, ``--threads`` 2; ``--compile`` adds ``torch.compile``; ``--batch2 32`` times the same
 plans again at batch 32, eager, so the ranking at both batch sizes can be compared).
 Columns: the FLOPs kept, the speedup over the dense model (BatchNorm folded in both, as
@@ -44,7 +47,8 @@ from _tables import depth as depth_table, depth_batch as depth_batch_table, show
 from fxprune.measure import LatencySettings, count_flops, measure_latency
 from fxprune.passes.fuse import fuse
 
-KINDS = {"width": {"units": "channels"}, "depth": {"units": "branches"},
+KINDS = {"width": {"units": "channels"}, "width-latency": {"units": "channels", "scope": "latency"},
+         "depth": {"units": "branches"},
          "both": {"units": ["channels", "branches"], "scope": "latency"}}
 
 

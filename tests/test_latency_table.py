@@ -104,7 +104,7 @@ def test_latency_scope_takes_more_from_groups_whose_flops_buy_more_time(monkeypa
 
     monkeypatch.setattr(select_pass, "latency_table", fake_table)
     # the end-to-end check would time the tiny model for real; it is tested on its own below
-    monkeypatch.setattr(select_pass, "faster_plan", lambda graph, local, weighted, spec, notes: weighted)
+    monkeypatch.setattr(select_pass, "faster_plan", lambda graph, local, weighted, spec, notes, others=None: weighted)
     spec = {"example_inputs": (X,), "target": {"flops": 0.5}, "scope": "latency", "fuse": False, "round_to": 1}
     result = compress(model, spec)
     frac = count_flops(result.model, (X,)) / count_flops(model, (X,))
@@ -187,12 +187,12 @@ def test_latency_table_from_a_base_plan_measures_the_channels_it_leaves(twins_ta
 class _Timings:
     """Stands in for measure_latency: fixed medians, and a record of what was timed."""
 
-    def __init__(self, local_ms, weighted_ms, compiled=False):
-        self.ms, self.compiled, self.timed = [local_ms, weighted_ms], compiled, []
+    def __init__(self, local_ms, weighted_ms, *others_ms, compiled=False):
+        self.ms, self.compiled, self.timed = [local_ms, weighted_ms, *others_ms], compiled, []
 
     def __call__(self, models, inputs, settings):
         self.timed.append(models)
-        return LatencyResult([10.0, 10.0] if self.compiled else self.ms, self.ms if self.compiled else None,
+        return LatencyResult([10.0] * len(self.ms) if self.compiled else self.ms, self.ms if self.compiled else None,
                              settings)
 
 
@@ -230,3 +230,22 @@ def test_latency_check_times_nothing_when_the_plans_agree(monkeypatch):
     notes = []
     chosen = latency_verify.faster_plan(graph, (plan, None), (dict(plan), "model"), spec, notes)
     assert chosen == (plan, "model") and notes == [] and timings.timed == []
+
+
+@pytest.mark.parametrize("depth_ms, winner", [(3.0, "depth-only"), (4.5, "weighted"), (5.5, "weighted")])
+def test_latency_scope_times_the_other_candidates_in_the_same_run(monkeypatch, depth_ms, winner):
+    """With branches competing, the plan of branches alone is a candidate beside the joint
+    one: the fastest of them is kept when it beats the local plan by MIN_GAIN."""
+    graph = fxprune.analyze(Twins().eval(), (X,))
+    groups = graph.prunable_groups
+    local, weighted, depth = ({g.id: [0] for g in groups}, None), ({groups[0].id: [0, 1]}, None), \
+        ({groups[1].id: [0, 1, 2]}, None)
+    timings = _Timings(5.0, 4.0, depth_ms)
+    monkeypatch.setattr(latency_verify, "measure_latency", timings)
+    notes = []
+    spec = fxprune.Spec(example_inputs=(X,), ratio=0.25, scope="latency")
+    chosen = latency_verify.faster_plan(graph, local, weighted, spec, notes, others={"depth-only": depth})
+    assert chosen is {"depth-only": depth, "weighted": weighted}[winner]
+    assert len(timings.timed[0]) == 3  # local, weighted and depth-only in one run
+    (note,) = notes
+    assert f"the depth-only plan {depth_ms:.2f} ms" in note and f"kept the {winner} plan" in note

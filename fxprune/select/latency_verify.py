@@ -13,6 +13,12 @@ The weighted plan must win by ``MIN_GAIN``: two models with the same widths time
 one run differed by 0.3-1.6% here, and a weighted densenet121 plan that this check
 timed as faster came out 2% slower in the benchmark's own run. Below that margin the
 local plan, with its uniform and predictable widths, is kept.
+
+Where branches compete with channels, the plan of branches alone is timed beside the
+joint one: a ranking by importance per millisecond, with each unit timed alone, still
+took a channel group or two on resnet50 that made the joint plan slower end to end than
+removing whole blocks alone (compiled quotient 0.87 against 1.07, benchmarks/depth.py),
+because removing a block also removes launches and fusions that no per-unit time shows.
 """
 from __future__ import annotations
 
@@ -34,23 +40,29 @@ def _as_emitted(graph, plan: Plan, model: torch.nn.Module | None, fold: bool) ->
 
 
 def faster_plan(graph, local: tuple[Plan, torch.nn.Module | None], weighted: tuple[Plan, torch.nn.Module | None],
-                spec, notes: list[str]) -> tuple[Plan, torch.nn.Module | None]:
-    """``weighted`` if it runs at least ``MIN_GAIN`` faster than ``local`` end to end,
-    else ``local``; each is ``(plan, pruned model or None)`` and the chosen pair is
-    returned as given. A note states both medians."""
-    if local[0] == weighted[0]:
+                spec, notes: list[str], others: dict[str, tuple[Plan, torch.nn.Module | None]] | None = None
+                ) -> tuple[Plan, torch.nn.Module | None]:
+    """The fastest of ``weighted`` and the named ``others`` (e.g. ``{"depth-only": pair}``)
+    if it runs at least ``MIN_GAIN`` faster than ``local`` end to end, else ``local``;
+    each is ``(plan, pruned model or None)`` and the chosen pair is returned as given.
+    All are timed in one run; a note states every median."""
+    candidates = {"weighted": weighted, **(others or {})}
+    candidates = {name: pair for name, pair in candidates.items() if pair[0] != local[0]}
+    if not candidates:
         return weighted
-    progress_step("scope=latency: timing the weighted and the local plan end to end")
+    progress_step(f"scope=latency: timing the {', '.join(candidates)} and the local plan end to end")
     settings = spec.latency
-    models = [_as_emitted(graph, plan, model, spec.fuse) for plan, model in (local, weighted)]
+    pairs = [local, *candidates.values()]
+    models = [_as_emitted(graph, plan, model, spec.fuse) for plan, model in pairs]
     times = on_rank_zero(lambda: measure_latency(models, graph.example_inputs, settings))  # one rank times
-    kind, (local_ms, weighted_ms) = (("compiled", times.compiled_ms) if times.compiled_ms
-                                     else ("eager", times.eager_ms))
-    if weighted_ms <= (1 - MIN_GAIN) * local_ms:
-        notes.append(f"select: scope=latency: the weighted plan runs {weighted_ms:.2f} ms {kind} "
-                     f"against {local_ms:.2f} ms for the local plan; kept")
-        return weighted
-    notes.append(f"select: scope=latency: the weighted plan runs {weighted_ms:.2f} ms {kind} against the "
-                 f"local plan's {local_ms:.2f} ms end to end, not {100 * MIN_GAIN:.0f}% faster; "
-                 f"fell back to the local plan")
+    kind, ms = ("compiled", times.compiled_ms) if times.compiled_ms else ("eager", times.eager_ms)
+    local_ms, by_name = ms[0], dict(zip(candidates, ms[1:]))
+    name = min(by_name, key=by_name.get)
+    timed = ", ".join(f"the {n} plan {t:.2f} ms" for n, t in by_name.items())
+    if by_name[name] <= (1 - MIN_GAIN) * local_ms:
+        notes.append(f"select: scope=latency: {timed} {kind}, against {local_ms:.2f} ms for the local plan; "
+                     f"kept the {name} plan")
+        return candidates[name]
+    notes.append(f"select: scope=latency: {timed} {kind}, against the local plan's {local_ms:.2f} ms end to end, "
+                 f"none {100 * MIN_GAIN:.0f}% faster; fell back to the local plan")
     return local

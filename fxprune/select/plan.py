@@ -270,7 +270,15 @@ def _branches_by_latency(graph, groups, scores, keys, costs, spec, limit, metric
     plan, model = land_with_branches(graph, groups, keys, costs, spec, limit, metric, target, notes, ms_saved=saved)
     if not groups:
         return plan, model
-    return faster_plan(graph, (local_plan, local_model), (plan, model), spec, notes)
+    # branches alone, ranked the same way, are timed beside the joint plan (latency_verify)
+    depth_notes: list[str] = []
+    landed: list[bool] = []
+    depth = land_with_branches(graph, [], {}, {}, spec, limit, metric, target, depth_notes, ms_saved=saved,
+                               landed=landed)
+    others = {"depth-only": depth} if landed[0] and depth[0] else {}
+    if not others:
+        notes.append("select: scope=latency: branches alone cannot land the target; not timed on their own")
+    return faster_plan(graph, (local_plan, local_model), (plan, model), spec, notes, others=others)
 
 
 def _ms_per_gflop(saved, flops, branches, of_branches: bool) -> float:
