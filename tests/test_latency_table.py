@@ -249,3 +249,34 @@ def test_latency_scope_times_the_other_candidates_in_the_same_run(monkeypatch, d
     assert len(timings.timed[0]) == 3  # local, weighted and depth-only in one run
     (note,) = notes
     assert f"the depth-only plan {depth_ms:.2f} ms" in note and f"kept the {winner} plan" in note
+
+
+@pytest.mark.parametrize("lands_per_ms", [True, False])
+def test_depth_only_candidate_falls_back_to_the_per_flop_ranking(monkeypatch, lands_per_ms):
+    """Whole branches ranked per measured ms can straddle the target; the candidate of
+    branches alone then comes from the per-FLOP ranking (units="branches"), and where
+    neither lands there is no candidate and a note says so."""
+    calls = []
+
+    def fake_land(graph, groups, keys, costs, spec, limit, metric, target, notes, ms_saved=None, landed=None):
+        calls.append(ms_saved)
+        per_ms = ms_saved is not None
+        landed.append(per_ms == lands_per_ms)
+        return ({"per-ms" if per_ms else "per-flop": [0]}, None)
+
+    monkeypatch.setattr(select_pass, "land_with_branches", fake_land)
+    notes = []
+    saved = {0: 1.0}
+    others = select_pass._depth_only(None, None, {}, "flops", 0.5, saved, notes)
+    if lands_per_ms:
+        assert others == {"depth-only": ({"per-ms": [0]}, None)} and calls == [saved]
+        assert "ranked by importance per measured ms" in notes[0]
+    else:
+        assert others == {"depth-only": ({"per-flop": [0]}, None)} and calls == [saved, None]
+        assert "ranked by importance per FLOP" in notes[0]
+    calls.clear()
+    monkeypatch.setattr(select_pass, "land_with_branches",
+                        lambda *a, landed=None, **k: (landed.append(False), ({"x": [0]}, None))[1])
+    notes = []
+    assert select_pass._depth_only(None, None, {}, "flops", 0.5, saved, notes) == {}
+    assert notes == ["select: scope=latency: branches alone cannot land the target; not timed on their own"]

@@ -19,6 +19,8 @@ joint one: a ranking by importance per millisecond, with each unit timed alone, 
 took a channel group or two on resnet50 that made the joint plan slower end to end than
 removing whole blocks alone (compiled quotient 0.87 against 1.07, benchmarks/depth.py),
 because removing a block also removes launches and fusions that no per-unit time shows.
+The channel plan that ``scope="latency"`` would take without branches is timed there too,
+so letting branches compete never picks a plan slower than the best channel plan.
 """
 from __future__ import annotations
 

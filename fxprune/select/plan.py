@@ -245,8 +245,9 @@ def _branches_by_latency(graph, groups, scores, keys, costs, spec, limit, metric
     (``land_with_branches`` with ``ms_saved``): each branch is timed alone
     (``branch_latency``), each channel group by the latency table measured at the local
     plan for the target, as the channel scope does. With channels competing, the joint
-    plan is then timed end to end against that local plan and kept only when faster."""
-    local_plan, local_model = {}, None
+    plan, branches alone and the channel plan of ``scope="latency"`` are then timed end to
+    end against that local plan in one run; the fastest is kept when clearly faster."""
+    local_plan, local_model, width = {}, None, None
     ms: dict[int, np.ndarray] = {}
     flops = unit_costs(graph, groups, "flops")
     if groups:
@@ -256,6 +257,8 @@ def _branches_by_latency(graph, groups, scores, keys, costs, spec, limit, metric
                                                    batchnorm=not spec.fuse, compiled=spec.latency.compile,
                                                    base=local_plan))  # one rank times, all use it
         ms = {gid: np.full(len(costs[gid]), row.saved_ms / row.removed) for gid, row in table.items()}
+        width = _weighted_channel_plan(graph, groups, spec, limit, metric, target, costs, _local_keys(scores, groups),
+                                       efficiency(table), [])
     branches = eligible_branches(graph, spec, [])
     times = on_rank_zero(lambda: branch_times(graph, branches, spec.latency, compiled=spec.latency.compile,
                                               fold=spec.fuse))
@@ -270,15 +273,27 @@ def _branches_by_latency(graph, groups, scores, keys, costs, spec, limit, metric
     plan, model = land_with_branches(graph, groups, keys, costs, spec, limit, metric, target, notes, ms_saved=saved)
     if not groups:
         return plan, model
-    # branches alone, ranked the same way, are timed beside the joint plan (latency_verify)
-    depth_notes: list[str] = []
-    landed: list[bool] = []
-    depth = land_with_branches(graph, [], {}, {}, spec, limit, metric, target, depth_notes, ms_saved=saved,
-                               landed=landed)
-    others = {"depth-only": depth} if landed[0] and depth[0] else {}
-    if not others:
-        notes.append("select: scope=latency: branches alone cannot land the target; not timed on their own")
+    # the channel plan of scope="latency" and branches alone are candidates too (latency_verify)
+    others = {**_depth_only(graph, spec, limit, metric, target, saved, notes),
+              **({"width-latency": width} if width is not None else {})}
     return faster_plan(graph, (local_plan, local_model), (plan, model), spec, notes, others=others)
+
+
+def _depth_only(graph, spec, limit, metric, target, saved, notes) -> dict[str, tuple]:
+    """Branches alone, as a candidate timed beside the joint plan (``faster_plan``): ranked
+    by importance per measured ms first; where that ranking's whole branches miss the
+    target (it favours branches that are slow for their FLOPs, so its steps can straddle
+    the target widely), by importance per FLOP, the ranking of ``units="branches"``.
+    Empty when neither lands."""
+    for ms_saved, how in ((saved, "per measured ms"), (None, "per FLOP")):
+        landed: list[bool] = []
+        plan, model = land_with_branches(graph, [], {}, {}, spec, limit, metric, target, [], ms_saved=ms_saved,
+                                         landed=landed)
+        if landed[0] and plan:
+            notes.append(f"select: scope=latency: branches alone, ranked by importance {how}, timed as a candidate")
+            return {"depth-only": (plan, model)}
+    notes.append("select: scope=latency: branches alone cannot land the target; not timed on their own")
+    return {}
 
 
 def _ms_per_gflop(saved, flops, branches, of_branches: bool) -> float:
@@ -286,6 +301,25 @@ def _ms_per_gflop(saved, flops, branches, of_branches: bool) -> float:
     units = [u for u in saved if (u in ids) == of_branches]
     total = sum(float(flops[u].sum()) for u in units)
     return sum(float(saved[u].sum()) for u in units) / total * 1e9 if total > 0 else 0.0
+
+
+def _weighted_channel_plan(graph, groups, spec, limit, metric, target, costs, local, weight, notes):
+    """The channel plan whose shares are weighted by measured efficiency (``(plan, model)``),
+    or None where no weighting lands the target."""
+    # Weighted shares saturate the most efficient groups at max_ratio, and what is left to
+    # take may come in steps too coarse for the tolerance (resnet18, round_to=8: 8 channels
+    # of a 56x56 group are 4.5% of the FLOPs). Then flatter weights are tried, down to local.
+    for power in (EFFICIENCY_POWER, EFFICIENCY_POWER / 2):
+        attempt: list[str] = []
+        weighted = Landing(graph, groups, spec, limit, metric, target, costs, _weighted_keys(local, weight, power))
+        plan, model, landed = land(weighted, attempt)
+        if landed:
+            notes.extend(attempt)
+            return plan, model
+        notes.append(f"select: scope=latency: shares weighted by efficiency**{power:g} could not land "
+                     f"within {200 * TARGET_METRICS[metric].tolerance:.0f}% of target {metric}={target} "
+                     f"(channel granularity); trying flatter weights")
+    return None
 
 
 def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
@@ -302,19 +336,9 @@ def _by_target(graph, groups, scores, spec, limit, metric, target, notes):
     local = _local_keys(scores, groups)
     local_plan, local_model, _ = land(Landing(graph, groups, spec, limit, metric, target, costs, local), local_notes)
     weight = _latency_weights(graph, groups, scores, spec, limit, notes, base=local_plan)
-    # Weighted shares saturate the most efficient groups at max_ratio, and what is left to
-    # take may come in steps too coarse for the tolerance (resnet18, round_to=8: 8 channels
-    # of a 56x56 group are 4.5% of the FLOPs). Then flatter weights are tried, down to local.
-    for power in (EFFICIENCY_POWER, EFFICIENCY_POWER / 2):
-        attempt: list[str] = []
-        weighted = Landing(graph, groups, spec, limit, metric, target, costs, _weighted_keys(local, weight, power))
-        plan, model, landed = land(weighted, attempt)
-        if landed:
-            notes.extend(attempt)
-            return faster_plan(graph, (local_plan, local_model), (plan, model), spec, notes)
-        notes.append(f"select: scope=latency: shares weighted by efficiency**{power:g} could not land "
-                     f"within {200 * TARGET_METRICS[metric].tolerance:.0f}% of target {metric}={target} "
-                     f"(channel granularity); trying flatter weights")
+    weighted = _weighted_channel_plan(graph, groups, spec, limit, metric, target, costs, local, weight, notes)
+    if weighted is not None:
+        return faster_plan(graph, (local_plan, local_model), weighted, spec, notes)
     notes.append("select: scope=latency: fell back to the local plan")
     notes.extend(local_notes)
     return local_plan, local_model
