@@ -96,7 +96,7 @@ def test_the_kind_that_saves_more_time_goes_first(monkeypatch, cheaper):
 
     monkeypatch.setattr(select_pass, "latency_table", table)
     monkeypatch.setattr(select_pass, "branch_times", lambda graph, branches, *a, **k: {b.id: branch_ms for b in branches})
-    monkeypatch.setattr(select_pass, "faster_plan", lambda graph, local, weighted, spec, notes, others=None: weighted)
+    monkeypatch.setattr(select_pass, "faster_plan", lambda graph, local, weighted, spec, notes, others=None, scale=None: weighted)
     result = fxprune.compress(_blocks(), _spec(units=["channels", "branches"], scope="latency"))
     n = len(result.graph.groups)
     removed = [gid for gid in result.plan if gid >= n]

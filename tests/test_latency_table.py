@@ -104,7 +104,7 @@ def test_latency_scope_takes_more_from_groups_whose_flops_buy_more_time(monkeypa
 
     monkeypatch.setattr(select_pass, "latency_table", fake_table)
     # the end-to-end check would time the tiny model for real; it is tested on its own below
-    monkeypatch.setattr(select_pass, "faster_plan", lambda graph, local, weighted, spec, notes, others=None: weighted)
+    monkeypatch.setattr(select_pass, "faster_plan", lambda graph, local, weighted, spec, notes, others=None, scale=None: weighted)
     spec = {"example_inputs": (X,), "target": {"flops": 0.5}, "scope": "latency", "fuse": False, "round_to": 1}
     result = compress(model, spec)
     frac = count_flops(result.model, (X,)) / count_flops(model, (X,))
@@ -251,32 +251,51 @@ def test_latency_scope_times_the_other_candidates_in_the_same_run(monkeypatch, d
     assert f"the depth-only plan {depth_ms:.2f} ms" in note and f"kept the {winner} plan" in note
 
 
-@pytest.mark.parametrize("lands_per_ms", [True, False])
-def test_depth_only_candidate_falls_back_to_the_per_flop_ranking(monkeypatch, lands_per_ms):
-    """Whole branches ranked per measured ms can straddle the target; the candidate of
-    branches alone then comes from the per-FLOP ranking (units="branches"), and where
-    neither lands there is no candidate and a note says so."""
+@pytest.mark.parametrize("per_ms, per_flop, chosen, factor", [
+    ((True, 0.5), (True, 0.495), "per-ms", 1.0),        # both land: the closer one
+    ((False, 0.6), (False, 0.48), "per-flop", 0.5 / 0.48),  # a near miss below a FLOPs target, time scaled
+    ((False, 0.44), (False, 0.53), None, None),       # too far below, or above the target: no candidate
+])
+def test_depth_only_candidate_is_the_closest_landing_of_two_rankings(monkeypatch, per_ms, per_flop, chosen, factor):
+    """Branches alone are ranked per measured ms and per FLOP; whole branches rarely land
+    within 2%, so a plan keeping up to DEPTH_UNDERSHOOT less than a FLOPs target is a
+    candidate too, its time scaled by target / kept; otherwise a note says none was timed."""
     calls = []
 
     def fake_land(graph, groups, keys, costs, spec, limit, metric, target, notes, ms_saved=None, landed=None):
         calls.append(ms_saved)
-        per_ms = ms_saved is not None
-        landed.append(per_ms == lands_per_ms)
-        return ({"per-ms" if per_ms else "per-flop": [0]}, None)
+        landed.append(per_ms if ms_saved is not None else per_flop)
+        return ({"per-ms" if ms_saved is not None else "per-flop": [0]}, None)
 
     monkeypatch.setattr(select_pass, "land_with_branches", fake_land)
     notes = []
     saved = {0: 1.0}
-    others = select_pass._depth_only(None, None, {}, "flops", 0.5, saved, notes)
-    if lands_per_ms:
-        assert others == {"depth-only": ({"per-ms": [0]}, None)} and calls == [saved]
-        assert "ranked by importance per measured ms" in notes[0]
+    others, scale = select_pass._depth_only(None, None, {}, "flops", 0.5, saved, notes)
+    assert calls == [saved, None]
+    if chosen is None:
+        assert others == {} and scale == {}
+        assert notes == ["select: scope=latency: branches alone cannot land near the target; not timed on their own"]
     else:
-        assert others == {"depth-only": ({"per-flop": [0]}, None)} and calls == [saved, None]
-        assert "ranked by importance per FLOP" in notes[0]
+        assert others == {"depth-only": ({chosen: [0]}, None)} and scale["depth-only"] == pytest.approx(factor)
+        assert f"ranked by importance per {'measured ms' if chosen == 'per-ms' else 'FLOP'}" in notes[0]
+    # under a parameter target a near miss is not a candidate: time does not follow parameters
     calls.clear()
-    monkeypatch.setattr(select_pass, "land_with_branches",
-                        lambda *a, landed=None, **k: (landed.append(False), ({"x": [0]}, None))[1])
+    assert select_pass._depth_only(None, None, {}, "params", 0.5, saved, [])[0] == ({} if chosen != "per-ms" else
+                                                                                    {"depth-only": ({"per-ms": [0]},
+                                                                                                    None)})
+
+
+def test_faster_plan_compares_a_scaled_candidate_at_the_target(monkeypatch):
+    """A depth-only plan that removed more than the target races with its time scaled up:
+    3.0 ms at 0.45 of the FLOPs counts as 3.33 ms against the joint plan's 3.2 ms."""
+    graph = fxprune.analyze(Twins().eval(), (X,))
+    groups = graph.prunable_groups
+    local, weighted, depth = ({g.id: [0] for g in groups}, None), ({groups[0].id: [0, 1]}, None), \
+        ({groups[1].id: [0, 1, 2]}, None)
+    monkeypatch.setattr(latency_verify, "measure_latency", _Timings(5.0, 3.2, 3.0))
     notes = []
-    assert select_pass._depth_only(None, None, {}, "flops", 0.5, saved, notes) == {}
-    assert notes == ["select: scope=latency: branches alone cannot land the target; not timed on their own"]
+    spec = fxprune.Spec(example_inputs=(X,), ratio=0.25, scope="latency")
+    chosen = latency_verify.faster_plan(graph, local, weighted, spec, notes, others={"depth-only": depth},
+                                        scale={"depth-only": 0.5 / 0.45})
+    assert chosen is weighted
+    assert "the depth-only plan 3.00 ms (3.33 ms scaled to the target)" in notes[0] and "kept the weighted" in notes[0]

@@ -131,12 +131,12 @@ class _DepthLanding(Landing):
 def land_with_branches(graph, groups, keys: dict[int, np.ndarray], costs: dict[int, np.ndarray], spec,
                        limit: dict[int, int], metric: str, target: float, notes: list[str],
                        kinds: tuple[str, ...] = ("branches",), ms_saved: dict[int, np.ndarray] | None = None,
-                       landed: list[bool] | None = None):
+                       landed: list[tuple[bool, float]] | None = None):
     """Land ``target`` of ``metric`` over channel units (``keys``/``costs`` of ``groups``,
     empty for none) and the whole units of ``kinds``: the eligible depth units (branches,
     layers), and experts (:mod:`fxprune.select.expert_target`); returns (plan, pruned
     model or None). ``landed``, when given, receives whether the plan came within twice
-    the tolerance of the target (whole units may not).
+    the tolerance of the target (whole units may not) and the fraction it kept.
 
     ``ms_saved`` (``scope="latency"``): the measured milliseconds each unit's removal
     saves, by channel group id (one per channel) and branch id; each key (importance per
@@ -176,7 +176,7 @@ def land_with_branches(graph, groups, keys: dict[int, np.ndarray], costs: dict[i
                             costs, keys, whole=whole)
     plan, model, within = land(problem, notes)
     if landed is not None:
-        landed.append(within)
+        landed.append((within, problem.kept))
     removed = [b for b in branches if b.id in plan]
     experts = sum(len(plan[s.id]) for s in graph.experts if s.id in plan)
     parts = ([f"{_count(removed)} of {eligible}"] if set(DEPTH_KINDS) & set(kinds) else []) \

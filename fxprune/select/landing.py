@@ -128,6 +128,7 @@ def land(problem: Landing, notes: list[str]) -> tuple[Plan, torch.nn.Module | No
     if not landed:
         notes.append(f"select: could not land within {200 * problem.tolerance:.0f}% of target "
                      f"{metric}={target} (channel granularity); closest is {frac:.3f}")
+    problem.kept = frac  # the landed fraction, for callers that accept a near miss (select.plan._depth_only)
     return problem.plan_at(best), model, landed
 
 

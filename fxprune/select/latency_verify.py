@@ -42,12 +42,14 @@ def _as_emitted(graph, plan: Plan, model: torch.nn.Module | None, fold: bool) ->
 
 
 def faster_plan(graph, local: tuple[Plan, torch.nn.Module | None], weighted: tuple[Plan, torch.nn.Module | None],
-                spec, notes: list[str], others: dict[str, tuple[Plan, torch.nn.Module | None]] | None = None
-                ) -> tuple[Plan, torch.nn.Module | None]:
+                spec, notes: list[str], others: dict[str, tuple[Plan, torch.nn.Module | None]] | None = None,
+                scale: dict[str, float] | None = None) -> tuple[Plan, torch.nn.Module | None]:
     """The fastest of ``weighted`` and the named ``others`` (e.g. ``{"depth-only": pair}``)
     if it runs at least ``MIN_GAIN`` faster than ``local`` end to end, else ``local``;
     each is ``(plan, pruned model or None)`` and the chosen pair is returned as given.
-    All are timed in one run; a note states every median."""
+    ``scale`` multiplies a named candidate's time before the comparison (a plan that
+    removes more than the target is compared as if it removed just the target). All are
+    timed in one run; a note states every median."""
     candidates = {"weighted": weighted, **(others or {})}
     candidates = {name: pair for name, pair in candidates.items() if pair[0] != local[0]}
     if not candidates:
@@ -58,9 +60,13 @@ def faster_plan(graph, local: tuple[Plan, torch.nn.Module | None], weighted: tup
     models = [_as_emitted(graph, plan, model, spec.fuse) for plan, model in pairs]
     times = on_rank_zero(lambda: measure_latency(models, graph.example_inputs, settings))  # one rank times
     kind, ms = ("compiled", times.compiled_ms) if times.compiled_ms else ("eager", times.eager_ms)
-    local_ms, by_name = ms[0], dict(zip(candidates, ms[1:]))
+    scale = scale or {}
+    local_ms, measured = ms[0], dict(zip(candidates, ms[1:]))
+    by_name = {n: t * scale.get(n, 1.0) for n, t in measured.items()}
     name = min(by_name, key=by_name.get)
-    timed = ", ".join(f"the {n} plan {t:.2f} ms" for n, t in by_name.items())
+    timed = ", ".join(f"the {n} plan {t:.2f} ms" + (f" ({by_name[n]:.2f} ms scaled to the target)"
+                                                    if scale.get(n, 1.0) != 1.0 else "")
+                      for n, t in measured.items())
     if by_name[name] <= (1 - MIN_GAIN) * local_ms:
         notes.append(f"select: scope=latency: {timed} {kind}, against {local_ms:.2f} ms for the local plan; "
                      f"kept the {name} plan")
