@@ -360,5 +360,8 @@ def test_cli_graph_lists_branches():
 
 def test_max_ratio_caps_the_branches_removed():
     spec = {"example_inputs": IMAGE, "target": {"flops": 0.2}, "units": "branches", "max_ratio": 0.5}
-    with pytest.raises(fxprune.SpecError, match="impossible"):  # two of four blocks are not enough
+    with pytest.raises(fxprune.SpecError, match="impossible") as error:  # two of four blocks are not enough
         fxprune.compress(_scaled(), spec)
+    message = str(error.value)  # names the units that competed and the way out, not channels and round_to
+    assert "units=branches, max_ratio=0.5" in message and "let channels compete too" in message
+    assert "round_to cannot shrink" not in message

@@ -174,7 +174,10 @@ def _regula_falsi(problem: Landing, lo: int, hi: int) -> int:
 def _impossible(problem: Landing) -> None:
     metric, target, least = problem.metric, problem.target, problem.actual(problem.n)
     raise SpecError(
-        f"spec.target.{metric}: {target} is impossible: removing every prunable channel "
-        f"allowed (max_ratio={problem.spec.max_ratio}, round_to={problem.spec.round_to}, frozen and ignored "
-        f"groups kept) leaves {least:.3f} of the {metric}; the minimum reachable fraction is {least:.3f}"
-        + ("; layers narrower than 2 * round_to cannot shrink: lower round_to" if problem.spec.round_to > 1 else ""))
+        f"spec.target.{metric}: {target} is impossible: removing every prunable unit allowed "
+        f"(units={'+'.join(problem.spec.unit_kinds)}, max_ratio={problem.spec.max_ratio}, "
+        f"round_to={problem.spec.round_to}, frozen and ignored groups kept) leaves {least:.3f} of the {metric}; "
+        f"the minimum reachable fraction is {least:.3f}"
+        + ("; layers narrower than 2 * round_to cannot shrink: lower round_to"
+           if problem.spec.round_to > 1 and problem.groups else "")
+        + ("" if "channels" in problem.spec.unit_kinds else "; let channels compete too: units=['channels', ...]"))
