@@ -11,8 +11,8 @@ FLOPs target, everything else at the Spec's defaults:
 * ``both``   -- ``units=["channels", "branches"]`` with ``scope="latency"``: one ranking
   by importance per *measured* millisecond saved (each branch and each channel group
   timed with the benchmark's threads, convs in channels_last with ``--compile``), timed
-  end to end beside the plan of branches alone and the local channel plan, the fastest
-  kept (docs/depth.md);
+  end to end beside branches alone, the ``width-latency`` channel plan and the local
+  channel plan, the fastest kept (docs/depth.md);
 * ``tp``     -- Torch-Pruning's default magnitude pruner (``MetaPruner``,
   ``GroupMagnitudeImportance``, classifier kept, ``round_to`` 8), its ``pruning_ratio``
   searched until its FLOPs are within 2% of the target; BatchNorm folded afterwards.
@@ -27,7 +27,7 @@ interrupted run keeps the models it finished.
 
     python benchmarks/depth.py                                # resnet50, eager
     python benchmarks/depth.py --models resnet50,vit_b_16,convnext_tiny,mobilenet_v2,efficientnet_b0 \\
-        --compile --batch2 32 --json                          # the docs' tables (about an hour on 2 cores)
+        --compile --batch2 32 --json                          # the docs' tables (about 15 min on 2 quiet cores)
 
 Random weights make the scores of a trained model meaningless: the table is about
 latency at equal FLOPs, not accuracy.
