@@ -31,7 +31,7 @@ from ..channels.graph import DependencyGraph
 from ..errors import WriteBackError
 from .branch_modules import drop_blocks, removed_blocks, removed_layers
 from .expert_attrs import expert_cuts, sync_expert_counts, sync_expert_widths
-from .hf_config import GRAPH_HINT, check_config, update_config, update_layer_count
+from .hf_config import GRAPH_HINT, check_config, update_config, update_copied_fields, update_layer_count
 from .layer_attrs import attention_heads, renumber_layers, sync_head_attrs, sync_layer_sizes
 from .prune import PruneContext, cut_tensor, kept_ids, tensor_cuts
 
@@ -70,6 +70,7 @@ def write_back(graph: DependencyGraph, plan: Mapping[int, object], pruned: torch
     renumber_layers(new, layers)
     gone = lambda path: any(path == b or path.startswith(f"{b}.") for b in blocks)  # noqa: E731
     changed = update_config(new, _group_widths(graph, plan, gone), {p: h for p, h in heads.items() if not gone(p)})
+    changed += update_copied_fields(new, model, changed)
     changed += update_layer_count(new, layers)
     changed += sync_expert_counts(new, graph, plan) + sync_expert_widths(new, graph, plan)  # mixtures of experts
     check_config(new, changed)
