@@ -115,7 +115,7 @@ def update_copied_fields(model: torch.nn.Module, original: torch.nn.Module, chan
     out = []
     for name, per_module in found.items():
         old = getattr(config, name)
-        if set(per_module.values()) == {old}:
+        if set(per_module.values()) <= {old}:  # no tensor as wide, or none of them cut
             continue
         width = _uniform(name, per_module)
         setattr(config, name, width)
