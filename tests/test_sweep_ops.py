@@ -290,3 +290,22 @@ def test_division_by_a_nonzero_divisor_keeps_the_oracle(capture):
     graph, _, error = prune_and_check(DivideByNonZero(), torch.randn(2, 4), capture=capture)
     group = _group_of(graph, "a.weight")
     assert group.prunable and group.zero_invariant and error < 1e-4, group.zero_invariance_reason
+
+
+class PoolWithIndices(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        pooled, _ = F.max_pool2d(self.a(x), 2, return_indices=True)
+        return self.b(pooled)
+
+
+@pytest.mark.parametrize("capture", BOTH)
+def test_pooling_with_indices_freezes_with_a_reason(capture):
+    """A pooling call that returns (values, indices) has no one-to-one rule: it freezes what
+    it touches and says so (it raised a NameError: the fallback was never imported)."""
+    graph = fxprune.analyze(PoolWithIndices(), torch.randn(1, 3, 12, 12), capture=capture)
+    group = _group_of(graph, "a.weight")
+    assert not group.prunable and "has no channel rule" in group.reason

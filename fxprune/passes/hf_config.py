@@ -103,8 +103,10 @@ def update_copied_fields(model: torch.nn.Module, original: torch.nn.Module, chan
         if old_module is None or type(old_module) is not type(module):
             continue
         for name, value in vars(module).items():
+            # a field of the config itself (not an attribute_map alias such as Mixtral's
+            # num_experts, whose meaning another pass knows) holding the same number
             if name in skip or name.startswith("_") or type(value) is not int or value <= 1 or \
-                    getattr(config, name, None) != value:
+                    name not in vars(config) or getattr(config, name) != value:
                 continue
             wide = [(old, new) for key, tensor in _own_tensors(module)
                     for old, new in zip(getattr(old_module, key).shape, tensor.shape) if old == value]

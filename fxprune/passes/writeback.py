@@ -70,9 +70,9 @@ def write_back(graph: DependencyGraph, plan: Mapping[int, object], pruned: torch
     renumber_layers(new, layers)
     gone = lambda path: any(path == b or path.startswith(f"{b}.") for b in blocks)  # noqa: E731
     changed = update_config(new, _group_widths(graph, plan, gone), {p: h for p, h in heads.items() if not gone(p)})
-    changed += update_copied_fields(new, model, changed)
     changed += update_layer_count(new, layers)
     changed += sync_expert_counts(new, graph, plan) + sync_expert_widths(new, graph, plan)  # mixtures of experts
+    changed += update_copied_fields(new, model, changed)  # last: the fields set above by what they mean win
     check_config(new, changed)
     if not any(t.is_meta for t in new.parameters()):  # weightless (meta) models: shapes and config only
         _check_outputs(new, pruned, graph)
