@@ -26,6 +26,7 @@ from .._util import eval_mode, first_line
 from ..errors import TraceError
 from .dynamic import batch_and_sequence, record_dynamic_dims, sizes_oblivious, wants_static
 from .effects import has_effect
+from .grad_regions import inline_grad_regions
 from .inputs import ExampleInputs
 from .shapes import shapes_from_fake_values
 
@@ -71,6 +72,7 @@ def export_graph(model, inputs: ExampleInputs) -> torch.fx.GraphModule:
         # analysis and every rewrite are verified on inputs of these shapes anyway.
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
+    inline_grad_regions(unlifted)  # no_grad()/enable_grad() blocks: their ops, not one opaque call
     graph.eliminate_dead_code(is_impure_node=has_effect)
     # torch.load rebuilds a GraphModule by tracing its code with the recorded tracer class;
     # export's own tracer needs arguments it cannot be given there, the default one does not.

@@ -81,6 +81,57 @@ def update_config(model: torch.nn.Module, widths: dict[str, tuple[int, int]], he
     return [f"{name}={value}" for name, value in changed.items()]
 
 
+HANDLED = {"hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", *INTERMEDIATE,
+           *STACK_INTERMEDIATE}  # the fields update_config sets from what they mean
+
+
+def update_copied_fields(model: torch.nn.Module, original: torch.nn.Module, changed: list[str]) -> list[str]:
+    """Config widths a module keeps under the same name (RWKV's attention blocks hold
+    ``attention_hidden_size``, the width of their key/value/receptance): where the
+    module's own tensors had a dim that wide and the plan shrank it, the field (and the
+    attribute) take the new width, one value for every layer (else a WriteBackError).
+    ``check_config`` then proves the rebuilt class has exactly these shapes.
+    Returns ``field=value`` strings."""
+    config = hf_config(model)
+    if config is None:
+        return []
+    skip = HANDLED | {c.partition("=")[0] for c in changed}
+    before = dict(original.named_modules())
+    found: dict[str, dict[str, int]] = {}  # field -> {module path: width now}
+    for path, module in model.named_modules():
+        old_module = before.get(path)
+        if old_module is None or type(old_module) is not type(module):
+            continue
+        for name, value in vars(module).items():
+            # a field of the config itself (not an attribute_map alias such as Mixtral's
+            # num_experts, whose meaning another pass knows) holding the same number
+            if name in skip or name.startswith("_") or type(value) is not int or value <= 1 or \
+                    name not in vars(config) or getattr(config, name) != value:
+                continue
+            wide = [(old, new) for key, tensor in _own_tensors(module)
+                    for old, new in zip(getattr(old_module, key).shape, tensor.shape) if old == value]
+            # the widths its cut dims now have (two different ones: _uniform names them), or
+            # the width it kept (its tensors as wide and none cut: another layer's must agree)
+            widths = sorted({new for old, new in wide if new != old}) or ([value] if wide else [])
+            found.setdefault(name, {}).update({f"{path}[{i}]" if i else path: w for i, w in enumerate(widths)})
+    out = []
+    for name, per_module in found.items():
+        old = getattr(config, name)
+        if set(per_module.values()) <= {old}:  # no tensor as wide, or none of them cut
+            continue
+        width = _uniform(name, per_module)
+        setattr(config, name, width)
+        for module in model.modules():
+            replace_int_attrs(module, {name: (old, width)})
+        out.append(f"{name}={width}")
+    return out
+
+
+def _own_tensors(module: torch.nn.Module):
+    yield from module.named_parameters(recurse=False)
+    yield from module.named_buffers(recurse=False)
+
+
 def update_layer_count(model: torch.nn.Module, layers: dict[str, tuple[int, list[int]]]) -> list[str]:
     """Whole layers left a layer list (``{list path: (old length, old indices kept)}``):
     set ``num_hidden_layers`` (through the config's ``attribute_map``: ``n_layer``,
@@ -163,4 +214,4 @@ def check_config(model: torch.nn.Module, changed: list[str]) -> None:
                 f"size from others (BERT's head size is hidden_size / num_attention_heads); {HINT}")
 
 
-__all__ = ["hf_config", "update_config", "update_layer_count", "check_config"]
+__all__ = ["hf_config", "update_config", "update_copied_fields", "update_layer_count", "check_config"]

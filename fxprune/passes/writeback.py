@@ -31,7 +31,7 @@ from ..channels.graph import DependencyGraph
 from ..errors import WriteBackError
 from .branch_modules import drop_blocks, removed_blocks, removed_layers
 from .expert_attrs import expert_cuts, sync_expert_counts, sync_expert_widths
-from .hf_config import GRAPH_HINT, check_config, update_config, update_layer_count
+from .hf_config import GRAPH_HINT, check_config, update_config, update_copied_fields, update_layer_count
 from .layer_attrs import attention_heads, renumber_layers, sync_head_attrs, sync_layer_sizes
 from .prune import PruneContext, cut_tensor, kept_ids, tensor_cuts
 
@@ -72,6 +72,7 @@ def write_back(graph: DependencyGraph, plan: Mapping[int, object], pruned: torch
     changed = update_config(new, _group_widths(graph, plan, gone), {p: h for p, h in heads.items() if not gone(p)})
     changed += update_layer_count(new, layers)
     changed += sync_expert_counts(new, graph, plan) + sync_expert_widths(new, graph, plan)  # mixtures of experts
+    changed += update_copied_fields(new, model, changed)  # last: the fields set above by what they mean win
     check_config(new, changed)
     if not any(t.is_meta for t in new.parameters()):  # weightless (meta) models: shapes and config only
         _check_outputs(new, pruned, graph)

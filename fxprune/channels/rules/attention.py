@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ...capture.mha import LEAF_REASON
 from ..registry import register_rule
 from ..values import DimMap, TensorChannels
+from .elementwise import broadcast_combine
 from .fallback import unknown_rule
 from .query_slots import tie_query_slots
 
@@ -90,6 +91,25 @@ def matmul_rule(ctx):
     if weight is not None:
         _consume_like_linear(ctx, a.get(-1), *weight)
     return out
+
+
+@register_rule(torch.baddbmm, "baddbmm", aten.baddbmm.default)
+def baddbmm_rule(ctx):
+    """``beta * input + alpha * (batch1 @ batch2)`` (GPT-NeoX-Japanese's and RecurrentGemma's
+    attention scores): a batched product, then an element-wise add of ``input`` (whose
+    values do not count when ``beta`` is 0: torch then ignores them, NaNs included)."""
+    inp, b1, b2 = ctx.tensor(0, "input"), ctx.tensor(1, "batch1"), ctx.tensor(2, "batch2")
+    beta, alpha = ctx.arg(None, "beta", 1), ctx.arg(None, "alpha", 1)
+    shape = ctx.out_shape()
+    if b1 is None or b2 is None or b1.ndim != 3 or b2.ndim != 3 or shape is None or not all(
+            isinstance(s, (int, float)) for s in (beta, alpha)):
+        return unknown_rule(ctx)
+    product = einsum_maps(ctx, "bij,bjk->bik", [b1, b2], shape)
+    out = broadcast_combine(ctx, [inp, product], "all")  # input broadcasts to the scores even at beta 0
+    if beta != 0:
+        return out
+    return out.with_dims({d: m.with_zi(product.get(d).zi if product.get(d) is not None else False)
+                          for d, m in out.dims.items()})
 
 
 # ``w.T`` and friends on a 2-D tensor: the op, and which dim of w becomes dim 0 of the result.

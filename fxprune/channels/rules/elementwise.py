@@ -11,6 +11,8 @@ import operator
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from ..registry import op_name, register_rule
 from ..values import DimMap, SizeValue, TensorChannels
@@ -109,10 +111,20 @@ def multiplicative_rule(ctx):
 
 @register_rule(*DIVISION)
 def division_rule(ctx):
+    """A quotient is zero where its numerator is, unless the divisor is zero there too:
+    a divisor channel that zeroing makes zero (``x / scale`` with ``scale`` in the group)
+    gives 0/0, so its channels stay prunable but are not zero-invariant."""
     operands = _operands(ctx)
     if not any(isinstance(o, TensorChannels) for o in operands):
         return size_arithmetic_rule(ctx)
-    return broadcast_combine(ctx, operands, "first")
+    out = broadcast_combine(ctx, operands, "first")
+    divisor = operands[1]
+    if isinstance(divisor, TensorChannels):
+        for d, m in divisor.dims.items():
+            if divisor.shape[d] > 1 and m.zi.any():
+                ctx.break_zi(DimMap.of(m.ids[m.zi]), "a divisor channel is zero when zeroed (0/0)",
+                             only_non_zi=False)
+    return out
 
 
 @register_rule(torch.where, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf,
@@ -161,3 +173,46 @@ def addcmul_rule(ctx):
         return unknown_rule(ctx)
     product = broadcast_combine(ctx, [t1, t2], "any" if op_name(ctx.node.target) == "addcmul" else "first")
     return broadcast_combine(ctx, [inp, product], "all")
+
+
+@register_rule(aten.copy_.default, aten.copy.default, "copy_")
+def copy_rule(ctx):
+    """``dst.copy_(src)``: src's values, broadcast to dst's shape, land in dst element by
+    element, so the aligned dims of both share channels. The result is zero where src is;
+    dst itself now holds src's values too, so a channel of dst stops being zero-invariant
+    wherever src's is not (or where src broadcasts one value over dst's channels)."""
+    dst, src = ctx.value(ctx.arg(0)), ctx.value(ctx.arg(1, "src"))
+    if not isinstance(dst, TensorChannels):
+        return unknown_rule(ctx)
+    out = broadcast_combine(ctx, [dst, src], "all")
+    values = broadcast_combine(ctx, [src], "all") if isinstance(src, TensorChannels) else None
+    if out is None:
+        return None
+    dims = {}
+    for d, m in out.dims.items():
+        from_src = values.get(d) if values is not None else None
+        if from_src is None:
+            ctx.break_zi(m, "copy_ writes one value over every channel", only_non_zi=False)
+            dims[d] = m.with_zi(False)
+        else:
+            ctx.break_zi(from_src, "copy_ writes a channel that is non-zero when zeroed")
+            dims[d] = m.with_zi(from_src.zi)
+    return out.with_dims(dims)
+
+
+@register_rule(nn.GLU, F.glu, torch._C._nn.glu, aten.glu.default)
+def glu_rule(ctx):
+    """``glu(x, dim) = a * sigmoid(b)`` with ``a, b = x.chunk(2, dim)``: output channel c
+    pairs input channels c and c + C/2, so removing it removes both (as a manual chunk then
+    product would tie them). Zero where a is; the other dims are element-wise."""
+    x = ctx.tensor(0, "input")
+    dim = ctx.module.dim if ctx.node.op == "call_module" else ctx.arg(1, "dim", -1)
+    if x is None or not isinstance(dim, int):
+        return unknown_rule(ctx)
+    dim %= x.ndim
+    dims = dict(x.dims)
+    halves = x.get(dim)
+    if halves is not None:
+        paired = ctx.tie_blocks(halves, 2, across=True)
+        dims[dim] = DimMap(paired.ids, halves.zi[:len(paired)].copy())
+    return ctx.out(dims)

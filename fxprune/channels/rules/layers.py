@@ -151,6 +151,8 @@ def addmm_rule(ctx):
 _CONV_ARGS = {  # where each spelling keeps its groups argument
     F.conv1d: 6, F.conv2d: 6, F.conv3d: 6, aten.conv1d.default: 6, aten.conv2d.default: 6,
     aten.conv3d.default: 6, aten.convolution.default: 8,
+    # padding="same"/"valid" as a string (SigLIP's patch embedding): the same layout otherwise
+    aten.conv1d.padding: 6, aten.conv2d.padding: 6, aten.conv3d.padding: 6,
 }
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..registry import op_name, register_rule
 from ..values import TensorChannels
+from .fallback import unknown_rule
 
 aten = torch.ops.aten
 
@@ -128,4 +129,30 @@ def softmax_rule(ctx):
     return x.with_dims({d: m.with_zi(False) for d, m in x.dims.items()})
 
 
-__all__ = ["pool_rule", "reduction_rule", "softmax_rule"]
+# scan -> whether a zeroed entry stays zero: a running sum or product of zeros is zero,
+# a running log-sum-exp is not (log k after k zeros)
+_SCANS = {"cumsum": True, "cumprod": True, "logcumsumexp": False}
+
+
+@register_rule(torch.cumsum, "cumsum", torch.cumprod, "cumprod", torch.logcumsumexp, "logcumsumexp",
+               aten.cumsum.default, aten.cumprod.default, aten.logcumsumexp.default)
+def scan_rule(ctx):
+    """A running sum/product/log-sum-exp along ``dim``: element-wise along every other dim,
+    so their channels pass through. Along ``dim`` each entry mixes those before it: a
+    channel there cannot go (the entries after it would change), so it is frozen."""
+    x = ctx.tensor(0, "input")
+    dim = ctx.arg(1, "dim")
+    if x is None or not isinstance(dim, int):
+        return unknown_rule(ctx)
+    dim %= max(x.ndim, 1)
+    keeps_zero = _SCANS[op_name(ctx.node.target)]
+    dims = {}
+    for d, m in x.dims.items():
+        if d == dim:
+            ctx.freeze(m.ids, f"{op_name(ctx.node.target)} runs along a channel dim at {ctx.where()}")
+        else:
+            dims[d] = m if keeps_zero else m.with_zi(False)
+    return ctx.out(dims)
+
+
+__all__ = ["pool_rule", "reduction_rule", "softmax_rule", "scan_rule"]
