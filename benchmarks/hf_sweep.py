@@ -62,7 +62,11 @@ def merge(args: argparse.Namespace, known: dict) -> int:
     paths = args.merge.split(",")
     parts = [load(path) for path in paths]
     args.merge = ",".join(os.path.basename(p) for p in paths)  # the header names files, not this machine's paths
-    rows = {r["model"]: r for part in parts for r in part["rows"]}
+    rows: dict[str, dict] = {}
+    for r in (r for part in parts for r in part["rows"]):  # a later part's row replaces an earlier one,
+        earlier = rows.get(r["model"], {})                 # but a --no-tp rerun keeps Torch-Pruning's columns
+        kept = {} if any(k.startswith("tp_") for k in r) else {k: v for k, v in earlier.items() if k.startswith("tp_")}
+        rows[r["model"]] = {**r, **kept}
     order = list(known)
     merged = sorted(rows.values(), key=lambda r: order.index(r["model"]) if r["model"] in known else len(order))
     left_out = [t for t in known if t not in rows]
