@@ -27,7 +27,8 @@ Spartan and SR-STE learn the mask while training the weights: their rows have di
 numbers only.
 
 Then every one-shot model is distilled with its mask fixed for the same ``steps`` (``distill``:
-AdamW at ``--distill-lr``, warm-up then cosine decay, the same loss) and measured again. 4:8 and 1:4 rows run the one-shot methods.
+AdamW at ``--distill-lr``, warm-up then cosine decay, the same loss) and measured again.
+4:8 and 1:4 rows run the one-shot methods.
 
 Without the model package, ``--stand-in`` runs the same pipeline on a randomly
 initialised BERT of MiniLM's shape with a word-level vocabulary built from the sentences:
@@ -152,8 +153,11 @@ def train(model, batches, targets, n_train: int, steps: int, lr: float, after_st
     params = encoder_params(model)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * max(0, s + 1 - warm) / max(1, steps - warm + 1)))))
+
+    def factor(s: int) -> float:  # the lr of step s (from 0), as a share of lr; 0 once training ends
+        return min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * max(0, s + 1 - warm) / max(1, steps - warm + 1))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     gen = torch.Generator().manual_seed(0)
     order: list[int] = []
     for _ in range(steps):

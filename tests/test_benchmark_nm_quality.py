@@ -47,7 +47,8 @@ def test_layer_loss_is_zero_on_the_teacher_and_ignores_padding(tiny):
     moved[0][0, 0, 0] += 1.0  # one entry of a real token of the first layer: half the relative error of that layer
     tokens = batches[0]["attention_mask"].unsqueeze(-1).float()
     expected = 1.0 / float(((hiddens[0] ** 2) * tokens).sum()) / 2
-    assert float(nm_quality.layer_loss((emb, moved), target, batches[0]["attention_mask"], 8)) == pytest.approx(expected)
+    loss = nm_quality.layer_loss((emb, moved), target, batches[0]["attention_mask"], 8)
+    assert float(loss) == pytest.approx(expected)
 
 
 def test_fixed_mask_distillation_keeps_masks_trains_the_encoder_only_and_gets_closer(tiny):
