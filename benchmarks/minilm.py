@@ -73,9 +73,18 @@ class SentenceEncoder(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.pool(hidden, attention_mask), hidden
+
+    @staticmethod
+    def pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(mean, dim=-1), hidden
+        return torch.nn.functional.normalize(mean, dim=-1)
+
+    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """The embedding and every encoder layer's output (layer-wise distillation's targets)."""
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return self.pool(out.last_hidden_state, attention_mask), out.hidden_states[1:]
 
 
 def load_minilm():

@@ -14,7 +14,7 @@ Methods, one-shot (the mask alone, weights as they are):
 * ``sparsegpt``: ``apply_nm_calibrated(score="sparsegpt")``, same batches, weights compensated;
 
 learned (2:4 only, ``steps`` training steps on ``minilm_train.txt`` towards the dense
-outputs, the distillation loss of ``minilm.py``):
+model's outputs, ``layer_loss``: the embedding and every encoder layer's output):
 
 * ``proxsparse``: ``ProxSparse`` after every AdamW step; its one-shot row is the learned
   mask on the original weights, as the paper applies it, and ``proxsparse-trained`` the
@@ -26,8 +26,9 @@ outputs, the distillation loss of ``minilm.py``):
 Spartan and SR-STE learn the mask while training the weights: their rows have distilled
 numbers only.
 
-Then every one-shot model is distilled with its mask fixed for the same ``steps`` (AdamW,
-``minilm.distill``) and measured again. 4:8 and 1:4 rows run the one-shot methods.
+Then every one-shot model is distilled with its mask fixed for the same ``steps`` (``distill``:
+AdamW at ``--distill-lr``, warm-up then cosine decay, the same loss) and measured again.
+4:8 and 1:4 rows run the one-shot methods.
 
 Without the model package, ``--stand-in`` runs the same pipeline on a randomly
 initialised BERT of MiniLM's shape with a word-level vocabulary built from the sentences:
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import re
 import sys
 import time
@@ -66,7 +68,19 @@ ONE_SHOT = {"magnitude": "magnitude", "wanda": "activation", "sparsegpt": "spars
 LEARNED = ("proxsparse", "spartan", "sr-ste")
 TRAINED_ONLY = ("spartan", "sr-ste")  # they learn the mask while training the weights: distilled rows only
 IGNORE = ["bert.pooler.*"]  # not part of the sentence embedding
-STEPS, QUICK_STEPS = 150, 40
+# one step is about 1.2 s of one core (CPU time, batch 32 x 48 tokens; ProxSparse's learning 2.1 s,
+# Spartan's 1.5 s); the full run distils 14 models, about 18 core-seconds a step in all, so 120
+# steps fill about 25 minutes of an idle 2-core machine with --jobs 2 --threads 1
+STEPS, QUICK_STEPS = 120, 40
+# a fixed mask (one-shot, or ProxSparse's once learned) is distilled at a fifth of the
+# learned masks' lr: at 5e-4 AdamW's first steps move every weight by ~1% and undid part of
+# SparseGPT's compensation (0.821 -> 0.800 in 12 steps); the learned masks start from the
+# dense weights and must move them far enough to change the mask
+DISTILL_LR, LEARN_LR = 1e-4, 5e-4
+RECIPE = ("AdamW, no weight decay, warm-up over 10% of the steps then cosine decay (ProxSparse's mask "
+          "learning: a constant lr); loss: squared distance of the normalised embeddings + relative squared "
+          "error of every encoder layer's output, averaged over the layers; fixed masks at --distill-lr, "
+          "learned ones at --lr")
 PROX_LAM = 2e4  # lr * lam = 10 at lr 5e-4: a third weight of 0.03 between two of 0.05 goes in ~1 step
 SR_STE_DECAY = 2e-4  # the SR-STE paper's lambda_W
 STAND_IN_STD = 0.1
@@ -101,24 +115,71 @@ def one_shot(encoder, pattern: str, method: str, calib: list[dict]):
     return model
 
 
-def train(model, batches, targets, n_train: int, steps: int, lr: float, after_step=None, weight_decay=0.0):
-    """``steps`` AdamW steps of the encoder on ``minilm.distill_loss`` towards ``targets``, in place;
-    ``after_step()`` runs after each (a learned mask's update)."""
-    params = [p for name, p in model.named_parameters() if name.startswith("bert.encoder.")]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+def encoder_params(model) -> list[torch.Tensor]:
+    """The encoder's parameters, the only ones trained; every other one is frozen so that the
+    backward pass skips the gradient of the 11.7M-entry word embedding (no optimizer reads it)."""
+    params = []
+    for name, p in model.named_parameters():
+        if name.startswith("bert.encoder."):
+            params.append(p)
+        else:
+            p.requires_grad_(False)
+    return params
+
+
+@torch.no_grad()
+def teacher_states(encoder, batches: list[dict]) -> list[tuple]:
+    """The dense model's embedding and every layer's output on each batch: the distillation targets."""
+    return [encoder.states(**b) for b in batches]
+
+
+def layer_loss(out, target, mask: torch.Tensor, real: int) -> torch.Tensor:
+    """Squared distance of the normalised embeddings plus the relative squared error of every
+    encoder layer's output over the real tokens, averaged over the layers (layer-wise
+    distillation: each masked layer gets a target of its own, not only through the last)."""
+    (emb, hiddens), (emb_t, hiddens_t) = out, target
+    tokens = mask[:real].unsqueeze(-1).to(emb.dtype)
+    error = sum((((h[:real] - t[:real]) ** 2) * tokens).sum() / ((t[:real] ** 2) * tokens).sum()
+                for h, t in zip(hiddens, hiddens_t)) / len(hiddens)
+    return ((emb[:real] - emb_t[:real]) ** 2).sum(-1).mean() + error
+
+
+def train(model, batches, targets, n_train: int, steps: int, lr: float, after_step=None, decay: bool = True):
+    """``steps`` AdamW steps of the encoder on ``layer_loss`` towards ``targets``, in place;
+    ``after_step()`` runs after each (a learned mask's update). ``decay``: warm-up over the
+    first 10% of the steps, then a cosine decay to 0 (a fixed lr otherwise: ProxSparse's prox
+    strength is lr * lam). No weight decay: the target is the dense weights' function, and
+    decay only pulls the kept weights away from it."""
+    params = encoder_params(model)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 10)
+
+    def factor(s: int) -> float:  # the lr of step s (from 0), as a share of lr; 0 once training ends
+        return min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * max(0, s + 1 - warm) / max(1, steps - warm + 1))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     gen = torch.Generator().manual_seed(0)
     order: list[int] = []
     for _ in range(steps):
         order = order or torch.randperm(len(batches), generator=gen).tolist()
         i = order.pop()
-        loss = minilm.distill_loss(model(**batches[i]), targets[i], batches[i]["attention_mask"],
-                                   min(minilm.BATCH, n_train - i * minilm.BATCH))
+        loss = layer_loss(model.states(**batches[i]), targets[i], batches[i]["attention_mask"],
+                          min(minilm.BATCH, n_train - i * minilm.BATCH))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if decay:
+            sched.step()
         if after_step is not None:
             after_step()
     return opt
+
+
+def distill(model, batches, targets, n_train: int, steps: int, lr: float):
+    """A copy of ``model`` trained ``steps`` steps towards the dense outputs with its masks fixed."""
+    model = copy.deepcopy(model).eval()  # eval: no dropout
+    train(model, batches, targets, n_train, steps, lr)
+    return model
 
 
 def learn_proxsparse(encoder, batches, targets, n_train: int, steps: int, lr: float, lam: float):
@@ -127,7 +188,7 @@ def learn_proxsparse(encoder, batches, targets, n_train: int, steps: int, lr: fl
     under them (the option), and the share of groups already 2-sparse."""
     model = copy.deepcopy(encoder).eval()
     prox = ProxSparse(model, lam=lam, ignore=IGNORE)  # keeps the original weights
-    train(model, batches, targets, n_train, steps, lr, after_step=lambda: prox.prox_(lr))
+    train(model, batches, targets, n_train, steps, lr, after_step=lambda: prox.prox_(lr), decay=False)
     learned = prox.two_sparse_fraction()
     trained = copy.deepcopy(model)
     ProxSparse(trained, lam=lam, ignore=IGNORE, keep_original=False).apply_masks(weights="trained")
@@ -139,7 +200,7 @@ def learn_spartan(encoder, batches, targets, n_train: int, steps: int, lr: float
     """Spartan: weights and 2:4 masks trained together on its schedule; the fixed masks at the end."""
     model = copy.deepcopy(encoder).eval()
     schedule = Spartan(model, 2, 4, total_steps=steps, ignore=IGNORE)
-    train(model, batches, targets, n_train, steps, lr, after_step=schedule.step, weight_decay=0.01)
+    train(model, batches, targets, n_train, steps, lr, after_step=schedule.step)
     schedule.finish()
     return model
 
@@ -192,11 +253,12 @@ def run_job(job: tuple[str, str]) -> list[dict]:
                 if method == "sr-ste":
                     model = copy.deepcopy(run["encoder"])
                     apply_nm(model, 2, 4, ignore=IGNORE, sr_ste=True, sr_ste_decay=SR_STE_DECAY)
-                    trained = minilm.distill(model, batches["train"], targets, n_train, steps, lr)
+                    trained = distill(model, batches["train"], targets, n_train, steps, lr)
                 elif method == "spartan":
                     trained = learn_spartan(run["encoder"], batches["train"], targets, n_train, steps, lr)
                 else:
-                    trained = minilm.distill(models[out["method"]], batches["train"], targets, n_train, steps, lr)
+                    trained = distill(models[out["method"]], batches["train"], targets, n_train, steps,
+                                      run["args"].distill_lr)
                 if method in TRAINED_ONLY:
                     out.update(checked(trained, pattern))  # on the masks, before they are baked
                 finalize(trained)
@@ -216,7 +278,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="2:4 one-shot methods only, no distillation")
     parser.add_argument("--steps", type=int, help=f"training/distillation steps per model (default {STEPS})")
     parser.add_argument("--no-distill", action="store_true", help="one-shot rows only")
-    parser.add_argument("--lr", type=float, default=minilm.LR, help="AdamW learning rate")
+    parser.add_argument("--lr", type=float, default=LEARN_LR,
+                        help=f"AdamW learning rate of the learned masks' training (default {LEARN_LR})")
+    parser.add_argument("--distill-lr", type=float, default=DISTILL_LR,
+                        help=f"AdamW learning rate of the distillation under a fixed mask (default {DISTILL_LR})")
     parser.add_argument("--prox-lam", type=float, default=PROX_LAM, help="ProxSparse strength")
     parser.add_argument("--calib-batches", type=int, help=f"use the first N calibration batches of "
                         f"{minilm.BATCH} sentences (default: all of minilm_calib.txt)")
@@ -234,7 +299,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else STEPS)
-    distill = not (args.quick or args.no_distill)
+    distilling = not (args.quick or args.no_distill)
 
     text = {split: minilm.read_sentences(Path(args.data), split) for split in ("eval", "calib", "train")}
     if args.stand_in:
@@ -249,18 +314,18 @@ def main(argv=None) -> int:
     n_eval, n_train = len(text["eval"]), len(text["train"])
     calib = [dict(b) for b in batches["calib"][:args.calib_batches]]
     dense_eval = minilm.embed(encoder, batches["eval"], n_eval)
-    targets = minilm.teacher_outputs(encoder, batches["train"]) if not args.quick else None
+    targets = teacher_states(encoder, batches["train"]) if not args.quick else None
 
     jobs = [(p, meth) for p in (("2:4",) if args.quick else PATTERNS) for meth in ONE_SHOT]
     if not args.quick:  # SR-STE learns its mask while distilling: no row without distillation
-        jobs[3:3] = [("2:4", meth) for meth in LEARNED if distill or meth not in TRAINED_ONLY]
+        jobs[3:3] = [("2:4", meth) for meth in LEARNED if distilling or meth not in TRAINED_ONLY]
     if args.methods != "all":
         chosen = args.methods.split(",")
         unknown = sorted(set(chosen) - set(ONE_SHOT) - set(LEARNED))
         if unknown:
             parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join([*ONE_SHOT, *LEARNED])}")
         jobs = [job for job in jobs if job[1] in chosen]
-    distilled = set(PATTERNS if args.distill_patterns == "all" else args.distill_patterns.split(",")) if distill else set()
+    distilled = set(PATTERNS if args.distill_patterns == "all" else args.distill_patterns.split(",")) if distilling else set()
     _RUN.update(encoder=encoder, batches=batches, targets=targets, calib=calib, dense_eval=dense_eval,
                 n_eval=n_eval, n_train=n_train, steps=steps, args=args, distilled=distilled)
     rows = [{"pattern": "dense", "method": "", "cosine": 1.0, "spearman": 1.0}]
@@ -277,7 +342,8 @@ def main(argv=None) -> int:
     show(table(rows))
     if args.json:
         write(args.json, rows, header(args, threads=args.threads, model=model_name, batch=minilm.BATCH,
-                                      length=length, steps=steps if distill else 0,
+                                      length=length, steps=steps if distilling else 0,
+                                      distillation=RECIPE if distilling else None,
                                       sentences={k: len(v) for k, v in text.items()},
                                       calibration_sentences=min(len(text["calib"]), minilm.BATCH * len(calib))))
     return 0

@@ -60,29 +60,42 @@ def group_objective(x: torch.Tensor, y: torch.Tensor, lam: float | torch.Tensor)
     return 0.5 * (x - y).square().sum(-1) + lam * e3
 
 
-def _cyclic(z: torch.Tensor, support: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+_OTHERS = [[b for b in range(M) if b != a] for a in range(M)]
+
+
+def _cyclic(z: torch.Tensor, support: torch.Tensor | None, lam: torch.Tensor) -> torch.Tensor:
     """Cyclic soft thresholding of ``1/2||x - z||^2 + lam e3(x)`` over x >= 0 on ``support``.
 
-    ``z`` and ``support`` are [4, groups] (one contiguous row per coordinate), ``lam`` [groups]."""
-    out = z * support
-    # only the groups still moving are swept again: most reach their fixed point in a few
-    # sweeps, and on a transformer's millions of groups the full sweeps were most of a step;
-    # each group stops at its own fixed point, so its result does not depend on which other
-    # groups run with it (one process, or each rank's rows under FSDP2)
+    ``z`` and ``support`` are [4, groups] (one contiguous row per coordinate; ``support``
+    None: all four), ``lam`` [groups]. Each group stops at its own fixed point (its first
+    sweep that moves no coordinate by more than TOL), so its result does not depend on
+    which other groups run with it (one process, or each rank's rows under FSDP2)."""
+    x = z.clone() if support is None else z * support
+    out = x.clone()
+    # a transformer has millions of groups and runs this every step: the e2 of the other
+    # three is written out (3 products) instead of taken from sums over all four, finished
+    # groups are held by a `where` and dropped from the working set only once at least half
+    # of it is done (gathering every sweep cost more than the sweeps themselves)
     moving = torch.arange(z.shape[1], device=z.device)
-    x = out.clone()
+    alive = torch.ones(z.shape[1], dtype=torch.bool, device=z.device)
     for _ in range(ITERS):
         before = x.clone()
         for a in range(M):
-            xa = x[a]
-            rest = x.sum(0) - xa
-            pairs = (rest.square() - (x.square().sum(0) - xa.square())) / 2  # e2 of the other three
-            x[a] = torch.clamp(z[a] - lam * pairs, min=0) * support[a]
-        out[:, moving] = x
-        still = (x - before).abs().amax(0) > TOL
-        if not still.any():
+            b, c, d = _OTHERS[a]
+            pairs = x[b] * (x[c] + x[d]) + x[c] * x[d]  # e2 of the other three
+            xa = torch.clamp_(z[a] - lam * pairs, min=0)
+            x[a] = xa if support is None else xa * support[a]
+        x = torch.where(alive, x, before)  # finished groups keep their fixed point
+        alive &= (x - before).abs().amax(0) > TOL
+        left = int(alive.sum())
+        if left == 0:
             break
-        moving, x, z, support, lam = moving[still], x[:, still], z[:, still], support[:, still], lam[still]
+        if 2 * left <= alive.numel():
+            out[:, moving] = x
+            keep = alive
+            moving, x, z, lam, alive = moving[keep], x[:, keep], z[:, keep], lam[keep], alive[keep]
+            support = None if support is None else support[:, keep]
+    out[:, moving] = x
     return out
 
 
@@ -111,13 +124,23 @@ def prox_24(y: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
         order = z.argsort(dim=-1, descending=True)
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(M, device=y.device).expand_as(order))
         zt = z.T.contiguous()
-        candidates = [z * (rank < 2),
-                      _cyclic(zt, (rank < 3).T.to(work), lam_d).T,
-                      _cyclic(zt, torch.ones_like(zt), lam_d).T]
-        best = torch.stack([group_objective(c, z, lam_d) for c in candidates]).argmin(0)
-        x = torch.stack(candidates).gather(0, best[None, :, None].expand(1, *z.shape)).squeeze(0)
+        # every candidate and objective in the [4, groups] layout, the lowest objective kept
+        # by `where` (ties to the sparser candidate, as the candidates are listed above)
+        best = zt * (rank < 2).T
+        low = _objective_t(best, zt, lam_d)
+        for candidate in (_cyclic(zt, (rank < 3).T.to(work), lam_d), _cyclic(zt, None, lam_d)):
+            value = _objective_t(candidate, zt, lam_d)
+            better = value < low
+            best, low = torch.where(better, candidate, best), torch.where(better, value, low)
+        x = best.T
         out[dense] = torch.sign(flat[dense]) * x
     return out.reshape(y.shape).to(y.dtype)
+
+
+def _objective_t(x: torch.Tensor, z: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``group_objective`` of groups laid out as [4, groups] with x >= 0 (e3 written out)."""
+    e3 = x[0] * x[1] * (x[2] + x[3]) + x[2] * x[3] * (x[0] + x[1])
+    return 0.5 * (x - z).square().sum(0) + lam * e3
 
 
 def _to_groups(weight: torch.Tensor) -> torch.Tensor:

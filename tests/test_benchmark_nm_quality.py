@@ -1,0 +1,73 @@
+"""benchmarks/nm_quality.py's distillation on a tiny random BERT (no weights package needed):
+the layer-wise loss, and a fixed-mask distillation that keeps its masks, trains only the
+encoder and brings the layers closer to the dense teacher."""
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import minilm  # noqa: E402
+import nm_quality  # noqa: E402
+
+from fxprune.sparsity.nm import apply_nm, check_nm  # noqa: E402
+
+
+@pytest.fixture
+def tiny():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=16, initializer_range=0.1)
+    torch.manual_seed(0)
+    encoder = minilm.SentenceEncoder(transformers.BertModel(config)).eval()
+    mask = torch.ones(8, 8, dtype=torch.long)
+    mask[:, 6:] = 0  # padding the losses must leave out
+    batches = [{"input_ids": torch.randint(1, 64, (8, 8)), "attention_mask": mask} for _ in range(2)]
+    return encoder, batches
+
+
+def test_states_are_the_forward_embedding_and_every_layer(tiny):
+    encoder, batches = tiny
+    emb, hiddens = encoder.states(**batches[0])
+    forward_emb, last = encoder(**batches[0])
+    assert len(hiddens) == 2 and torch.equal(hiddens[-1], last) and torch.allclose(emb, forward_emb)
+
+
+def test_layer_loss_is_zero_on_the_teacher_and_ignores_padding(tiny):
+    encoder, batches = tiny
+    target = nm_quality.teacher_states(encoder, batches)[0]
+    assert float(nm_quality.layer_loss(target, target, batches[0]["attention_mask"], 8)) == 0.0
+    emb, hiddens = target
+    moved = [h.clone() for h in hiddens]
+    moved[0][:, 6:] += 5.0  # only padding moves
+    assert float(nm_quality.layer_loss((emb, moved), target, batches[0]["attention_mask"], 8)) == 0.0
+    moved[0][0, 0, 0] += 1.0  # one entry of a real token of the first layer: half the relative error of that layer
+    tokens = batches[0]["attention_mask"].unsqueeze(-1).float()
+    expected = 1.0 / float(((hiddens[0] ** 2) * tokens).sum()) / 2
+    loss = nm_quality.layer_loss((emb, moved), target, batches[0]["attention_mask"], 8)
+    assert float(loss) == pytest.approx(expected)
+
+
+def test_fixed_mask_distillation_keeps_masks_trains_the_encoder_only_and_gets_closer(tiny):
+    encoder, batches = tiny
+    targets = nm_quality.teacher_states(encoder, batches)
+    masked = copy.deepcopy(encoder)
+    apply_nm(masked, 2, 4, ignore=nm_quality.IGNORE)
+
+    def loss(model):
+        with torch.no_grad():
+            return sum(float(nm_quality.layer_loss(model.states(**b), t, b["attention_mask"], 8))
+                       for b, t in zip(batches, targets))
+
+    trained = nm_quality.distill(masked, batches, targets, 16, steps=20, lr=1e-2)
+    assert loss(trained) < 0.7 * loss(masked)
+    assert all(check_nm(m.weight, 2, 4) for n, m in trained.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.startswith("bert.encoder."))
+    assert torch.equal(trained.bert.embeddings.word_embeddings.weight, encoder.bert.embeddings.word_embeddings.weight)
+    assert not trained.bert.embeddings.word_embeddings.weight.requires_grad  # no gradient computed for it
+    # the schedule warms up over the first 10% of the steps and decays to 0 by the last
+    opt = nm_quality.train(copy.deepcopy(masked), batches, targets, 16, steps=10, lr=1e-2)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
