@@ -61,6 +61,15 @@ class ExpertSet:
     # nodes holding the routing-weighted expert outputs: one per expert (a loop), or one
     # whose rows are sorted by expert with counts[0] holding the rows per expert (grouped)
     weighted: list[str] = field(repr=False, default_factory=list)
+    # per-expert selection biases added to the scores the top-k ranks (DeepSeek-V3's
+    # ``e_score_correction_bias``): (key, expert dim) and the get_attr nodes that read them
+    biases: list[tuple[str, int]] = field(repr=False, default_factory=list)
+    bias_nodes: list[str] = field(repr=False, default_factory=list)
+    min_left: int = 0  # other top-k's over the experts (a group's top-2) need this many left
+    # nodes from the router to its top-k whose last dim counts experts (marked on removal),
+    # and those of them whose size argument holds the count (``view(-1, 1, E)``, rewritten)
+    scores: list[str] = field(repr=False, default_factory=list)
+    sizes: list[str] = field(repr=False, default_factory=list)
     prunable: bool = True
     zero_invariant: bool = False  # removal is a masking of the router, not a zeroing
     reason: str = ""
@@ -80,10 +89,14 @@ class ExpertSet:
         bad = [u for u in chosen if not 0 <= u < self.size]
         if bad:
             raise PlanError(f"expert set {self.id} has experts 0..{self.size - 1}; {bad} are out of range")
-        if chosen and self.size - len(chosen) < self.top_k:
-            raise PlanError(f"expert set {self.id} routes each token to top_k={self.top_k} experts; removing "
+        if not self.prunable and chosen:
+            raise PlanError(f"expert set {self.id} is frozen: {self.reason}")
+        need = max(self.top_k, self.min_left)
+        if chosen and self.size - len(chosen) < need:
+            also = f" (and ranks them with a top-{self.min_left})" if self.min_left > self.top_k else ""
+            raise PlanError(f"expert set {self.id} routes each token to top_k={self.top_k} experts{also}; removing "
                             f"{len(chosen)} of {self.size} leaves {self.size - len(chosen)}. Remove at most "
-                            f"{self.size - self.top_k} (or lower num_experts_per_tok first)")
+                            f"{self.size - need} (or lower num_experts_per_tok first)")
         return chosen
 
     def slices(self, units: Iterable[int], role: str = "out") -> dict[str, list[tuple[int, list[int]]]]:
@@ -103,6 +116,8 @@ class ExpertSet:
         keys = (self.router_keys if role in ("out", "router", "all") else []) + \
                (self.stacked if role in ("in", "all") else [])
         out = {k: [(0, list(chosen))] for k in keys}
+        if role in ("out", "router", "all"):  # selection biases are masked with the router
+            out.update({k: [(dim, list(chosen))] for k, dim in self.biases})
         if role in ("in", "all"):  # experts of their own modules go whole
             for e in chosen:
                 out.update({k: [(0, list(range(n)))] for k, n in (self.owned[e] if self.owned else {}).items()})
@@ -117,6 +132,24 @@ class ExpertSet:
         mask = torch.zeros(self.size, dtype=dtype, device=device)
         mask[self.check(units)] = float("-inf")
         return mask
+
+    def bias_mask(self, units: Iterable[int], shape: tuple, dim: int, dtype=torch.float32, device=None) -> torch.Tensor:
+        """The additive mask (``-inf`` at the removed experts along ``dim``) on a selection
+        bias of ``shape``: the top-k then never ranks them first, whatever their bias."""
+        mask = torch.zeros(shape, dtype=dtype, device=device)
+        mask.index_fill_(dim, torch.as_tensor(self.check(units), device=device), float("-inf"))
+        return mask
+
+    def overrides(self, units: Iterable[int], gm: torch.fx.GraphModule | None = None) -> dict[str, torch.Tensor]:
+        """``{node name: additive mask}`` that equals removing ``units`` in a run of the
+        analysed graph: the router's logits and, where the top-k ranks biased scores,
+        the selection biases (read through ``gm``'s get_attr nodes)."""
+        out = {self.router: self.router_mask(units)}
+        if self.bias_nodes and gm is not None:
+            nodes = {n.name: n for n in gm.graph.nodes}
+            for name, (_, dim) in zip(self.bias_nodes, self.biases):
+                out[name] = self.bias_mask(units, tuple(_shape(nodes[name])), dim)
+        return out
 
 
 def find_experts(gm: torch.fx.GraphModule, first_id: int = 0, canonical: Mapping | None = None) -> list[ExpertSet]:
@@ -147,10 +180,14 @@ def find_experts(gm: torch.fx.GraphModule, first_id: int = 0, canonical: Mapping
         if node.op in ("call_function", "call_method") and op_name(node.target) == "topk" and node not in owned:
             owned[node] = ([], [])
     for topk, (weights, count_nodes) in owned.items():
-        router, keys = _router(topk.args[0], modules, canonical)
+        bias_reads: list[torch.fx.Node] = []
+        router, keys = _router(topk.args[0], modules, canonical, bias_reads)
         if router is None:
             continue  # a top-k over something that is no router
         size = _last_dim(router)
+        biases = [(b, _expert_dim(b, size)) for b in bias_reads]
+        if any(dim is None for _, dim in biases):
+            continue  # an added tensor that is not one value per expert: not a selection bias
         stacked = [canonical.get(w.target, w.target) for w in weights if _shape(w)[:1] == (size,)]
         counts = [n.name for n in count_nodes if size in _ints(n)]
         switches, joins, per_expert = ([], [], []) if stacked else _loop_experts(gm, topk, size, modules, canonical)
@@ -161,15 +198,104 @@ def find_experts(gm: torch.fx.GraphModule, first_id: int = 0, canonical: Mapping
             weighted = _weighted_rows(grouped[topk][-1])
         else:
             weighted = _terms(gm, joins)
+        scores = _scoring(router, topk, size)
+        scores += [n for n in _bias_reads(scores, size) if n not in scores]
         found.append(ExpertSet(first_id + len(found), size, router.name, keys, list(dict.fromkeys(stacked)),
-                               int(k), counts, switches, joins, per_expert, topk.name, weighted))
+                               int(k), counts, switches, joins, per_expert, topk.name, weighted,
+                               biases=[(canonical.get(b.target, b.target), d) for b, d in biases],
+                               bias_nodes=[b.name for b, _ in biases], scores=[n.name for n in scores],
+                               sizes=[n.name for n in scores if _size_arg(n, size) is not None],
+                               min_left=max([_k(n) for n in scores if op_name(n.target) == "topk"] + [0])))
+        groups = _groups(scores, size)
+        if groups > 1:
+            found[-1].prunable = False
+            found[-1].reason = (f"the router ranks {groups} fixed groups of {size // groups} experts "
+                                "(grouped top-k, as in DeepSeek-V3); removing one expert leaves groups of "
+                                "unequal size, which the group view cannot hold")
     return found
 
 
-def _router(node, modules, canonical):
-    while isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_method") \
-            and op_name(node.target) in _TO_ROUTER:
-        node = node.args[0]
+def _expert_dim(node: torch.fx.Node, size: int):
+    """The dim of a per-expert tensor (``[E]``, ``[1, E]``) that indexes experts, or None."""
+    shape = _shape(node)
+    dims = [i for i, d in enumerate(shape) if d == size]
+    return dims[0] if len(dims) == 1 and int(np.prod(shape)) == size else None
+
+
+def _scoring(router: torch.fx.Node, topk: torch.fx.Node, size: int) -> list[torch.fx.Node]:
+    """The nodes between the router and its top-k whose last dim is the experts (or a
+    group of them): the scores, the group ranking and the group mask. Their sizes shrink
+    with the experts; the top-k's among them (a group's top-2) need experts left."""
+    up = _ancestors(topk) | {topk}
+    region = [n for n in _descendants(router) if n in up and n is not topk]
+    out = []
+    for n in [router] + region:
+        shape = _shape(n)
+        if (shape and shape[-1] == size) or (op_name(n.target) == "topk" and _last_dim(n.args[0]) == size) \
+                or (len(shape) == 3 and shape[-1] * shape[-2] == size):
+            out.append(n)
+    return out
+
+
+def _bias_reads(scores: list[torch.fx.Node], size: int) -> list[torch.fx.Node]:
+    """The views and casts between a selection bias and the add that applies it
+    (``bias.squeeze()``): their expert dim shrinks too."""
+    out = []
+    for n in scores:
+        for a in n.args if op_name(n.target) in ("add", "__add__", "sub", "__sub__") else ():
+            while isinstance(a, torch.fx.Node) and a.op in ("call_function", "call_method") \
+                    and op_name(a.target) in _READS and a.args:
+                if _last_dim(a) == size:
+                    out.append(a)
+                a = a.args[0]
+    return out
+
+
+def _groups(scores: list[torch.fx.Node], size: int) -> int:
+    """How many fixed-size groups the router ranks: a view of the scores to
+    ``[tokens, G, E / G]`` with ``G > 1`` (1 where there is none)."""
+    for n in scores:
+        shape = _shape(n)
+        if op_name(n.target) in ("view", "reshape", "_unsafe_view") and len(shape) == 3 \
+                and shape[-1] * shape[-2] == size and shape[-2] > 1:
+            return int(shape[-2])
+    return 1
+
+
+def _size_arg(node: torch.fx.Node, size: int):
+    """The index of the size list among ``node``'s arguments whose last entry is the expert
+    count (a view, expand or reshape of the scores), or None."""
+    if op_name(node.target) not in ("view", "reshape", "expand", "_unsafe_view") or _last_dim(node) != size:
+        return None
+    for i, a in enumerate(node.args[1:], 1):
+        if isinstance(a, (list, tuple)) and a and a[-1] == size:
+            return i
+    return None
+
+
+def _k(node: torch.fx.Node) -> int:
+    k = node.args[1] if len(node.args) > 1 else node.kwargs.get("k", 0)
+    return int(k) if isinstance(k, int) else 0
+
+
+def _router(node, modules, canonical, biases: list | None = None):
+    """The router linear whose logits the top-k ranks, walking up through casts and
+    activations; ``masked_fill`` (a group mask) and scalar scalings keep the order of
+    the scores, and an added per-expert parameter (a selection bias) is collected in
+    ``biases`` as its get_attr node."""
+    while isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_method"):
+        name = op_name(node.target)
+        if name in _TO_ROUTER or (name in _SCALINGS and _scalar_operand(node)):
+            node = node.args[0]
+        elif name in ("add", "__add__", "sub", "__sub__") and len(node.args) == 2 \
+                and all(isinstance(a, torch.fx.Node) for a in node.args):
+            reads = [_param_read(a) for a in node.args]
+            if sum(r is not None for r in reads) != 1 or biases is None:
+                break
+            biases.append(next(r for r in reads if r is not None))
+            node = node.args[0] if reads[0] is None else node.args[1]
+        else:
+            break
     if not isinstance(node, torch.fx.Node):
         return None, []
     if node.op == "call_module" and isinstance(modules.get(node.target), torch.nn.Linear):
@@ -178,9 +304,32 @@ def _router(node, modules, canonical):
         return node, [canonical.get(k, k) for k in keys]
     if node.op == "call_function" and op_name(node.target) == "linear":
         params = [a for a in list(node.args[1:3]) + [node.kwargs.get("bias")] if isinstance(a, torch.fx.Node)]
+        params = [_param_read(p) or p for p in params]  # a router read in float32 (``weight.float()``)
         if all(p.op == "get_attr" for p in params) and params:
             return node, [canonical.get(p.target, p.target) for p in params]
     return None, []
+
+
+_SCALINGS = {"masked_fill", "mul", "__mul__", "div", "__truediv__"}
+_READS = {"squeeze", "unsqueeze", "view", "reshape", "to", "_to_copy", "alias", "contiguous", "expand", "float",
+          "type", "type_as"}
+
+
+def _scalar_operand(node: torch.fx.Node) -> bool:
+    """``masked_fill(x, mask, v)`` or ``x * c`` / ``x / c`` with a positive constant ``c``:
+    the top-k ranks the same experts first (masked entries are never the removed ones')."""
+    if op_name(node.target) == "masked_fill":
+        return True
+    other = node.args[1] if len(node.args) > 1 else None
+    return isinstance(other, (int, float)) and not isinstance(other, bool) and other > 0
+
+
+def _param_read(node):
+    """The get_attr node ``node`` reads through views and casts, or None."""
+    while isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_method") \
+            and op_name(node.target) in _READS and node.args:
+        node = node.args[0]
+    return node if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
 
 
 def _loop_experts(gm, topk, size, modules, canonical):
@@ -324,13 +473,17 @@ def expert_set(graph, key):
 
 
 class _MaskRouters(TorchFunctionMode):
-    """Adds each router's mask to what ``F.linear`` returns for that router's weight."""
+    """Adds each router's mask to what ``F.linear`` returns for that router's weight, and
+    hands every op that reads a selection bias the bias with its removed experts at -inf."""
 
-    def __init__(self, masks: dict[int, torch.Tensor]):
+    def __init__(self, masks: dict[int, torch.Tensor], biases: dict[int, torch.Tensor] | None = None):
         super().__init__()
         self.masks = masks
+        self.biases = biases or {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.biases:
+            args = tuple(self.biases.get(id(a), a) for a in args)
         out = func(*args, **(kwargs or {}))
         if func in (F.linear, torch._C._nn.linear) and len(args) > 1 and id(args[1]) in self.masks:
             out = out + self.masks[id(args[1])].to(out.dtype)
@@ -340,17 +493,23 @@ class _MaskRouters(TorchFunctionMode):
 def mask_routers(model: torch.nn.Module, graph, plan: Mapping):
     """A context in which ``model`` (the original, or a copy with the same keys) runs with
     the plan's experts masked at their routers: the expert oracle's reference."""
-    masks = {}
-    named = dict(model.named_parameters(remove_duplicate=False))
+    masks, biases = {}, {}
+    named = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     for s, chosen in removed_experts(graph, plan):
         weight = named[s.router_keys[0]]
         masks[id(weight)] = s.router_mask(chosen, device=weight.device)
-    return _MaskRouters(masks) if masks else contextlib.nullcontext()
+        for key, dim in s.biases:  # a masked copy; the model's own tensor is never written
+            bias = named[key]
+            biases[id(bias)] = bias.detach() + s.bias_mask(chosen, tuple(bias.shape), dim, bias.dtype, bias.device)
+    return _MaskRouters(masks, biases) if masks else contextlib.nullcontext()
 
 
 def router_overrides(graph, plan: Mapping) -> dict[str, torch.Tensor]:
     """``{router node name: additive mask}`` of the plan's expert sets (for graph runs)."""
-    return {s.router: s.router_mask(chosen) for s, chosen in removed_experts(graph, plan)}
+    out = {}
+    for s, chosen in removed_experts(graph, plan):
+        out.update(s.overrides(chosen, graph.gm))
+    return out
 
 
 __all__ = ["ExpertSet", "find_experts", "removed_experts", "expert_set", "mask_routers", "router_overrides"]

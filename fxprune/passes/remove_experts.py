@@ -33,8 +33,8 @@ def remove_experts(ctx, removed: list[tuple[ExpertSet, list[int]]]) -> None:
     for s, chosen in removed:
         kept = [e for e in range(s.size) if e not in set(chosen)]
         left = len(kept)
-        for key in s.router_keys + s.stacked:
-            new = _keep_rows(_owner(gm, key), key, kept)
+        for key, dim in [(k, 0) for k in s.router_keys + s.stacked] + list(s.biases):
+            new = _keep_rows(_owner(gm, key), key, kept, dim)
             for alias in ctx.graph.state.aliases.get(key, [key]):
                 path, _, attr = alias.rpartition(".")
                 setattr(gm.get_submodule(path), attr, new)  # a Parameter stays registered as one
@@ -49,11 +49,19 @@ def remove_experts(ctx, removed: list[tuple[ExpertSet, list[int]]]) -> None:
             else:  # kept experts move to their index among the kept
                 node = ctx.replacement.get(switch) or nodes[switch]
                 node.args = (node.args[0], kept.index(e)) + tuple(node.args[2:])
+        for name in s.sizes:  # views of the scores into groups: view(-1, 1, E) -> view(-1, 1, E')
+            node = ctx.replacement.get(name) or nodes[name]
+            node.args = tuple(list(a[:-1]) + [left] if isinstance(a, (list, tuple)) and a and a[-1] == s.size else a
+                              for a in node.args)
         router = ctx.replacement.get(s.router) or nodes[s.router]
         _mark_down(router, -1, left, dims, _TO_ROUTER)
+        for name in s.scores:
+            dims[getattr(ctx.replacement.get(name), "name", name)] = (-1, left)
+        rows = dict.fromkeys(s.stacked + s.router_keys, 0) | dict(s.biases)
         for node in gm.graph.nodes:
-            if node.op == "get_attr" and ctx.graph.state.canonical.get(node.target, node.target) in s.stacked + s.router_keys:
-                _mark_down(node, 0, left, dims, _VIEWS)
+            key = ctx.graph.state.canonical.get(node.target, node.target) if node.op == "get_attr" else None
+            if key in rows:
+                _mark_down(node, rows[key], left, dims, _VIEWS)
     gm.graph.lint()
 
 
@@ -62,9 +70,9 @@ def _owner(gm, key: str):
     return getattr(gm.get_submodule(path), attr)
 
 
-def _keep_rows(tensor: torch.Tensor, key: str, kept: list[int]) -> torch.Tensor:
-    """``tensor`` with only the kept experts along dim 0 (a Parameter stays one)."""
-    new = tensor.detach().index_select(0, torch.as_tensor(kept, device=tensor.device)).clone()
+def _keep_rows(tensor: torch.Tensor, key: str, kept: list[int], dim: int = 0) -> torch.Tensor:
+    """``tensor`` with only the kept experts along ``dim`` (a Parameter stays one)."""
+    new = tensor.detach().index_select(dim, torch.as_tensor(kept, device=tensor.device)).clone()
     return torch.nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else new
 
 

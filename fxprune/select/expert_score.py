@@ -89,7 +89,7 @@ def _loss(graph, sets, calibration, loss_fn) -> dict[int, np.ndarray]:
         base = _run(graph.gm, batch, {})[1]
         for s in sets:
             for e in range(s.size):
-                out = _run(graph.gm, batch, {s.router: s.router_mask([e])})[1]
+                out = _run(graph.gm, batch, s.overrides([e], graph.gm))[1]
                 scores[s.id][e] += _change(base, out, loss_fn)
     return scores
 
