@@ -76,6 +76,12 @@ class ExpertSet:
     oracle_role: str = "router"
 
     @property
+    def removable(self) -> int:
+        """How many experts a plan may remove: 0 when frozen, else all but ``top_k`` (or
+        the ``min_left`` another top-k over them needs)."""
+        return self.size - max(self.top_k, self.min_left) if self.prunable else 0
+
+    @property
     def zero_invariance_reason(self) -> str:
         return "removing an expert equals masking its router logit with -inf, not zeroing a tensor"
 
@@ -210,8 +216,9 @@ def find_experts(gm: torch.fx.GraphModule, first_id: int = 0, canonical: Mapping
         if groups > 1:
             found[-1].prunable = False
             found[-1].reason = (f"the router ranks {groups} fixed groups of {size // groups} experts "
-                                "(grouped top-k, as in DeepSeek-V3); removing one expert leaves groups of "
-                                "unequal size, which the group view cannot hold")
+                                "(grouped top-k, as in DeepSeek-V3): removing an expert leaves groups of "
+                                "unequal size, which the router's [tokens, groups, experts per group] view "
+                                "cannot hold, so its experts stay (their neurons can still be pruned)")
     return found
 
 
