@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..errors import PlanError
+from .expert_routing import (_TO_ROUTER, _ancestors, _bias_reads, _descendants, _expert_dim, _groups, _k,
+                             _last_dim, _nearest_topk, _router, _scoring, _shape, _size_arg, dense_dispatch)
 from .registry import op_name
 from .rules.experts import stacked_weight
 
-_TO_ROUTER = {"softmax", "_softmax", "sigmoid", "to", "_to_copy", "float", "type", "view", "reshape",
-              "alias", "contiguous", "log_softmax"}
 _GROUPED = {"_grouped_mm", "grouped_mm_fallback"}
 
 
@@ -66,10 +66,11 @@ class ExpertSet:
     biases: list[tuple[str, int]] = field(repr=False, default_factory=list)
     bias_nodes: list[str] = field(repr=False, default_factory=list)
     min_left: int = 0  # other top-k's over the experts (a group's top-2) need this many left
-    # nodes from the router to its top-k whose last dim counts experts (marked on removal),
-    # and those of them whose size argument holds the count (``view(-1, 1, E)``, rewritten)
-    scores: list[str] = field(repr=False, default_factory=list)
-    sizes: list[str] = field(repr=False, default_factory=list)
+    # nodes whose shape counts experts, as (name, dim, size per expert): that dim is
+    # ``size per expert x experts left`` after removal (the shape check's prediction); and
+    # (name, argument, position) of the size lists holding the count (``view(-1, 1, E)``, rewritten)
+    marks: list[tuple[str, int, int]] = field(repr=False, default_factory=list)
+    sizes: list[tuple[str, int, int]] = field(repr=False, default_factory=list)
     prunable: bool = True
     zero_invariant: bool = False  # removal is a masking of the router, not a zeroing
     reason: str = ""
@@ -196,21 +197,28 @@ def find_experts(gm: torch.fx.GraphModule, first_id: int = 0, canonical: Mapping
             continue  # an added tensor that is not one value per expert: not a selection bias
         stacked = [canonical.get(w.target, w.target) for w in weights if _shape(w)[:1] == (size,)]
         counts = [n.name for n in count_nodes if size in _ints(n)]
+        scores = _scoring(router, topk, size)
+        scores += [n for n in _bias_reads(scores, size) if n not in scores]
+        marks = [(n.name, -1, 1) for n in scores]
+        sizes = [(n.name, *at) for n in scores for at in [_size_arg(n, size)] if at is not None]
+        if not stacked and not biases:  # every expert on every token (Llama 4)
+            dense = dense_dispatch(router, topk, size)
+            if dense is not None:
+                stacked = [canonical.get(w.target, w.target) for w in dense[0]]
+                marks += [m for m in dense[1] if m[0] not in {x[0] for x in marks}]
+                sizes += dense[2]
         switches, joins, per_expert = ([], [], []) if stacked else _loop_experts(gm, topk, size, modules, canonical)
         if not stacked and not switches:
             continue
         k = topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")
-        if stacked:
+        if topk in grouped:
             weighted = _weighted_rows(grouped[topk][-1])
         else:
-            weighted = _terms(gm, joins)
-        scores = _scoring(router, topk, size)
-        scores += [n for n in _bias_reads(scores, size) if n not in scores]
+            weighted = [] if stacked else _terms(gm, joins)
         found.append(ExpertSet(first_id + len(found), size, router.name, keys, list(dict.fromkeys(stacked)),
                                int(k), counts, switches, joins, per_expert, topk.name, weighted,
                                biases=[(canonical.get(b.target, b.target), d) for b, d in biases],
-                               bias_nodes=[b.name for b, _ in biases], scores=[n.name for n in scores],
-                               sizes=[n.name for n in scores if _size_arg(n, size) is not None],
+                               bias_nodes=[b.name for b, _ in biases], marks=marks, sizes=sizes,
                                min_left=max([_k(n) for n in scores if op_name(n.target) == "topk"] + [0])))
         groups = _groups(scores, size)
         if groups > 1:
@@ -220,123 +228,6 @@ def find_experts(gm: torch.fx.GraphModule, first_id: int = 0, canonical: Mapping
                                 "unequal size, which the router's [tokens, groups, experts per group] view "
                                 "cannot hold, so its experts stay (their neurons can still be pruned)")
     return found
-
-
-def _expert_dim(node: torch.fx.Node, size: int):
-    """The dim of a per-expert tensor (``[E]``, ``[1, E]``) that indexes experts, or None."""
-    shape = _shape(node)
-    dims = [i for i, d in enumerate(shape) if d == size]
-    return dims[0] if len(dims) == 1 and int(np.prod(shape)) == size else None
-
-
-def _scoring(router: torch.fx.Node, topk: torch.fx.Node, size: int) -> list[torch.fx.Node]:
-    """The nodes between the router and its top-k whose last dim is the experts (or a
-    group of them): the scores, the group ranking and the group mask. Their sizes shrink
-    with the experts; the top-k's among them (a group's top-2) need experts left."""
-    up = _ancestors(topk) | {topk}
-    region = [n for n in _descendants(router) if n in up and n is not topk]
-    out = []
-    for n in [router] + region:
-        shape = _shape(n)
-        if (shape and shape[-1] == size) or (op_name(n.target) == "topk" and _last_dim(n.args[0]) == size) \
-                or (len(shape) == 3 and shape[-1] * shape[-2] == size):
-            out.append(n)
-    return out
-
-
-def _bias_reads(scores: list[torch.fx.Node], size: int) -> list[torch.fx.Node]:
-    """The views and casts between a selection bias and the add that applies it
-    (``bias.squeeze()``): their expert dim shrinks too."""
-    out = []
-    for n in scores:
-        for a in n.args if op_name(n.target) in ("add", "__add__", "sub", "__sub__") else ():
-            while isinstance(a, torch.fx.Node) and a.op in ("call_function", "call_method") \
-                    and op_name(a.target) in _READS and a.args:
-                if _last_dim(a) == size:
-                    out.append(a)
-                a = a.args[0]
-    return out
-
-
-def _groups(scores: list[torch.fx.Node], size: int) -> int:
-    """How many fixed-size groups the router ranks: a view of the scores to
-    ``[tokens, G, E / G]`` with ``G > 1`` (1 where there is none)."""
-    for n in scores:
-        shape = _shape(n)
-        if op_name(n.target) in ("view", "reshape", "_unsafe_view") and len(shape) == 3 \
-                and shape[-1] * shape[-2] == size and shape[-2] > 1:
-            return int(shape[-2])
-    return 1
-
-
-def _size_arg(node: torch.fx.Node, size: int):
-    """The index of the size list among ``node``'s arguments whose last entry is the expert
-    count (a view, expand or reshape of the scores), or None."""
-    if op_name(node.target) not in ("view", "reshape", "expand", "_unsafe_view") or _last_dim(node) != size:
-        return None
-    for i, a in enumerate(node.args[1:], 1):
-        if isinstance(a, (list, tuple)) and a and a[-1] == size:
-            return i
-    return None
-
-
-def _k(node: torch.fx.Node) -> int:
-    k = node.args[1] if len(node.args) > 1 else node.kwargs.get("k", 0)
-    return int(k) if isinstance(k, int) else 0
-
-
-def _router(node, modules, canonical, biases: list | None = None):
-    """The router linear whose logits the top-k ranks, walking up through casts and
-    activations; ``masked_fill`` (a group mask) and scalar scalings keep the order of
-    the scores, and an added per-expert parameter (a selection bias) is collected in
-    ``biases`` as its get_attr node."""
-    while isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_method"):
-        name = op_name(node.target)
-        if name in _TO_ROUTER or (name in _SCALINGS and _scalar_operand(node)):
-            node = node.args[0]
-        elif name in ("add", "__add__", "sub", "__sub__") and len(node.args) == 2 \
-                and all(isinstance(a, torch.fx.Node) for a in node.args):
-            reads = [_param_read(a) for a in node.args]
-            if sum(r is not None for r in reads) != 1 or biases is None:
-                break
-            biases.append(next(r for r in reads if r is not None))
-            node = node.args[0] if reads[0] is None else node.args[1]
-        else:
-            break
-    if not isinstance(node, torch.fx.Node):
-        return None, []
-    if node.op == "call_module" and isinstance(modules.get(node.target), torch.nn.Linear):
-        lin = modules[node.target]
-        keys = [f"{node.target}.weight"] + ([f"{node.target}.bias"] if lin.bias is not None else [])
-        return node, [canonical.get(k, k) for k in keys]
-    if node.op == "call_function" and op_name(node.target) == "linear":
-        params = [a for a in list(node.args[1:3]) + [node.kwargs.get("bias")] if isinstance(a, torch.fx.Node)]
-        params = [_param_read(p) or p for p in params]  # a router read in float32 (``weight.float()``)
-        if all(p.op == "get_attr" for p in params) and params:
-            return node, [canonical.get(p.target, p.target) for p in params]
-    return None, []
-
-
-_SCALINGS = {"masked_fill", "mul", "__mul__", "div", "__truediv__"}
-_READS = {"squeeze", "unsqueeze", "view", "reshape", "to", "_to_copy", "alias", "contiguous", "expand", "float",
-          "type", "type_as"}
-
-
-def _scalar_operand(node: torch.fx.Node) -> bool:
-    """``masked_fill(x, mask, v)`` or ``x * c`` / ``x / c`` with a positive constant ``c``:
-    the top-k ranks the same experts first (masked entries are never the removed ones')."""
-    if op_name(node.target) == "masked_fill":
-        return True
-    other = node.args[1] if len(node.args) > 1 else None
-    return isinstance(other, (int, float)) and not isinstance(other, bool) and other > 0
-
-
-def _param_read(node):
-    """The get_attr node ``node`` reads through views and casts, or None."""
-    while isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_method") \
-            and op_name(node.target) in _READS and node.args:
-        node = node.args[0]
-    return node if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
 
 
 def _loop_experts(gm, topk, size, modules, canonical):
@@ -402,55 +293,6 @@ def _join_of(switch: torch.fx.Node):
             if inside.count(True) == 1:
                 return node
     return None
-
-
-def _ancestors(node) -> set:
-    seen, todo = set(), [node]
-    while todo:
-        for n in todo.pop().all_input_nodes:
-            if n not in seen:
-                seen.add(n)
-                todo.append(n)
-    return seen
-
-
-def _descendants(node: torch.fx.Node) -> list:
-    seen, todo, order = {node}, [node], []
-    while todo:
-        n = todo.pop(0)
-        for user in n.users:
-            if user not in seen:
-                seen.add(user)
-                todo.append(user)
-                order.append(user)
-    return order
-
-
-def _nearest_topk(node) -> torch.fx.Node | None:
-    """The closest top-k among ``node``'s inputs, breadth first (the one whose indices
-    route these tokens; an earlier layer's top-k is further up)."""
-    seen, todo = set(), [node]
-    while todo:
-        nxt = []
-        for n in todo:
-            if not isinstance(n, torch.fx.Node) or n in seen:
-                continue
-            seen.add(n)
-            if n.op in ("call_function", "call_method") and op_name(n.target) == "topk":
-                return n
-            nxt += list(n.all_input_nodes)
-        todo = nxt
-    return None
-
-
-def _shape(node) -> tuple:
-    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
-    return tuple(meta.shape) if hasattr(meta, "shape") else ()
-
-
-def _last_dim(node) -> int:
-    shape = _shape(node)
-    return int(shape[-1]) if shape else -1
 
 
 def _ints(node: torch.fx.Node) -> list:

@@ -49,14 +49,15 @@ def remove_experts(ctx, removed: list[tuple[ExpertSet, list[int]]]) -> None:
             else:  # kept experts move to their index among the kept
                 node = ctx.replacement.get(switch) or nodes[switch]
                 node.args = (node.args[0], kept.index(e)) + tuple(node.args[2:])
-        for name in s.sizes:  # views of the scores into groups: view(-1, 1, E) -> view(-1, 1, E')
+        for name, arg, at in s.sizes:  # view(-1, 1, E) -> view(-1, 1, E'), repeat(E, 1) -> repeat(E', 1)
             node = ctx.replacement.get(name) or nodes[name]
-            node.args = tuple(list(a[:-1]) + [left] if isinstance(a, (list, tuple)) and a and a[-1] == s.size else a
-                              for a in node.args)
+            sizes = list(node.args[arg])
+            sizes[at] = left
+            node.args = node.args[:arg] + (sizes,) + node.args[arg + 1:]
         router = ctx.replacement.get(s.router) or nodes[s.router]
         _mark_down(router, -1, left, dims, _TO_ROUTER)
-        for name in s.scores:
-            dims[getattr(ctx.replacement.get(name), "name", name)] = (-1, left)
+        for name, dim, per_expert in s.marks:
+            dims[getattr(ctx.replacement.get(name), "name", name)] = (dim, per_expert * left)
         rows = dict.fromkeys(s.stacked + s.router_keys, 0) | dict(s.biases)
         for node in gm.graph.nodes:
             key = ctx.graph.state.canonical.get(node.target, node.target) if node.op == "get_attr" else None
