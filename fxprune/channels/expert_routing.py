@@ -68,7 +68,6 @@ def _last_dim(node) -> int:
     return int(shape[-1]) if shape else -1
 
 
-
 def _expert_dim(node: torch.fx.Node, size: int):
     """The dim of a per-expert tensor (``[E]``, ``[1, E]``) that indexes experts, or None."""
     shape = _shape(node)
