@@ -207,14 +207,19 @@ def _k(node: torch.fx.Node) -> int:
     return int(k) if isinstance(k, int) else 0
 
 
-def _router(node, modules, canonical, biases: list | None = None):
+def _router(node, modules, canonical, biases: list | None = None, sliced: list | None = None):
     """The router linear whose logits the top-k ranks, walking up through casts and
     activations; ``masked_fill`` (a group mask) and scalar scalings keep the order of
     the scores, and an added per-expert parameter (a selection bias) is collected in
-    ``biases`` as its get_attr node."""
+    ``biases`` as its get_attr node. A slice of the first entries of the last dim (the
+    routed experts of a router that also gates shared experts, Inkling) is collected in
+    ``sliced``."""
     while isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_method"):
         name = op_name(node.target)
         if name in _TO_ROUTER or (name in _SCALINGS and _scalar_operand(node)):
+            node = node.args[0]
+        elif name == "slice" and sliced is not None and _leading_slice(node):
+            sliced.append(node)
             node = node.args[0]
         elif name in ("add", "__add__", "sub", "__sub__") and len(node.args) == 2 \
                 and all(isinstance(a, torch.fx.Node) for a in node.args):
@@ -242,6 +247,36 @@ def _router(node, modules, canonical, biases: list | None = None):
 _SCALINGS = {"masked_fill", "mul", "__mul__", "div", "__truediv__"}
 _READS = {"squeeze", "unsqueeze", "view", "reshape", "to", "_to_copy", "alias", "contiguous", "expand", "float",
           "type", "type_as"}
+
+
+def router_slices(router: torch.fx.Node) -> list[torch.fx.Node]:
+    """Slices of the router's outputs (through casts and activations) along its last dim:
+    ``logits[..., :E]`` (the experts) and ``logits[..., E:]`` (shared experts' gates).
+    Bounds past the experts move down by the experts removed."""
+    out, todo = [], [router]
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            name = op_name(user.target)
+            if name == "slice" and user.args[0] is node and _last_dim_slice(user):
+                out.append(user)
+            elif name in _TO_ROUTER and user.args[0] is node:
+                todo.append(user)
+    return out
+
+
+def _last_dim_slice(node: torch.fx.Node) -> bool:
+    dim, ndim = node.args[1] if len(node.args) > 1 else 0, len(_shape(node.args[0]))
+    return ndim > 0 and dim % ndim == ndim - 1
+
+
+def _leading_slice(node: torch.fx.Node) -> bool:
+    """``x[..., :n]``: a slice of the last dim from 0 with step 1 (the kept entries keep
+    their indices)."""
+    args = list(node.args) + [None] * 5
+    dim, start, step = args[1] if args[1] is not None else 0, args[2] or 0, args[4] or 1
+    ndim = len(_shape(node.args[0]))
+    return ndim > 0 and dim % ndim == ndim - 1 and start == 0 and step == 1
 
 
 def _scalar_operand(node: torch.fx.Node) -> bool:

@@ -29,7 +29,8 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import PlanError
 from .expert_routing import (_TO_ROUTER, _ancestors, _bias_reads, _descendants, _expert_dim, _groups, _k,
-                             _last_dim, _nearest_topk, _router, _scoring, _shape, _size_arg, dense_dispatch)
+                             _last_dim, _nearest_topk, _router, _scoring, _shape, _size_arg, dense_dispatch,
+                             router_slices)
 from .registry import op_name
 from .rules.experts import stacked_weight
 
@@ -66,6 +67,8 @@ class ExpertSet:
     biases: list[tuple[str, int]] = field(repr=False, default_factory=list)
     bias_nodes: list[str] = field(repr=False, default_factory=list)
     min_left: int = 0  # other top-k's over the experts (a group's top-2) need this many left
+    router_extra: int = 0  # router outputs after the experts' (shared experts' gates): they stay
+    logit_slices: list[str] = field(repr=False, default_factory=list)  # slices of the router's outputs
     # nodes whose shape counts experts, as (name, dim, size per expert): that dim is
     # ``size per expert x experts left`` after removal (the shape check's prediction); and
     # (name, argument, position) of the size lists holding the count (``view(-1, 1, E)``, rewritten)
@@ -136,7 +139,7 @@ class ExpertSet:
         >>> ExpertSet(0, 3, "r", ["r.weight"], [], top_k=1).router_mask([1])
         tensor([0., -inf, 0.])
         """
-        mask = torch.zeros(self.size, dtype=dtype, device=device)
+        mask = torch.zeros(self.size + self.router_extra, dtype=dtype, device=device)
         mask[self.check(units)] = float("-inf")
         return mask
 
@@ -188,10 +191,14 @@ def find_experts(gm: torch.fx.GraphModule, first_id: int = 0, canonical: Mapping
             owned[node] = ([], [])
     for topk, (weights, count_nodes) in owned.items():
         bias_reads: list[torch.fx.Node] = []
-        router, keys = _router(topk.args[0], modules, canonical, bias_reads)
+        sliced: list[torch.fx.Node] = []
+        router, keys = _router(topk.args[0], modules, canonical, bias_reads, sliced)
         if router is None:
             continue  # a top-k over something that is no router
-        size = _last_dim(router)
+        size = _last_dim(topk.args[0])  # the top-k ranks the experts
+        extra = _last_dim(router) - size  # router outputs after them (shared experts' gates)
+        if extra < 0 or (extra and not sliced):
+            continue
         biases = [(b, _expert_dim(b, size)) for b in bias_reads]
         if any(dim is None for _, dim in biases):
             continue  # an added tensor that is not one value per expert: not a selection bias
@@ -200,6 +207,8 @@ def find_experts(gm: torch.fx.GraphModule, first_id: int = 0, canonical: Mapping
         scores = _scoring(router, topk, size)
         scores += [n for n in _bias_reads(scores, size) if n not in scores]
         marks = [(n.name, -1, 1) for n in scores]
+        marks += [(u.name, -1, 1) for u in router.users if extra and u not in scores and op_name(u.target) == "slice"
+                  and _last_dim(u) == size]  # the routed experts' logits read again (for their weights)
         sizes = [(n.name, *at) for n in scores for at in [_size_arg(n, size)] if at is not None]
         if not stacked and not biases:  # every expert on every token (Llama 4)
             dense = dense_dispatch(router, topk, size)
@@ -218,7 +227,8 @@ def find_experts(gm: torch.fx.GraphModule, first_id: int = 0, canonical: Mapping
         found.append(ExpertSet(first_id + len(found), size, router.name, keys, list(dict.fromkeys(stacked)),
                                int(k), counts, switches, joins, per_expert, topk.name, weighted,
                                biases=[(canonical.get(b.target, b.target), d) for b, d in biases],
-                               bias_nodes=[b.name for b, _ in biases], marks=marks, sizes=sizes,
+                               bias_nodes=[b.name for b, _ in biases], marks=marks, sizes=sizes, router_extra=extra,
+                               logit_slices=[n.name for n in router_slices(router)] if extra else [],
                                min_left=max([_k(n) for n in scores if op_name(n.target) == "topk"] + [0])))
         groups = _groups(scores, size)
         if groups > 1:

@@ -29,8 +29,9 @@ def expert_cuts(graph, plan: Mapping, cuts: dict) -> dict:
     out = {k: list(v) for k, v in cuts.items()}
     for s, chosen in removed_experts(graph, plan):
         kept = np.array([e for e in range(s.size) if e not in set(chosen)])
+        rows = np.concatenate([kept, np.arange(s.size, s.size + s.router_extra)])  # shared experts' gates stay
         for key, dim in [(k, 0) for k in s.router_keys + s.stacked] + list(s.biases):
-            out[key] = sorted(out.get(key, []) + [(dim, kept)], key=lambda c: c[0])
+            out[key] = sorted(out.get(key, []) + [(dim, rows if key in s.router_keys else kept)], key=lambda c: c[0])
     return out
 
 

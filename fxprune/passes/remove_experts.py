@@ -33,8 +33,9 @@ def remove_experts(ctx, removed: list[tuple[ExpertSet, list[int]]]) -> None:
     for s, chosen in removed:
         kept = [e for e in range(s.size) if e not in set(chosen)]
         left = len(kept)
+        rows = kept + list(range(s.size, s.size + s.router_extra))  # a router's rows after the experts stay
         for key, dim in [(k, 0) for k in s.router_keys + s.stacked] + list(s.biases):
-            new = _keep_rows(_owner(gm, key), key, kept, dim)
+            new = _keep_rows(_owner(gm, key), key, rows if key in s.router_keys else kept, dim)
             for alias in ctx.graph.state.aliases.get(key, [key]):
                 path, _, attr = alias.rpartition(".")
                 setattr(gm.get_submodule(path), attr, new)  # a Parameter stays registered as one
@@ -54,15 +55,20 @@ def remove_experts(ctx, removed: list[tuple[ExpertSet, list[int]]]) -> None:
             sizes = list(node.args[arg])
             sizes[at] = left
             node.args = node.args[:arg] + (sizes,) + node.args[arg + 1:]
+        for name in s.logit_slices:  # logits[..., E:] -> logits[..., E':]: the shared experts' gates move down
+            node = ctx.replacement.get(name) or nodes[name]
+            node.args = node.args[:2] + tuple(v - len(chosen) if isinstance(v, int) and v >= s.size else v
+                                              for v in node.args[2:4]) + node.args[4:]
         router = ctx.replacement.get(s.router) or nodes[s.router]
-        _mark_down(router, -1, left, dims, _TO_ROUTER)
+        _mark_down(router, -1, left + s.router_extra, dims, _TO_ROUTER)
         for name, dim, per_expert in s.marks:
             dims[getattr(ctx.replacement.get(name), "name", name)] = (dim, per_expert * left)
-        rows = dict.fromkeys(s.stacked + s.router_keys, 0) | dict(s.biases)
+        sizes = {k: (0, left) for k in s.stacked} | {k: (0, left + s.router_extra) for k in s.router_keys} | \
+            {k: (dim, left) for k, dim in s.biases}
         for node in gm.graph.nodes:
             key = ctx.graph.state.canonical.get(node.target, node.target) if node.op == "get_attr" else None
-            if key in rows:
-                _mark_down(node, rows[key], left, dims, _VIEWS)
+            if key in sizes:
+                _mark_down(node, sizes[key][0], sizes[key][1], dims, _VIEWS)
     gm.graph.lint()
 
 
