@@ -104,3 +104,21 @@ def test_grouped_top_k_over_fixed_groups_freezes_its_experts():
     assert experts.removable == 0
     with pytest.raises(PlanError, match="frozen: the router ranks 2 fixed groups"):
         fxprune.prune(graph, {experts.id: [0]})
+
+
+def test_router_that_also_gates_shared_experts_keeps_their_rows():
+    """Inkling: one router for 4 routed experts and 1 shared expert; the top-k ranks
+    ``sigmoid(logits)[..., :4] + bias`` and ``logits[..., 4:]`` weigh the shared expert.
+    Removing a routed expert keeps the shared expert's row, and the slices past the
+    routed experts move down with them."""
+    from hf_zoo import make_model
+
+    model, inputs = make_model("inkling_text")
+    graph = fxprune.analyze(model, inputs)
+    s = graph.experts[0]
+    assert (s.size, s.router_extra, len(graph.experts)) == (4, 1, 2)
+    plan = {s.id: [0, 2]}
+    small = fxprune.prune(graph, plan, verify="shapes")  # the oracle below checks the values
+    assert check_zero_invariance(model, graph, plan, small) < 1e-5
+    assert small.state_dict()[s.router_keys[0]].shape[0] == 3  # 2 routed experts left + the shared one
+    assert torch.equal(small.state_dict()[s.router_keys[0]][-1], model.state_dict()[s.router_keys[0]][-1])
