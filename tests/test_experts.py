@@ -280,3 +280,31 @@ def test_qwen2_moe_shared_expert_and_routed_experts():
     assert check_zero_invariance(model, graph, plan, mine) < 1e-5
     assert (mine.config.num_experts, mine.config.moe_intermediate_size,
             mine.config.shared_expert_intermediate_size) == (3, 8, 16)
+
+
+def test_llama4_dense_dispatch_experts():
+    """Llama 4 runs every expert on every token: the sigmoid of the top-k scores scattered
+    into -inf scales the tokens tiled E times (``repeat(E, 1)``), a ``bmm`` multiplies them
+    by the stacked weights, a sum over the experts joins them. An expert set per layer,
+    holding that layer's weights only; the tiling, view and reshape sizes shrink with it."""
+    from transformers import Llama4ForCausalLM
+
+    from hf_zoo import inputs_for, shrunk_config
+
+    config = shrunk_config("llama4_text")
+    torch.manual_seed(0)
+    model = unit_scale(Llama4ForCausalLM(config)).eval()
+    inputs = inputs_for(model, config)
+    graph = fxprune.analyze(model, inputs, capture="export")
+    assert [(s.size, s.top_k, len(s.stacked), s.stacked[0].split(".")[2]) for s in graph.experts] == \
+        [(4, 2, 2, "0"), (4, 2, 2, "1")]
+    plan = {graph.experts[0].id: [1], graph.experts[1].id: [0, 3]}
+    small = fxprune.prune(graph, plan)
+    assert small.meta["fxprune.value_check"]["error"] < 1e-5
+    assert check_zero_invariance(model, graph, plan, small) < 1e-5
+    assert small.state_dict()["model.layers.1.feed_forward.experts.down_proj"].shape[0] == 2
+    with torch.no_grad():
+        assert output_error(model(**inputs), small(**inputs)) > 1e-2
+    mine = fxprune.prune(graph, {s.id: [2] for s in graph.experts}, emit="module")
+    assert mine.config.num_local_experts == 3 and mine.model.layers[0].feed_forward.num_experts == 3
+    assert check_zero_invariance(model, graph, {s.id: [2] for s in graph.experts}, mine) < 1e-5

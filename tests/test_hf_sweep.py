@@ -10,8 +10,9 @@ from hf_zoo import architectures, check_model, shrunk_config
 
 pytestmark = pytest.mark.dynamic_shapes  # fxprune's default capture (tests/conftest.py)
 
-# model type -> its routed layers (expert sets)
-FAMILIES = {"llama": 0, "mixtral": 2, "gpt2": 0, "bert": 0, "vit": 0}
+# model type -> its routed layers (expert sets); GLM-4-MoE: a sigmoid router with a
+# selection bias and a group mask (DeepSeek-V3's form), its first layer dense
+FAMILIES = {"llama": 0, "mixtral": 2, "glm4_moe": 1, "gpt2": 0, "bert": 0, "vit": 0}
 
 
 def test_architectures_come_from_the_auto_mappings():
@@ -38,8 +39,10 @@ def test_family_prunes_through_the_oracle(model_type):
     assert row["experts"] == FAMILIES[model_type]
     if row["experts"]:
         assert row["expert_error"] < 1e-4
-    if model_type != "mixtral":  # Mixtral's top-k over the experts is no channel op: its router is a unit
+    if not row["experts"]:  # a top-k over the experts is no channel op: the router is a unit
         assert row["no_rule"] == [], row["no_rule"]
+    else:
+        assert row["no_rule"] == ["ATen op aten.topk.default"], row["no_rule"]
     if model_type in ("mixtral", "gpt2"):
         assert row["module"] == "ok"
 

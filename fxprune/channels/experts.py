@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..errors import PlanError
+from .expert_routing import (_TO_ROUTER, _ancestors, _bias_reads, _descendants, _expert_dim, _groups, _k,
+                             _last_dim, _nearest_topk, _router, _scoring, _shape, _size_arg, dense_dispatch,
+                             router_slices)
 from .registry import op_name
 from .rules.experts import stacked_weight
 
-_TO_ROUTER = {"softmax", "_softmax", "sigmoid", "to", "_to_copy", "float", "type", "view", "reshape",
-              "alias", "contiguous", "log_softmax"}
 _GROUPED = {"_grouped_mm", "grouped_mm_fallback"}
 
 
@@ -61,10 +62,28 @@ class ExpertSet:
     # nodes holding the routing-weighted expert outputs: one per expert (a loop), or one
     # whose rows are sorted by expert with counts[0] holding the rows per expert (grouped)
     weighted: list[str] = field(repr=False, default_factory=list)
+    # per-expert selection biases added to the scores the top-k ranks (DeepSeek-V3's
+    # ``e_score_correction_bias``): (key, expert dim) and the get_attr nodes that read them
+    biases: list[tuple[str, int]] = field(repr=False, default_factory=list)
+    bias_nodes: list[str] = field(repr=False, default_factory=list)
+    min_left: int = 0  # other top-k's over the experts (a group's top-2) need this many left
+    router_extra: int = 0  # router outputs after the experts' (shared experts' gates): they stay
+    logit_slices: list[str] = field(repr=False, default_factory=list)  # slices of the router's outputs
+    # nodes whose shape counts experts, as (name, dim, size per expert): that dim is
+    # ``size per expert x experts left`` after removal (the shape check's prediction); and
+    # (name, argument, position) of the size lists holding the count (``view(-1, 1, E)``, rewritten)
+    marks: list[tuple[str, int, int]] = field(repr=False, default_factory=list)
+    sizes: list[tuple[str, int, int]] = field(repr=False, default_factory=list)
     prunable: bool = True
     zero_invariant: bool = False  # removal is a masking of the router, not a zeroing
     reason: str = ""
     oracle_role: str = "router"
+
+    @property
+    def removable(self) -> int:
+        """How many experts a plan may remove: 0 when frozen, else all but ``top_k`` (or
+        the ``min_left`` another top-k over them needs)."""
+        return self.size - max(self.top_k, self.min_left) if self.prunable else 0
 
     @property
     def zero_invariance_reason(self) -> str:
@@ -80,10 +99,14 @@ class ExpertSet:
         bad = [u for u in chosen if not 0 <= u < self.size]
         if bad:
             raise PlanError(f"expert set {self.id} has experts 0..{self.size - 1}; {bad} are out of range")
-        if chosen and self.size - len(chosen) < self.top_k:
-            raise PlanError(f"expert set {self.id} routes each token to top_k={self.top_k} experts; removing "
+        if not self.prunable and chosen:
+            raise PlanError(f"expert set {self.id} is frozen: {self.reason}")
+        need = max(self.top_k, self.min_left)
+        if chosen and self.size - len(chosen) < need:
+            also = f" (and ranks them with a top-{self.min_left})" if self.min_left > self.top_k else ""
+            raise PlanError(f"expert set {self.id} routes each token to top_k={self.top_k} experts{also}; removing "
                             f"{len(chosen)} of {self.size} leaves {self.size - len(chosen)}. Remove at most "
-                            f"{self.size - self.top_k} (or lower num_experts_per_tok first)")
+                            f"{self.size - need} (or lower num_experts_per_tok first)")
         return chosen
 
     def slices(self, units: Iterable[int], role: str = "out") -> dict[str, list[tuple[int, list[int]]]]:
@@ -103,6 +126,8 @@ class ExpertSet:
         keys = (self.router_keys if role in ("out", "router", "all") else []) + \
                (self.stacked if role in ("in", "all") else [])
         out = {k: [(0, list(chosen))] for k in keys}
+        if role in ("out", "router", "all"):  # selection biases are masked with the router
+            out.update({k: [(dim, list(chosen))] for k, dim in self.biases})
         if role in ("in", "all"):  # experts of their own modules go whole
             for e in chosen:
                 out.update({k: [(0, list(range(n)))] for k, n in (self.owned[e] if self.owned else {}).items()})
@@ -114,9 +139,27 @@ class ExpertSet:
         >>> ExpertSet(0, 3, "r", ["r.weight"], [], top_k=1).router_mask([1])
         tensor([0., -inf, 0.])
         """
-        mask = torch.zeros(self.size, dtype=dtype, device=device)
+        mask = torch.zeros(self.size + self.router_extra, dtype=dtype, device=device)
         mask[self.check(units)] = float("-inf")
         return mask
+
+    def bias_mask(self, units: Iterable[int], shape: tuple, dim: int, dtype=torch.float32, device=None) -> torch.Tensor:
+        """The additive mask (``-inf`` at the removed experts along ``dim``) on a selection
+        bias of ``shape``: the top-k then never ranks them first, whatever their bias."""
+        mask = torch.zeros(shape, dtype=dtype, device=device)
+        mask.index_fill_(dim, torch.as_tensor(self.check(units), device=device), float("-inf"))
+        return mask
+
+    def overrides(self, units: Iterable[int], gm: torch.fx.GraphModule | None = None) -> dict[str, torch.Tensor]:
+        """``{node name: additive mask}`` that equals removing ``units`` in a run of the
+        analysed graph: the router's logits and, where the top-k ranks biased scores,
+        the selection biases (read through ``gm``'s get_attr nodes)."""
+        out = {self.router: self.router_mask(units)}
+        if self.bias_nodes and gm is not None:
+            nodes = {n.name: n for n in gm.graph.nodes}
+            for name, (_, dim) in zip(self.bias_nodes, self.biases):
+                out[name] = self.bias_mask(units, tuple(_shape(nodes[name])), dim)
+        return out
 
 
 def find_experts(gm: torch.fx.GraphModule, first_id: int = 0, canonical: Mapping | None = None) -> list[ExpertSet]:
@@ -147,40 +190,54 @@ def find_experts(gm: torch.fx.GraphModule, first_id: int = 0, canonical: Mapping
         if node.op in ("call_function", "call_method") and op_name(node.target) == "topk" and node not in owned:
             owned[node] = ([], [])
     for topk, (weights, count_nodes) in owned.items():
-        router, keys = _router(topk.args[0], modules, canonical)
+        bias_reads: list[torch.fx.Node] = []
+        sliced: list[torch.fx.Node] = []
+        router, keys = _router(topk.args[0], modules, canonical, bias_reads, sliced)
         if router is None:
             continue  # a top-k over something that is no router
-        size = _last_dim(router)
+        size = _last_dim(topk.args[0])  # the top-k ranks the experts
+        extra = _last_dim(router) - size  # router outputs after them (shared experts' gates)
+        if extra < 0 or (extra and not sliced):
+            continue
+        biases = [(b, _expert_dim(b, size)) for b in bias_reads]
+        if any(dim is None for _, dim in biases):
+            continue  # an added tensor that is not one value per expert: not a selection bias
         stacked = [canonical.get(w.target, w.target) for w in weights if _shape(w)[:1] == (size,)]
         counts = [n.name for n in count_nodes if size in _ints(n)]
+        scores = _scoring(router, topk, size)
+        scores += [n for n in _bias_reads(scores, size) if n not in scores]
+        marks = [(n.name, -1, 1) for n in scores]
+        marks += [(u.name, -1, 1) for u in router.users if extra and u not in scores and op_name(u.target) == "slice"
+                  and _last_dim(u) == size]  # the routed experts' logits read again (for their weights)
+        sizes = [(n.name, *at) for n in scores for at in [_size_arg(n, size)] if at is not None]
+        if not stacked and not biases:  # every expert on every token (Llama 4)
+            dense = dense_dispatch(router, topk, size)
+            if dense is not None:
+                stacked = [canonical.get(w.target, w.target) for w in dense[0]]
+                marks += [m for m in dense[1] if m[0] not in {x[0] for x in marks}]
+                sizes += dense[2]
         switches, joins, per_expert = ([], [], []) if stacked else _loop_experts(gm, topk, size, modules, canonical)
         if not stacked and not switches:
             continue
         k = topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")
-        if stacked:
+        if topk in grouped:
             weighted = _weighted_rows(grouped[topk][-1])
         else:
-            weighted = _terms(gm, joins)
+            weighted = [] if stacked else _terms(gm, joins)
         found.append(ExpertSet(first_id + len(found), size, router.name, keys, list(dict.fromkeys(stacked)),
-                               int(k), counts, switches, joins, per_expert, topk.name, weighted))
+                               int(k), counts, switches, joins, per_expert, topk.name, weighted,
+                               biases=[(canonical.get(b.target, b.target), d) for b, d in biases],
+                               bias_nodes=[b.name for b, _ in biases], marks=marks, sizes=sizes, router_extra=extra,
+                               logit_slices=[n.name for n in router_slices(router)] if extra else [],
+                               min_left=max([_k(n) for n in scores if op_name(n.target) == "topk"] + [0])))
+        groups = _groups(scores, size)
+        if groups > 1:
+            found[-1].prunable = False
+            found[-1].reason = (f"the router ranks {groups} fixed groups of {size // groups} experts "
+                                "(grouped top-k, as in DeepSeek-V3): removing an expert leaves groups of "
+                                "unequal size, which the router's [tokens, groups, experts per group] view "
+                                "cannot hold, so its experts stay (their neurons can still be pruned)")
     return found
-
-
-def _router(node, modules, canonical):
-    while isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_method") \
-            and op_name(node.target) in _TO_ROUTER:
-        node = node.args[0]
-    if not isinstance(node, torch.fx.Node):
-        return None, []
-    if node.op == "call_module" and isinstance(modules.get(node.target), torch.nn.Linear):
-        lin = modules[node.target]
-        keys = [f"{node.target}.weight"] + ([f"{node.target}.bias"] if lin.bias is not None else [])
-        return node, [canonical.get(k, k) for k in keys]
-    if node.op == "call_function" and op_name(node.target) == "linear":
-        params = [a for a in list(node.args[1:3]) + [node.kwargs.get("bias")] if isinstance(a, torch.fx.Node)]
-        if all(p.op == "get_attr" for p in params) and params:
-            return node, [canonical.get(p.target, p.target) for p in params]
-    return None, []
 
 
 def _loop_experts(gm, topk, size, modules, canonical):
@@ -248,55 +305,6 @@ def _join_of(switch: torch.fx.Node):
     return None
 
 
-def _ancestors(node) -> set:
-    seen, todo = set(), [node]
-    while todo:
-        for n in todo.pop().all_input_nodes:
-            if n not in seen:
-                seen.add(n)
-                todo.append(n)
-    return seen
-
-
-def _descendants(node: torch.fx.Node) -> list:
-    seen, todo, order = {node}, [node], []
-    while todo:
-        n = todo.pop(0)
-        for user in n.users:
-            if user not in seen:
-                seen.add(user)
-                todo.append(user)
-                order.append(user)
-    return order
-
-
-def _nearest_topk(node) -> torch.fx.Node | None:
-    """The closest top-k among ``node``'s inputs, breadth first (the one whose indices
-    route these tokens; an earlier layer's top-k is further up)."""
-    seen, todo = set(), [node]
-    while todo:
-        nxt = []
-        for n in todo:
-            if not isinstance(n, torch.fx.Node) or n in seen:
-                continue
-            seen.add(n)
-            if n.op in ("call_function", "call_method") and op_name(n.target) == "topk":
-                return n
-            nxt += list(n.all_input_nodes)
-        todo = nxt
-    return None
-
-
-def _shape(node) -> tuple:
-    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
-    return tuple(meta.shape) if hasattr(meta, "shape") else ()
-
-
-def _last_dim(node) -> int:
-    shape = _shape(node)
-    return int(shape[-1]) if shape else -1
-
-
 def _ints(node: torch.fx.Node) -> list:
     return [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, (int, float))]
 
@@ -324,13 +332,17 @@ def expert_set(graph, key):
 
 
 class _MaskRouters(TorchFunctionMode):
-    """Adds each router's mask to what ``F.linear`` returns for that router's weight."""
+    """Adds each router's mask to what ``F.linear`` returns for that router's weight, and
+    hands every op that reads a selection bias the bias with its removed experts at -inf."""
 
-    def __init__(self, masks: dict[int, torch.Tensor]):
+    def __init__(self, masks: dict[int, torch.Tensor], biases: dict[int, torch.Tensor] | None = None):
         super().__init__()
         self.masks = masks
+        self.biases = biases or {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.biases:
+            args = tuple(self.biases.get(id(a), a) for a in args)
         out = func(*args, **(kwargs or {}))
         if func in (F.linear, torch._C._nn.linear) and len(args) > 1 and id(args[1]) in self.masks:
             out = out + self.masks[id(args[1])].to(out.dtype)
@@ -340,17 +352,23 @@ class _MaskRouters(TorchFunctionMode):
 def mask_routers(model: torch.nn.Module, graph, plan: Mapping):
     """A context in which ``model`` (the original, or a copy with the same keys) runs with
     the plan's experts masked at their routers: the expert oracle's reference."""
-    masks = {}
-    named = dict(model.named_parameters(remove_duplicate=False))
+    masks, biases = {}, {}
+    named = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     for s, chosen in removed_experts(graph, plan):
         weight = named[s.router_keys[0]]
         masks[id(weight)] = s.router_mask(chosen, device=weight.device)
-    return _MaskRouters(masks) if masks else contextlib.nullcontext()
+        for key, dim in s.biases:  # a masked copy; the model's own tensor is never written
+            bias = named[key]
+            biases[id(bias)] = bias.detach() + s.bias_mask(chosen, tuple(bias.shape), dim, bias.dtype, bias.device)
+    return _MaskRouters(masks, biases) if masks else contextlib.nullcontext()
 
 
 def router_overrides(graph, plan: Mapping) -> dict[str, torch.Tensor]:
     """``{router node name: additive mask}`` of the plan's expert sets (for graph runs)."""
-    return {s.router: s.router_mask(chosen) for s, chosen in removed_experts(graph, plan)}
+    out = {}
+    for s, chosen in removed_experts(graph, plan):
+        out.update(s.overrides(chosen, graph.gm))
+    return out
 
 
 __all__ = ["ExpertSet", "find_experts", "removed_experts", "expert_set", "mask_routers", "router_overrides"]

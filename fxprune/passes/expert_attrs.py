@@ -29,8 +29,9 @@ def expert_cuts(graph, plan: Mapping, cuts: dict) -> dict:
     out = {k: list(v) for k, v in cuts.items()}
     for s, chosen in removed_experts(graph, plan):
         kept = np.array([e for e in range(s.size) if e not in set(chosen)])
-        for key in s.router_keys + s.stacked:
-            out[key] = sorted(out.get(key, []) + [(0, kept)], key=lambda c: c[0])
+        rows = np.concatenate([kept, np.arange(s.size, s.size + s.router_extra)])  # shared experts' gates stay
+        for key, dim in [(k, 0) for k in s.router_keys + s.stacked] + list(s.biases):
+            out[key] = sorted(out.get(key, []) + [(dim, rows if key in s.router_keys else kept)], key=lambda c: c[0])
     return out
 
 
@@ -47,7 +48,7 @@ def sync_expert_counts(model: torch.nn.Module, graph, plan: Mapping) -> list[str
     left: dict[str, int] = {}
     untouched = {s.id for s in graph.experts} - {s.id for s, _ in removed}
     for s, chosen in removed:
-        layer = _layer_path(s.router_keys + s.stacked)
+        layer = _layer_path(s.router_keys + s.stacked + [k for k, _ in s.biases])
         left[layer] = s.size - len(chosen)
         for path, module in model.named_modules():
             if path == layer or path.startswith(layer + ".") if layer else True:

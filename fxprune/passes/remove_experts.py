@@ -33,8 +33,9 @@ def remove_experts(ctx, removed: list[tuple[ExpertSet, list[int]]]) -> None:
     for s, chosen in removed:
         kept = [e for e in range(s.size) if e not in set(chosen)]
         left = len(kept)
-        for key in s.router_keys + s.stacked:
-            new = _keep_rows(_owner(gm, key), key, kept)
+        rows = kept + list(range(s.size, s.size + s.router_extra))  # a router's rows after the experts stay
+        for key, dim in [(k, 0) for k in s.router_keys + s.stacked] + list(s.biases):
+            new = _keep_rows(_owner(gm, key), key, rows if key in s.router_keys else kept, dim)
             for alias in ctx.graph.state.aliases.get(key, [key]):
                 path, _, attr = alias.rpartition(".")
                 setattr(gm.get_submodule(path), attr, new)  # a Parameter stays registered as one
@@ -49,11 +50,25 @@ def remove_experts(ctx, removed: list[tuple[ExpertSet, list[int]]]) -> None:
             else:  # kept experts move to their index among the kept
                 node = ctx.replacement.get(switch) or nodes[switch]
                 node.args = (node.args[0], kept.index(e)) + tuple(node.args[2:])
+        for name, arg, at in s.sizes:  # view(-1, 1, E) -> view(-1, 1, E'), repeat(E, 1) -> repeat(E', 1)
+            node = ctx.replacement.get(name) or nodes[name]
+            sizes = list(node.args[arg])
+            sizes[at] = left
+            node.args = node.args[:arg] + (sizes,) + node.args[arg + 1:]
+        for name in s.logit_slices:  # logits[..., E:] -> logits[..., E':]: the shared experts' gates move down
+            node = ctx.replacement.get(name) or nodes[name]
+            node.args = node.args[:2] + tuple(v - len(chosen) if isinstance(v, int) and v >= s.size else v
+                                              for v in node.args[2:4]) + node.args[4:]
         router = ctx.replacement.get(s.router) or nodes[s.router]
-        _mark_down(router, -1, left, dims, _TO_ROUTER)
+        _mark_down(router, -1, left + s.router_extra, dims, _TO_ROUTER)
+        for name, dim, per_expert in s.marks:
+            dims[getattr(ctx.replacement.get(name), "name", name)] = (dim, per_expert * left)
+        sizes = {k: (0, left) for k in s.stacked} | {k: (0, left + s.router_extra) for k in s.router_keys} | \
+            {k: (dim, left) for k, dim in s.biases}
         for node in gm.graph.nodes:
-            if node.op == "get_attr" and ctx.graph.state.canonical.get(node.target, node.target) in s.stacked + s.router_keys:
-                _mark_down(node, 0, left, dims, _VIEWS)
+            key = ctx.graph.state.canonical.get(node.target, node.target) if node.op == "get_attr" else None
+            if key in sizes:
+                _mark_down(node, sizes[key][0], sizes[key][1], dims, _VIEWS)
     gm.graph.lint()
 
 
@@ -62,9 +77,9 @@ def _owner(gm, key: str):
     return getattr(gm.get_submodule(path), attr)
 
 
-def _keep_rows(tensor: torch.Tensor, key: str, kept: list[int]) -> torch.Tensor:
-    """``tensor`` with only the kept experts along dim 0 (a Parameter stays one)."""
-    new = tensor.detach().index_select(0, torch.as_tensor(kept, device=tensor.device)).clone()
+def _keep_rows(tensor: torch.Tensor, key: str, kept: list[int], dim: int = 0) -> torch.Tensor:
+    """``tensor`` with only the kept experts along ``dim`` (a Parameter stays one)."""
+    new = tensor.detach().index_select(dim, torch.as_tensor(kept, device=tensor.device)).clone()
     return torch.nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else new
 
 

@@ -49,7 +49,7 @@ def score_experts(graph, method: str = "frequency", *, calibration=None, loss_fn
     """``{expert set id: one score per expert}`` (see the module docstring)."""
     if method not in EXPERT_SCORES:
         raise SpecError(f"spec.expert_score: unknown expert score {method!r}; use one of {', '.join(EXPERT_SCORES)}")
-    sets = graph.experts
+    sets = [s for s in graph.experts if s.prunable]  # a frozen set's experts are never removed
     if not sets:
         return {}
     if method == "loss":
@@ -89,7 +89,7 @@ def _loss(graph, sets, calibration, loss_fn) -> dict[int, np.ndarray]:
         base = _run(graph.gm, batch, {})[1]
         for s in sets:
             for e in range(s.size):
-                out = _run(graph.gm, batch, {s.router: s.router_mask([e])})[1]
+                out = _run(graph.gm, batch, s.overrides([e], graph.gm))[1]
                 scores[s.id][e] += _change(base, out, loss_fn)
     return scores
 
@@ -134,14 +134,17 @@ def _run(gm, batch, overrides: dict) -> tuple[dict, object]:
 def experts_by_ratio(graph, spec, notes: list[str]) -> dict[int, list[int]]:
     """``{expert set id: experts}``: in each routed layer the ``round(ratio * E)`` lowest-
     scoring experts, at most ``E - top_k`` (a token must still find ``top_k`` experts)."""
-    sets = graph.experts
+    sets = [s for s in graph.experts if s.prunable]
+    if len(sets) < len(graph.experts):
+        notes.append(f"select: {len(graph.experts) - len(sets)} routed layer(s) keep their experts: "
+                     f"{next(s.reason for s in graph.experts if not s.prunable)}")
     if not sets:
-        notes.append("select: units include 'experts' but the graph routes no tokens among experts")
+        notes.append("select: units include 'experts' but the graph routes no tokens among removable experts")
         return {}
     scores = score_experts(graph, spec.expert_score, calibration=spec.calibration, loss_fn=spec.loss_fn)
     plan = {}
     for s in sets:
-        n = min(int(round(spec.ratio * s.size)), s.size - s.top_k)
+        n = min(int(round(spec.ratio * s.size)), s.removable)
         order = sorted(range(s.size), key=lambda e: (scores[s.id][e], e))
         if n:
             plan[s.id] = sorted(order[:n])

@@ -57,9 +57,12 @@ def expert_candidates(graph, spec, metric: str, notes: list[str]):
     """``(keys, costs, limits)`` of the experts that compete for ``metric``: per expert set,
     one-scale keys (score per cost over its kind's mean) and costs, and how many experts
     the set may lose (``E - top_k``, and ``spec.max_ratio`` of E)."""
-    sets = graph.experts
+    sets = [s for s in graph.experts if s.prunable]
+    if len(sets) < len(graph.experts):
+        notes.append(f"select: {len(graph.experts) - len(sets)} routed layer(s) keep their experts: "
+                     f"{next(s.reason for s in graph.experts if not s.prunable)}")
     if not sets:
-        notes.append("select: units include 'experts' but the graph routes no tokens among experts")
+        notes.append("select: units include 'experts' but the graph routes no tokens among removable experts")
         return {}, {}, {}
     costs = expert_costs(graph, metric)
     costly = [s for s in sets if (costs[s.id] > 0).all()]
@@ -72,7 +75,7 @@ def expert_candidates(graph, spec, metric: str, notes: list[str]):
     per_cost = {s.id: np.asarray(scores[s.id], dtype=np.float64) / costs[s.id] for s in costly}
     mean = float(np.concatenate(list(per_cost.values())).mean())
     keys = {sid: k / mean if mean > 0 else k for sid, k in per_cost.items()}
-    limits = {s.id: min(s.size - s.top_k, int(math.floor(spec.max_ratio * s.size + 1e-9))) for s in costly}
+    limits = {s.id: min(s.removable, int(math.floor(spec.max_ratio * s.size + 1e-9))) for s in costly}
     notes.append(f"select: {sum(s.size for s in costly)} experts of {len(costly)} routed layer(s) compete, "
                  f"scored by {spec.expert_score}")
     return keys, {s.id: costs[s.id] for s in costly}, limits
