@@ -378,7 +378,8 @@ def hf_summary(rows: list[dict]) -> Table:
             ["fxprune: emit=\"module\" saves and reloads", f"{sum(r.get('module') == 'ok' for r in rows)}/{mlp}",
              "of the models whose MLP neurons were pruned"],
             ["Torch-Pruning 1.6: runs, output shapes hold, > 5% removed",
-             f"{sum(bool(r.get('tp_ok')) for r in rows)}/{n}", "no oracle"]]
+             f"{sum(bool(r.get('tp_ok')) for r in rows)}/{n}",
+             "no oracle" + (f"; not run on {untried}" if (untried := sum('tp_ok' not in r for r in rows)) else "")]]
     return ["", "count", "notes"], body
 
 
