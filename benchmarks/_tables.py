@@ -461,7 +461,9 @@ def value_check(rows: list[dict]) -> Table:
 
 NM_METHODS = {"magnitude": "magnitude", "wanda": "Wanda (activation)", "sparsegpt": "SparseGPT",
               "proxsparse": "ProxSparse (learned, original weights)",
-              "proxsparse-trained": "ProxSparse (learned, trained weights)", "spartan": "Spartan (learned)", "sr-ste": "SR-STE (learned)"}
+              "proxsparse-trained": "ProxSparse (learned, trained weights)", "spartan": "Spartan (learned)", "sr-ste": "SR-STE (learned)",
+              "spartan-sparsegpt": "Spartan (learned, from SparseGPT)",
+              "sr-ste-sparsegpt": "SR-STE (learned, from SparseGPT)"}
 
 
 def nm_quality(rows: list[dict]) -> Table:

@@ -21,7 +21,9 @@ model's outputs, ``layer_loss``: the embedding and every encoder layer's output)
   same mask on the weights as trained (``apply_masks(weights="trained")``);
 * ``spartan``: ``Spartan`` (Sinkhorn soft top-k) on its schedule while the weights train,
   for the same steps with the same loss;
-* ``sr-ste``: ``apply_nm(sr_ste=True)`` trained by the distillation itself.
+* ``sr-ste``: ``apply_nm(sr_ste=True)`` trained by the distillation itself;
+* ``spartan-sparsegpt``, ``sr-ste-sparsegpt``: the same two, started from SparseGPT's
+  one-shot model (its mask as the prior) at ``--distill-lr``.
 
 Spartan and SR-STE learn the mask while training the weights: their rows have distilled
 numbers only.
@@ -65,8 +67,13 @@ from fxprune.sparsity.nm import apply_nm
 
 PATTERNS = ("2:4", "4:8", "1:4")
 ONE_SHOT = {"magnitude": "magnitude", "wanda": "activation", "sparsegpt": "sparsegpt"}
-LEARNED = ("proxsparse", "spartan", "sr-ste")
-TRAINED_ONLY = ("spartan", "sr-ste")  # they learn the mask while training the weights: distilled rows only
+LEARNED = ("proxsparse", "spartan", "sr-ste", "spartan-sparsegpt", "sr-ste-sparsegpt")
+# they learn the mask while training the weights: distilled rows only
+TRAINED_ONLY = ("spartan", "sr-ste", "spartan-sparsegpt", "sr-ste-sparsegpt")
+# learned masks started from SparseGPT's one-shot model (its mask as the prior, as MaskLLM
+# starts from SparseGPT's): trained at --distill-lr, since they start from a compensated
+# model that a larger step would undo, as it undid SparseGPT's (see DISTILL_LR)
+FROM_SPARSEGPT = ("spartan-sparsegpt", "sr-ste-sparsegpt")
 IGNORE = ["bert.pooler.*"]  # not part of the sentence embedding
 # one step is about 1.2 s of one core (CPU time, batch 32 x 48 tokens; ProxSparse's learning 2.1 s,
 # Spartan's 1.5 s); the full run distils 14 models, about 18 core-seconds a step in all, so 120
@@ -250,12 +257,16 @@ def run_job(job: tuple[str, str]) -> list[dict]:
         if pattern in run["distilled"]:
             for out in rows:
                 t0 = time.perf_counter()
-                if method == "sr-ste":
-                    model = copy.deepcopy(run["encoder"])
+                start, rate = run["encoder"], lr
+                if method in FROM_SPARSEGPT:
+                    start, rate = one_shot(run["encoder"], pattern, "sparsegpt", run["calib"]), run["args"].distill_lr
+                    finalize(start)  # its zeros stay as weights; the learned mask starts on them
+                if method.startswith("sr-ste"):
+                    model = copy.deepcopy(start)
                     apply_nm(model, 2, 4, ignore=IGNORE, sr_ste=True, sr_ste_decay=SR_STE_DECAY)
-                    trained = distill(model, batches["train"], targets, n_train, steps, lr)
-                elif method == "spartan":
-                    trained = learn_spartan(run["encoder"], batches["train"], targets, n_train, steps, lr)
+                    trained = distill(model, batches["train"], targets, n_train, steps, rate)
+                elif method.startswith("spartan"):
+                    trained = learn_spartan(start, batches["train"], targets, n_train, steps, rate)
                 else:
                     trained = distill(models[out["method"]], batches["train"], targets, n_train, steps,
                                       run["args"].distill_lr)
