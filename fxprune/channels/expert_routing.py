@@ -19,6 +19,7 @@ from .registry import op_name
 _TO_ROUTER = {"softmax", "_softmax", "sigmoid", "to", "_to_copy", "float", "type", "view", "reshape",
               "alias", "contiguous", "log_softmax"}
 
+
 def _ancestors(node) -> set:
     seen, todo = set(), [node]
     while todo:
