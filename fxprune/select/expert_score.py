@@ -131,15 +131,23 @@ def _run(gm, batch, overrides: dict) -> tuple[dict, object]:
     return values, out
 
 
-def experts_by_ratio(graph, spec, notes: list[str]) -> dict[int, list[int]]:
-    """``{expert set id: experts}``: in each routed layer the ``round(ratio * E)`` lowest-
-    scoring experts, at most ``E - top_k`` (a token must still find ``top_k`` experts)."""
+def removable_sets(graph, notes: list[str]) -> list:
+    """The expert sets whose experts may go; notes say why the others (grouped top-k) stay,
+    or that there are none."""
     sets = [s for s in graph.experts if s.prunable]
     if len(sets) < len(graph.experts):
         notes.append(f"select: {len(graph.experts) - len(sets)} routed layer(s) keep their experts: "
                      f"{next(s.reason for s in graph.experts if not s.prunable)}")
     if not sets:
         notes.append("select: units include 'experts' but the graph routes no tokens among removable experts")
+    return sets
+
+
+def experts_by_ratio(graph, spec, notes: list[str]) -> dict[int, list[int]]:
+    """``{expert set id: experts}``: in each routed layer the ``round(ratio * E)`` lowest-
+    scoring experts, at most ``E - top_k`` (a token must still find ``top_k`` experts)."""
+    sets = removable_sets(graph, notes)
+    if not sets:
         return {}
     scores = score_experts(graph, spec.expert_score, calibration=spec.calibration, loss_fn=spec.loss_fn)
     plan = {}

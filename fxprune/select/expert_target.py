@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from fxprune.select.expert_score import score_experts
+from fxprune.select.expert_score import removable_sets, score_experts
 from fxprune.select.metrics import TARGET_METRICS
 
 
@@ -57,12 +57,8 @@ def expert_candidates(graph, spec, metric: str, notes: list[str]):
     """``(keys, costs, limits)`` of the experts that compete for ``metric``: per expert set,
     one-scale keys (score per cost over its kind's mean) and costs, and how many experts
     the set may lose (``E - top_k``, and ``spec.max_ratio`` of E)."""
-    sets = [s for s in graph.experts if s.prunable]
-    if len(sets) < len(graph.experts):
-        notes.append(f"select: {len(graph.experts) - len(sets)} routed layer(s) keep their experts: "
-                     f"{next(s.reason for s in graph.experts if not s.prunable)}")
+    sets = removable_sets(graph, notes)
     if not sets:
-        notes.append("select: units include 'experts' but the graph routes no tokens among removable experts")
         return {}, {}, {}
     costs = expert_costs(graph, metric)
     costly = [s for s in sets if (costs[s.id] > 0).all()]
