@@ -178,6 +178,24 @@ def test_finalize_bakes_masks_and_matches_parametrized_output():
     assert finalize(model) == []
 
 
+def test_finalize_of_a_copy_leaves_the_original_masked():
+    # a deepcopy shares the parametrized class; torch's removal deletes the class's
+    # ``weight`` property, which stripped the weight from the original too
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    apply_nm(model, 2, 4)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+    twin = copy.deepcopy(model)
+    assert finalize(twin) == ["0.weight", "2.weight"]
+    assert all(parametrize.is_parametrized(model[i], "weight") for i in (0, 2))
+    assert check_nm(model[0].weight, 2, 4)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+        assert torch.equal(twin(x), expected)
+    assert finalize(model) == ["0.weight", "2.weight"]
+
+
 def test_measure_density_checks_patterns():
     model = torchvision.models.resnet18(weights=None)
     result = apply_nm(model, 1, 4, ignore="fc")

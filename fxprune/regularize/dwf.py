@@ -46,6 +46,7 @@ from fxprune.regularize._factors import ChannelScales, ChannelScaling, Elementwi
 from fxprune.regularize.channels import ChannelSlices, ChannelTable
 from fxprune.sharding import AFTER_TRAINING, check_unsharded, full, is_sharded, local, \
     sum_over_shards, total_over
+from fxprune.sparsity.masks import remove_parametrization
 
 
 _OURS = (ElementwiseFactors, ChannelScaling)
@@ -263,7 +264,7 @@ def collapse(model: torch.nn.Module) -> torch.nn.Module:
             chain = list(module.parametrizations[name])
             ours = [isinstance(m, _OURS) for m in chain]
             if all(ours):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+                remove_parametrization(module, name, leave_parametrized=True)
             elif any(ours):
                 raise SpecError(f"model: {name!r} mixes fxprune factors with other "
                                 "parametrizations; remove the others first")

@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 
 from fxprune.errors import SpecError
 from fxprune.sharding import AFTER_TRAINING, check_unsharded, full
-from fxprune.sparsity.masks import SparsityMask, density, normalize_ignore
+from fxprune.sparsity.masks import SparsityMask, density, normalize_ignore, remove_parametrization
 from fxprune.sparsity.nm import NMMask, NMResult, _check_nm_args, apply_nm, check_nm, nm_mask
 
 SINKHORN_ITERS = 50
@@ -181,7 +181,7 @@ class Spartan:
         for row in self.result.masked:  # swap the magnitude mask for a Spartan one
             module = model.get_submodule(row.name)
             order = module.parametrizations["weight"][0].param_order
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            remove_parametrization(module, "weight", leave_parametrized=False)
             mask = SpartanMask(n, m)
             mask.param_order = order
             parametrize.register_parametrization(module, "weight", mask)
@@ -231,7 +231,7 @@ class Spartan:
                 spartan = self.masks[row.name]
                 weight = module.parametrizations["weight"].original.detach()
                 keep = spartan.frozen if spartan.frozen is not None else nm_mask(weight, self.n, self.m)
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+                remove_parametrization(module, "weight", leave_parametrized=False)
                 fixed = NMMask(keep, self.n, self.m)
                 fixed.param_order = spartan.param_order
                 parametrize.register_parametrization(module, "weight", fixed)

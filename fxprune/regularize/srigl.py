@@ -40,7 +40,8 @@ from torch import nn
 
 from fxprune.errors import SpecError
 from fxprune.sharding import check_rows_sharded, full, local, shard_offsets
-from fxprune.sparsity.masks import FixedMask, LayerRow, check_real, mask_layers, normalize_ignore
+from fxprune.sparsity.masks import FixedMask, LayerRow, check_real, mask_layers, normalize_ignore, \
+    remove_parametrization
 
 
 def erk_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[str, float]:
@@ -265,9 +266,7 @@ def dead_channels(model: nn.Module, graph) -> dict[int, list[int]]:
 
 def _baked_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose parametrized tensors (the masks) are plain parameters holding
-    their masked values. Not ``finalize`` on a deepcopy: the copy shares torch's
-    ``Parametrized*`` classes with ``model``, and removing a parametrization deletes the
-    property from that class, so ``model`` would lose its ``weight``."""
+    their masked values; ``model`` keeps its masks (``remove_parametrization``)."""
     import copy
 
     from torch.nn.utils import parametrize
@@ -275,11 +274,8 @@ def _baked_copy(model: nn.Module) -> nn.Module:
     work = copy.deepcopy(model)
     for module in work.modules():
         if parametrize.is_parametrized(module):
-            values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
-            module.__class__ = module.__class__.__bases__[0]  # the class before parametrization
-            del module._modules["parametrizations"]
-            for name, value in values.items():
-                module._parameters[name] = nn.Parameter(value)
+            for name in list(module.parametrizations):
+                remove_parametrization(module, name, leave_parametrized=True)
     return work
 
 

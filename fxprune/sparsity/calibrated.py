@@ -33,7 +33,7 @@ from fxprune.select.calibration import as_calibration
 from fxprune.select.distributed import all_reduce_sums, rank_and_world, rank_share
 from fxprune.sparsity.block import BlockMask, BlockResult, _check_block, block_mask
 from fxprune.sparsity.masks import (FixedMask, LayerRow, check_model, check_real, density, mask_layers,
-                                    normalize_ignore)
+                                    normalize_ignore, remove_parametrization)
 from fxprune.sparsity.nm import NMMask, NMResult, _check_nm_args, apply_nm
 from fxprune.sparsity.sparsegpt import InputHessian, sparsegpt_prune
 from fxprune.sparsity.wanda import InputNorms, wanda_mask, wanda_metric
@@ -129,7 +129,7 @@ def _layer_by_layer(model: nn.Module, patterns: tuple[str, ...], plan, fit, batc
     layers = {r.name: model.get_submodule(r.name) for r in rows if r.status == "masked"}
     order, stop_early = _call_order(model, layers, batches[0])
     for name in set(layers) - {name for group in order for name in group}:
-        parametrize.remove_parametrizations(layers[name], "weight", leave_parametrized=False)
+        remove_parametrization(layers[name], "weight", leave_parametrized=False)
     for group in order:
         stats = _record(model, {name: layers[name] for name in group}, batches, stats_type, stop_early)
         for name in group:

@@ -209,13 +209,37 @@ def _skip_reason(name: str, weight: torch.Tensor, ignore: tuple[str, ...], owner
     return ""
 
 
+def remove_parametrization(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) -> None:
+    """``parametrize.remove_parametrizations`` that leaves every other module alone.
+
+    torch deletes the tensor's property from the module's parametrized class, and that
+    class is shared by every ``copy.deepcopy`` of the module: baking the masks of a copy
+    would strip ``weight`` from the original. The module first gets a class of its own
+    (same bases, same attributes), so only it loses the property.
+
+    Example:
+        >>> import copy
+        >>> from fxprune.sparsity.nm import apply_nm
+        >>> net = nn.Sequential(nn.Linear(8, 4))
+        >>> _ = apply_nm(net, 2, 4)
+        >>> twin = copy.deepcopy(net)
+        >>> remove_parametrization(twin[0], "weight", leave_parametrized=True)
+        >>> net[0].weight.shape   # the original keeps its masked weight
+        torch.Size([4, 8])
+    """
+    cls = type(module)
+    own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, own)
+    parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=leave_parametrized)
+
+
 def finalize(model: nn.Module) -> list[str]:
     """Bake fxprune masks into plain weights, in place; returns the tensors baked.
 
-    Each tensor carrying an fxprune mask gets
-    ``parametrize.remove_parametrizations(..., leave_parametrized=True)``: its value
-    becomes the masked weight and the parameter object stays the same (an optimizer
-    holding it keeps working). Parametrizations stacked on the same tensor by others
+    Each tensor carrying an fxprune mask gets ``remove_parametrization(...,
+    leave_parametrized=True)``: its value becomes the masked weight and the parameter
+    object stays the same (an optimizer holding it keeps working); copies of ``model``
+    keep their masks. Parametrizations stacked on the same tensor by others
     are baked too; tensors without an fxprune mask are left alone.
 
     Example:
@@ -238,7 +262,7 @@ def finalize(model: nn.Module) -> list[str]:
             masks = [p for p in chain if isinstance(p, SparsityMask)]
             if masks:
                 order = next((p.param_order for p in masks if p.param_order), ())
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+                remove_parametrization(module, tensor_name, leave_parametrized=True)
                 _restore_order(module._parameters, order)
                 baked.append(f"{name}.{tensor_name}" if name else tensor_name)
     return baked

@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 
 from fxprune.errors import SpecError
 from fxprune.measure import cuda_graph, device_timer, module_calls
-from fxprune.sparsity.masks import check_model, input_dim_of
+from fxprune.sparsity.masks import check_model, input_dim_of, remove_parametrization
 from fxprune.sparsity.nm import check_nm
 
 CPU_REASON = "no sparse kernel, masks give no speed"
@@ -266,6 +266,6 @@ def _convert(module: nn.Module, backend: str) -> str:
     except (RuntimeError, NotImplementedError) as err:
         return f"to_sparse_semi_structured refused ({backend}): {err}"
     if parametrize.is_parametrized(module, "weight"):
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        remove_parametrization(module, "weight", leave_parametrized=True)
     module.weight = nn.Parameter(sparse, requires_grad=False)
     return ""
