@@ -183,7 +183,8 @@ def digits_capacity(rows: list[dict]) -> Table:
 def digits_sparse(rows: list[dict]) -> Table:
     """digits_sparse.py's rows by method: accuracy (trained, and after ``compress`` removed the
     ablated neurons), its gap to dense, sparsity, neurons removed, FLOPs dense and non-zero."""
-    dense = mean(r["acc"] for r in rows if r["method"] == "dense")
+    dense_accs = [r["acc"] for r in rows if r["method"] == "dense"]
+    dense = mean(dense_accs) if dense_accs else None  # a run without the dense method (--methods)
     head = ["method", "accuracy %", "vs dense", "after removal %", "sparsity", "neurons removed",
             "FLOPs", "non-zero FLOPs"]
     body = []
@@ -191,7 +192,7 @@ def digits_sparse(rows: list[dict]) -> Table:
         sel = [r for r in rows if r["method"] == method]
         accs = [r["acc"] for r in sel]
         removed = [r["removed_acc"] for r in sel if "removed_acc" in r]
-        body.append([method, _mean_std(accs), f"{mean(accs) - dense:+.2f}", _mean_std(removed) if removed else "",
+        body.append([method, _mean_std(accs), "" if dense is None else f"{mean(accs) - dense:+.2f}", _mean_std(removed) if removed else "",
                      f"{mean(r['sparsity'] for r in sel):.1%}", f"{mean(r['removed'] for r in sel):.1f}",
                      f"{mean(r['flops'] for r in sel):,.0f}", f"{mean(r['nonzero_flops'] for r in sel):,.0f}"])
     return head, body

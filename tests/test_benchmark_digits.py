@@ -42,3 +42,25 @@ def test_capacity_rejects_malformed_widths(import_benchmark):
     capacity = import_benchmark("digits_capacity")
     with pytest.raises(Exception, match="four positive ints"):
         capacity.parse("8/8/16")
+
+
+def test_sparse_smoke_run_writes_every_method(import_benchmark, tmp_path, capsys):
+    sparse = import_benchmark("digits_sparse")
+    out = tmp_path / "sparse.json"
+    sparse.main(["--seeds", "1", "--epochs", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == list(sparse.METHODS)
+    # ERK leaves the stem dense: over the layers SRigL masks, more than 1 - density is zero
+    assert rows["SRigL 90%"]["sparsity"] > 0.9 and rows["SRigL 97%"]["sparsity"] > 0.965
+    assert rows["Spartan 3:32"]["sparsity"] == pytest.approx(1 - 3 / 32, abs=1e-3)
+    assert rows["dense"]["nonzero_flops"] == rows["dense"]["flops"]
+    for method, row in rows.items():  # the ablated neurons' FLOPs are gone from the model counted
+        assert row["flops"] <= rows["dense"]["flops"] and (row["flops"] < rows["dense"]["flops"]) == (row["removed"] > 0)
+        assert method in printed
+
+
+def test_sparse_rejects_an_unknown_method(import_benchmark):
+    sparse = import_benchmark("digits_sparse")
+    with pytest.raises(SystemExit):
+        sparse.main(["--methods", "RigL"])

@@ -17,6 +17,22 @@ def test_erk_by_hand_with_a_dense_layer():
     assert d["a"] == 1.0 and d["b"] == pytest.approx(0.4992)
 
 
+def test_a_layer_dense_under_erk_stays_unmasked_and_is_never_ablated():
+    # ERK: a (4 -> 4) is capped at dense, b (4 -> 100) is sparse. A neuron of a with tiny
+    # weights would hold no salient weight; left unmasked, it keeps them all
+    net = nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU(), nn.Linear(4, 100, bias=False))
+    with torch.no_grad():
+        net[0].weight[1] = 1e-6
+    srigl = SRigL(net, density=0.6, total_steps=100, delta_t=1, t_end=50)
+    assert set(srigl.masks) == {"2"} and srigl.k["2"] < 4
+    status = {r.name: r.status for r in srigl.rows}
+    assert status == {"0": "skipped", "2": "masked"}
+    assert "dense at its density" in next(r.reason for r in srigl.rows if r.name == "0")
+    net(torch.randn(8, 4)).square().sum().backward()
+    assert srigl.step()
+    assert "0" not in srigl.ablated() and torch.equal(net[0].weight[1], torch.full((4,), 1e-6))
+
+
 def _layer():
     layer = nn.Linear(8, 2, bias=False)
     layer.weight.data = torch.tensor([[8.0, 7.0, 6.0, 5.0, 0.1, 0.2, 0.3, 0.4],

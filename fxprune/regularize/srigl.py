@@ -3,7 +3,9 @@ training where every active neuron keeps the same number k of inputs (constant f
 
 Each Linear/Conv layer gets a ``FanInMask``: every output neuron reads exactly k of its
 ``fan_in`` inputs (``in * prod(kernel)``), k from the layer's density, by default
-Erdős–Rényi-Kernel (``erk_densities``). Every ``delta_t`` steps until ``t_end`` (75% of
+Erdős–Rényi-Kernel (``erk_densities``). A layer whose density comes out at 1 (ERK caps
+small layers, such as a stem conv reading 1-3 channels) stays dense and unmasked: its
+weights count in the budget, but it has nothing to regrow and no neuron of it is ablated. Every ``delta_t`` steps until ``t_end`` (75% of
 training by default), ``update`` at step t:
 
 1. the drop fraction is ``alpha / 2 * (1 + cos(pi t / t_end))``; d = round(fraction * k);
@@ -149,6 +151,9 @@ class SRigL:
         def plan(name: str, module: nn.Module, weight: torch.Tensor):
             fan_in = math.prod(weight.shape[1:])
             k = min(fan_in, max(1, round(densities[name] * fan_in)))
+            if k == fan_in:  # dense (ERK caps small layers at 1): nothing to drop or regrow, and
+                # a neuron's weights there are never sparse, so ablation would only cut capacity
+                return None, "dense at its density (ERK): left unmasked, counted in the budget"
             scores = torch.rand(weight.shape[0], fan_in, generator=gen)
             keep = torch.zeros_like(scores, dtype=torch.bool)
             keep.scatter_(1, scores.topk(k, dim=1).indices, True)
