@@ -485,6 +485,24 @@ def nm_quality(rows: list[dict]) -> Table:
     return head, body
 
 
+def nm_steps(rows: list[dict]) -> Table:
+    """nm_steps.py's rows: one line per recipe, the held-out cosine at each measured step, then
+    the last step's Spearman and cosine on the training sentences."""
+    steps = sorted({r["step"] for r in rows})
+    head = ["mask", "lr", "augment"] + [f"cosine @{s}" for s in steps] + ["Spearman", "train cosine"]
+    body = []
+    for run in dict.fromkeys(r["run"] for r in rows):
+        sel = {r["step"]: r for r in rows if r["run"] == run}
+        last = sel[max(sel)]
+        body.append([NM_STEPS_MASKS[last["mask"]], f"{last['lr']:g}", f"{last['augment']:g}"]
+                    + [num(sel[s]["cosine"]) if s in sel else "" for s in steps]
+                    + [num(last["spearman"]), num(last["train_cosine"])])
+    return head, body
+
+
+NM_STEPS_MASKS = {"fixed": "SparseGPT, fixed", "spartan": "Spartan from SparseGPT", "sr-ste": "SR-STE from SparseGPT"}
+
+
 def depth(rows: list[dict]) -> Table:
     """depth.py's rows: width, depth, both (by measured latency) or Torch-Pruning at one FLOPs
     target, batch 1, and the latency quotients, eager and (where timed) compiled."""
@@ -572,6 +590,7 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "depth": ("depth", depth),
     "depth_batch": ("depth", depth_batch),
     "nm_quality": ("nm_quality", nm_quality),
+    "nm_steps": ("nm_steps", nm_steps),
     "minilm_depth": ("minilm_depth", minilm_depth),
     "hf_sweep": ("hf_sweep", hf_sweep),
     "hf_summary": ("hf_sweep", hf_summary),

@@ -87,7 +87,9 @@ DISTILL_LR, LEARN_LR = 1e-4, 5e-4
 RECIPE = ("AdamW, no weight decay, warm-up over 10% of the steps then cosine decay (ProxSparse's mask "
           "learning: a constant lr); loss: squared distance of the normalised embeddings + relative squared "
           "error of every encoder layer's output, averaged over the layers; fixed masks at --distill-lr, "
-          "learned ones at --lr")
+          "learned ones at --lr; each step's batch has --augment of its tokens replaced by random ones, "
+          "the target being the dense model's states on it")
+AUGMENT = 0.0  # share of tokens replaced per step (Corrupt); see benchmarks/nm_steps.py and docs/nm.md
 PROX_LAM = 2e4  # lr * lam = 10 at lr 5e-4: a third weight of 0.03 between two of 0.05 goes in ~1 step
 SR_STE_DECAY = 2e-4  # the SR-STE paper's lambda_W
 STAND_IN_STD = 0.1
@@ -140,6 +142,29 @@ def teacher_states(encoder, batches: list[dict]) -> list[tuple]:
     return [encoder.states(**b) for b in batches]
 
 
+class Corrupt:
+    """Fresh distillation inputs each step (as TinyBERT augments its task data): a copy of a
+    batch with ``share`` of its real, non-special tokens replaced by tokens drawn uniformly
+    from the vocabulary, and the dense ``teacher``'s states on it as the target: the fixed
+    sentences alone are learnt far better than they generalise (benchmarks/nm_steps.py
+    measures both)."""
+
+    def __init__(self, teacher, share: float, vocab_size: int, special_ids, seed: int = 0):
+        self.teacher, self.share, self.vocab_size = teacher, share, vocab_size
+        self.special = torch.tensor(sorted(special_ids))
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, batch: dict) -> tuple[dict, tuple]:
+        ids = batch["input_ids"].clone()
+        real = (batch["attention_mask"] == 1) & ~torch.isin(ids, self.special)
+        hit = real & (torch.rand(ids.shape, generator=self.gen) < self.share)
+        ids[hit] = torch.randint(0, self.vocab_size, (int(hit.sum()),), generator=self.gen)
+        ids = torch.where(torch.isin(ids, self.special) & hit, batch["input_ids"], ids)  # never a new special
+        fresh = {**batch, "input_ids": ids}
+        with torch.no_grad():
+            return fresh, self.teacher.states(**fresh)
+
+
 def layer_loss(out, target, mask: torch.Tensor, real: int) -> torch.Tensor:
     """Squared distance of the normalised embeddings plus the relative squared error of every
     encoder layer's output over the real tokens, averaged over the layers (layer-wise
@@ -151,9 +176,11 @@ def layer_loss(out, target, mask: torch.Tensor, real: int) -> torch.Tensor:
     return ((emb[:real] - emb_t[:real]) ** 2).sum(-1).mean() + error
 
 
-def train(model, batches, targets, n_train: int, steps: int, lr: float, after_step=None, decay: bool = True):
+def train(model, batches, targets, n_train: int, steps: int, lr: float, after_step=None, decay: bool = True,
+          corrupt: Corrupt | None = None):
     """``steps`` AdamW steps of the encoder on ``layer_loss`` towards ``targets``, in place;
-    ``after_step()`` runs after each (a learned mask's update). ``decay``: warm-up over the
+    ``after_step()`` runs after each (a learned mask's update); ``corrupt``: each batch
+    replaced by a fresh corruption of it, with the teacher's states on it as the target. ``decay``: warm-up over the
     first 10% of the steps, then a cosine decay to 0 (a fixed lr otherwise: ProxSparse's prox
     strength is lr * lam). No weight decay: the target is the dense weights' function, and
     decay only pulls the kept weights away from it."""
@@ -170,7 +197,8 @@ def train(model, batches, targets, n_train: int, steps: int, lr: float, after_st
     for _ in range(steps):
         order = order or torch.randperm(len(batches), generator=gen).tolist()
         i = order.pop()
-        loss = layer_loss(model.states(**batches[i]), targets[i], batches[i]["attention_mask"],
+        batch, target = corrupt(batches[i]) if corrupt is not None else (batches[i], targets[i])
+        loss = layer_loss(model.states(**batch), target, batch["attention_mask"],
                           min(minilm.BATCH, n_train - i * minilm.BATCH))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -182,20 +210,22 @@ def train(model, batches, targets, n_train: int, steps: int, lr: float, after_st
     return opt
 
 
-def distill(model, batches, targets, n_train: int, steps: int, lr: float):
+def distill(model, batches, targets, n_train: int, steps: int, lr: float, corrupt: Corrupt | None = None):
     """A copy of ``model`` trained ``steps`` steps towards the dense outputs with its masks fixed."""
     model = copy.deepcopy(model).eval()  # eval: no dropout
-    train(model, batches, targets, n_train, steps, lr)
+    train(model, batches, targets, n_train, steps, lr, corrupt=corrupt)
     return model
 
 
-def learn_proxsparse(encoder, batches, targets, n_train: int, steps: int, lr: float, lam: float):
+def learn_proxsparse(encoder, batches, targets, n_train: int, steps: int, lr: float, lam: float,
+                     corrupt: Corrupt | None = None):
     """ProxSparse mask learning (AdamW on the distillation loss, prox after each step); returns
     the original weights under the learned masks (the paper's model), the trained weights
     under them (the option), and the share of groups already 2-sparse."""
     model = copy.deepcopy(encoder).eval()
     prox = ProxSparse(model, lam=lam, ignore=IGNORE)  # keeps the original weights
-    train(model, batches, targets, n_train, steps, lr, after_step=lambda: prox.prox_(lr), decay=False)
+    train(model, batches, targets, n_train, steps, lr, after_step=lambda: prox.prox_(lr), decay=False,
+          corrupt=corrupt)
     learned = prox.two_sparse_fraction()
     trained = copy.deepcopy(model)
     ProxSparse(trained, lam=lam, ignore=IGNORE, keep_original=False).apply_masks(weights="trained")
@@ -203,11 +233,11 @@ def learn_proxsparse(encoder, batches, targets, n_train: int, steps: int, lr: fl
     return model, trained, learned
 
 
-def learn_spartan(encoder, batches, targets, n_train: int, steps: int, lr: float):
+def learn_spartan(encoder, batches, targets, n_train: int, steps: int, lr: float, corrupt: Corrupt | None = None):
     """Spartan: weights and 2:4 masks trained together on its schedule; the fixed masks at the end."""
     model = copy.deepcopy(encoder).eval()
     schedule = Spartan(model, 2, 4, total_steps=steps, ignore=IGNORE)
-    train(model, batches, targets, n_train, steps, lr, after_step=schedule.step)
+    train(model, batches, targets, n_train, steps, lr, after_step=schedule.step, corrupt=corrupt)
     schedule.finish()
     return model
 
@@ -245,7 +275,7 @@ def run_job(job: tuple[str, str]) -> list[dict]:
             models[method] = one_shot(run["encoder"], pattern, method, run["calib"])
         elif method == "proxsparse":
             original, trained, learned = learn_proxsparse(run["encoder"], batches["train"], targets, n_train,
-                                                          steps, lr, run["args"].prox_lam)
+                                                          steps, lr, run["args"].prox_lam, run["corrupt"])
             row["two_sparse_learned"] = round(learned, 4)
             models = {"proxsparse": original, "proxsparse-trained": trained}
         row["mask_s"] = round(time.perf_counter() - t0, 1)
@@ -264,12 +294,12 @@ def run_job(job: tuple[str, str]) -> list[dict]:
                 if method.startswith("sr-ste"):
                     model = copy.deepcopy(start)
                     apply_nm(model, 2, 4, ignore=IGNORE, sr_ste=True, sr_ste_decay=SR_STE_DECAY)
-                    trained = distill(model, batches["train"], targets, n_train, steps, rate)
+                    trained = distill(model, batches["train"], targets, n_train, steps, rate, run["corrupt"])
                 elif method.startswith("spartan"):
-                    trained = learn_spartan(start, batches["train"], targets, n_train, steps, rate)
+                    trained = learn_spartan(start, batches["train"], targets, n_train, steps, rate, run["corrupt"])
                 else:
                     trained = distill(models[out["method"]], batches["train"], targets, n_train, steps,
-                                      run["args"].distill_lr)
+                                      run["args"].distill_lr, run["corrupt"])
                 if method in TRAINED_ONLY:
                     out.update(checked(trained, pattern))  # on the masks, before they are baked
                 finalize(trained)
@@ -294,6 +324,10 @@ def main(argv=None) -> int:
     parser.add_argument("--distill-lr", type=float, default=DISTILL_LR,
                         help=f"AdamW learning rate of the distillation under a fixed mask (default {DISTILL_LR})")
     parser.add_argument("--prox-lam", type=float, default=PROX_LAM, help="ProxSparse strength")
+    parser.add_argument("--augment", type=float, default=AUGMENT, metavar="SHARE",
+                        help=f"each training step, replace this share of the batch's tokens by random ones and "
+                             f"distil towards the dense model's states on that (default {AUGMENT}; 0: the "
+                             f"sentences as they are)")
     parser.add_argument("--calib-batches", type=int, help=f"use the first N calibration batches of "
                         f"{minilm.BATCH} sentences (default: all of minilm_calib.txt)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (per job)")
@@ -326,6 +360,7 @@ def main(argv=None) -> int:
     calib = [dict(b) for b in batches["calib"][:args.calib_batches]]
     dense_eval = minilm.embed(encoder, batches["eval"], n_eval)
     targets = teacher_states(encoder, batches["train"]) if not args.quick else None
+    corrupt = Corrupt(encoder, args.augment, tokenizer.vocab_size, tokenizer.all_special_ids) if args.augment else None
 
     jobs = [(p, meth) for p in (("2:4",) if args.quick else PATTERNS) for meth in ONE_SHOT]
     if not args.quick:  # SR-STE learns its mask while distilling: no row without distillation
@@ -337,7 +372,7 @@ def main(argv=None) -> int:
             parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join([*ONE_SHOT, *LEARNED])}")
         jobs = [job for job in jobs if job[1] in chosen]
     distilled = set(PATTERNS if args.distill_patterns == "all" else args.distill_patterns.split(",")) if distilling else set()
-    _RUN.update(encoder=encoder, batches=batches, targets=targets, calib=calib, dense_eval=dense_eval,
+    _RUN.update(encoder=encoder, batches=batches, targets=targets, corrupt=corrupt, calib=calib, dense_eval=dense_eval,
                 n_eval=n_eval, n_train=n_train, steps=steps, args=args, distilled=distilled)
     rows = [{"pattern": "dense", "method": "", "cosine": 1.0, "spearman": 1.0}]
     if args.jobs > 1:  # forked workers share the model, batches and targets read above

@@ -71,3 +71,40 @@ def test_fixed_mask_distillation_keeps_masks_trains_the_encoder_only_and_gets_cl
     # the schedule warms up over the first 10% of the steps and decays to 0 by the last
     opt = nm_quality.train(copy.deepcopy(masked), batches, targets, 16, steps=10, lr=1e-2)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_corrupt_replaces_real_tokens_only_and_targets_the_teacher_on_them(tiny):
+    encoder, batches = tiny
+    special = [0, 1]  # as a tokenizer's all_special_ids: never drawn, never replaced
+    batch = {**batches[0], "input_ids": batches[0]["input_ids"].clone()}
+    batch["input_ids"][:, 0] = 1
+    original = batch["input_ids"].clone()
+    corrupt = nm_quality.Corrupt(encoder, 0.5, 64, special, seed=0)
+    fresh, target = corrupt(batch)
+    assert torch.equal(batch["input_ids"], original)  # the stored batch is left as it was
+    changed = fresh["input_ids"] != original
+    assert changed.any() and not changed[:, 0].any() and not changed[:, 6:].any()  # special, padding
+    assert 0.2 < float(changed[:, 1:6].float().mean()) < 0.6  # about half, minus draws of the same token
+    assert not torch.isin(fresh["input_ids"][changed], torch.tensor(special)).any()
+    emb, hiddens = encoder.states(**fresh)
+    assert torch.equal(target[0], emb) and all(torch.equal(a, b) for a, b in zip(target[1], hiddens))
+    again, _ = corrupt(batch)  # a fresh corruption each call
+    assert not torch.equal(again["input_ids"], fresh["input_ids"])
+    # the training loop distils towards it: the masked model moves towards the teacher on new inputs
+    masked = copy.deepcopy(encoder)
+    apply_nm(masked, 2, 4, ignore=nm_quality.IGNORE)
+    targets = nm_quality.teacher_states(encoder, batches)
+    trained = nm_quality.distill(masked, batches, targets, 16, steps=20, lr=1e-2, corrupt=corrupt)
+    with torch.no_grad():
+        def loss(model):
+            return sum(float(nm_quality.layer_loss(model.states(**b), t, b["attention_mask"], 8))
+                       for b, t in zip(batches, targets))
+        assert loss(trained) < 0.8 * loss(masked)
+
+
+def test_nm_steps_reads_its_runs():
+    import nm_steps
+    assert nm_steps.parse_run("sr-ste:1e-3:0") == ("sr-ste", 1e-3, 0.0)
+    for bad in ("fixed:3e-4", "magnitude:3e-4:0", "fixed:-1:0", "fixed:3e-4:1.5", "fixed:x:0"):
+        with pytest.raises(SystemExit, match="--runs"):
+            nm_steps.parse_run(bad)
