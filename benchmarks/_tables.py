@@ -192,7 +192,8 @@ def digits_sparse(rows: list[dict]) -> Table:
         sel = [r for r in rows if r["method"] == method]
         accs = [r["acc"] for r in sel]
         removed = [r["removed_acc"] for r in sel if "removed_acc" in r]
-        body.append([method, _mean_std(accs), "" if dense is None else f"{mean(accs) - dense:+.2f}", _mean_std(removed) if removed else "",
+        gap = "" if dense is None else f"{mean(accs) - dense:+.2f}"
+        body.append([method, _mean_std(accs), gap, _mean_std(removed) if removed else "",
                      f"{mean(r['sparsity'] for r in sel):.1%}", f"{mean(r['removed'] for r in sel):.1f}",
                      f"{mean(r['flops'] for r in sel):,.0f}", f"{mean(r['nonzero_flops'] for r in sel):,.0f}"])
     return head, body

@@ -127,8 +127,9 @@ def main(argv=None) -> None:
     add_json_option(ap, "digits_sparse")
     args = ap.parse_args(argv)
     methods = args.methods.split(",")
-    if set(methods) - set(METHODS):
-        ap.error(f"--methods: unknown {', '.join(sorted(set(methods) - set(METHODS)))}; choose from {', '.join(METHODS)}")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        ap.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     data = load_data()
     start = time.perf_counter()
     work = [(method, seed, args, data) for seed in range(args.seeds) for method in methods]

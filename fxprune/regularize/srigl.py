@@ -5,8 +5,8 @@ Each Linear/Conv layer gets a ``FanInMask``: every output neuron reads exactly k
 ``fan_in`` inputs (``in * prod(kernel)``), k from the layer's density, by default
 Erdős–Rényi-Kernel (``erk_densities``). A layer whose density comes out at 1 (ERK caps
 small layers, such as a stem conv reading 1-3 channels) stays dense and unmasked: its
-weights count in the budget, but it has nothing to regrow and no neuron of it is ablated. Every ``delta_t`` steps until ``t_end`` (75% of
-training by default), ``update`` at step t:
+weights count in the budget, but it has nothing to regrow and no neuron of it is ablated.
+Every ``delta_t`` steps until ``t_end`` (75% of training by default), ``update`` at step t:
 
 1. the drop fraction is ``alpha / 2 * (1 + cos(pi t / t_end))``; d = round(fraction * k);
 2. neuron ablation: over the whole layer the (k - d) * neurons largest ``|w|`` among the
