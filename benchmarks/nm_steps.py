@@ -5,23 +5,28 @@ model there, SparseGPT 2:4 on every encoder Linear, through a longer run, for a 
 (``--runs``), and measures it every ``--every`` steps:
 
 * ``cosine``, ``spearman``: fidelity on the held-out ``minilm_eval.txt`` (as nm_quality.py);
-* ``train_cosine``: the mean cosine on the training sentences themselves; its gap to
+* ``train_cosine``: the mean cosine on the training sentences themselves (the first
+  ``TRAIN_PROBE`` of them, in training order: all of them take as long as the training); its gap to
   ``cosine`` says how much of what the distillation learns is those sentences (at step 0,
   before any training, the two agree).
 
-A run is ``mask:lr:augment``: ``fixed`` (SparseGPT's mask, weights distilled), ``spartan``
-or ``sr-ste`` (a mask learned from SparseGPT's, as nm_quality.py's ``*-sparsegpt`` rows),
-the AdamW lr, and the share of tokens ``Corrupt`` replaces each step (0: the sentences as
-they are). The schedule (warm-up, cosine decay) spans all ``--steps``, so a row at step s
+A run is ``mask:lr:augment[:sentences]``: ``fixed`` (SparseGPT's mask, weights distilled),
+``spartan`` or ``sr-ste`` (a mask learned from SparseGPT's, as nm_quality.py's ``*-sparsegpt``
+rows), the AdamW lr, the share of tokens ``Corrupt`` replaces each step (0: the sentences as
+they are) and, optionally, how many of ``minilm_train.txt``'s sentences it trains on (a
+seeded sample; default all): runs that differ only there show how held-out fidelity grows
+with the amount of training text. The schedule (warm-up, cosine decay) spans all ``--steps``, so a row at step s
 is a model still mid-schedule, not what a run of s steps would give.
 
     python benchmarks/nm_steps.py --jobs 3 --json        # the committed run (about 27 min, 2 cores)
+    python benchmarks/nm_steps.py --runs fixed:3e-4:0:330,fixed:3e-4:0:660 --jobs 2 --json benchmarks/results/nm_steps_data.json
     python benchmarks/nm_steps.py --steps 20 --every 10 --runs fixed:3e-4:0.15 --eval-sentences 64   # smoke
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import random
 import sys
 import time
 
@@ -40,25 +45,43 @@ from fxprune.sparsity.nm import apply_nm
 RUNS = ("fixed:3e-4:0", "fixed:3e-4:0.15", "spartan:3e-4:0.15")
 MASKS = ("fixed", "spartan", "sr-ste")
 STEPS, EVERY = 400, 100
+TRAIN_PROBE = 40 * minilm.BATCH  # training sentences train_cosine is measured on
 
 _RUN: dict = {}  # set by main before the jobs fork
 
 
-def parse_run(text: str) -> tuple[str, float, float]:
-    """``"mask:lr:augment"`` -> (mask, lr, augment).
+def parse_run(text: str) -> tuple[str, float, float, int | None]:
+    """``"mask:lr:augment[:sentences]"`` -> (mask, lr, augment, sentences or None for all).
 
     Example:
         >>> parse_run("fixed:3e-4:0.15")
-        ('fixed', 0.0003, 0.15)
+        ('fixed', 0.0003, 0.15, None)
+        >>> parse_run("fixed:3e-4:0:330")
+        ('fixed', 0.0003, 0.0, 330)
     """
     parts = text.split(":")
     try:
         mask, lr, augment = parts[0], float(parts[1]), float(parts[2])
+        sentences = int(parts[3]) if len(parts) == 4 else None
     except (IndexError, ValueError):
-        raise SystemExit(f"--runs: {text!r} is not mask:lr:augment (e.g. fixed:3e-4:0.15)") from None
-    if len(parts) != 3 or mask not in MASKS or lr <= 0 or not 0 <= augment < 1:
-        raise SystemExit(f"--runs: {text!r}: mask one of {', '.join(MASKS)}, lr > 0, augment in [0, 1)")
-    return mask, lr, augment
+        raise SystemExit(f"--runs: {text!r} is not mask:lr:augment[:sentences] (e.g. fixed:3e-4:0.15)") from None
+    if len(parts) > 4 or mask not in MASKS or lr <= 0 or not 0 <= augment < 1 or (sentences is not None
+                                                                                 and sentences < minilm.BATCH):
+        raise SystemExit(f"--runs: {text!r}: mask one of {', '.join(MASKS)}, lr > 0, augment in [0, 1), "
+                         f"sentences >= {minilm.BATCH}")
+    return mask, lr, augment, sentences
+
+
+def training_set(spec: str) -> tuple[list[dict], list[tuple], int]:
+    """The batches, teacher targets and sentence count a run trains on: all of minilm_train.txt,
+    or a seeded sample of its sentences (the same sample for every run of that size)."""
+    sentences = parse_run(spec)[3]
+    run = _RUN
+    if sentences is None or sentences >= len(run["train_sentences"]):
+        return run["batches"]["train"], run["targets"], run["n_train"]
+    chosen = sorted(random.Random(0).sample(range(len(run["train_sentences"])), sentences))
+    batches = minilm.make_batches(run["tokenizer"], [run["train_sentences"][i] for i in chosen], run["length"])
+    return batches, nq.teacher_states(run["encoder"], batches), sentences
 
 
 def run_job(spec: str) -> list[dict]:
@@ -66,8 +89,9 @@ def run_job(spec: str) -> list[dict]:
     run = _RUN
     args = run["args"]
     torch.set_num_threads(args.threads)
-    mask, lr, augment = parse_run(spec)
-    batches, n_train = run["batches"], run["n_train"]
+    mask, lr, augment, _ = parse_run(spec)
+    batches = run["batches"]
+    train_batches, targets, n_train = training_set(spec)
     model = copy.deepcopy(run["start"]["masked" if mask == "fixed" else "baked"]).eval()
     schedule = None
     if mask == "spartan":
@@ -75,6 +99,9 @@ def run_job(spec: str) -> list[dict]:
     elif mask == "sr-ste":
         apply_nm(model, 2, 4, ignore=nq.IGNORE, sr_ste=True, sr_ste_decay=nq.SR_STE_DECAY)
     corrupt = nq.Corrupt(run["encoder"], augment, run["vocab_size"], run["special_ids"]) if augment else None
+    probe = min(n_train, TRAIN_PROBE)
+    probe_batches = train_batches[:-(-probe // minilm.BATCH)]
+    dense_probe = minilm.embed(run["encoder"], probe_batches, probe)
     rows, step, t0 = [], [0], time.perf_counter()
 
     def after_step():
@@ -90,16 +117,15 @@ def run_job(spec: str) -> list[dict]:
         finalize(baked)  # the masks as they stand (Spartan's hard top-k)
         cosine, spearman = minilm.similarity_metrics(minilm.embed(baked, batches["eval"], run["n_eval"]),
                                                      run["dense_eval"])
-        train_cosine, _ = minilm.similarity_metrics(minilm.embed(baked, batches["train"], n_train),
-                                                    run["dense_train"])
-        rows.append({"run": spec, "mask": mask, "lr": lr, "augment": augment, "step": step[0],
+        train_cosine, _ = minilm.similarity_metrics(minilm.embed(baked, probe_batches, probe), dense_probe)
+        rows.append({"run": spec, "mask": mask, "lr": lr, "augment": augment, "sentences": n_train, "step": step[0],
                      "cosine": round(cosine, 4), "spearman": round(spearman, 4),
                      "train_cosine": round(train_cosine, 4), "seconds": round(time.perf_counter() - t0)})
         print(f"{spec} step {step[0]}: cosine {rows[-1]['cosine']} (train {rows[-1]['train_cosine']})",
               file=sys.stderr, flush=True)
 
     measure()  # step 0: SparseGPT's one-shot model (the learned masks' too: they start as its mask)
-    nq.train(model, batches["train"], run["targets"], n_train, args.steps, lr, after_step=after_step,
+    nq.train(model, train_batches, targets, n_train, args.steps, lr, after_step=after_step,
              corrupt=corrupt)
     return rows
 
@@ -113,6 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained in this many processes")
     parser.add_argument("--eval-sentences", type=int, help="measure on the first N held-out sentences")
     parser.add_argument("--stand-in", action="store_true", help="random-init BERT of MiniLM's shape (see nm_quality.py)")
+    nq.add_train_text_option(parser)
     add_json_option(parser, "nm_steps")
     args = parser.parse_args(argv)
     runs = args.runs.split(",")
@@ -120,18 +147,18 @@ def main(argv=None) -> int:
         parse_run(spec)
     if args.steps < 1 or args.every < 1:
         parser.error("--steps and --every must be >= 1")
-    torch.set_num_threads(args.threads)
+    # the shared set-up (SparseGPT, the teacher's targets) runs on every core; each run on --threads
 
-    tokenizer, encoder, model_name, text, length, batches = nq.load(minilm.DATA, args.stand_in, args.eval_sentences)
+    tokenizer, encoder, model_name, text, length, batches = nq.load(minilm.DATA, args.stand_in, args.eval_sentences,
+                                                                      args.train_text)
     n_eval, n_train = len(text["eval"]), len(text["train"])
     masked = nq.one_shot(encoder, "2:4", "sparsegpt", [dict(b) for b in batches["calib"]])
     baked = copy.deepcopy(masked)
     finalize(baked)  # its zeros as weights: a learned mask starts on them (nm_quality.py's *-sparsegpt rows)
     _RUN.update(args=args, encoder=encoder, start={"masked": masked, "baked": baked}, batches=batches,
-                n_eval=n_eval, n_train=n_train,
+                n_eval=n_eval, n_train=n_train, train_sentences=text["train"], tokenizer=tokenizer, length=length,
                 targets=nq.teacher_states(encoder, batches["train"]),
                 dense_eval=minilm.embed(encoder, batches["eval"], n_eval),
-                dense_train=minilm.embed(encoder, batches["train"], n_train),
                 vocab_size=tokenizer.vocab_size, special_ids=tokenizer.all_special_ids)
     if args.jobs > 1:
         import multiprocessing as mp

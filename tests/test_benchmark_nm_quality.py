@@ -104,7 +104,30 @@ def test_corrupt_replaces_real_tokens_only_and_targets_the_teacher_on_them(tiny)
 
 def test_nm_steps_reads_its_runs():
     import nm_steps
-    assert nm_steps.parse_run("sr-ste:1e-3:0") == ("sr-ste", 1e-3, 0.0)
-    for bad in ("fixed:3e-4", "magnitude:3e-4:0", "fixed:-1:0", "fixed:3e-4:1.5", "fixed:x:0"):
+    assert nm_steps.parse_run("sr-ste:1e-3:0") == ("sr-ste", 1e-3, 0.0, None)
+    assert nm_steps.parse_run("fixed:3e-4:0:330") == ("fixed", 3e-4, 0.0, 330)
+    for bad in ("fixed:3e-4", "magnitude:3e-4:0", "fixed:-1:0", "fixed:3e-4:1.5", "fixed:x:0", "fixed:3e-4:0:8",
+                "fixed:3e-4:0:x", "fixed:3e-4:0:330:1"):
         with pytest.raises(SystemExit, match="--runs"):
             nm_steps.parse_run(bad)
+
+
+def test_distillation_text_options_and_the_written_sentences_stay_apart_from_the_held_out_ones():
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks" / "data"))
+    import make_minilm_extra
+
+    parser = argparse.ArgumentParser()
+    nm_quality.add_train_text_option(parser)
+    assert parser.parse_args([]).train_text == ("train", "extra")
+    assert parser.parse_args(["--train-text", "train"]).train_text == ("train",)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--train-text", "train,eval"])  # held-out text never trains
+    assert make_minilm_extra.clean(["A  cat.", "a cat.", "", "The dog.", "A bird."], {"the dog."}) == \
+        ["A cat.", "A bird."]
+    # the committed files: no extra line repeats another split's, none repeats itself
+    split = {name: minilm.read_sentences(minilm.DATA, name) for name in ("eval", "calib", "train", "extra")}
+    folded = {name: [s.casefold() for s in lines] for name, lines in split.items()}
+    assert len(set(folded["extra"])) == len(folded["extra"]) > 10_000
+    assert not set(folded["extra"]) & (set(folded["eval"]) | set(folded["calib"]) | set(folded["train"]))
