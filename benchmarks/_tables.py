@@ -593,6 +593,8 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], Table]]] = {
     "depth_batch": ("depth", depth_batch),
     "nm_quality": ("nm_quality", nm_quality),
     "nm_steps": ("nm_steps", nm_steps),
+    "nm_steps_text": ("nm_steps_text", nm_steps),
+    "nm_steps_data": ("nm_steps_data", nm_steps),
     "minilm_depth": ("minilm_depth", minilm_depth),
     "hf_sweep": ("hf_sweep", hf_sweep),
     "hf_summary": ("hf_sweep", hf_summary),
