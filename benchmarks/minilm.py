@@ -105,7 +105,8 @@ def read_sentences(data: Path, split: str) -> list[str]:
     path = data / f"minilm_{split}.txt"
     if not path.is_file():
         raise SystemExit(f"minilm.py: {path} is missing; the sentences live in benchmarks/data/ "
-                         "(or pass --data DIR holding minilm_eval.txt, minilm_calib.txt, minilm_train.txt)")
+                         "(or pass --data DIR holding minilm_eval.txt, minilm_calib.txt, minilm_train.txt, and "
+                         "for nm_quality.py/nm_steps.py minilm_extra.txt, or --train-text train without it)")
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

@@ -131,3 +131,11 @@ def test_distillation_text_options_and_the_written_sentences_stay_apart_from_the
     folded = {name: [s.casefold() for s in lines] for name, lines in split.items()}
     assert len(set(folded["extra"])) == len(folded["extra"]) > 10_000
     assert not set(folded["extra"]) & (set(folded["eval"]) | set(folded["calib"]) | set(folded["train"]))
+
+
+def test_a_data_folder_without_the_extra_text_names_the_file_and_the_way_out(tmp_path):
+    for name in ("eval", "calib", "train"):
+        (tmp_path / f"minilm_{name}.txt").write_text("One sentence.\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"minilm_extra\.txt is missing.*--train-text train"):
+        minilm.read_sentences(tmp_path, "extra")
+    assert minilm.read_sentences(tmp_path, "train") == ["One sentence."]
