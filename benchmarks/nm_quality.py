@@ -82,7 +82,7 @@ IGNORE = ["bert.pooler.*"]  # not part of the sentence embedding
 STEPS, QUICK_STEPS = 120, 40
 # a fixed mask (one-shot, or ProxSparse's once learned) is distilled at 3e-4: on the 11,450
 # training sentences SparseGPT 2:4 reaches 0.919 in 120 steps at 3e-4 against 0.904 at 1e-4
-# (on the 1,320 of minilm_train.txt alone 1e-4 had been the better: at 5e-4 AdamW's first steps
+# (on the 1,320 of minilm_train.txt alone 1e-4 had been chosen over 5e-4, whose first steps
 # undid part of SparseGPT's compensation, 0.821 -> 0.800 in 12 steps); the learned masks start
 # from the dense weights and must move them far enough to change the mask
 DISTILL_LR, LEARN_LR = 3e-4, 5e-4
