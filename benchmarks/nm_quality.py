@@ -283,7 +283,7 @@ def checked(model, pattern: str) -> dict:
 def add_train_text_option(parser: argparse.ArgumentParser) -> None:
     def splits(text: str) -> tuple[str, ...]:
         chosen = tuple(text.split(","))
-        if not chosen or not set(chosen) <= {"train", "extra"}:
+        if not set(chosen) <= {"train", "extra"}:
             raise argparse.ArgumentTypeError(f"{text!r}: a comma list of train, extra")
         return chosen
     parser.add_argument("--train-text", type=splits, default=TRAIN_TEXT, metavar="SPLITS",

@@ -76,15 +76,15 @@ def parse_run(text: str) -> tuple[str, float, float, int | None]:
     return mask, lr, augment, sentences
 
 
-def training_set(spec: str) -> tuple[list[dict], list[tuple], int]:
-    """The batches, teacher targets and sentence count a run trains on: all of minilm_train.txt,
-    or a seeded sample of its sentences (the same sample for every run of that size)."""
-    sentences = parse_run(spec)[3]
+def training_set(sentences: int | None) -> tuple[list[dict], list[tuple], int]:
+    """The batches, teacher targets and sentence count a run trains on: all the training
+    sentences, or a seeded sample of ``sentences`` of them (the same sample for every run of that size)."""
     run = _RUN
-    if sentences is None or sentences >= len(run["train_sentences"]):
-        return run["batches"]["train"], run["targets"], run["n_train"]
-    chosen = sorted(random.Random(0).sample(range(len(run["train_sentences"])), sentences))
-    batches = minilm.make_batches(run["tokenizer"], [run["train_sentences"][i] for i in chosen], run["length"])
+    everything = run["train_sentences"]
+    if sentences is None or sentences >= len(everything):
+        return run["batches"]["train"], run["targets"], len(everything)
+    chosen = sorted(random.Random(0).sample(range(len(everything)), sentences))
+    batches = minilm.make_batches(run["tokenizer"], [everything[i] for i in chosen], run["length"])
     return batches, nq.teacher_states(run["encoder"], batches), sentences
 
 
@@ -93,9 +93,9 @@ def run_job(spec: str) -> list[dict]:
     run = _RUN
     args = run["args"]
     torch.set_num_threads(args.threads)
-    mask, lr, augment, _ = parse_run(spec)
+    mask, lr, augment, sentences = parse_run(spec)
     batches = run["batches"]
-    train_batches, targets, n_train = training_set(spec)
+    train_batches, targets, n_train = training_set(sentences)
     model = copy.deepcopy(run["start"]["masked" if mask == "fixed" else "baked"]).eval()
     schedule = None
     if mask == "spartan":
@@ -155,12 +155,12 @@ def main(argv=None) -> int:
 
     tokenizer, encoder, model_name, text, length, batches = nq.load(minilm.DATA, args.stand_in, args.eval_sentences,
                                                                       args.train_text)
-    n_eval, n_train = len(text["eval"]), len(text["train"])
+    n_eval = len(text["eval"])
     masked = nq.one_shot(encoder, "2:4", "sparsegpt", [dict(b) for b in batches["calib"]])
     baked = copy.deepcopy(masked)
     finalize(baked)  # its zeros as weights: a learned mask starts on them (nm_quality.py's *-sparsegpt rows)
     _RUN.update(args=args, encoder=encoder, start={"masked": masked, "baked": baked}, batches=batches,
-                n_eval=n_eval, n_train=n_train, train_sentences=text["train"], tokenizer=tokenizer, length=length,
+                n_eval=n_eval, train_sentences=text["train"], tokenizer=tokenizer, length=length,
                 targets=nq.teacher_states(encoder, batches["train"]),
                 dense_eval=minilm.embed(encoder, batches["eval"], n_eval),
                 vocab_size=tokenizer.vocab_size, special_ids=tokenizer.all_special_ids)

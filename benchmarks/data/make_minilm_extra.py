@@ -27,6 +27,9 @@ import sys
 import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import minilm  # noqa: E402  (benchmarks/minilm.py: the model, batches and sentence files)
+
 OUT = HERE / "minilm_extra.txt"
 NEAR = 0.85
 LENGTH = 64  # tokens: every written sentence fits (35 words at most)
@@ -50,9 +53,6 @@ def clean(lines: list[str], taken: set[str]) -> list[str]:
 
 def far_from(lines: list[str], held_out: list[str]) -> list[str]:
     """The lines whose dense embedding stays below ``NEAR`` cosine with every held-out sentence."""
-    sys.path.insert(0, str(HERE.parent))
-    import minilm
-
     tokenizer, encoder = minilm.load_minilm()
     with torch.no_grad():
         held = minilm.embed(encoder, minilm.make_batches(tokenizer, held_out, LENGTH), len(held_out))
@@ -64,10 +64,9 @@ def far_from(lines: list[str], held_out: list[str]) -> list[str]:
 def main(argv: list[str]) -> int:
     sources = [pathlib.Path(p) for p in argv] or [OUT]
     lines = [line for path in sources for line in path.read_text(encoding="utf-8").splitlines()]
-    split = {name: (HERE / f"minilm_{name}.txt").read_text(encoding="utf-8").splitlines()
-             for name in ("eval", "calib", "train")}
-    kept = clean(lines, {s.strip().casefold() for rows in split.values() for s in rows})
-    far = far_from(kept, [s.strip() for s in split["eval"] if s.strip()])
+    split = {name: minilm.read_sentences(HERE, name) for name in ("eval", "calib", "train")}
+    kept = clean(lines, {s.casefold() for rows in split.values() for s in rows})
+    far = far_from(kept, split["eval"])
     OUT.write_text("\n".join(far) + "\n", encoding="utf-8")
     print(f"{len(lines)} lines read, {len(kept)} distinct and new, {len(kept) - len(far)} near a held-out "
           f"sentence (cosine >= {NEAR}) dropped: {len(far)} written to {OUT.name}")
